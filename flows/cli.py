@@ -1,0 +1,238 @@
+"""The `vadflow` command line: make synthetic sites, run the nightly flow, run the demo."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flows.env import StatePaths, configure_state
+
+app = typer.Typer(
+    help="Unsupervised anomaly detection on whole slides and inspection images.\n\n"
+    "Start with `vadflow demo`: it makes a small synthetic site, runs the nightly flow "
+    "(tile, train, score, evaluate, log to MLflow) and prints what it found.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+synth_app = typer.Typer(help="Generate synthetic sites in real formats (deterministic by seed).")
+app.add_typer(synth_app, name="synth")
+console = Console()
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home",
+        help="state folder for Prefect, MLflow and outputs (default ./.vadflow or $VADFLOW_HOME)",
+    ),
+]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@synth_app.command("pathology")
+def synth_pathology(
+    out: Annotated[Path, typer.Argument(help="folder to create the site in")],
+    name: str = typer.Option("site-a", help="site name (folder name under OUT)"),
+    train_normal: int = typer.Option(4, help="normal training slides"),
+    test_normal: int = typer.Option(3, help="normal test slides"),
+    test_tumor: int = typer.Option(3, help="tumour test slides (ASAP XML + mask)"),
+    width: int = typer.Option(4096, help="level-0 width in px"),
+    height: int = typer.Option(3072, help="level-0 height in px"),
+    mpp: float = typer.Option(0.25, help="level-0 microns per pixel (Camelyon16: ~0.243)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Pyramidal JPEG TIFF slides with tissue, planted lesions and ASAP XML annotations."""
+    from tasks.synth.pathology import make_pathology_site
+
+    total = train_normal + test_normal + test_tumor
+    with _progress() as bar:
+        job = bar.add_task(f"slides for {name}", total=total)
+        site = make_pathology_site(
+            out,
+            name,
+            n_train_normal=train_normal,
+            n_test_normal=test_normal,
+            n_test_tumor=test_tumor,
+            width=width,
+            height=height,
+            mpp=mpp,
+            seed=seed,
+            progress=lambda done, _total: bar.update(job, completed=done),
+        )
+    console.print(f"pathology site written to [bold]{site}[/]")
+
+
+@synth_app.command("industrial")
+def synth_industrial(
+    out: Annotated[Path, typer.Argument(help="folder to create the site in")],
+    name: str = typer.Option("line-a", help="site name (folder name under OUT)"),
+    category: str = typer.Option("fabric", help="MVTec-style category folder"),
+    train: int = typer.Option(40, help="good training images"),
+    test_good: int = typer.Option(10, help="good test images"),
+    per_defect: int = typer.Option(6, help="test images per defect type"),
+    image_size: int = typer.Option(128),
+    seed: int = typer.Option(0),
+) -> None:
+    """MVTec AD-layout folders: train/good, test/<defect>, ground_truth masks."""
+    from tasks.synth.industrial import make_industrial_site
+
+    with _progress() as bar:
+        job = bar.add_task(f"images for {name}", total=None)
+        site = make_industrial_site(
+            out,
+            name,
+            category=category,
+            n_train=train,
+            n_test_good=test_good,
+            n_test_per_defect=per_defect,
+            image_size=image_size,
+            seed=seed,
+            progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+    console.print(f"industrial site written to [bold]{site}[/]")
+
+
+@app.command()
+def run(
+    site_dir: Annotated[
+        Path, typer.Argument(help="site folder (with site.yaml, or a known layout)")
+    ],
+    family: Annotated[
+        list[str] | None, typer.Option("--family", "-f", help="detector family; repeat for more")
+    ] = None,
+    epochs: int | None = typer.Option(None, help="override the families' training epochs"),
+    home: HomeOption = None,
+) -> None:
+    """Run the nightly flow on one site and print its results."""
+    state = configure_state(home)
+    summary = _run_flow(state, site_dir, family, epochs)
+    print_summary(summary, state)
+
+
+@app.command()
+def demo(
+    domain: str = typer.Option("pathology", help="pathology or industrial"),
+    seed: int = typer.Option(0),
+    home: HomeOption = None,
+) -> None:
+    """Make a small synthetic site, run the nightly flow on it, print the results."""
+    state = configure_state(home)
+    data = state.home / "data"
+    if domain == "pathology":
+        site_dir = data / "demo-pathology"
+        if not (site_dir / "site.yaml").exists():
+            synth_pathology(
+                data,
+                name="demo-pathology",
+                seed=seed,
+                train_normal=4,
+                test_normal=3,
+                test_tumor=3,
+                width=4096,
+                height=3072,
+                mpp=0.25,
+            )
+    elif domain == "industrial":
+        site_dir = data / "demo-industrial"
+        if not (site_dir / "site.yaml").exists():
+            synth_industrial(
+                data,
+                name="demo-industrial",
+                category="fabric",
+                train=40,
+                test_good=10,
+                per_defect=6,
+                image_size=128,
+                seed=seed,
+            )
+    else:
+        raise typer.BadParameter("domain must be 'pathology' or 'industrial'")
+    started = time.monotonic()
+    summary = _run_flow(state, site_dir, None, None)
+    print_summary(summary, state)
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s")
+
+
+def _run_flow(
+    state: StatePaths, site_dir: Path, families: list[str] | None, epochs: int | None
+) -> dict[str, Any]:
+    from tasks.site import load_site
+
+    site = load_site(site_dir)  # fail fast, before Prefect starts, on a bad site folder
+    overrides = {f: {"epochs": epochs} for f in (families or site.families)} if epochs else None
+    console.print(
+        f"running the nightly flow on [bold]{site.name}[/] ({site.domain}); "
+        "Prefect's local API takes ~25 s to start the first time"
+    )
+    from flows.nightly import nightly
+
+    with console.status("nightly flow running (progress is logged below)"):
+        return nightly(
+            str(site_dir),
+            output_root=str(state.outputs),
+            tracking_uri=state.tracking_uri,
+            families=families,
+            detector_overrides=overrides,
+        )
+
+
+def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
+    """Per-slide table and metrics for each family, then where everything is."""
+    for family, result in summary["families"].items():
+        table = Table(title=f"{summary['site']} / {family}: test slides")
+        for column in ("slide", "label", "score", "predicted"):
+            table.add_column(column, justify="right" if column == "score" else "left")
+        for row in result["table"]:
+            predicted = row["predicted"]
+            shown = "-" if predicted is None else ("anomalous" if predicted else "normal")
+            table.add_row(row["slide_id"], row["label"], f"{row['score']:.5f}", shown)
+        console.print(table)
+        metrics = result["metrics"]
+        for key in (
+            "slide_auroc",
+            "pixel_auroc",
+            "froc",
+            "slide_sensitivity",
+            "slide_specificity",
+            "threshold",
+        ):
+            value = metrics.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                console.print(f"  {key:<18} {value:.4f}")
+    for item in summary.get("quarantined", []):
+        console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
+    for slide_id in summary.get("no_tissue", []):
+        console.print(f"[yellow]no tissue[/] {slide_id}")
+    mlflow_db = state.mlflow / "mlflow.db"
+    console.print(
+        "\n".join(
+            [
+                "",
+                f"outputs (manifests, masks, heatmaps, reports): {summary['outputs']}",
+                f"heatmap overlays (PNG):  {summary['outputs']}/exports/<family>/",
+                f"MLflow store:            {summary['tracking_uri']}",
+                f"  open its UI:           mlflow ui --backend-store-uri sqlite:///{mlflow_db}",
+                f"Prefect state:           {state.prefect}",
+                f"  open its UI:           PREFECT_HOME={state.prefect} prefect server start",
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,143 @@
+"""The nightly flow: from a site's slides to scored heatmaps, metrics and a logged model.
+
+discover -> register -> mask + tile -> validate -> train (per family) -> score -> aggregate
+-> evaluate -> track (MLflow) -> export. Orchestration only: every step is a task in `tasks/`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.prefect_tasks import (
+    discover_task,
+    evaluate_task,
+    export_task,
+    finish_tracking_task,
+    register_task,
+    score_task,
+    start_tracking_task,
+    tile_task,
+    track_task,
+    train_task,
+    validate_tiles_task,
+)
+from tasks.site import SiteConfig, SiteLayout, load_site
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(
+    site_dir: str,
+    output_root: str | None = None,
+    tracking_uri: str | None = None,
+    families: list[str] | None = None,
+    detector_overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Retrain and evaluate every configured detector family on one site."""
+    logger = get_run_logger()
+    home = Path(os.environ.get("VADFLOW_HOME", ".vadflow"))
+    site = load_site(site_dir)
+    if families:
+        site = site.model_copy(update={"families": families})
+    if detector_overrides:
+        site = site.model_copy(update={"detectors": {**site.detectors, **detector_overrides}})
+    layout = SiteLayout(output_root or home / "outputs", site.name)
+    tracking_uri = tracking_uri or f"sqlite:///{(home / 'mlflow' / 'mlflow.db').resolve()}"
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+
+    sources = discover_task(site)
+    slides_path = register_task(site, sources, layout)
+    slides = pl.read_parquet(slides_path)
+    usable = slides.filter(pl.col("status") == "ok").to_dicts()
+    tiling = tile_task.map(usable, site=site, layout=layout).result()
+    tile_paths = [t.manifest for t in tiling]
+    validate_tiles_task(slides_path, tile_paths, layout)
+    tiled = {t.slide_id: t for t in tiling if t.tiles > 0}
+    to_score = [r for r in usable if r["slide_id"] in tiled and r["split"] in ("val", "test")]
+
+    tags = _run_tags(site, version)
+    parent = start_tracking_task(tracking_uri, site, str(home / "mlflow" / "artifacts"), tags)
+    summary: dict[str, Any] = {"site": site.name, "version": version, "families": {}}
+    for family in site.families:
+        model_dir = layout.model_dir(family, version)
+        fit = train_task(family, site, slides_path, tile_paths, str(model_dir))
+        scores = score_task.map(
+            str(model_dir),
+            to_score,
+            [tiled[r["slide_id"]].manifest for r in to_score],
+            out_dir=str(layout.heatmaps(f"{family}-{version}")),
+            heatmap_downsample=site.tiling.heatmap_downsample,
+        ).result()
+        evaluation = evaluate_task(site, family, slides_path, scores, layout)
+        overlays = export_task(family, slides_path, scores, evaluation["threshold"], layout)
+        run_id = track_task(tracking_uri, parent, site, fit, evaluation, overlays, tags)
+        summary["families"][family] = {
+            "metrics": evaluation["metrics"],
+            "table": evaluation["table"],
+            "overlays": str(layout.exports / family),
+            "model_dir": str(model_dir),
+            "mlflow_run_id": run_id,
+        }
+        logger.info("%s: %s", family, _metric_line(evaluation["metrics"]))
+    finish_tracking_task(
+        tracking_uri, parent, {f: v["metrics"] for f, v in summary["families"].items()}
+    )
+    summary.update(
+        outputs=str(layout.root),
+        quarantined=slides.filter(pl.col("status") == "quarantined")
+        .select("slide_id", "reason")
+        .to_dicts(),
+        no_tissue=[t.slide_id for t in tiling if t.status == "no_tissue"],
+        tracking_uri=tracking_uri,
+        parent_run_id=parent,
+    )
+    create_markdown_artifact(_markdown(summary), key=f"nightly-{site.name}")
+    return summary
+
+
+def _run_tags(site: SiteConfig, version: str) -> dict[str, str]:
+    return {
+        "site": site.name,
+        "domain": site.domain,
+        "version": version,
+        "git_commit": _git_commit(),
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _metric_line(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# nightly {summary['site']} {summary['version']}", ""]
+    lines += ["| family | metric | value |", "| --- | --- | --- |"]
+    for family, result in summary["families"].items():
+        for key, value in result["metrics"].items():
+            lines.append(f"| {family} | {key} | {value:.4f} |")
+    if summary["quarantined"]:
+        lines += ["", "## quarantined", ""]
+        lines += [f"- {q['slide_id']}: {q['reason']}" for q in summary["quarantined"]]
+    return "\n".join(lines)

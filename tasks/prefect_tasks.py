@@ -1,0 +1,276 @@
+"""Prefect task entry points: thin wrappers that take and return paths and small records.
+
+Each wraps a plain function of a stage module, so the logic is testable without Prefect and
+the task results (and their cache keys) stay cheap: no arrays or tensors cross this edge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from mlflow.tracking import MlflowClient
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from data_contracts.runner import ContractResult, require, validate_tile_manifest
+from tasks.evaluation.evaluate import evaluate_site
+from tasks.exports.overlay import heatmap_overlay
+from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
+from tasks.scoring.heatmap import SlideScore, score_slide
+from tasks.site import SiteConfig, SiteLayout
+from tasks.slides.discover import SlideSource, discover
+from tasks.slides.ground_truth import ground_truth_mask
+from tasks.slides.register import register_slide, slide_frame, write_quarantine
+from tasks.slides.tiles import load_tiles, sample_tiles
+from tasks.tiling.grid import TilingResult, finished_tiling, tile_slide
+from tasks.tracking.mlflow_runs import (
+    experiment_id,
+    log_metrics,
+    log_model,
+    log_params,
+    start_run,
+)
+
+
+@task(name="discover")
+def discover_task(site: SiteConfig) -> list[SlideSource]:
+    sources = discover(site.source, site.domain, site.val_fraction)
+    get_run_logger().info("found %d slides under %s", len(sources), site.source)
+    return sources
+
+
+@task(name="register")
+def register_task(site: SiteConfig, sources: list[SlideSource], layout: SiteLayout) -> str:
+    """Slide manifest for the site; quarantined slides get a JSON file with their reason."""
+    logger = get_run_logger()
+    rows = [register_slide(s, site.name, site.domain, site.mpp_override) for s in sources]
+    for row in rows:
+        if row["status"] == "quarantined":
+            logger.warning("quarantined %s: %s", row["slide_id"], row["reason"])
+    write_quarantine(rows, layout.quarantine)
+    path = write_parquet_atomic(slide_frame(rows), layout.slides_manifest)
+    return str(path)
+
+
+@task(name="tile", retries=1)
+def tile_task(slide_row: dict, site: SiteConfig, layout: SiteLayout) -> TilingResult:
+    """Tissue mask and tile manifest for one slide; a finished slide is not redone."""
+    done = finished_tiling(slide_row, site.tiling, layout.tiles)
+    if done is not None:
+        return done
+    result = tile_slide(slide_row, site.tiling, site.domain, layout.tiles, layout.masks)
+    if result.status == "no_tissue":
+        get_run_logger().warning("%s: no tissue found, no tiles", slide_row["slide_id"])
+    return result
+
+
+@task(name="validate-tiles")
+def validate_tiles_task(slides_path: str, tile_paths: list[str], layout: SiteLayout) -> str:
+    """Run the tile-manifest contract; fail the stage with the contract's own message."""
+    slides = pl.read_parquet(slides_path)
+    tiles = read_tile_manifests(tile_paths)
+    result: ContractResult = validate_tile_manifest(tiles, slides)
+    layout.reports.mkdir(parents=True, exist_ok=True)
+    report = layout.reports / "contracts.md"
+    report.write_text(result.to_markdown())
+    create_markdown_artifact(result.to_markdown(), key="tile-manifest-contract")
+    require(result)
+    return str(report)
+
+
+def read_tile_manifests(paths: list[str]) -> pl.DataFrame:
+    frames = [pl.read_parquet(p) for p in paths]
+    return pl.concat(frames) if frames else empty_frame(TILE_SCHEMA)
+
+
+@task(name="train")
+def train_task(
+    family: str, site: SiteConfig, slides_path: str, tile_paths: list[str], model_dir: str
+) -> dict[str, Any]:
+    """Fit one detector family on normal training tiles; save it; return its fit report."""
+    from tasks.detectors import create_detector
+
+    logger = get_run_logger()
+    slides = pl.read_parquet(slides_path)
+    uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
+    tiles = read_tile_manifests(tile_paths)
+    normal = tiles.join(slides.select("slide_id", "label"), on="slide_id").filter(
+        pl.col("label") == "normal"
+    )
+    train_rows = sample_tiles(normal.filter(pl.col("split") == "train"), site.max_train_tiles, 0)
+    val_rows = sample_tiles(
+        normal.filter(pl.col("split") == "val"), max(64, site.max_train_tiles // 4), 1
+    )
+    if train_rows.height == 0:
+        raise ValueError(
+            f"site {site.name}: no normal training tiles; put normal slides under "
+            "training/normal (pathology) or <category>/train/good (industrial)"
+        )
+    train, val = load_tiles(train_rows, uris), load_tiles(val_rows, uris)
+    if len(val) == 0:  # no held-out slide: validate on a slice of the training tiles
+        val = train[: max(1, len(train) // 10)]
+    logger.info("%s: training on %d tiles, validating on %d", family, len(train), len(val))
+    detector = create_detector(family, **site.detectors.get(family, {}))
+    epochs_log: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
+        epochs_log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        logger.info("%s epoch %d: train %.5f  val %.5f", family, epoch, train_loss, val_loss)
+
+    report = detector.fit(train, val, on_epoch=on_epoch)
+    out = Path(model_dir)
+    detector.save(out)
+    np.save(out / "example_tiles.npy", val[:2])  # the MLflow model's input example
+    summary = {
+        "family": family,
+        "model_dir": str(out),
+        "train_tiles": len(train),
+        "val_tiles": len(val),
+        "config": asdict(detector.config),
+        "report": asdict(report),
+        "curves": epochs_log,
+    }
+    (out / "fit_report.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+@task(name="score")
+def score_task(
+    model_dir: str, slide_row: dict, tiles_path: str, out_dir: str, heatmap_downsample: int
+) -> SlideScore:
+    from tasks.detectors import load_detector
+
+    detector = load_detector(Path(model_dir))
+    tiles = pl.read_parquet(tiles_path)
+    return score_slide(detector, slide_row, tiles, Path(out_dir), heatmap_downsample)
+
+
+@task(name="evaluate")
+def evaluate_task(
+    site: SiteConfig, family: str, slides_path: str, scores: list[SlideScore], layout: SiteLayout
+) -> dict[str, Any]:
+    """Metrics and the per-slide table; written under reports/ for people and for MLflow."""
+    slides = pl.read_parquet(slides_path)
+    by_slide = {s.slide_id: (s.slide_score, s.heatmap) for s in scores}
+    evaluation = evaluate_site(
+        slides,
+        by_slide,
+        site.tiling.heatmap_downsample,
+        site.target_fpr,
+        with_froc=site.domain == "pathology",
+    )
+    folder = layout.reports / family
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluation.table.write_csv(folder / "slides.csv")
+    (folder / "metrics.json").write_text(
+        json.dumps({**evaluation.metrics, **evaluation.froc_points}, indent=2)
+    )
+    (folder / "lesion_candidates.json").write_text(json.dumps(evaluation.candidates))
+    return {
+        "family": family,
+        "metrics": evaluation.metrics,
+        "froc_points": evaluation.froc_points,
+        "threshold": evaluation.threshold,
+        "table": evaluation.table.to_dicts(),
+        "report_dir": str(folder),
+    }
+
+
+@task(name="export-overlays")
+def export_task(
+    family: str, slides_path: str, scores: list[SlideScore], threshold: float, layout: SiteLayout
+) -> list[str]:
+    """PNG overlays of every scored slide, on one colour scale so slides compare by eye."""
+    slides = pl.read_parquet(slides_path)
+    rows = {r["slide_id"]: r for r in slides.iter_rows(named=True)}
+    heatmaps = {s.slide_id: np.load(s.heatmap) for s in scores}
+    finite = np.concatenate([h[np.isfinite(h)] for h in heatmaps.values()] or [np.zeros(1)])
+    vmin = float(np.quantile(finite, 0.05)) if finite.size else 0.0
+    vmax = float(finite.max()) if finite.size else 1.0
+    if math.isfinite(threshold):
+        vmax = max(vmax, threshold)
+    written = []
+    for score in scores:
+        row = rows[score.slide_id]
+        truth = ground_truth_mask(
+            row["annotation_uri"], row["width"], row["height"], score.heatmap_downsample
+        )
+        out = layout.exports / family / f"{score.slide_id}.png"
+        heatmap_overlay(
+            row["uri"], heatmaps[score.slide_id], score.heatmap_downsample, out, vmin, vmax, truth
+        )
+        written.append(str(out))
+    return written
+
+
+@task(name="start-tracking")
+def start_tracking_task(
+    tracking_uri: str, site: SiteConfig, artifact_root: str | None, tags: dict[str, str]
+) -> str:
+    """The nightly parent run, in the site's experiment."""
+    client = MlflowClient(tracking_uri)
+    experiment = experiment_id(client, site.name, Path(artifact_root) if artifact_root else None)
+    run_id = start_run(client, experiment, f"nightly-{tags.get('version', '')}", tags)
+    log_params(
+        client, run_id, {"site": site.name, "domain": site.domain, **site.tiling.model_dump()}
+    )
+    return run_id
+
+
+@task(name="track")
+def track_task(
+    tracking_uri: str,
+    parent_run_id: str,
+    site: SiteConfig,
+    fit: dict[str, Any],
+    evaluation: dict[str, Any],
+    overlays: list[str],
+    tags: dict[str, str],
+) -> str:
+    """One child run per family: config, curves, metrics, reports, overlays and the model."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    family = fit["family"]
+    run_id = start_run(
+        client,
+        parent.info.experiment_id,
+        family,
+        {**tags, "family": family},
+        parent_run_id=parent_run_id,
+    )
+    log_params(
+        client,
+        run_id,
+        {"family": family, "config": fit["config"], "tiling": site.tiling.model_dump()},
+    )
+    for point in fit["curves"]:
+        step = int(point["epoch"])
+        log_metrics(client, run_id, {"train_loss": point["train_loss"]}, step=step)
+        log_metrics(client, run_id, {"val_loss": point["val_loss"]}, step=step)
+    log_metrics(client, run_id, {**evaluation["metrics"], **evaluation["froc_points"]})
+    log_metrics(
+        client,
+        run_id,
+        {"train_seconds": fit["report"]["seconds"], "train_tiles": fit["train_tiles"]},
+    )
+    client.log_artifacts(run_id, evaluation["report_dir"], artifact_path="report")
+    for path in overlays:
+        client.log_artifact(run_id, path, artifact_path="heatmaps")
+    example = np.load(Path(fit["model_dir"]) / "example_tiles.npy")
+    log_model(tracking_uri, run_id, Path(fit["model_dir"]), example)
+    client.set_terminated(run_id, "FAILED" if fit["report"].get("diverged") else "FINISHED")
+    return run_id
+
+
+@task(name="finish-tracking")
+def finish_tracking_task(tracking_uri: str, parent_run_id: str, summary: dict[str, Any]) -> None:
+    client = MlflowClient(tracking_uri)
+    for family, metrics in summary.items():
+        log_metrics(client, parent_run_id, {f"{family}.{k}": v for k, v in metrics.items()})
+    client.set_terminated(parent_run_id, "FINISHED")
