@@ -111,6 +111,4 @@ def _rate(flags: np.ndarray) -> float:
 
 
 def _points(result) -> dict[str, float]:
-    return {
-        str(fp).replace(".", "_"): s for fp, s in zip(result.fps, result.sensitivities, strict=True)
-    }
+    return {str(fp).replace(".", "_"): s for fp, s in result.points().items()}

@@ -1,0 +1,122 @@
+"""The nightly flow end to end on tiny synthetic sites, on the embedded default stack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.flow]
+
+
+@pytest.fixture(scope="module")
+def pathology_run(prefect_harness, state_dir: Path) -> dict:
+    from flows.nightly import nightly
+    from tasks.synth.pathology import make_pathology_site
+
+    site = make_pathology_site(
+        state_dir / "data",
+        "tiny-path",
+        n_train_normal=3,
+        n_test_normal=3,
+        n_test_tumor=3,
+        width=2048,
+        height=1536,
+        seed=7,
+    )
+    # One slide that cannot be opened: it must be quarantined and the run must go on.
+    (site / "testing" / "images" / "corrupt_999.tif").write_bytes(b"II*\x00garbage")
+    tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'flow-test.db'}"
+    summary = nightly(str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking)
+    return {"summary": summary, "site": site, "tracking": tracking}
+
+
+def test_bad_slide_is_quarantined_and_the_rest_completes(pathology_run) -> None:
+    summary = pathology_run["summary"]
+    assert [q["slide_id"] for q in summary["quarantined"]] == ["corrupt_999"]
+    assert "corrupt_999.tif" in summary["quarantined"][0]["reason"]
+    quarantine = Path(summary["outputs"]) / "quarantine" / "corrupt_999.json"
+    assert json.loads(quarantine.read_text())["slide_id"] == "corrupt_999"
+    scored = {row["slide_id"] for row in summary["families"]["ae_l2"]["table"]}
+    assert len(scored) == 6 and "corrupt_999" not in scored
+
+
+def test_tile_manifest_rows_lie_inside_their_slides(pathology_run) -> None:
+    out = Path(pathology_run["summary"]["outputs"])
+    slides = pl.read_parquet(out / "slides.parquet").filter(pl.col("status") == "ok")
+    tiles = pl.concat([pl.read_parquet(p) for p in sorted((out / "tiles").glob("*.parquet"))])
+    joined = tiles.join(slides.select("slide_id", "width", "height"), on="slide_id")
+    assert joined.height == tiles.height > 0
+    assert (joined["x"] >= 0).all() and (joined["y"] >= 0).all()
+    assert (joined["x"] + joined["extent"] <= joined["width"]).all()
+    assert (joined["y"] + joined["extent"] <= joined["height"]).all()
+    assert tiles["tile_id"].is_unique().all()
+    # Lesion tiles only on tumour slides; normal slides carry none.
+    lesion_slides = set(tiles.filter(pl.col("label_fraction") > 0)["slide_id"])
+    tumour_slides = set(slides.filter(pl.col("label") == "anomalous")["slide_id"])
+    assert lesion_slides and lesion_slides <= tumour_slides
+
+
+def test_heatmaps_match_slide_aspect(pathology_run) -> None:
+    summary = pathology_run["summary"]
+    out = Path(summary["outputs"])
+    slides = pl.read_parquet(out / "slides.parquet")
+    heatmaps = sorted(out.glob("heatmaps/ae_l2-*/*.heatmap.npy"))
+    assert len(heatmaps) == 7  # 6 test slides + 1 held-out normal
+    for path in heatmaps:
+        row = slides.filter(pl.col("slide_id") == path.name.split(".")[0]).row(0, named=True)
+        heat = np.load(path)
+        assert heat.shape == (-(-row["height"] // 16), -(-row["width"] // 16))
+        assert np.isfinite(heat).any()
+    overlays = sorted((out / "exports" / "ae_l2").glob("*.png"))
+    assert len(overlays) == 7
+
+
+def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
+    metrics = pathology_run["summary"]["families"]["ae_l2"]["metrics"]
+    assert metrics["slide_auroc"] >= 0.8, metrics
+    assert metrics["pixel_auroc"] >= 0.7, metrics
+    assert 0.0 <= metrics["froc"] <= 1.0
+
+
+def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) -> None:
+    summary = pathology_run["summary"]
+    client = MlflowClient(pathology_run["tracking"])
+    run = client.get_run(summary["families"]["ae_l2"]["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    assert run.data.tags["site"] == "tiny-path"
+    for key in ("slide_auroc", "pixel_auroc", "froc", "train_loss", "val_loss"):
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heatmaps")}
+    assert len(artifacts) == 7
+    mlflow.set_tracking_uri(pathology_run["tracking"])
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    tiles = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    scores = model.predict(tiles)
+    assert np.asarray(scores).shape == (3,) and np.isfinite(scores).all()
+
+
+@pytest.fixture(scope="module")
+def industrial_run(prefect_harness, state_dir: Path) -> dict:
+    from flows.nightly import nightly
+    from tasks.synth.industrial import make_industrial_site
+
+    site = make_industrial_site(
+        state_dir / "data", "tiny-line", n_train=24, n_test_good=8, n_test_per_defect=4, seed=3
+    )
+    tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'flow-test.db'}"
+    return nightly(str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking)
+
+
+def test_same_flow_runs_on_an_mvtec_folder(industrial_run) -> None:
+    metrics = industrial_run["families"]["ae_l2"]["metrics"]
+    assert metrics["n_test_slides"] == 16
+    assert metrics["slide_auroc"] >= 0.8, metrics
+    assert "pixel_auroc" in metrics and "froc" not in metrics
