@@ -28,7 +28,7 @@ from tasks.prefect_tasks import (
     tile_task,
     track_task,
     train_task,
-    validate_tiles_task,
+    validate_task,
 )
 from tasks.site import SiteConfig, SiteLayout, load_site
 
@@ -59,7 +59,7 @@ def nightly(
     usable = slides.filter(pl.col("status") == "ok").to_dicts()
     tiling = tile_task.map(usable, site=site, layout=layout).result()
     tile_paths = [t.manifest for t in tiling]
-    validate_tiles_task(slides_path, tile_paths, layout)
+    validate_task(slides_path, tile_paths, layout)
     tiled = {t.slide_id: t for t in tiling if t.tiles > 0}
     to_score = [r for r in usable if r["slide_id"] in tiled and r["split"] in ("val", "test")]
 

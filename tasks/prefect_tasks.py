@@ -18,7 +18,12 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from data_contracts.runner import ContractResult, require, validate_tile_manifest
+from data_contracts.runner import (
+    ContractResult,
+    require,
+    validate_slide_manifest,
+    validate_tile_manifest,
+)
 from tasks.evaluation.evaluate import evaluate_site
 from tasks.exports.overlay import heatmap_overlay
 from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
@@ -70,17 +75,22 @@ def tile_task(slide_row: dict, site: SiteConfig, layout: SiteLayout) -> TilingRe
     return result
 
 
-@task(name="validate-tiles")
-def validate_tiles_task(slides_path: str, tile_paths: list[str], layout: SiteLayout) -> str:
-    """Run the tile-manifest contract; fail the stage with the contract's own message."""
+@task(name="validate")
+def validate_task(slides_path: str, tile_paths: list[str], layout: SiteLayout) -> str:
+    """Run the manifest contracts; fail the stage with the contract's own message."""
     slides = pl.read_parquet(slides_path)
     tiles = read_tile_manifests(tile_paths)
-    result: ContractResult = validate_tile_manifest(tiles, slides)
+    results: list[ContractResult] = [
+        validate_slide_manifest(slides),
+        validate_tile_manifest(tiles, slides),
+    ]
+    markdown = "\n\n".join(r.to_markdown() for r in results)
     layout.reports.mkdir(parents=True, exist_ok=True)
     report = layout.reports / "contracts.md"
-    report.write_text(result.to_markdown())
-    create_markdown_artifact(result.to_markdown(), key="tile-manifest-contract")
-    require(result)
+    report.write_text(markdown)
+    create_markdown_artifact(markdown, key="manifest-contracts")
+    for result in results:
+        require(result)
     return str(report)
 
 

@@ -1,0 +1,626 @@
+"""A synthetic Camelyon16-like pathology site: pyramidal H&E-looking slides with known lesions.
+
+Real slides cannot ship with the project and are too large for tests, so the pipeline is exercised
+on slides drawn here. The picture follows Beer-Lambert: optical density = H * h_vec + E * e_vec,
+RGB = 255 * exp(-OD), with H from rendered nuclei and E from a stroma field with fibres. Tumour
+lesions are the same tissue with denser, larger, darker, more irregular nuclei and a little more
+hematoxylin, blended in at the edge, so a detector has to learn texture rather than colour.
+
+Memory: level 0 is rendered in horizontal strips and streamed to a raw file that libvips turns
+into the pyramid, so pixels never sit in memory all at once. What does is the smooth fields on a
+coarse grid (1/64 of level 0 up to 16k px, coarser beyond) and the nucleus list (one row per
+nucleus, about 1 per 450 tissue pixels), so slides of a few hundred megapixels are fine.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyvips
+import yaml
+from scipy import ndimage
+from skimage import measure
+
+from tasks.slides.annotations import write_asap_xml
+
+# Ruifrok & Johnston stain vectors (optical density per unit stain, R, G, B).
+H_VEC = np.array([0.65, 0.70, 0.29], dtype=np.float32)
+E_VEC = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+
+STRIP_ROWS = 256  # rows rendered at once; part of the seed schedule, so changing it changes pixels
+TISSUE_EDGE_PX = 24.0  # width of the soft tissue border, level-0 px
+LESION_EDGE_PX = 60.0  # width over which lesion texture blends in (at most half a radius)
+NUCLEUS_RADIUS_UM = 1.0
+NORMAL_NUCLEI_PER_PX = 1.0 / 450.0
+_MARKER = ".vadflow-synthetic"  # marks a folder this module wrote, so a rerun may replace it
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How much a lesion differs from normal tissue at strength 1 (scaled by lesion_strength)."""
+
+    density: float = 0.9  # extra nuclei per unit area
+    radius: float = 0.35  # relative nucleus radius increase
+    darkness: float = 0.3  # relative hematoxylin peak increase
+    background_h: float = 0.10  # hematoxylin added to the cytoplasm/stroma
+    eosin_loss: float = 0.2  # relative eosin decrease (stroma replaced by cells)
+    fibre_loss: float = 0.7  # relative loss of fibre contrast
+
+
+_LOOK = _Look()
+
+
+def make_pathology_site(
+    out_dir: Path,
+    name: str = "site-a",
+    *,
+    n_train_normal: int = 4,
+    n_test_normal: int = 3,
+    n_test_tumor: int = 3,
+    n_train_tumor: int = 0,
+    width: int = 4096,
+    height: int = 3072,
+    mpp: float = 0.25,
+    lesion_strength: float = 1.0,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a Camelyon16-shaped site folder `out_dir/name` and return its path.
+
+    Layout: `site.yaml`, `training/{normal,tumor}/*.tif`, `testing/images/test_*.tif` (tumour and
+    normal shuffled), `testing/reference.csv` (image,label), `lesion_annotations/<stem>.xml` (ASAP)
+    and `ground_truth/<stem>_mask.tif` for every tumour slide. Each slide has its own seed derived
+    from `seed` and its role and index, so adding slides of one kind leaves the others unchanged.
+    A folder this function wrote before is replaced; any other non-empty folder is refused.
+    """
+    _check_geometry(width, height, mpp, lesion_strength)
+    counts = (n_train_normal, n_test_normal, n_test_tumor, n_train_tumor)
+    if min(counts) < 0:
+        raise ValueError(f"slide counts must be >= 0, got {counts}")
+    site = prepare_synthetic_site(
+        Path(out_dir) / name, ("training", "testing", "lesion_annotations", "ground_truth")
+    )
+    (site / "site.yaml").write_text(
+        yaml.safe_dump({"name": name, "domain": "pathology"}, sort_keys=False)
+    )
+    # (role, index) -> slide; spawn keys keep the roles' random streams independent.
+    jobs: list[tuple[Path, bool, np.random.SeedSequence]] = []
+    for index in range(n_train_normal):
+        path = site / "training" / "normal" / f"normal_{index:03d}.tif"
+        jobs.append((path, False, _child(seed, 0, index)))
+    for index in range(n_train_tumor):
+        path = site / "training" / "tumor" / f"tumor_{index:03d}.tif"
+        jobs.append((path, True, _child(seed, 1, index)))
+    labels = ["Tumor"] * n_test_tumor + ["Normal"] * n_test_normal
+    order = np.random.default_rng(_child(seed, 3, 0)).permutation(len(labels))
+    labels = [labels[i] for i in order]
+    for index, label in enumerate(labels):
+        path = site / "testing" / "images" / f"test_{index:03d}.tif"
+        jobs.append((path, label == "Tumor", _child(seed, 2, index)))
+    if n_test_tumor + n_test_normal:
+        (site / "testing").mkdir(parents=True, exist_ok=True)
+        with (site / "testing" / "reference.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["image", "label"])
+            for index, label in enumerate(labels):
+                writer.writerow([f"test_{index:03d}", label])
+
+    for done, (path, tumour, slide_seed) in enumerate(jobs, start=1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path = site / "ground_truth" / f"{path.stem}_mask.tif" if tumour else None
+        n_lesions = (
+            int(np.random.default_rng(_child_of(slide_seed, 2)).integers(1, 4)) if tumour else 0
+        )
+        polygons = write_synthetic_slide(
+            path,
+            width=width,
+            height=height,
+            mpp=mpp,
+            n_lesions=n_lesions,
+            lesion_strength=lesion_strength,
+            seed=slide_seed,
+            mask_path=mask_path,
+        )
+        if tumour:
+            write_asap_xml(site / "lesion_annotations" / f"{path.stem}.xml", polygons)
+        if progress is not None:
+            progress(done, len(jobs))
+    return site
+
+
+def write_synthetic_slide(
+    path: Path,
+    *,
+    width: int = 4096,
+    height: int = 3072,
+    mpp: float = 0.25,
+    n_lesions: int = 0,
+    lesion_strength: float = 1.0,
+    seed: int | np.random.SeedSequence = 0,
+    mask_path: Path | None = None,
+) -> list[np.ndarray]:
+    """Render one slide to a pyramidal JPEG TIFF; return its lesion outlines, (N, 2) x, y level 0.
+
+    With `mask_path` the lesion mask is written beside it (pyramidal deflate TIFF, 0/255). The
+    mask and outlines are geometry only: `lesion_strength` changes the texture, never the mask.
+    """
+    _check_geometry(width, height, mpp, lesion_strength)
+    if n_lesions < 0:
+        raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
+    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    rng = np.random.default_rng(_child_of(seq, 0))
+    cell = _cell_size(width, height)
+    plan = _plan_slide(rng, width, height, mpp, cell, n_lesions, lesion_strength)
+    if n_lesions and not plan.outlines:
+        raise ValueError(
+            f"{Path(path).name}: a {width}x{height} slide has no room for a lesion inside its "
+            "tissue; use at least 512x512"
+        )
+    nuclei = _place_nuclei(rng, plan, width, height, mpp, lesion_strength)
+    bank = _stamp_bank(rng, mpp)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Fresh names each time: libvips caches loads by file name, so reusing one would hand a
+    # second slide written to the same path in this process the first one's pixels.
+    raw_rgb = _temp_file(path, ".rgb.tmp")
+    raw_mask = _temp_file(path, ".mask.tmp") if mask_path is not None else None
+    try:
+        with raw_rgb.open("wb") as rgb_out:
+            mask_out = raw_mask.open("wb") if raw_mask is not None else None
+            try:
+                for strip, y0 in enumerate(range(0, height, STRIP_ROWS)):
+                    y1 = min(y0 + STRIP_ROWS, height)
+                    strip_rng = np.random.default_rng(_child_of(seq, 1, strip))
+                    rgb, lesion = _render_strip(plan, nuclei, bank, strip_rng, y0, y1, width)
+                    rgb_out.write(rgb.tobytes())
+                    if mask_out is not None:
+                        if lesion is None:
+                            lesion = np.zeros((y1 - y0, width), dtype=bool)
+                        mask_out.write((lesion.astype(np.uint8) * 255).tobytes())
+            finally:
+                if mask_out is not None:
+                    mask_out.close()
+        xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
+        image = pyvips.Image.rawload(str(raw_rgb), width, height, 3).copy(interpretation="srgb")
+        image.tiffsave(
+            str(path),
+            tile=True,
+            tile_width=256,
+            tile_height=256,
+            pyramid=True,
+            compression="jpeg",
+            Q=90,
+            xres=xres,
+            yres=xres,
+            resunit="cm",
+        )
+        if raw_mask is not None and mask_path is not None:
+            Path(mask_path).parent.mkdir(parents=True, exist_ok=True)
+            mask = pyvips.Image.rawload(str(raw_mask), width, height, 1).copy(interpretation="b-w")
+            mask.tiffsave(
+                str(mask_path),
+                tile=True,
+                tile_width=256,
+                tile_height=256,
+                pyramid=True,
+                region_shrink="mode",  # keep lower levels binary
+                compression="deflate",
+                xres=xres,
+                yres=xres,
+                resunit="cm",
+            )
+    finally:
+        raw_rgb.unlink(missing_ok=True)
+        if raw_mask is not None:
+            raw_mask.unlink(missing_ok=True)
+    return plan.outlines
+
+
+# --- seeds and folders ------------------------------------------------------------------------
+
+
+def _temp_file(beside: Path, suffix: str) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _check_geometry(width: int, height: int, mpp: float, lesion_strength: float) -> None:
+    if width < 64 or height < 64:
+        raise ValueError(f"slides must be at least 64x64 px, got {width}x{height}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if not lesion_strength >= 0:
+        raise ValueError(f"lesion_strength must be >= 0, got {lesion_strength}")
+
+
+def _child(seed: int, role: int, index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(entropy=seed, spawn_key=(role, index))
+
+
+def _child_of(seq: np.random.SeedSequence, *key: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(entropy=seq.entropy, spawn_key=(*seq.spawn_key, *key))
+
+
+def prepare_synthetic_site(site: Path, owned: tuple[str, ...]) -> Path:
+    """Create the site folder; clear what an earlier run of this generator wrote there."""
+    if site.exists() and any(site.iterdir()):
+        if not (site / _MARKER).exists():
+            raise FileExistsError(
+                f"{site} exists and was not written by the synthetic generator; "
+                "choose another name or output folder"
+            )
+        for entry in (*owned, "site.yaml"):
+            target = site / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    site.mkdir(parents=True, exist_ok=True)
+    (site / _MARKER).touch()
+    return site
+
+
+# --- the slide plan: smooth fields on a coarse grid ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    cell: int
+    # (C, Hc, Wc) float32, already weighted by tissue coverage and lesion blend:
+    # hematoxylin background, eosin mean, eosin fibre contrast, fibre warp, lesion signed distance.
+    fields: np.ndarray
+    alpha: np.ndarray  # (Hc, Wc) tissue coverage in [0, 1]
+    # (Hc, Wc) signed distance to the lesion edge in units of its blend width, > 0 inside
+    lesion_sd: np.ndarray
+    fibre_angle: float
+    fibre_period: float
+    glass_od: np.ndarray  # (3,) float32
+    outlines: list[np.ndarray]
+
+
+_HBG, _EOSIN, _FIBRE, _WARP, _LESION_SD = range(5)
+_NO_LESION = -1.0e4  # signed distance where a slide has no lesion (far outside any)
+
+
+def _cell_size(width: int, height: int) -> int:
+    # 8 px keeps lesion outlines smooth; grow it for huge slides so the grid stays ~2k x 2k.
+    return 8 * max(1, 2 ** math.ceil(math.log2(max(width, height, 1) / 16384)))
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Zero-mean, unit-std noise with features about `scale` cells wide, on a (Hc, Wc) grid."""
+    scale = max(scale, 1.0)
+    small = (int(math.ceil(shape[0] / scale)) + 4, int(math.ceil(shape[1] / scale)) + 4)
+    base = ndimage.gaussian_filter(rng.standard_normal(small), 0.8, mode="wrap")
+    zoomed = ndimage.zoom(base, (shape[0] + 4 * scale) / small[0] + 1e-6, order=3)
+    off = int(2 * scale)
+    out = zoomed[off : off + shape[0], off : off + shape[1]]
+    if out.shape != shape:  # zoom rounding: pad by edge values
+        out = np.pad(out, [(0, shape[0] - out.shape[0]), (0, shape[1] - out.shape[1])], "edge")
+    out = out - out.mean()
+    return (out / (out.std() + 1e-9)).astype(np.float32)
+
+
+def _plan_slide(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    mpp: float,
+    cell: int,
+    n_lesions: int,
+    strength: float,
+) -> _Plan:
+    shape = (math.ceil(height / cell) + 1, math.ceil(width / cell) + 1)
+    # Level-0 coordinates of the coarse grid points: point u sits at x = (u + 0.5) * cell - 0.5.
+    gy = (np.arange(shape[0], dtype=np.float32) + 0.5) * cell - 0.5
+    gx = (np.arange(shape[1], dtype=np.float32) + 0.5) * cell - 0.5
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+
+    alpha, tissue = _tissue_field(rng, shape, yy, xx, width, height, cell)
+    lesion_sd, outlines = _lesion_field(rng, tissue, yy, xx, width, height, cell, n_lesions)
+    eosin = 0.38 + 0.07 * _smooth_noise(rng, shape, 200 / cell)
+    warp = _smooth_noise(rng, shape, 120 / cell)
+    fibre = np.clip(0.55 + 0.45 * _smooth_noise(rng, shape, 300 / cell), 0.0, 1.0)
+    hbg = 0.10 + 0.025 * _smooth_noise(rng, shape, 300 / cell)
+    # Lesion blend weight: smooth over tens of pixels, so it is fine to interpolate it coarsely.
+    look = _LOOK
+    q = strength * np.clip(0.5 + lesion_sd, 0, 1)
+    # Fold everything smooth into few fields now: each is one bilinear pass per pixel later.
+    eosin_mean = alpha * eosin * (1 - look.eosin_loss * q)
+    fibre_contrast = eosin_mean * 0.8 * fibre * (1 - look.fibre_loss * np.minimum(q, 1))
+    h_background = alpha * (hbg + look.background_h * q)
+    layers = [h_background, eosin_mean, fibre_contrast, warp]
+    if n_lesions:
+        layers.append(lesion_sd)
+    fields = np.stack(layers).astype(np.float32)
+    glass_od = (0.045 + rng.uniform(-0.01, 0.01, 3)).astype(np.float32)
+    return _Plan(
+        cell=cell,
+        fields=fields,
+        alpha=alpha,
+        lesion_sd=lesion_sd,
+        fibre_angle=float(rng.uniform(0, np.pi)),
+        fibre_period=float(rng.uniform(3.0, 4.5) / mpp),
+        glass_od=glass_od,
+        outlines=outlines,
+    )
+
+
+def _tissue_field(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    yy: np.ndarray,
+    xx: np.ndarray,
+    width: int,
+    height: int,
+    cell: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Soft tissue coverage in [0, 1] and the hard mask, for 1-4 smooth irregular islands."""
+    n_islands = int(rng.integers(1, 5))
+    coverage = rng.uniform(0.3, 0.5)
+    area = width * height * coverage / n_islands
+    noise = _smooth_noise(rng, shape, min(width, height) / 10 / cell)
+    field = np.full(shape, -np.inf, dtype=np.float32)
+    for _ in range(n_islands):
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        elong = rng.uniform(1.0, 1.8)
+        a = math.sqrt(area * elong / math.pi)  # semi-axes with area about `area`
+        b = a / elong
+        theta = rng.uniform(0, np.pi)
+        u = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
+        v = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
+        island = 1.0 - np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        field = np.maximum(field, island)
+    field = field + 0.3 * noise
+    threshold = np.quantile(field, 1.0 - coverage)
+    tissue = field > threshold
+    # Noise can leave specks far from the islands: keep only sizeable pieces.
+    labels, n = ndimage.label(tissue)
+    if n > 1:
+        sizes = ndimage.sum_labels(tissue, labels, index=np.arange(1, n + 1))
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[1:] = sizes >= 0.05 * sizes.max()
+        tissue = keep[labels]
+    grad = np.hypot(*np.gradient(field)) / cell  # field units per level-0 px
+    alpha = np.clip(0.5 + (field - threshold) / (np.maximum(grad, 1e-6) * TISSUE_EDGE_PX), 0, 1)
+    alpha = np.where(ndimage.binary_dilation(tissue, iterations=3), alpha, 0.0)
+    return alpha.astype(np.float32), tissue
+
+
+def _lesion_field(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    width: int,
+    height: int,
+    cell: int,
+    n_lesions: int,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Signed distance to 0-3 star-shaped lesions (in blend widths, > 0 inside), and outlines."""
+    sd = np.full(tissue.shape, _NO_LESION, dtype=np.float32)
+    if n_lesions == 0:
+        return sd, []
+    # Room around each grid point (level-0 px): to the tissue edge, and to the lesions so far.
+    room = ndimage.distance_transform_edt(tissue) * cell
+    scale = max(min(width, height) / 3072, 0.5)
+    for _ in range(n_lesions):
+        radius = rng.uniform(75, 300) * scale
+        # A lesion sits inside tissue and apart from the others: 1.3 radii of room around it.
+        while True:
+            candidates = np.flatnonzero(room.ravel() > 1.3 * radius + TISSUE_EDGE_PX)
+            if candidates.size or radius < 20 * scale:
+                break
+            radius *= 0.8
+        if not candidates.size:
+            break
+        centre = rng.choice(candidates)
+        cy, cx = yy.ravel()[centre], xx.ravel()[centre]
+        room = np.minimum(room, np.hypot(yy - cy, xx - cx) - 1.3 * radius)
+        harmonics = np.arange(2, 6)
+        amps = rng.uniform(0, 0.22, harmonics.size) / harmonics * 2
+        amps *= min(1.0, 0.25 / amps.sum())  # keeps the outline star-shaped and smooth
+        phases = rng.uniform(0, 2 * np.pi, harmonics.size)
+        angle = np.arctan2(yy - cy, xx - cx)[..., None]
+        bound = radius * (1 + (amps * np.cos(harmonics * angle + phases)).sum(-1))
+        blend = min(LESION_EDGE_PX, 0.5 * radius)
+        sd = np.maximum(sd, ((bound - np.hypot(yy - cy, xx - cx)) / blend).astype(np.float32))
+    # Outlines are the zero level of the same field the mask is drawn from, so they agree.
+    padded = np.pad(sd, 1, constant_values=_NO_LESION)
+    outlines = []
+    for contour in measure.find_contours(padded, 0.0):
+        contour = measure.approximate_polygon(contour - 1.0, tolerance=0.1)
+        xy = (contour[:, ::-1] + 0.5) * cell - 0.5  # (row, col) cells -> (x, y) level-0 px
+        if len(xy) >= 4:
+            outlines.append(xy[:-1] if np.allclose(xy[0], xy[-1]) else xy)
+    return sd, outlines
+
+
+# --- nuclei --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Nuclei:
+    y: np.ndarray  # (N,) int, sorted
+    x: np.ndarray  # (N,) int
+    stamp: np.ndarray  # (N,) index into the stamp bank
+    amp: np.ndarray  # (N,) float32 hematoxylin peak
+
+
+_SIZE_BINS = 12
+_STAMP_BATCH = 8192
+_IRR_BINS = 3
+_VARIANTS = 8
+_SIZE_RANGE = (0.55, 2.2)  # nucleus radius, relative to NUCLEUS_RADIUS_UM
+
+
+def _bilinear_at(grid: np.ndarray, cell: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    coords = np.stack([(y + 0.5) / cell - 0.5, (x + 0.5) / cell - 0.5])
+    return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+
+
+def _place_nuclei(
+    rng: np.random.Generator,
+    plan: _Plan,
+    width: int,
+    height: int,
+    mpp: float,
+    strength: float,
+) -> _Nuclei:
+    """A thinned Poisson process: denser in lesions, none on glass; each nucleus picks a stamp."""
+    look = _LOOK
+    boost = 1.0 + look.density * max(strength, 0.0)
+    n_candidates = rng.poisson(NORMAL_NUCLEI_PER_PX * boost * width * height)
+    y = rng.uniform(0, height, n_candidates)
+    x = rng.uniform(0, width, n_candidates)
+    alpha = _bilinear_at(plan.alpha, plan.cell, y, x)
+    lesion = np.clip(0.5 + _bilinear_at(plan.lesion_sd, plan.cell, y, x), 0, 1)
+    keep = rng.random(n_candidates) < alpha * (1 + look.density * strength * lesion) / boost
+    y, x, lesion = y[keep], x[keep], lesion[keep]
+    n = y.size
+    # A nucleus near the lesion edge is tumour-like with probability = the blend weight.
+    tumour = strength * (rng.random(n) < lesion)
+    radius = np.exp(rng.normal(0, 0.15, n)) * (1 + look.radius * tumour)
+    lo, hi = np.log(_SIZE_RANGE[0]), np.log(_SIZE_RANGE[1])
+    size_bin = np.clip(
+        ((np.log(radius) - lo) / (hi - lo) * _SIZE_BINS).astype(int), 0, _SIZE_BINS - 1
+    )
+    irr_bin = np.clip(np.rint(2 * np.minimum(tumour, 1.0)), 0, _IRR_BINS - 1).astype(int)
+    variant = rng.integers(0, _VARIANTS, n)
+    stamp = (size_bin * _IRR_BINS + irr_bin) * _VARIANTS + variant
+    amp = (0.85 * np.exp(rng.normal(0, 0.12, n)) * (1 + look.darkness * tumour)).astype(np.float32)
+    order = np.argsort(y, kind="stable")
+    return _Nuclei(
+        y=y[order].astype(np.int64),
+        x=x[order].astype(np.int64),
+        stamp=stamp[order],
+        amp=amp[order],
+    )
+
+
+def _stamp_bank(rng: np.random.Generator, mpp: float) -> np.ndarray:
+    """(S, k, k) soft nucleus shapes: sizes x irregularity x random variants, built at once."""
+    r_unit = NUCLEUS_RADIUS_UM / mpp
+    half = int(math.ceil(_SIZE_RANGE[1] * r_unit * 1.4)) + 1
+    offsets = np.arange(-half, half + 1, dtype=np.float32)
+    dy, dx = np.meshgrid(offsets, offsets, indexing="ij")  # (k, k)
+    sizes = np.exp(np.linspace(np.log(_SIZE_RANGE[0]), np.log(_SIZE_RANGE[1]), _SIZE_BINS))
+    radius = np.repeat(sizes * r_unit, _IRR_BINS * _VARIANTS)  # (S,)
+    irr = np.tile(np.repeat([0.04, 0.12, 0.2], _VARIANTS), _SIZE_BINS)  # (S,)
+    n = radius.size
+    ecc = rng.uniform(0.6, 1.0, n)
+    a, b = radius / np.sqrt(ecc), radius * np.sqrt(ecc)
+    psi = rng.uniform(0, np.pi, n)
+    phases = rng.uniform(0, 2 * np.pi, (3, n))
+    sl = (slice(None), None, None)  # (S,) -> (S, 1, 1)
+    u = dx * np.cos(psi)[sl] + dy * np.sin(psi)[sl]
+    v = -dx * np.sin(psi)[sl] + dy * np.cos(psi)[sl]
+    rho = np.hypot(u / a[sl], v / b[sl])
+    phi = np.arctan2(v / b[sl], u / a[sl])
+    bound = 1 + irr[sl] * (
+        0.7 * np.cos(2 * phi + phases[0][sl])
+        + 0.5 * np.cos(3 * phi + phases[1][sl])
+        + 0.25 * np.cos(4 * phi + phases[2][sl])
+    )
+    body = np.clip((bound - rho) * radius[sl] / 1.2 + 0.5, 0, 1)  # ~1 px soft edge
+    # Irregular (tumour) nuclei get coarse chromatin: a darker rim and speckle inside.
+    rim = 1 - irr[sl] * 1.5 * np.clip(1 - rho / bound, 0, 1)
+    speckle = 1 + irr[sl] * rng.uniform(-1.2, 1.2, body.shape)
+    return (body * rim * speckle).astype(np.float32)
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def _upsample_rows(fields: np.ndarray, cell: int, y0: int, y1: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of (C, Hc, Wc) coarse fields to level-0 rows [y0, y1): (C, h, W)."""
+    _, hc, wc = fields.shape
+    gy = np.clip((np.arange(y0, y1) + 0.5) / cell - 0.5, 0, hc - 1)
+    gx = np.clip((np.arange(width) + 0.5) / cell - 0.5, 0, wc - 1)
+    iy = np.minimum(gy.astype(int), hc - 2)
+    ix = np.minimum(gx.astype(int), wc - 2)
+    fy = (gy - iy).astype(np.float32)[:, None]
+    fx = (gx - ix).astype(np.float32)
+    r0, r1 = iy.min(), iy.max() + 2
+    rows = fields[:, r0:r1]  # (C, r, Wc): only the coarse rows this strip needs
+    across = rows[:, :, ix] * (1 - fx) + rows[:, :, ix + 1] * fx  # (C, r, W)
+    top, bottom = across[:, iy - r0], across[:, iy - r0 + 1]  # (C, h, W)
+    return top * (1 - fy) + bottom * fy
+
+
+def _render_strip(
+    plan: _Plan,
+    nuclei: _Nuclei,
+    bank: np.ndarray,
+    rng: np.random.Generator,
+    y0: int,
+    y1: int,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows [y0, y1) as (h, W, 3) uint8 RGB, and the (h, W) bool lesion mask if any lesion."""
+    h = y1 - y0
+    fields = _upsample_rows(plan.fields, plan.cell, y0, y1, width)  # (C, h, W)
+    h_background, eosin_mean, fibre_contrast, warp = fields[:4]
+    lesion_mask = fields[_LESION_SD] >= 0 if len(fields) > _LESION_SD else None
+
+    # Stroma: eosin with thin wavy fibres (zero-mean stripes bent by a smooth warp).
+    ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    wavenumber = 2 * np.pi / plan.fibre_period
+    phase = xs * (wavenumber * math.cos(plan.fibre_angle)) + warp * 6.0
+    phase += ys * (wavenumber * math.sin(plan.fibre_angle))  # (h, W)
+    stripes = np.sin(phase, out=phase)
+    stripes += 1
+    stripes *= 0.5
+    stripes = stripes * stripes * stripes - 0.3125
+    e_field = eosin_mean + fibre_contrast * stripes
+
+    # Nuclei: every nucleus touching the strip stamps its shape into a flat buffer at once.
+    nuc = _stamp_nuclei(nuclei, bank, y0, y1, width)
+    e_field *= 1 - 0.5 * np.minimum(nuc, 1)  # nuclei displace stroma
+    h_field = h_background + np.minimum(nuc, 1.6)
+
+    noise = rng.standard_normal((h, width), dtype=np.float32) * 0.012
+    rgb = np.empty((h, width, 3), dtype=np.uint8)
+    for c in range(3):
+        od = h_field * H_VEC[c] + e_field * E_VEC[c]
+        od += noise
+        od += plan.glass_od[c]
+        np.negative(od, out=od)
+        np.exp(od, out=od)
+        od *= 255.0
+        np.clip(od, 0, 255, out=od)
+        rgb[..., c] = od
+    return rgb, lesion_mask
+
+
+def _stamp_nuclei(nuclei: _Nuclei, bank: np.ndarray, y0: int, y1: int, width: int) -> np.ndarray:
+    """Sum of nucleus stamps over rows [y0, y1): (h, W) float32 hematoxylin density."""
+    k = bank.shape[-1]
+    half = k // 2
+    h = y1 - y0
+    summed = np.zeros(h * width, dtype=np.float64)
+    lo, hi = np.searchsorted(nuclei.y, [y0 - half, y1 + half])
+    offsets = np.arange(-half, half + 1)
+    # Batches bound the (n, k, k) index arrays on very wide slides.
+    for start in range(lo, hi, _STAMP_BATCH):
+        sel = slice(start, min(start + _STAMP_BATCH, hi))
+        ys = nuclei.y[sel, None, None] + offsets[None, :, None]  # (n, k, 1)
+        xs = nuclei.x[sel, None, None] + offsets[None, None, :]  # (n, 1, k)
+        inside = (ys >= y0) & (ys < y1) & (xs >= 0) & (xs < width)  # (n, k, k)
+        flat = (ys - y0) * width + xs
+        weights = bank[nuclei.stamp[sel]] * nuclei.amp[sel, None, None]
+        summed += np.bincount(flat[inside], weights=weights[inside], minlength=h * width)
+    return summed.astype(np.float32).reshape(h, width)
