@@ -230,7 +230,8 @@ def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
                 f"Prefect state:           {state.prefect}",
                 f"  open its UI:           PREFECT_HOME={state.prefect} prefect server start",
             ]
-        )
+        ),
+        soft_wrap=True,
     )
 
 

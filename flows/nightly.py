@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -57,7 +57,7 @@ def nightly(
     slides_path = register_task(site, sources, layout)
     slides = pl.read_parquet(slides_path)
     usable = slides.filter(pl.col("status") == "ok").to_dicts()
-    tiling = tile_task.map(usable, site=site, layout=layout).result()
+    tiling = tile_task.map(usable, site=unmapped(site), layout=unmapped(layout)).result()
     tile_paths = [t.manifest for t in tiling]
     validate_task(slides_path, tile_paths, layout)
     tiled = {t.slide_id: t for t in tiling if t.tiles > 0}
@@ -70,11 +70,11 @@ def nightly(
         model_dir = layout.model_dir(family, version)
         fit = train_task(family, site, slides_path, tile_paths, str(model_dir))
         scores = score_task.map(
-            str(model_dir),
+            unmapped(str(model_dir)),
             to_score,
             [tiled[r["slide_id"]].manifest for r in to_score],
-            out_dir=str(layout.heatmaps(f"{family}-{version}")),
-            heatmap_downsample=site.tiling.heatmap_downsample,
+            out_dir=unmapped(str(layout.heatmaps(f"{family}-{version}"))),
+            heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
         ).result()
         evaluation = evaluate_task(site, family, slides_path, scores, layout)
         overlays = export_task(family, slides_path, scores, evaluation["threshold"], layout)

@@ -201,10 +201,11 @@ def export_task(
     rows = {r["slide_id"]: r for r in slides.iter_rows(named=True)}
     heatmaps = {s.slide_id: np.load(s.heatmap) for s in scores}
     finite = np.concatenate([h[np.isfinite(h)] for h in heatmaps.values()] or [np.zeros(1)])
-    vmin = float(np.quantile(finite, 0.05)) if finite.size else 0.0
-    vmax = float(finite.max()) if finite.size else 1.0
-    if math.isfinite(threshold):
-        vmax = max(vmax, threshold)
+    # Shared scale: the typical tile is dark, the threshold sits mid-scale when there is one.
+    vmin = float(np.quantile(finite, 0.5))
+    vmax = float(np.quantile(finite, 0.999))
+    if math.isfinite(threshold) and threshold > vmin:
+        vmax = max(vmax, 2 * threshold - vmin)
     written = []
     for score in scores:
         row = rows[score.slide_id]

@@ -11,7 +11,7 @@ from skimage.segmentation import find_boundaries
 
 from tasks.slides.reader import Slide
 
-MIN_EDGE_PX = 256  # small industrial images are upscaled so the overlay is readable
+TARGET_EDGE_PX = 1024  # long edge of the overlay: readable, and small enough to open anywhere
 
 
 def heatmap_overlay(
@@ -22,26 +22,27 @@ def heatmap_overlay(
     vmin: float,
     vmax: float,
     truth: np.ndarray | None = None,
-    alpha: float = 0.55,
+    alpha: float = 0.5,
 ) -> Path:
-    """Blend the heatmap (inferno, fixed vmin..vmax across a run) over the thumbnail.
+    """Blend the heatmap (inferno, one vmin..vmax for a whole run) over a slide thumbnail.
 
-    Cells without a score (background) show the slide as is; ground-truth outlines are green.
+    The thumbnail is read at whatever level gives a ~1024 px image; the heatmap is scaled up
+    to it. Cells without a score (background) show the slide as is; lesion outlines are green.
     """
-    thumb = Slide(slide_uri).thumbnail(downsample).astype(np.float32)  # (h, w, 3)
-    h, w = heatmap.shape
-    thumb = thumb[:h, :w]
-    scaled = np.clip((heatmap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    slide = Slide(slide_uri)
+    zoom = max(1, TARGET_EDGE_PX // max(heatmap.shape))  # thumbnail px per heatmap cell
+    h, w = heatmap.shape[0] * zoom, heatmap.shape[1] * zoom
+    thumb = slide.thumbnail(downsample / zoom)[:h, :w].astype(np.float32)  # (h, w, 3)
+    h, w = thumb.shape[:2]
+    big = np.kron(heatmap, np.ones((zoom, zoom), dtype=np.float32))[:h, :w]
+    scaled = np.clip((big - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
     colour = colormaps["inferno"](np.nan_to_num(scaled))[..., :3] * 255.0  # (h, w, 3)
-    scored = np.isfinite(heatmap)[..., None]
+    scored = np.isfinite(big)[..., None]
     out = np.where(scored, (1 - alpha) * thumb + alpha * colour, thumb)
     if truth is not None and truth.any():
-        edges = find_boundaries(truth[:h, :w] > 0.5, mode="inner")
+        big_truth = np.kron(truth > 0.5, np.ones((zoom, zoom), dtype=bool))[:h, :w]
+        edges = find_boundaries(big_truth, mode="thick")
         out[edges] = (0, 255, 0)
-    image = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    if max(image.size) < MIN_EDGE_PX:
-        factor = -(-MIN_EDGE_PX // max(image.size))
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out_png)
+    Image.fromarray(out.clip(0, 255).astype(np.uint8)).save(out_png)
     return out_png

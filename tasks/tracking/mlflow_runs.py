@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def log_model(tracking_uri: str, run_id: str, detector_dir: Path, example: np.nd
 
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The wrapper is a small class of ours, pickled by reference; its hints are numpy.
+        warnings.filterwarnings("ignore", message=".*type hints.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=DetectorModel(),

@@ -1,0 +1,128 @@
+"""ae_l2: a convolutional autoencoder trained with an L2 reconstruction loss.
+
+Trained on normal tiles only, it learns to reproduce normal tissue (or a normal surface) and
+fails on what it never saw; the squared residual is the anomaly map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    gaussian_smooth,
+    register,
+    top_fraction_mean,
+)
+from tasks.detectors.training import Trainer, TrainSettings
+
+
+@dataclass(frozen=True)
+class AEL2Config:
+    """Hyperparameters of ae_l2; saved as config.json beside the weights."""
+
+    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
+    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
+    latent_channels: int = 16
+    bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / bottleneck = 2^k
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
+    grad_clip: float = 1.0
+    seed: int = 0
+    augment: bool = True  # random flips in training
+    device: str = "auto"
+    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
+    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
+def reconstruction_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, computed in float32 even when the forward pass ran in bf16."""
+    return F.mse_loss(model(batch).float(), batch.float())
+
+
+@register("ae_l2")
+class AEL2Detector(Detector):
+    """Autoencoder + per-pixel L2 residual.
+
+    Anomaly map: squared residual averaged over RGB, blurred with `map_smoothing_sigma`.
+    Tile score: mean of the top `score_top_fraction` (10 %) of the map's pixels, chosen on the
+    generated-texture test (32 px, defects of a few pixels; tile AUROC over 3 defect kinds):
+    the plain max scored 0.72-0.80, because on normal tiles the single worst pixel is a nucleus edge
+    the autoencoder cannot place exactly, so it is noise; the whole-tile mean scored ~0.95 on
+    8 px defects but fell to ~0.85 when they shrank to 5 px, as small defects drown in the
+    average; the top 10 % held 0.98 and 0.92. With a 1 px blur the ranking is the same.
+    """
+
+    config_cls = AEL2Config
+    config: AEL2Config
+
+    def __init__(self, config: AEL2Config | None = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        # Seeded construction without touching the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = ConvAutoencoder(
+                tile_size=cfg.tile_size,
+                base_channels=cfg.base_channels,
+                latent_channels=cfg.latent_channels,
+                bottleneck=cfg.bottleneck,
+            )
+        self.model.to(self.device)
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> FitReport:
+        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
+        for name, tiles in (("train", train), ("val", val)):
+            if tiles.ndim == 4 and tiles.shape[1:3] != (self.config.tile_size,) * 2:
+                raise ValueError(
+                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this ae_l2 is "
+                    f"configured for tile_size={self.config.tile_size}"
+                )
+        trainer = Trainer(
+            self.model, reconstruction_loss, TrainSettings.from_config(self.config), self.device
+        )
+        return trainer.fit(
+            train,
+            val,
+            on_epoch=on_epoch,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+        )
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_for(self.device):
+            recon = self.model(batch)  # (b, 3, H, W)
+        residual = (recon.float() - batch) ** 2  # (b, 3, H, W)
+        anomaly_map = residual.mean(dim=1, keepdim=True)  # (b, 1, H, W)
+        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
+        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)

@@ -1,0 +1,338 @@
+"""The one training loop every detector family uses.
+
+Families hand over a module and a loss; the loop owns what must behave the same everywhere:
+device choice, bf16 autocast on CUDA, seeding, flip augmentation, Adam, gradient clipping,
+early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard and
+resumable checkpoints. A family with an unusual step (several optimisers, as GANs need)
+subclasses `Trainer` and overrides `configure_optimizers` and `train_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.detectors.base import (
+    DivergedError,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    to_tensor,
+)
+
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FORMAT = 1
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteStep(ArithmeticError):
+    """Raised inside a step when a loss or gradient norm is NaN/inf; the loop turns it into a
+    DivergedError after restoring the best weights."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Loop hyperparameters; `from_config` reads the same-named fields of a family config."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    # Relative: an epoch counts as better only if val < best * (1 - min_delta).
+    min_delta: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError(f"epochs, batch_size and patience must be >= 1, got {self}")
+        if self.lr < 0 or self.min_delta < 0:
+            raise ValueError(f"lr and min_delta must be >= 0, got {self}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainSettings:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+
+
+class Trainer:
+    """Mini-batch training of `module` on uint8 (N, H, W, 3) tile arrays."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        settings: TrainSettings,
+        device: torch.device,
+    ) -> None:
+        self.module = module.to(device)
+        self.loss_fn = loss_fn
+        self.settings = settings
+        self.device = device
+        self.use_amp = device.type == "cuda"
+        self.optimizers = self.configure_optimizers()
+        # Shuffling and flips draw from their own generator, so resume can restore it exactly.
+        self.data_rng = torch.Generator().manual_seed(settings.seed)
+
+    # -- hooks a family may override -------------------------------------------------------
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return [
+            torch.optim.Adam(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        ]
+
+    def train_step(self, batch: torch.Tensor) -> float:
+        """One optimiser step on a (b, 3, H, W) batch; returns the loss as a float."""
+        (optimizer,) = self.optimizers
+        optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.loss_fn(self.module, batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteStep(f"training loss is {value}")
+        loss.backward()
+        clip = self.settings.grad_clip if self.settings.grad_clip is not None else math.inf
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        if not torch.isfinite(norm):
+            raise NonFiniteStep(f"gradient norm is {norm.item()}")
+        optimizer.step()
+        return value
+
+    def val_step(self, batch: torch.Tensor) -> float:
+        with self.autocast():
+            return self.loss_fn(self.module, batch).item()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return autocast_for(self.device) if self.use_amp else contextlib.nullcontext()
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> FitReport:
+        """Train until `epochs`, or until val loss stops improving for `patience` epochs.
+
+        With `checkpoint_dir`, `last.pt` is rewritten every `checkpoint_every` epochs and at the
+        end; `resume_from` continues from such a folder (and keeps checkpointing there unless
+        `checkpoint_dir` says otherwise). On return the module holds the best-val weights.
+        """
+        _check_tiles(train, "train")
+        _check_tiles(val, "val")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if resume_from is not None and checkpoint_dir is None:
+            checkpoint_dir = resume_from
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        self.last_good: Path | None = None
+
+        started = time.perf_counter()
+        if resume_from is not None:
+            state = self._resume(Path(resume_from))
+        else:
+            torch.manual_seed(self.settings.seed)
+            np.random.seed(self.settings.seed)
+            state = _LoopState(best_state=_copy_state(self.module))
+        self.seconds_before = state.seconds
+        self._started = started
+
+        epoch = len(state.train_loss)
+        while epoch < self.settings.epochs and not state.stopped_early:
+            epoch += 1
+            self.module.train()
+            total, count = 0.0, 0
+            for step, batch in enumerate(self._batches(train, shuffle=True), start=1):
+                try:
+                    loss = self.train_step(batch)
+                except NonFiniteStep as exc:
+                    self._diverge(state, epoch, f"step {step}", str(exc))
+                total += loss * len(batch)
+                count += len(batch)
+            train_loss = total / count
+            val_loss = self.evaluate(val)
+            if not math.isfinite(val_loss):
+                self._diverge(state, epoch, "validation", f"val loss is {val_loss}")
+
+            state.train_loss.append(train_loss)
+            state.val_loss.append(val_loss)
+            if val_loss < state.best_val * (1.0 - self.settings.min_delta):
+                state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
+                state.best_state = _copy_state(self.module)
+            else:
+                state.bad_epochs += 1
+                state.stopped_early = state.bad_epochs >= self.settings.patience
+            done = epoch >= self.settings.epochs or state.stopped_early
+            if self.checkpoint_path is not None and (epoch % checkpoint_every == 0 or done):
+                self._save_checkpoint(state)
+            if on_epoch is not None:
+                on_epoch(epoch, train_loss, val_loss)
+
+        self.module.load_state_dict(state.best_state)
+        self.module.eval()
+        return self._report(state)
+
+    def evaluate(self, tiles: np.ndarray) -> float:
+        """Mean loss over `tiles` in eval mode, without augmentation."""
+        self.module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self._batches(tiles, shuffle=False):
+                total += self.val_step(batch) * len(batch)
+                count += len(batch)
+        return total / count
+
+    def _batches(self, tiles: np.ndarray, *, shuffle: bool) -> Iterator[torch.Tensor]:
+        n, size = len(tiles), self.settings.batch_size
+        order = torch.randperm(n, generator=self.data_rng).numpy() if shuffle else np.arange(n)
+        for start in range(0, n, size):
+            # Sorted indices keep the gather from the (possibly memory-mapped) cache sequential.
+            index = np.sort(order[start : start + size])
+            batch = to_tensor(tiles[index], self.device)  # (b, 3, H, W)
+            if shuffle and self.settings.augment:
+                batch = self._flip(batch)
+            yield batch
+
+    def _flip(self, batch: torch.Tensor) -> torch.Tensor:
+        """Random horizontal and vertical flips: orientation carries no meaning in a tile."""
+        flips = torch.rand(2, len(batch), generator=self.data_rng) < 0.5  # (2, b)
+        flips = flips.to(batch.device)[:, :, None, None, None]  # (2, b, 1, 1, 1)
+        batch = torch.where(flips[0], batch.flip(-1), batch)
+        return torch.where(flips[1], batch.flip(-2), batch)
+
+    # -- failure, checkpoints, report -------------------------------------------------------
+
+    def _diverge(self, state: _LoopState, epoch: int, where: str, reason: str) -> NoReturn:
+        self.module.load_state_dict(state.best_state)
+        self.module.eval()
+        if state.best_epoch:
+            kept = (
+                f"restored the weights of epoch {state.best_epoch} (val loss {state.best_val:.4g})"
+            )
+        else:
+            kept = "restored the weights from before this run"
+        if self.last_good is not None:
+            kept += f"; the last good checkpoint {self.last_good} was kept"
+        report = self._report(state, diverged=True)
+        raise DivergedError(
+            f"training diverged at epoch {epoch}, {where}: {reason}; {kept}. "
+            "Lower lr or grad_clip, or check the input tiles for NaN/inf.",
+            report=report,
+            checkpoint=self.last_good,
+        )
+
+    def _report(self, state: _LoopState, *, diverged: bool = False) -> FitReport:
+        return FitReport(
+            epochs=len(state.train_loss),
+            best_epoch=state.best_epoch,
+            train_loss=list(state.train_loss),
+            val_loss=list(state.val_loss),
+            seconds=self.seconds_before + time.perf_counter() - self._started,
+            device=str(self.device),
+            diverged=diverged,
+            stopped_early=state.stopped_early,
+        )
+
+    def _save_checkpoint(self, state: _LoopState) -> None:
+        assert self.checkpoint_path is not None
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "best_state": state.best_state,
+            "best_epoch": state.best_epoch,
+            "best_val": state.best_val,
+            "bad_epochs": state.bad_epochs,
+            "stopped_early": state.stopped_early,
+            "train_loss": state.train_loss,
+            "val_loss": state.val_loss,
+            "seconds": self.seconds_before + time.perf_counter() - self._started,
+            "data_rng": self.data_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        # Write then rename, so a run killed mid-save leaves the previous checkpoint intact.
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint_path)
+        self.last_good = self.checkpoint_path
+
+    def _resume(self, directory: Path) -> _LoopState:
+        path = directory / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {directory}")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{path} has checkpoint format {payload.get('format')!r}, "
+                f"this code reads {CHECKPOINT_FORMAT}"
+            )
+        try:
+            self.module.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{path} was written by a model of a different shape than this config builds: {exc}"
+            ) from exc
+        for optimizer, saved in zip(self.optimizers, payload["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.data_rng.set_state(payload["data_rng"])
+        torch.set_rng_state(payload["torch_rng"])
+        if payload["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        self.last_good = path
+        best_state = {k: v.to(self.device) for k, v in payload["best_state"].items()}
+        return _LoopState(
+            best_state=best_state,
+            best_epoch=payload["best_epoch"],
+            best_val=payload["best_val"],
+            bad_epochs=payload["bad_epochs"],
+            stopped_early=payload["stopped_early"],
+            train_loss=list(payload["train_loss"]),
+            val_loss=list(payload["val_loss"]),
+            seconds=payload["seconds"],
+        )
+
+
+@dataclass
+class _LoopState:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int = 0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _check_tiles(tiles: np.ndarray, name: str) -> None:
+    if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or tiles.shape[-1] != 3:
+        shape = getattr(tiles, "shape", type(tiles).__name__)
+        raise ValueError(f"{name} tiles must be a numpy array shaped (N, H, W, 3), got {shape}")
+    if len(tiles) == 0:
+        raise ValueError(f"{name} has no tiles; training needs normal {name} tiles")

@@ -1,0 +1,328 @@
+"""Detector interface, registry, shared trainer and the ae_l2 family, on generated tiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tasks.detectors import (
+    DivergedError,
+    FitReport,
+    available_families,
+    create_detector,
+    detector_class,
+    gaussian_smooth,
+    load_detector,
+    to_tensor,
+    top_fraction_mean,
+)
+
+# Small, fast settings; each family takes the ones its config has.
+FAST = {"tile_size": 32, "epochs": 1, "batch_size": 16, "base_channels": 8, "device": "cpu"}
+
+PINK = np.array([0.93, 0.72, 0.80])
+NUCLEUS = np.array([0.48, 0.28, 0.58])
+DENSE_NUCLEUS = np.array([0.30, 0.12, 0.40])
+SCRATCH = np.array([0.55, 0.40, 0.45])
+FOREIGN = np.array([0.90, 0.62, 0.62])
+
+
+def _discs(rng, n, size, count, r_lo, r_hi, centre=None, spread=0.0) -> np.ndarray:
+    """(n, size, size) coverage in [0, 1] of `count` soft-edged discs per tile."""
+    if centre is None:
+        cy, cx = rng.uniform(0, size, (2, n, count))
+    else:
+        cy = centre[0][:, None] + rng.normal(0, spread, (n, count))
+        cx = centre[1][:, None] + rng.normal(0, spread, (n, count))
+    radius = rng.uniform(r_lo, r_hi, (n, count))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dist = np.hypot(yy - cy[..., None, None], xx - cx[..., None, None])  # (n, count, S, S)
+    return np.clip(radius[..., None, None] + 0.5 - dist, 0, 1).max(axis=1)
+
+
+def texture_tiles(
+    rng: np.random.Generator, n: int, size: int, defect: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """H&E-like tiles: pink stroma, scattered purple nuclei, per-tile stain jitter, noise.
+
+    Defects (a few pixels across, as in a real tile): 'dense' a clump of darker nuclei,
+    'scratch' a thin dark line segment, 'patch' an 8 px square of foreign striped texture.
+    Returns uint8 tiles (n, size, size, 3) and the defect masks (n, size, size).
+    """
+    mask = np.zeros((n, size, size), bool)
+    background = PINK + rng.normal(0, 0.02, (n, 1, 1, 3))
+    img = np.broadcast_to(background, (n, size, size, 3)).copy()
+    cover = _discs(rng, n, size, round(10 * (size / 32) ** 2), 1.2, 2.2)[..., None]
+    img = img * (1 - cover) + NUCLEUS * cover
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if defect == "dense":
+        centre = rng.uniform(size * 0.25, size * 0.75, (2, n))
+        cover = _discs(rng, n, size, 8, 1.5, 2.5, centre=centre, spread=2.0)[..., None]
+        img = img * (1 - cover) + DENSE_NUCLEUS * cover
+        mask = cover[..., 0] > 0.5
+    elif defect == "scratch":
+        theta = rng.uniform(0, np.pi, (n, 1, 1))
+        offset = rng.uniform(-size / 4, size / 4, (n, 1, 1))
+        across = (xx - size / 2) * np.sin(theta) - (yy - size / 2) * np.cos(theta) - offset
+        along = (xx - size / 2) * np.cos(theta) + (yy - size / 2) * np.sin(theta)
+        cover = (np.clip(1.0 - np.abs(across), 0, 1) * (np.abs(along) < 8))[..., None]
+        img = img * (1 - cover) + SCRATCH * cover
+        mask = cover[..., 0] > 0.5
+    elif defect == "patch":
+        side = 8
+        stripes = 0.85 + 0.15 * (0.5 + 0.5 * np.sin((xx + yy)[:side, :side] * 1.5))
+        corners = rng.integers(0, size - side, (n, 2))
+        for tile, tile_mask, (y0, x0) in zip(img, mask, corners, strict=True):
+            tile[y0 : y0 + side, x0 : x0 + side] = FOREIGN * stripes[..., None]
+            tile_mask[y0 : y0 + side, x0 : x0 + side] = True
+    elif defect is not None:
+        raise ValueError(defect)
+    img = img + rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask
+
+
+def fast_detector(name: str, **extra):
+    fields = {f.name for f in dataclasses.fields(detector_class(name).config_cls)}
+    return create_detector(name, **{k: v for k, v in {**FAST, **extra}.items() if k in fields})
+
+
+def tile_size_of(detector) -> int:
+    return getattr(detector.config, "tile_size", FAST["tile_size"])
+
+
+@pytest.fixture(scope="module")
+def small_tiles() -> np.ndarray:
+    return texture_tiles(np.random.default_rng(1), 40, 32)[0]
+
+
+# -- every registered family --------------------------------------------------------------
+
+
+def test_registry_is_filled_on_import():
+    assert "ae_l2" in available_families()
+
+
+@pytest.mark.parametrize("family", available_families())
+def test_family_contract(family: str, tmp_path: Path):
+    detector = fast_detector(family)
+    size = tile_size_of(detector)
+    tiles, _ = texture_tiles(np.random.default_rng(2), 40, size)
+    report = detector.fit(tiles[:32], tiles[32:])
+    assert isinstance(report, FitReport) and report.epochs >= 1
+
+    out = detector.score(tiles[:5])
+    assert out.anomaly_map.shape == (5, 1, size, size)
+    assert out.tile_score.shape == (5,)
+    assert out.anomaly_map.dtype == out.tile_score.dtype == torch.float32
+    assert out.anomaly_map.device.type == out.tile_score.device.type == "cpu"
+    assert torch.isfinite(out.anomaly_map).all() and torch.isfinite(out.tile_score).all()
+
+    # A float (B, 3, H, W) tensor in [0, 1] is the same input as uint8 NHWC.
+    as_tensor = detector.score(to_tensor(tiles[:5]))
+    torch.testing.assert_close(as_tensor.tile_score, out.tile_score)
+
+    saved = detector.save(tmp_path / "model")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["family"] == family
+    assert (saved / "weights.pt").is_file()
+    for loaded in (load_detector(saved), type(detector).load(saved)):
+        again = loaded.score(tiles[:5])
+        torch.testing.assert_close(again.anomaly_map, out.anomaly_map, rtol=0, atol=0)
+        torch.testing.assert_close(again.tile_score, out.tile_score, rtol=0, atol=0)
+        assert loaded.config == detector.config
+
+
+@pytest.mark.parametrize("family", available_families())
+def test_unknown_override_is_a_type_error_naming_the_field(family: str):
+    with pytest.raises(TypeError, match="no_such_knob") as info:
+        create_detector(family, no_such_knob=3)
+    first_field = dataclasses.fields(detector_class(family).config_cls)[0].name
+    assert first_field in str(info.value)
+
+
+def test_unknown_family_is_a_key_error_listing_families():
+    with pytest.raises(KeyError, match="ae_l2"):
+        create_detector("no_such_family")
+
+
+def test_load_detector_refuses_an_unknown_family(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"family": "gone"}))
+    with pytest.raises(KeyError, match="gone"):
+        load_detector(tmp_path)
+
+
+# -- small pieces of base -----------------------------------------------------------------
+
+
+def test_to_tensor_converts_uint8_nhwc_to_unit_float_nchw():
+    tiles = np.zeros((2, 4, 5, 3), np.uint8)
+    tiles[0, 1, 2] = (255, 0, 51)
+    x = to_tensor(tiles)
+    assert x.shape == (2, 3, 4, 5) and x.dtype == torch.float32
+    assert x[0, :, 1, 2].tolist() == pytest.approx([1.0, 0.0, 0.2])
+    assert to_tensor(x) is x  # float NCHW passes through untouched
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        to_tensor(np.zeros((2, 4, 5), np.uint8)[..., None])
+
+
+def test_gaussian_smooth_keeps_shape_and_constant_maps():
+    flat = torch.full((2, 1, 9, 9), 0.25)
+    torch.testing.assert_close(gaussian_smooth(flat, 1.5), flat)
+    spike = torch.zeros(1, 1, 9, 9)
+    spike[0, 0, 4, 4] = 1.0
+    smooth = gaussian_smooth(spike, 1.0)
+    assert smooth.shape == spike.shape and smooth.max() < 1.0
+    assert smooth.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_fraction_mean_spans_max_to_mean():
+    maps = torch.arange(100.0).view(1, 1, 10, 10)
+    assert top_fraction_mean(maps, 0.0).item() == 99.0
+    assert top_fraction_mean(maps, 0.1).item() == pytest.approx(94.5)
+    assert top_fraction_mean(maps, 1.0).item() == pytest.approx(49.5)
+
+
+def test_fit_rejects_tiles_of_another_size(small_tiles: np.ndarray):
+    detector = fast_detector("ae_l2", tile_size=64)
+    with pytest.raises(ValueError, match="tile_size=64"):
+        detector.fit(small_tiles, small_tiles)
+
+
+# -- ae_l2 really detects anomalies --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ae_l2_separates_planted_defects_from_normal_texture():
+    rng = np.random.default_rng(0)
+    size = 32
+    train, _ = texture_tiles(rng, 512, size)
+    val, _ = texture_tiles(rng, 64, size)
+    normal, _ = texture_tiles(rng, 60, size)
+    kinds = [texture_tiles(rng, 20, size, kind) for kind in ("dense", "scratch", "patch")]
+    anomalous = np.concatenate([tiles for tiles, _ in kinds])
+    masks = np.concatenate([mask for _, mask in kinds])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+
+    detector = create_detector(
+        "ae_l2", tile_size=size, base_channels=16, epochs=20, lr=3e-3, device="cpu"
+    )
+    untrained = detector.score(np.concatenate([normal, anomalous])).tile_score.numpy()
+    report = detector.fit(train, val)
+    assert report.val_loss[report.best_epoch - 1] < 0.5 * report.val_loss[0]
+
+    out = detector.score(np.concatenate([normal, anomalous]))
+    auroc = roc_auc_score(labels, out.tile_score.numpy())
+    # The map points at the defect, not just somewhere in the tile.
+    defect_maps = out.anomaly_map[len(normal) :, 0].numpy()
+    pixel_auroc = roc_auc_score(masks.ravel(), defect_maps.ravel())
+    print(
+        f"ae_l2 tile AUROC {auroc:.3f} (untrained {roc_auc_score(labels, untrained):.3f}), "
+        f"pixel AUROC {pixel_auroc:.3f}, {report.epochs} epochs in {report.seconds:.1f}s"
+    )
+    assert auroc >= 0.8
+    assert roc_auc_score(labels, untrained) < auroc - 0.1
+    assert pixel_auroc >= 0.8
+
+
+# -- the shared trainer --------------------------------------------------------------------
+
+
+def test_huge_learning_rate_raises_diverged_error(small_tiles: np.ndarray):
+    detector = fast_detector("ae_l2", lr=1e6, epochs=3)
+    before = {k: v.clone() for k, v in detector.model.state_dict().items()}
+    with pytest.raises(DivergedError, match="epoch 1") as info:
+        detector.fit(small_tiles[:32], small_tiles[32:])
+    assert info.value.report is not None and info.value.report.diverged
+    # Nothing good was learnt yet, so the weights from before the run are back.
+    for key, value in detector.model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_nan_input_raises_diverged_error(small_tiles: np.ndarray):
+    poisoned = small_tiles[:32].astype(np.float32) / 255
+    poisoned[3, 5, 5, 0] = np.nan
+    detector = fast_detector("ae_l2", epochs=2)
+    with pytest.raises(DivergedError, match=r"epoch 1, step \d+: training loss is nan"):
+        detector.fit(poisoned, small_tiles[32:])
+
+
+def test_divergence_keeps_best_weights_and_last_good_checkpoint(
+    small_tiles: np.ndarray, tmp_path: Path
+):
+    detector = fast_detector("ae_l2", epochs=5, patience=5)
+    kept = {}
+
+    def blow_up_after_epoch_2(epoch: int, train_loss: float, val_loss: float) -> None:
+        if epoch == 2:
+            kept.update({k: v.clone() for k, v in detector.model.state_dict().items()})
+            with torch.no_grad():
+                next(detector.model.parameters()).fill_(math.inf)
+
+    with pytest.raises(DivergedError, match="epoch 3") as info:
+        detector.fit(
+            small_tiles[:32],
+            small_tiles[32:],
+            on_epoch=blow_up_after_epoch_2,
+            checkpoint_dir=tmp_path,
+        )
+    checkpoint = tmp_path / "last.pt"
+    assert info.value.checkpoint == checkpoint and str(checkpoint) in str(info.value)
+    assert checkpoint.is_file()
+    assert all(torch.isfinite(p).all() for p in detector.model.parameters())
+    report = info.value.report
+    assert report.epochs == 2 and report.diverged
+    best = report.best_epoch
+    assert best in (1, 2)
+    if best == 2:
+        for key, value in detector.model.state_dict().items():
+            torch.testing.assert_close(value, kept[key])
+
+
+def test_early_stopping_when_val_loss_plateaus(small_tiles: np.ndarray):
+    # lr=0 freezes the weights, so validation loss cannot improve after epoch 1.
+    detector = fast_detector("ae_l2", lr=0.0, epochs=20, patience=2)
+    seen = []
+    report = detector.fit(
+        small_tiles[:32], small_tiles[32:], on_epoch=lambda e, t, v: seen.append(e)
+    )
+    assert report.stopped_early
+    assert report.epochs == 3 and seen == [1, 2, 3]
+    assert report.best_epoch == 1
+    assert len(report.train_loss) == len(report.val_loss) == 3
+
+
+def test_checkpoint_resume_continues_the_epoch_count(small_tiles: np.ndarray, tmp_path: Path):
+    train, val = small_tiles[:32], small_tiles[32:]
+    first = fast_detector("ae_l2", epochs=2, patience=10)
+    head = first.fit(train, val, checkpoint_dir=tmp_path)
+    assert head.epochs == 2 and (tmp_path / "last.pt").is_file()
+
+    resumed = fast_detector("ae_l2", epochs=4, patience=10)
+    seen = []
+    tail = resumed.fit(train, val, resume_from=tmp_path, on_epoch=lambda e, t, v: seen.append(e))
+    assert seen == [3, 4]
+    assert tail.epochs == 4 and len(tail.train_loss) == 4
+    assert tail.train_loss[:2] == head.train_loss
+
+    # Model, optimiser and data order all resume: the same as never stopping.
+    straight = fast_detector("ae_l2", epochs=4, patience=10).fit(train, val)
+    np.testing.assert_allclose(tail.train_loss, straight.train_loss, rtol=1e-5)
+    np.testing.assert_allclose(tail.val_loss, straight.val_loss, rtol=1e-5)
+
+
+def test_resume_from_an_empty_folder_says_so(small_tiles: np.ndarray, tmp_path: Path):
+    detector = fast_detector("ae_l2")
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        detector.fit(small_tiles[:32], small_tiles[32:], resume_from=tmp_path)
+
+
+def test_fit_report_records_device_and_time(small_tiles: np.ndarray):
+    report = fast_detector("ae_l2").fit(small_tiles[:32], small_tiles[32:])
+    assert report.device == "cpu" and report.seconds > 0 and not report.diverged
