@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def train_task(
     family: str, site: SiteConfig, slides_path: str, tile_paths: list[str], model_dir: str
 ) -> dict[str, Any]:
     """Fit one detector family on normal training tiles; save it; return its fit report."""
-    from tasks.detectors import create_detector
+    from tasks.detectors import create_detector, detector_class
 
     logger = get_run_logger()
     slides = pl.read_parquet(slides_path)
@@ -126,7 +126,10 @@ def train_task(
     if len(val) == 0:  # no held-out slide: validate on a slice of the training tiles
         val = train[: max(1, len(train) // 10)]
     logger.info("%s: training on %d tiles, validating on %d", family, len(train), len(val))
-    detector = create_detector(family, **site.detectors.get(family, {}))
+    overrides = dict(site.detectors.get(family, {}))
+    if "tile_size" in {f.name for f in fields(detector_class(family).config_cls)}:
+        overrides.setdefault("tile_size", site.tiling.tile_size)  # the site's tiles decide
+    detector = create_detector(family, **overrides)
     epochs_log: list[dict[str, float]] = []
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:

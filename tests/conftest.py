@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -36,5 +37,6 @@ def prefect_harness():
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    # Removed at exit, after Prefect's harness has cleaned up its own temporary folder.
     if exitstatus == 0 and not os.environ.get("VADFLOW_KEEP_TEST_STATE"):
-        shutil.rmtree(STATE, ignore_errors=True)
+        atexit.register(shutil.rmtree, STATE, ignore_errors=True)
