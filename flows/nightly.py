@@ -12,30 +12,46 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.ingest import ingest
 from tasks.prefect_tasks import (
-    discover_task,
     evaluate_task,
     export_task,
     finish_tracking_task,
-    register_task,
     score_task,
     start_tracking_task,
-    tile_task,
     track_task,
     train_task,
-    validate_task,
 )
 from tasks.site import SiteConfig, SiteLayout, load_site
 
 
+def resolve_site(site: SiteConfig | None, site_dir: str | None) -> SiteConfig:
+    """A deployment passes the validated site; the CLI passes a folder with its site.yaml."""
+    if site is not None:
+        return site
+    if site_dir is None:
+        raise ValueError("give either `site` (a site configuration) or `site_dir` (a folder)")
+    return load_site(site_dir)
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("VADFLOW_HOME", ".vadflow"))
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{(state_home() / 'mlflow' / 'mlflow.db').resolve()}"
+    )
+
+
 @flow(name="nightly", log_prints=True)
 def nightly(
-    site_dir: str,
+    site_dir: str | None = None,
+    site: SiteConfig | None = None,
     output_root: str | None = None,
     tracking_uri: str | None = None,
     families: list[str] | None = None,
@@ -43,41 +59,35 @@ def nightly(
 ) -> dict[str, Any]:
     """Retrain and evaluate every configured detector family on one site."""
     logger = get_run_logger()
-    home = Path(os.environ.get("VADFLOW_HOME", ".vadflow"))
-    site = load_site(site_dir)
+    site = resolve_site(site, site_dir)
     if families:
         site = site.model_copy(update={"families": families})
     if detector_overrides:
         site = site.model_copy(update={"detectors": {**site.detectors, **detector_overrides}})
-    layout = SiteLayout(output_root or home / "outputs", site.name)
-    tracking_uri = tracking_uri or f"sqlite:///{(home / 'mlflow' / 'mlflow.db').resolve()}"
+    layout = SiteLayout(output_root or state_home() / "outputs", site.name)
+    tracking_uri = tracking_uri or default_tracking_uri()
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
 
-    sources = discover_task(site)
-    slides_path = register_task(site, sources, layout)
-    slides = pl.read_parquet(slides_path)
-    usable = slides.filter(pl.col("status") == "ok").to_dicts()
-    tiling = tile_task.map(usable, site=unmapped(site), layout=unmapped(layout)).result()
-    tile_paths = [t.manifest for t in tiling]
-    validate_task(slides_path, tile_paths, layout)
-    tiled = {t.slide_id: t for t in tiling if t.tiles > 0}
-    to_score = [r for r in usable if r["slide_id"] in tiled and r["split"] in ("val", "test")]
+    data = ingest(site, layout)
+    to_score = data.scorable(("val", "test"))
 
     tags = _run_tags(site, version)
-    parent = start_tracking_task(tracking_uri, site, str(home / "mlflow" / "artifacts"), tags)
+    parent = start_tracking_task(
+        tracking_uri, site, str(state_home() / "mlflow" / "artifacts"), tags
+    )
     summary: dict[str, Any] = {"site": site.name, "version": version, "families": {}}
     for family in site.families:
         model_dir = layout.model_dir(family, version)
-        fit = train_task(family, site, slides_path, tile_paths, str(model_dir))
+        fit = train_task(family, site, data.slides_path, data.tile_paths, str(model_dir))
         scores = score_task.map(
             unmapped(str(model_dir)),
             to_score,
-            [tiled[r["slide_id"]].manifest for r in to_score],
+            [data.manifest_of(r["slide_id"]) for r in to_score],
             out_dir=unmapped(str(layout.heatmaps(f"{family}-{version}"))),
             heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
         ).result()
-        evaluation = evaluate_task(site, family, slides_path, scores, layout)
-        overlays = export_task(family, slides_path, scores, evaluation["threshold"], layout)
+        evaluation = evaluate_task(site, family, data.slides_path, scores, layout)
+        overlays = export_task(family, data.slides_path, scores, evaluation["threshold"], layout)
         run_id = track_task(tracking_uri, parent, site, fit, evaluation, overlays, tags)
         summary["families"][family] = {
             "metrics": evaluation["metrics"],
@@ -92,10 +102,8 @@ def nightly(
     )
     summary.update(
         outputs=str(layout.root),
-        quarantined=slides.filter(pl.col("status") == "quarantined")
-        .select("slide_id", "reason")
-        .to_dicts(),
-        no_tissue=[t.slide_id for t in tiling if t.status == "no_tissue"],
+        quarantined=data.quarantined,
+        no_tissue=data.no_tissue,
         tracking_uri=tracking_uri,
         parent_run_id=parent,
     )

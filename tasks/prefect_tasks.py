@@ -288,3 +288,33 @@ def finish_tracking_task(tracking_uri: str, parent_run_id: str, summary: dict[st
     for family, metrics in summary.items():
         log_metrics(client, parent_run_id, {f"{family}.{k}": v for k, v in metrics.items()})
     client.set_terminated(parent_run_id, "FINISHED")
+
+
+@task(name="resolve-model")
+def resolve_model_task(
+    model: str, site: str, family: str, tracking_uri: str, cache_root: str
+) -> str:
+    """A local detector folder for `model`: a folder, an MLflow model URI, or 'champion'."""
+    import mlflow.artifacts
+
+    if Path(model).is_dir():
+        return model
+    uri = f"models:/{site}-{family}@champion" if model == "champion" else model
+    if not uri.startswith(("models:/", "runs:/")):
+        raise ValueError(
+            f"model {model!r} is neither a folder nor an MLflow model URI "
+            "(models:/<name>@<alias>, models:/<name>/<version>, runs:/<run>/model)"
+        )
+    target = Path(cache_root) / "model-cache" / _safe_name(uri)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri
+    )
+    found = sorted(Path(local).rglob("config.json"))
+    detector_dirs = [p.parent for p in found if (p.parent / "weights.pt").exists()]
+    if not detector_dirs:
+        raise ValueError(f"{uri}: downloaded, but it holds no vadflow detector (config.json)")
+    return str(detector_dirs[0])
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
