@@ -72,8 +72,13 @@ def ensure_pool(site: SiteFile) -> dict:
         return pool.base_job_template
 
 
-def deploy_site(site: SiteFile, root: Path = REPO_ROOT) -> list[Deployed]:
-    """Register (or update) this site's deployments against the configured Prefect API."""
+def deploy_site(site: SiteFile, root: Path = REPO_ROOT, name: str | None = None) -> list[Deployed]:
+    """Register (or update) this site's deployments against the configured Prefect API.
+
+    `name` overrides the deployment name (default: the site's), e.g. for a one-off batch run
+    on another pool that must not replace the site's own deployment.
+    """
+    name = name or site.name
     template = ensure_pool(site)
     check_job_variables(site, template)
     out = []
@@ -81,7 +86,7 @@ def deploy_site(site: SiteFile, root: Path = REPO_ROOT) -> list[Deployed]:
         for job in site.jobs:
             deployment = RunnerDeployment.from_entrypoint(
                 ENTRYPOINTS[job],
-                name=site.name,
+                name=name,
                 schedules=[site.schedule.to_prefect()] if job == "nightly" else None,
                 parameters={"site": site.site_config().model_dump(mode="json")},
                 tags=deployment_tags(site, job),
@@ -92,9 +97,7 @@ def deploy_site(site: SiteFile, root: Path = REPO_ROOT) -> list[Deployed]:
                 job_variables=dict(site.work_pool.job_variables),
             )
             deployment_id = deployment.apply()
-            out.append(
-                Deployed(site.name, job, f"{deployment.flow_name}/{site.name}", deployment_id)
-            )
+            out.append(Deployed(site.name, job, f"{deployment.flow_name}/{name}", deployment_id))
     return out
 
 

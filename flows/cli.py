@@ -236,5 +236,100 @@ def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
     )
 
 
+sites_app = typer.Typer(help="Site files: deployments/sites/<site>.yaml, one per hospital or line.")
+app.add_typer(sites_app, name="sites")
+SitesOption = Annotated[
+    Path | None, typer.Option("--sites", help="folder of site files (default deployments/sites)")
+]
+
+
+@sites_app.command("check")
+def sites_check(sites: SitesOption = None) -> None:
+    """Validate every site file; exit 1 naming each bad file and field."""
+    from deployments.sites import SITES_DIR, check_site_files
+
+    good, errors = check_site_files(sites or SITES_DIR)
+    for site in good:
+        console.print(
+            f"[green]ok[/]    {site.name}: {site.domain}, {', '.join(site.families)}, "
+            f"'{site.schedule.cron}' {site.schedule.timezone}, pool {site.work_pool.name}"
+        )
+    for error in errors:
+        console.print(f"[red]error[/] {error}", soft_wrap=True)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    sites: SitesOption = None,
+    only: Annotated[list[str] | None, typer.Option("--site", help="deploy only these")] = None,
+    write_prefect_yaml: bool = typer.Option(
+        False, help="also write prefect.yaml (for `prefect deploy --all`) from the site files"
+    ),
+) -> None:
+    """Register one Prefect deployment per site and job kind against the configured API."""
+    import os
+
+    configure_state(None)
+    from deployments.sites import SITES_DIR, check_site_files
+
+    good, errors = check_site_files(sites or SITES_DIR)
+    if errors:
+        for error in errors:
+            console.print(f"[red]error[/] {error}", soft_wrap=True)
+        raise typer.Exit(1)
+    if write_prefect_yaml:
+        from deployments.deploy import REPO_ROOT
+        from deployments.prefect_yaml import write_prefect_yaml
+
+        console.print(f"wrote {write_prefect_yaml(good, REPO_ROOT / 'prefect.yaml')}")
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print(
+            "[yellow]PREFECT_API_URL is not set[/]: deploying into the local state folder; "
+            "runs need a server and a worker (`prefect server start`, `prefect worker start "
+            "--pool vadflow-process`) pointed at the same place"
+        )
+    from deployments.deploy import deploy_site
+
+    for site in good:
+        if only and site.name not in only:
+            continue
+        for deployed in deploy_site(site):
+            console.print(f"deployed {deployed.name} ({deployed.job}) id {deployed.deployment_id}")
+
+
+@app.command()
+def batch(
+    site: str = typer.Option(..., "--site", help="site name (deployments/sites/<site>.yaml)"),
+    pool: str = typer.Option(..., "--pool", help="work pool to run on, e.g. a GPU pool"),
+    model: str = typer.Option("champion", help="'champion', an MLflow model URI or a folder"),
+    family: str | None = typer.Option(None, help="detector family (default: the site's first)"),
+    sites: SitesOption = None,
+) -> None:
+    """Submit a one-off batch scoring run of a site on a work pool (e.g. cloud GPUs)."""
+    configure_state(None)
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import deploy_site
+    from deployments.sites import SITES_DIR, PoolSpec, load_site_file
+
+    site_file = load_site_file((sites or SITES_DIR) / f"{site}.yaml")
+    one_off = site_file.model_copy(
+        update={"jobs": ["batch-score"], "work_pool": PoolSpec(name=pool)}
+    )
+    deployed = deploy_site(one_off, name=f"{site}-on-{pool}")[0]
+    run = run_deployment(
+        deployed.name,
+        parameters={
+            "site": site_file.site_config().model_dump(mode="json"),
+            "model": model,
+            "family": family,
+        },
+        timeout=0,
+    )
+    console.print(f"submitted flow run {run.name} ({run.id}) of {deployed.name} on pool {pool}")
+
+
 if __name__ == "__main__":
     app()

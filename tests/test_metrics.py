@@ -7,14 +7,18 @@ import math
 import numpy as np
 import pytest
 
+from tasks.evaluation.camelyon import EvaluationMask
 from tasks.evaluation.froc import FP_RATES, froc, label_lesions, lesion_candidates
 from tasks.evaluation.metrics import (
     UndefinedMetricWarning,
     f1_max,
     image_auroc,
     pixel_auroc,
+    pixel_f1_max,
+    roc_points,
     threshold_at_fpr,
 )
+from tasks.evaluation.pro import area_to, mvtec_metrics, pro_curve, pro_score
 
 LABELS = [False, False, False, True, True]
 
@@ -164,3 +168,261 @@ def test_froc_without_lesions_is_nan() -> None:
     with pytest.warns(UserWarning, match="without lesions"):
         result = froc({"n": [(1.0, 1.0, 0.5)]}, {}, normal_slides=["n"])
     assert math.isnan(result.score)
+
+
+# ---------------------------------------------------------------- Camelyon16 FROC, exact
+
+
+def _itc_slide() -> EvaluationMask:
+    """Lesion 1 at level-0 [16, 48)^2 counts; lesion 2 at [80, 112)^2 is an ITC."""
+    labels = np.zeros((8, 8), dtype=np.int32)
+    labels[1:3, 1:3] = 1
+    labels[5:7, 5:7] = 2
+    return EvaluationMask(labels, 16.0, frozenset({2}))
+
+
+def test_froc_hits_on_itcs_are_neither_tp_nor_fp() -> None:
+    candidates = {
+        "tumor_1": [
+            (90.0, 90.0, 0.95),  # on the ITC: ignored, not even an operating point
+            (120.0, 10.0, 0.5),  # outside: FP
+            (20.0, 20.0, 0.6),  # lesion 1: TP
+        ],
+        "normal_1": [(10.0, 10.0, 0.7)],  # FP
+        # normal_2: no detections, still one of the three slides
+    }
+    result = froc(candidates, {"tumor_1": _itc_slide()}, ["normal_1", "normal_2"])
+    assert (result.n_lesions, result.n_itc, result.n_slides) == (1, 1, 3)
+    assert (result.n_ignored, result.n_false_positives) == (1, 2)
+    # Thresholds 0.7 -> (1/3 FP, sens 0); 0.6 -> (1/3, 1); 0.5 -> (2/3, 1).
+    assert list(result.thresholds) == [0.7, 0.6, 0.5]
+    assert list(result.sensitivity) == [0.0, 1.0, 1.0]
+    assert result.avg_fps == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    # Curve (0,0) (1/3,0) (1/3,1) (2/3,1): at 1/4 still 0, from 1/2 on 1.
+    assert result.sensitivities == (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    assert result.score == pytest.approx(5 / 6)
+
+    # The same labels without the ITC rule: the 0.95 hit is a detected second lesion.
+    plain = froc(candidates, {"tumor_1": (_itc_slide().labels, 16.0)}, ["normal_1", "normal_2"])
+    assert (plain.n_lesions, plain.n_itc, plain.n_ignored) == (2, 0, 0)
+    # (0,0) (0,.5) (1/3,.5) (1/3,1) (2/3,1): 0.5 at 1/4 FPs, 1 from 1/2 on.
+    assert plain.score == pytest.approx((0.5 + 5) / 6)
+
+
+def test_froc_only_itcs_is_nan() -> None:
+    labels = np.zeros((4, 4), np.int32)
+    labels[1, 1] = 1
+    with pytest.warns(UserWarning, match="only isolated tumour cells"):
+        result = froc({}, {"t": EvaluationMask(labels, 1.0, frozenset({1}))}, [])
+    assert math.isnan(result.score) and result.n_itc == 1
+
+
+def test_froc_duplicate_hits_keep_the_best_in_any_order() -> None:
+    candidates = {"tumor_1": [(40.0, 40.0, 0.3), (120.0, 10.0, 0.5), (20.0, 20.0, 0.9)]}
+    result = froc(candidates, {"tumor_1": _two_lesion_slide()}, [])
+    # A's best hit is 0.9 (listed last); the 0.3 hit is ignored: thresholds 0.9 and 0.5 only.
+    assert list(result.thresholds) == [0.9, 0.5]
+    assert list(result.sensitivity) == [0.5, 0.5]
+    assert result.n_ignored == 1 and result.n_false_positives == 1
+    assert result.sensitivities == (0.5,) * 6
+
+
+def test_froc_empty_slides_count_and_miss() -> None:
+    one_lesion = np.zeros((8, 8), np.int32)
+    one_lesion[4:6, 4:6] = 1
+    masks = {"tumor_1": _two_lesion_slide(), "tumor_2": (one_lesion, 16.0)}
+    result = froc({"tumor_1": [(20.0, 20.0, 0.9)]}, masks, ["normal_1"])
+    # 3 lesions on 3 slides; tumor_2 and normal_1 have no detections at all.
+    assert (result.n_lesions, result.n_slides) == (3, 3)
+    assert result.sensitivities == pytest.approx((1 / 3,) * 6)
+    # No detections anywhere: only the (0, 0) point, sensitivity 0 everywhere.
+    nothing = froc({}, masks, ["normal_1"])
+    assert nothing.thresholds.size == 0 and nothing.score == 0.0
+
+
+def test_froc_ties_form_one_operating_point_and_interpolate() -> None:
+    candidates = {
+        "tumor_1": [(20.0, 20.0, 0.8), (120.0, 10.0, 0.8), (90.0, 90.0, 0.4)],
+        "normal_1": [(5.0, 5.0, 0.4)],
+    }
+    masks = {"tumor_1": _two_lesion_slide()}
+    result = froc(candidates, masks, ["normal_1"])
+    # A TP and an FP share 0.8: one point (1/2 FP, 1/2); then 0.4: (1, 1).
+    assert list(result.thresholds) == [0.8, 0.4]
+    assert list(result.avg_fps) == [0.5, 1.0] and list(result.sensitivity) == [0.5, 1.0]
+    # Linear reading along (0,0) (1/2,1/2) (1,1): 1/4 FPs -> 1/4.
+    assert result.sensitivities == pytest.approx((0.25, 0.5, 1, 1, 1, 1))
+    assert result.score == pytest.approx(4.75 / 6)
+    step = froc(candidates, masks, ["normal_1"], interpolation="step")
+    assert step.sensitivities == (0.0, 0.5, 1.0, 1.0, 1.0, 1.0)
+    xs, ys = result.curve()
+    assert list(xs) == [0.0, 0.5, 1.0] and list(ys) == [0.0, 0.5, 1.0]
+
+
+def _official_froc_score(slides: list[tuple[bool, np.ndarray, list[int], list, float]]) -> float:
+    """A line-by-line port of Camelyon16 Evaluation_FROC.py (compute_FP_TP_Probs, computeFROC)."""
+    all_fps, all_tps, n_tumours = [], [], []
+    for is_tumor, mask, itcs, cands, ds in slides:
+        max_label = int(mask.max())
+        fp_probs, tp_probs = [], np.zeros((max_label,), dtype=np.float64)
+        for x, y, p in cands:
+            if not is_tumor:
+                fp_probs.append(p)
+                continue
+            hit = int(mask[int(y // ds), int(x // ds)])
+            if hit == 0:
+                fp_probs.append(p)
+            elif hit not in itcs and p > tp_probs[hit - 1]:
+                tp_probs[hit - 1] = p
+        all_fps += fp_probs
+        all_tps += list(tp_probs)
+        n_tumours.append(max_label - len(itcs))
+    all_probs = sorted(set(all_fps + all_tps))
+    total_fps, total_tps = [], []
+    for thresh in all_probs[1:]:
+        total_fps.append((np.asarray(all_fps) >= thresh).sum())
+        total_tps.append((np.asarray(all_tps) >= thresh).sum())
+    total_fps.append(0)
+    total_tps.append(0)
+    fps = np.asarray(total_fps) / float(len(slides))
+    sens = np.asarray(total_tps) / float(sum(n_tumours))
+    return float(np.mean(np.interp([0.25, 0.5, 1, 2, 4, 8], fps[::-1], sens[::-1])))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_froc_matches_the_official_script(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ds = 8.0
+    slides, candidates, masks, normals = [], {}, {}, []
+    for index in range(int(rng.integers(2, 6))):
+        name = f"s{index}"
+        is_tumour = index == 0 or rng.random() < 0.5
+        labels = label_lesions(rng.random((12, 12)) < 0.15) if is_tumour else np.zeros((12, 12))
+        n = int(labels.max())
+        itcs = [i for i in range(1, n + 1) if rng.random() < 0.3]
+        # Probabilities on a coarse grid, so ties between TPs and FPs happen.
+        cands = [
+            (float(rng.uniform(0, 96)), float(rng.uniform(0, 96)), float(rng.integers(1, 20)) / 20)
+            for _ in range(int(rng.integers(0, 15)))
+        ]
+        slides.append((is_tumour, labels, itcs, cands, ds))
+        candidates[name] = cands
+        if is_tumour:
+            masks[name] = EvaluationMask(labels.astype(np.int32), ds, frozenset(itcs))
+        else:
+            normals.append(name)
+    # A tumour slide with one lesion and no detections: a missed lesion, as the official
+    # script needs for its all_probs[1:] to drop only the placeholder 0.
+    missed = np.zeros((12, 12), np.int32)
+    missed[3:6, 3:6] = 1
+    slides.append((True, missed, [], [], ds))
+    masks["missed"] = EvaluationMask(missed, ds)
+    result = froc(candidates, masks, normals)
+    assert result.score == pytest.approx(_official_froc_score(slides), abs=1e-12)
+
+
+# ---------------------------------------------------------------- pixel metrics, PRO
+
+
+def test_pixel_f1_max_and_roc_points() -> None:
+    mask = np.array([[1, 0], [0, 0]], dtype=bool)
+    amap = np.array([[0.9, 0.1], [0.2, 0.95]])
+    # Pooled: 0.95 (neg) 0.9 (pos): best F1 at 0.9 with P=1/2, R=1 -> 2/3.
+    assert pixel_f1_max([mask], [amap]) == (pytest.approx(2 / 3), 0.9)
+    assert pixel_f1_max([mask], [amap], [np.array([[1, 1], [1, 0]], bool)])[0] == 1.0
+    fpr, tpr = roc_points([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert fpr[0] == 0 and tpr[-1] == 1 and fpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]))
+
+
+def _pro_row(r1_second: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """One row: region R1 = px 0-1, region R2 = px 3, ten normal pixels."""
+    mask = np.array([[1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=bool)
+    scores = [0.9, r1_second, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.15, 0.12, 0.11, 0.05, 0.01]
+    return mask, np.array([scores])
+
+
+def test_pro_hand_computed() -> None:
+    mask, amap = _pro_row()
+    # t=.9: PRO (1/2 + 0)/2 = .25, FPR 0; .8: FPR .1; .7: PRO .75; .6: FPR .2; .5: PRO 1;
+    # .4: FPR .3. Area to .3 = .25*.1 + .75*.1 + 1*.1 = .2, normalised 2/3.
+    assert pro_score([mask], [amap]) == pytest.approx(0.2 / 0.3)
+    curve = pro_curve([mask], [amap], max_fpr=None)
+    assert curve.fpr[:7] == pytest.approx([0, 0, 0.1, 0.1, 0.2, 0.2, 0.3])
+    assert curve.pro[:7] == pytest.approx([0, 0.25, 0.25, 0.75, 0.75, 1, 1])
+    assert (curve.fpr[-1], curve.pro[-1]) == (1.0, 1.0)
+    assert (curve.n_regions, curve.n_normal_pixels) == (2, 10)
+    # The cut curve stops at the first point past 0.3 and integrates the same.
+    cut = pro_curve([mask], [amap], max_fpr=0.25)
+    assert cut.fpr[-1] == pytest.approx(0.3) and cut.fpr.size == 7
+    # To 0.25: .025 + .075 + 1 * .05 = .15.
+    assert pro_score([mask], [amap], max_fpr=0.25) == pytest.approx(0.15 / 0.25)
+
+
+def test_pro_ties_merge_into_one_point() -> None:
+    mask, amap = _pro_row(r1_second=0.6)  # R1's second pixel ties with a normal pixel at .6
+    # (.1, .75) -> (.2, 1) in one step: .025 + (.75 + 1) / 2 * .1 + .1 = .2125.
+    assert pro_score([mask], [amap]) == pytest.approx(0.2125 / 0.3)
+
+
+def test_pro_perfect_inverted_and_split_over_images() -> None:
+    mask, amap = _pro_row()
+    assert pro_score([mask], [mask.astype(float)]) == 1.0
+    assert pro_score([mask], [1.0 - mask]) == 0.0
+    # The same pixels split over two images pool to the same number.
+    assert pro_score([mask[:, :4], mask[:, 4:]], [amap[:, :4], amap[:, 4:]]) == pytest.approx(
+        0.2 / 0.3
+    )
+
+
+def test_pro_undefined_is_nan() -> None:
+    with pytest.warns(UndefinedMetricWarning, match="no anomalous region"):
+        assert math.isnan(pro_score([np.zeros((2, 2), bool)], [np.zeros((2, 2))]))
+    with pytest.warns(UndefinedMetricWarning, match="no normal pixel"):
+        assert math.isnan(pro_score([np.ones((2, 2), bool)], [np.zeros((2, 2))]))
+
+
+def _brute_pro(masks, maps, valid, max_fpr: float) -> float:
+    """Every threshold by hand: mean per-region overlap and pooled FPR, then the area."""
+    regions, ok_scores, all_scores = [], [], []
+    for i, (mask, amap) in enumerate(zip(masks, maps, strict=True)):
+        keep = valid[i] if valid is not None else np.ones(mask.shape, bool)
+        labelled = label_lesions(mask)
+        for r in range(1, labelled.max() + 1):
+            if (sel := (labelled == r) & keep).any():
+                regions.append(amap[sel])
+        ok_scores.append(amap[(labelled == 0) & keep])
+        all_scores.append(amap[keep])
+    ok = np.concatenate(ok_scores)
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(np.concatenate(all_scores))[::-1]:
+        xs.append(float(np.mean(ok >= t)))
+        ys.append(float(np.mean([np.mean(r >= t) for r in regions])))
+    return area_to(np.array([*xs, 1.0]), np.array([*ys, 1.0]), max_fpr) / max_fpr
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_fpr", [0.3, 0.05, 1.0])
+def test_pro_matches_brute_force(seed: int, max_fpr: float) -> None:
+    rng = np.random.default_rng(seed)
+    masks = [rng.random((9, 11)) < 0.2 for _ in range(3)]
+    # Scores on a coarse grid (ties), higher inside defects on average.
+    maps = [np.round(rng.random(m.shape) + 0.5 * m, 1) for m in masks]
+    valid = [rng.random(m.shape) < 0.9 for m in masks] if seed % 2 else None
+    expected = _brute_pro(masks, maps, valid, max_fpr)
+    assert pro_score(masks, maps, valid, max_fpr) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mvtec_metrics_set() -> None:
+    good = np.zeros((4, 4), bool)
+    bad = good.copy()
+    bad[1:3, 1:3] = True
+    maps = [np.full((4, 4), 0.1), np.where(bad, 0.9, 0.2)]
+    metrics = mvtec_metrics([good, bad], maps)
+    assert metrics == {
+        "image_auroc": 1.0,
+        "image_f1_max": 1.0,
+        "pixel_auroc": 1.0,
+        "pixel_f1_max": 1.0,
+        "pro": 1.0,
+    }

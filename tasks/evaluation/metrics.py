@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -59,18 +59,16 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(roc_auc_score(y, s))
 
 
-def pixel_auroc(
+def pool_pixels(
     masks: Sequence[np.ndarray],
     maps: Sequence[np.ndarray],
     valid: Sequence[np.ndarray] | None = None,
-) -> float:
-    """Pixel-level AUROC, pooling pixels over all images.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel labels and scores of all images, flattened and concatenated: (labels, scores).
 
-    Definition: ROC AUC of the anomaly-map values against the ground-truth mask, over the union
-    of all images' pixels (not a mean of per-image AUROCs, so large images weigh more). Where
-    ``valid`` is given, only pixels with valid True count (e.g. tissue, so glass background
-    does not inflate the score). Per image, mask, map and valid must have the same shape;
-    a mismatch raises ValueError naming the image index. NaN with a warning for one class.
+    Where ``valid`` is given, only pixels with valid True are kept. Per image, mask, map and
+    valid must have the same shape; a mismatch raises ValueError naming the image index.
+    Non-finite scores among the kept pixels raise ValueError.
     """
     if len(masks) != len(maps):
         raise ValueError(f"got {len(masks)} masks but {len(maps)} anomaly maps")
@@ -96,14 +94,60 @@ def pixel_auroc(
         ys.append(mask.astype(bool)[keep] if keep is not None else mask.astype(bool).ravel())
         ss.append(amap[keep] if keep is not None else amap.ravel())
     if not ys:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float64)
+    return _labels_and_scores(np.concatenate(ys), np.concatenate(ss))
+
+
+def pixel_auroc(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    valid: Sequence[np.ndarray] | None = None,
+) -> float:
+    """Pixel-level AUROC, pooling pixels over all images.
+
+    Definition (MVTec AD): ROC AUC of the anomaly-map values against the ground-truth mask,
+    over the union of all images' pixels (not a mean of per-image AUROCs, so large images weigh
+    more). Where ``valid`` is given, only pixels with valid True count (e.g. tissue, so glass
+    background does not inflate the score). Per image, mask, map and valid must have the same
+    shape; a mismatch raises ValueError naming the image index. NaN with a warning for one
+    class.
+    """
+    y, s = pool_pixels(masks, maps, valid)
+    if y.size == 0:
         warnings.warn(
             "pixel AUROC of no images; reporting NaN", UndefinedMetricWarning, stacklevel=2
         )
         return float("nan")
-    y, s = _labels_and_scores(np.concatenate(ys), np.concatenate(ss))
     if _one_class(y, "pixel AUROC"):
         return float("nan")
     return float(roc_auc_score(y, s))
+
+
+def pixel_f1_max(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    valid: Sequence[np.ndarray] | None = None,
+) -> tuple[float, float]:
+    """Pixel-level F1-max over pooled pixels (``f1_max`` on ``pool_pixels``): (F1, threshold)."""
+    y, s = pool_pixels(masks, maps, valid)
+    if y.size == 0:
+        warnings.warn("F1-max of no images; reporting NaN", UndefinedMetricWarning, stacklevel=2)
+        return float("nan"), float("nan")
+    return f1_max(y, s)
+
+
+def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve as (false-positive rate, true-positive rate), from (0, 0) to (1, 1).
+
+    One point per distinct score (sklearn's ``roc_curve`` without dropping collinear points),
+    for plotting; its trapezoid area is ``image_auroc``. Empty arrays, with a warning, for
+    one class.
+    """
+    y, s = _labels_and_scores(labels, scores)
+    if _one_class(y, "ROC curve"):
+        return np.zeros(0), np.zeros(0)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr
 
 
 def f1_max(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:

@@ -1,0 +1,122 @@
+"""A per-run HTML report: one self-contained file with the metrics, the plots and the slides.
+
+Images are embedded as base64 PNG (``data:`` URIs), shrunk to a readable size first, so the
+file can be mailed, attached to an MLflow run or opened offline with nothing beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from PIL import Image
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; }
+img { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def _cell(value: Any) -> tuple[str, bool]:
+    """HTML text of a table value, and whether it is a number (right-aligned)."""
+    if value is None:
+        return "", False
+    if isinstance(value, bool):
+        return str(value).lower(), False
+    if isinstance(value, int):
+        return str(value), True
+    if isinstance(value, float):
+        return ("n/a" if math.isnan(value) else f"{value:.4g}"), True
+    return html.escape(str(value)), False
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            text, numeric = _cell(row.get(column))
+            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def png_data_uri(path: str | Path, max_edge_px: int = 800) -> str:
+    """A ``data:image/png;base64,...`` URI of an image file, shrunk to ``max_edge_px``."""
+    with Image.open(path) as image:
+        image = image.convert("RGBA") if image.mode not in ("RGB", "RGBA") else image.copy()
+    image.thumbnail((max_edge_px, max_edge_px))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figures(images: Mapping[str, str | Path], max_edge_px: int) -> str:
+    out = []
+    for caption, path in images.items():
+        uri = png_data_uri(path, max_edge_px)
+        alt = html.escape(caption, quote=True)
+        out.append(
+            f'<figure><img src="{uri}" alt="{alt}"><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>"
+        )
+    return "\n".join(out)
+
+
+def write_html_report(
+    out_html: str | Path,
+    title: str,
+    slides: pl.DataFrame | Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, float],
+    plots: Mapping[str, str | Path] | None = None,
+    overlays: Mapping[str, str | Path] | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write the run report: metrics table, plots, the table of slides, then slide overlays.
+
+    ``slides`` is the per-slide table (a DataFrame or rows), shown as is; ``plots`` and
+    ``overlays`` map a caption (e.g. "ROC", a slide id) to a PNG file, embedded inline.
+    ``notes`` are short paragraphs (where the outputs are, which threshold was used).
+    """
+    rows = slides.to_dicts() if isinstance(slides, pl.DataFrame) else [dict(r) for r in slides]
+    columns: list[str] = (
+        list(slides.columns)
+        if isinstance(slides, pl.DataFrame)
+        else list(dict.fromkeys(k for r in rows for k in r))
+    )
+    metric_rows = [{"metric": k, "value": v} for k, v in metrics.items()]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Generated {stamp}.</p>",
+        *(f"<p>{html.escape(n)}</p>" for n in notes),
+        '<h2 id="metrics">Metrics</h2>',
+        _table(metric_rows, ["metric", "value"]),
+    ]
+    if plots:
+        parts += ['<h2 id="plots">Curves</h2>', _figures(plots, 800)]
+    parts += [f'<h2 id="slides">Slides ({len(rows)})</h2>', _table(rows, columns)]
+    if overlays:
+        parts += ['<h2 id="overlays">Heatmap overlays</h2>', _figures(overlays, 512)]
+    parts.append("</body></html>")
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out

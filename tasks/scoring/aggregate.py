@@ -1,0 +1,373 @@
+"""From a slide heatmap to slide-level evidence: features, a random-forest score, lesion points.
+
+Three readings of one heatmap, as in the Camelyon16 winners' pipeline (Wang et al. 2016,
+"Deep Learning for Identifying Metastatic Breast Cancer"):
+
+- ``slide_features``: geometric and intensity features of the regions above thresholds;
+- ``cross_validated_forest``: a random forest on those features, trained by stratified
+  cross-validation so every labelled slide gets an out-of-fold probability (an honest score to
+  evaluate), plus a forest fitted on all labelled slides for new ones;
+- ``lesion_candidates``: local maxima as (x, y, p) in level-0 pixels, the Camelyon16 lesion
+  submission format; ``heatmap_regions``: outlines of the regions above a threshold.
+
+The slide score "max of the heatmap" (Liu et al. 2017) is ``heatmap_max``.
+Heatmap convention (``tasks.scoring.heatmap``): pixel (row, col) covers level-0
+[col*ds, (col+1)*ds) x [row*ds, (row+1)*ds); NaN where no tile was scored (background).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+from numpy.typing import ArrayLike
+from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours, regionprops
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import StratifiedKFold
+
+Candidate = tuple[float, float, float]  # (x, y, p): level-0 px, probability
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.9)  # Wang et al.: 0.5 and 0.9 of probability
+
+
+def heatmap_max(heatmap: np.ndarray) -> float:
+    """Slide score = the largest finite heatmap value (Liu et al. 2017); NaN if none is finite."""
+    hm = np.asarray(heatmap, dtype=np.float64)
+    finite = hm[np.isfinite(hm)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
+def normalise_heatmap(heatmap: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Map ``value_range`` (low, high) linearly to [0, 1], clipping outside; NaN stays NaN.
+
+    Use one range for every slide of a run (e.g. from held-out normal slides), never per slide:
+    a per-slide range would stretch every normal slide's own maximum to 1.
+    """
+    low, high = float(value_range[0]), float(value_range[1])
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"value_range must be finite with high > low, got {value_range}")
+    hm = np.asarray(heatmap, dtype=np.float64)
+    return np.clip((hm - low) / (high - low), 0.0, 1.0)
+
+
+def _suffix(threshold: float) -> str:
+    return f"t{threshold:g}".replace("-", "m")
+
+
+def slide_features(
+    heatmap: np.ndarray,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    value_range: tuple[float, float] | None = None,
+    tissue: np.ndarray | None = None,
+    pixel_area: float = 1.0,
+) -> dict[str, float]:
+    """Wang et al. (2016) slide features of one heatmap, every value finite.
+
+    With ``value_range`` the heatmap is first normalised to [0, 1] (``normalise_heatmap``) and
+    ``thresholds`` are fractions of that range (0.5 = half way); without it, thresholds are
+    absolute heatmap values. Tissue is ``tissue`` where given, else every finite heatmap pixel.
+    A pixel is "above" a threshold when its value is strictly greater. Per threshold t
+    (suffix ``_t0.5``): ``area`` (pixels above, times ``pixel_area``, e.g. um^2 per heatmap
+    pixel), ``tissue_fraction`` (area above / tissue area), ``n_regions`` (8-connected),
+    and of the largest region: ``largest_area``, ``largest_major_axis`` (regionprops, in
+    heatmap pixels times sqrt(pixel_area)), ``largest_eccentricity``, ``largest_extent``
+    (area / bounding-box area), ``largest_mean`` and ``largest_max`` (values inside it).
+    Regardless of t: ``max``, ``mean`` and ``q99`` over tissue. Without regions the
+    region features are 0, so a forest can use the rows as they are.
+    """
+    hm = np.asarray(heatmap, dtype=np.float64)
+    if hm.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
+    values = normalise_heatmap(hm, value_range) if value_range is not None else hm
+    finite = np.isfinite(values)
+    if tissue is None:
+        tissue_mask = finite
+    else:
+        tissue_mask = np.asarray(tissue).astype(bool)
+        if tissue_mask.shape != hm.shape:
+            raise ValueError(f"tissue mask shape {tissue_mask.shape} != heatmap {hm.shape}")
+        tissue_mask = tissue_mask & finite
+    n_tissue = int(tissue_mask.sum())
+    inside = values[tissue_mask]
+    out: dict[str, float] = {
+        "max": float(inside.max()) if inside.size else 0.0,
+        "mean": float(inside.mean()) if inside.size else 0.0,
+        "q99": float(np.quantile(inside, 0.99)) if inside.size else 0.0,
+    }
+    filled = np.where(tissue_mask, values, -np.inf)
+    for t in thresholds:
+        above = filled > t
+        labelled, n_regions = ndimage.label(above, structure=_EIGHT)
+        sfx = _suffix(float(t))
+        area = int(above.sum())
+        out[f"area_{sfx}"] = float(area) * pixel_area
+        out[f"tissue_fraction_{sfx}"] = area / n_tissue if n_tissue else 0.0
+        out[f"n_regions_{sfx}"] = float(n_regions)
+        largest = {"area": 0.0, "major_axis": 0.0, "eccentricity": 0.0, "extent": 0.0}
+        largest |= {"mean": 0.0, "max": 0.0}
+        if n_regions:
+            # Largest by area; ties go to the lowest label (first in raster order).
+            sizes = np.bincount(labelled.ravel(), minlength=n_regions + 1)
+            sizes[0] = 0
+            big_label = int(np.argmax(sizes))
+            box = ndimage.find_objects(labelled, max_label=big_label)[big_label - 1]
+            (big,) = regionprops(
+                (labelled[box] == big_label).astype(np.int32), intensity_image=values[box]
+            )
+            largest = {
+                "area": float(big.area) * pixel_area,
+                "major_axis": float(big.axis_major_length) * math.sqrt(pixel_area),
+                "eccentricity": float(big.eccentricity),
+                "extent": float(big.extent),
+                "mean": float(big.intensity_mean),
+                "max": float(big.intensity_max),
+            }
+        out |= {f"largest_{k}_{sfx}": v for k, v in largest.items()}
+    return out
+
+
+def feature_table(
+    heatmaps: Mapping[str, np.ndarray],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    value_range: tuple[float, float] | None = None,
+    pixel_area: float = 1.0,
+) -> pl.DataFrame:
+    """One row of ``slide_features`` per slide, with a leading ``slide_id`` column, by slide id."""
+    rows = [
+        {
+            "slide_id": slide_id,
+            **slide_features(
+                heatmaps[slide_id], thresholds, value_range=value_range, pixel_area=pixel_area
+            ),
+        }
+        for slide_id in sorted(heatmaps)
+    ]
+    if not rows:
+        return pl.DataFrame(schema={"slide_id": pl.String})
+    return pl.DataFrame(rows)
+
+
+def _matrix(features: pl.DataFrame, names: Sequence[str] | None = None) -> np.ndarray:
+    names = list(names) if names is not None else _feature_names(features)
+    missing = sorted(set(names) - set(features.columns))
+    if missing:
+        raise ValueError(f"feature table lacks columns {missing}; build it with feature_table")
+    x = features.select(names).to_numpy().astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        bad = [n for n, ok in zip(names, np.isfinite(x).all(axis=0), strict=True) if not ok]
+        raise ValueError(f"feature columns {bad} have non-finite values")
+    return x
+
+
+def _feature_names(features: pl.DataFrame) -> list[str]:
+    return [c for c in features.columns if c != "slide_id"]
+
+
+@dataclass(frozen=True, eq=False)
+class SlideForest:
+    """A random-forest slide classifier and its honest (out-of-fold) probabilities.
+
+    ``oof_probability[i]`` is P(tumour) for ``slide_ids[i]`` from the forest of the one fold
+    that did not see that slide; ``model`` is refitted on all labelled slides for new slides.
+    """
+
+    slide_ids: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    oof_probability: np.ndarray
+    n_splits: int
+    model: RandomForestClassifier
+
+    def predict(self, features: pl.DataFrame) -> np.ndarray:
+        """P(tumour) for slides the forest has not seen (rows of a ``feature_table``)."""
+        proba = self.model.predict_proba(_matrix(features, self.feature_names))
+        return proba[:, list(self.model.classes_).index(True)]
+
+
+def _forest(seed: int, n_estimators: int) -> RandomForestClassifier:
+    return RandomForestClassifier(
+        n_estimators=n_estimators,
+        min_samples_leaf=1,
+        class_weight="balanced",  # tumour slides are the minority in Camelyon16 (111 of 270)
+        random_state=seed,
+        n_jobs=1,
+    )
+
+
+def cross_validated_forest(
+    features: pl.DataFrame,
+    labels: Mapping[str, bool] | ArrayLike,
+    *,
+    n_splits: int = 5,
+    seed: int = 0,
+    n_estimators: int = 300,
+) -> SlideForest:
+    """Random forest on slide features, scored by stratified k-fold cross-validation.
+
+    ``features`` is a ``feature_table``; ``labels`` maps slide_id -> tumour (True) or is an
+    array in the table's row order. Folds are ``StratifiedKFold(shuffle=True,
+    random_state=seed)``, reduced to the smaller class's count when it has fewer slides than
+    ``n_splits``; forests use ``random_state=seed``, so results are reproducible. Needs at
+    least two slides of each class (ValueError otherwise, naming the counts).
+    """
+    if "slide_id" not in features.columns:
+        raise ValueError("feature table needs a slide_id column; build it with feature_table")
+    slide_ids = features["slide_id"].to_list()
+    if isinstance(labels, Mapping):
+        missing = [s for s in slide_ids if s not in labels]
+        if missing:
+            raise ValueError(f"no label for slides {missing[:5]} ({len(missing)} in all)")
+        y = np.array([bool(labels[s]) for s in slide_ids])
+    else:
+        y = np.asarray(labels).astype(bool).ravel()
+        if y.size != len(slide_ids):
+            raise ValueError(f"{y.size} labels for {len(slide_ids)} slides")
+    names = _feature_names(features)
+    x = _matrix(features, names)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    folds = min(n_splits, n_pos, n_neg)
+    if folds < 2:
+        raise ValueError(
+            f"cross-validation needs >= 2 slides of each class; got {n_pos} tumour and "
+            f"{n_neg} normal. Score slides with heatmap_max instead."
+        )
+    if folds < n_splits:
+        warnings.warn(
+            f"only {min(n_pos, n_neg)} slides in the smaller class: {folds}-fold instead of "
+            f"{n_splits}-fold cross-validation",
+            UserWarning,
+            stacklevel=2,
+        )
+    oof = np.full(y.size, np.nan)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, test in splitter.split(x, y):
+        forest = _forest(seed, n_estimators).fit(x[train], y[train])
+        oof[test] = forest.predict_proba(x[test])[:, list(forest.classes_).index(True)]
+    model = _forest(seed, n_estimators).fit(x, y)
+    return SlideForest(tuple(slide_ids), tuple(names), oof, folds, model)
+
+
+def lesion_candidates(
+    heatmap: np.ndarray, downsample: float, threshold: float, min_distance: int = 2
+) -> list[Candidate]:
+    """Lesion candidates (x, y, p) from a slide heatmap, strongest first.
+
+    A candidate is a local maximum of the heatmap above ``threshold`` (strictly greater), where
+    "local" means the largest value within ``min_distance`` heatmap pixels (Chebyshev). A flat
+    plateau gives one candidate at its centre, and every 8-connected region above threshold
+    gives at least its own maximum even when a stronger neighbouring region suppresses it.
+    Candidates closer than ``min_distance`` to a stronger one are dropped. Heatmap pixel
+    (row, col) covers level-0 [col*ds, (col+1)*ds) x [row*ds, (row+1)*ds), so candidates are
+    reported at pixel centres: x = (col + 0.5) * ds, y = (row + 0.5) * ds.
+    """
+    hm = np.asarray(heatmap, dtype=np.float64)
+    if hm.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
+    if downsample <= 0:
+        raise ValueError(f"downsample must be positive, got {downsample}")
+    if min_distance < 1:
+        raise ValueError(f"min_distance must be >= 1, got {min_distance}")
+    above = np.isfinite(hm) & (hm > threshold)
+    if not above.any():
+        return []
+    masked = np.where(above, hm, -np.inf)
+    window = 2 * min_distance + 1
+    peaks = above & (
+        masked == ndimage.maximum_filter(masked, size=window, mode="constant", cval=-np.inf)
+    )
+
+    points: list[tuple[float, float, float]] = []  # (row, col, p)
+    # Plateaus: one point per 8-connected group of equal maxima, at its centre of mass.
+    plateau, n_plateau = ndimage.label(peaks, structure=_EIGHT)
+    if n_plateau:
+        idx = np.arange(1, n_plateau + 1)
+        centres = ndimage.center_of_mass(peaks, plateau, idx)
+        values = ndimage.maximum(masked, plateau, idx)
+        points += [(r, c, float(v)) for (r, c), v in zip(centres, values, strict=True)]
+    # Regions above threshold with no surviving peak still get their own maximum.
+    regions, n_regions = ndimage.label(above, structure=_EIGHT)
+    has_peak = np.zeros(n_regions + 1, dtype=bool)
+    has_peak[np.unique(regions[peaks])] = True
+    for region in np.flatnonzero(~has_peak[1:]) + 1:
+        r, c = ndimage.maximum_position(masked, regions, region)
+        points.append((float(r), float(c), float(hm[r, c])))
+
+    # Greedy suppression, strongest first, so equal peaks a pixel or two apart count once.
+    points.sort(key=lambda t: -t[2])
+    kept: list[tuple[float, float, float]] = []
+    for r, c, p in points:
+        if all(max(abs(r - kr), abs(c - kc)) >= min_distance for kr, kc, _ in kept):
+            kept.append((r, c, p))
+    return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """One 8-connected heatmap region above a threshold, outlined in level-0 pixels.
+
+    ``outline`` and each of ``holes`` are closed (K, 2) rings of (x, y), first point = last.
+    ``area`` is in level-0 square pixels (heatmap pixels times downsample squared).
+    """
+
+    label: int
+    outline: np.ndarray
+    holes: tuple[np.ndarray, ...]
+    area: float
+    max_probability: float
+    mean_probability: float
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) -> list[Region]:
+    """Outlines of the 8-connected regions of the heatmap strictly above ``threshold``.
+
+    Each outline runs half way between pixel centres (marching squares at 0.5 on the region's
+    own mask, diagonal neighbours joined), so a heatmap pixel is inside the polygon exactly
+    when it belongs to the region: rasterising the outlines at the same downsample, pixel
+    centres tested, gives the region back. Collinear vertices are dropped. Coordinates are
+    level-0: heatmap (row, col) maps to x = (col + 0.5) * ds, y = (row + 0.5) * ds, as for
+    ``lesion_candidates``. Strongest region (by max value) first.
+    """
+    hm = np.asarray(heatmap, dtype=np.float64)
+    if hm.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
+    if downsample <= 0:
+        raise ValueError(f"downsample must be positive, got {downsample}")
+    above = np.isfinite(hm) & (hm > threshold)
+    labelled, n = ndimage.label(above, structure=_EIGHT)
+    regions: list[Region] = []
+    for index, box in enumerate(ndimage.find_objects(labelled), start=1):
+        own = np.pad(labelled[box] == index, 1).astype(np.float64)  # closed contours
+        rings = []
+        for contour in find_contours(own, 0.5, fully_connected="high"):
+            contour = approximate_polygon(contour, tolerance=0)  # (K, 2) row, col
+            rows = contour[:, 0] - 1 + box[0].start
+            cols = contour[:, 1] - 1 + box[1].start
+            rings.append(np.column_stack([(cols + 0.5) * downsample, (rows + 0.5) * downsample]))
+        # The outer boundary encloses the most area; every other ring is a hole.
+        rings.sort(key=lambda r: -abs(_ring_area(r)))
+        values = hm[box][labelled[box] == index]
+        regions.append(
+            Region(
+                label=index,
+                outline=rings[0],
+                holes=tuple(rings[1:]),
+                area=float(values.size) * downsample**2,
+                max_probability=float(values.max()),
+                mean_probability=float(values.mean()),
+            )
+        )
+    regions.sort(key=lambda r: -r.max_probability)
+    return regions
