@@ -46,9 +46,7 @@ def batch_score(
         heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
     ).result()
     evaluation = evaluate_task(site, f"batch-{family}", data.slides_path, scores, layout)
-    overlays = export_task(
-        f"batch-{family}", data.slides_path, scores, evaluation["threshold"], layout
-    )
+    exported = export_task(f"batch-{family}", data.slides_path, scores, evaluation, layout)
     logger.info("scored %d slides with %s; overlays in %s", len(scores), model, layout.exports)
     return {
         "site": site.name,
@@ -57,6 +55,6 @@ def batch_score(
         "scores": [s.__dict__ for s in scores],
         "metrics": evaluation["metrics"],
         "table": evaluation["table"],
-        "overlays": overlays,
+        "exports": exported,
         "quarantined": data.quarantined,
     }

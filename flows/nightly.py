@@ -86,9 +86,9 @@ def nightly(
             out_dir=unmapped(str(layout.heatmaps(f"{family}-{version}"))),
             heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
         ).result()
-        evaluation = evaluate_task(site, family, data.slides_path, scores, layout)
-        overlays = export_task(family, data.slides_path, scores, evaluation["threshold"], layout)
-        run_id = track_task(tracking_uri, parent, site, fit, evaluation, overlays, tags)
+        evaluation = evaluate_task(site, family, data.slides_path, scores, layout, str(model_dir))
+        exported = export_task(family, data.slides_path, scores, evaluation, layout)
+        run_id = track_task(tracking_uri, parent, site, fit, evaluation, exported, tags)
         summary["families"][family] = {
             "metrics": evaluation["metrics"],
             "table": evaluation["table"],

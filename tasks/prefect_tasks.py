@@ -24,9 +24,15 @@ from data_contracts.runner import (
     validate_slide_manifest,
     validate_tile_manifest,
 )
+from tasks.evaluation.camelyon import write_camelyon_csv
 from tasks.evaluation.evaluate import evaluate_site
+from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
+from tasks.exports.asap import write_candidates_asap
+from tasks.exports.geojson import export_slide_geojson
 from tasks.exports.overlay import heatmap_overlay
+from tasks.exports.report import write_html_report
 from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
+from tasks.scoring.aggregate import heatmap_regions
 from tasks.scoring.heatmap import SlideScore, score_slide
 from tasks.site import SiteConfig, SiteLayout
 from tasks.slides.discover import SlideSource, discover
@@ -166,61 +172,107 @@ def score_task(
 
 @task(name="evaluate")
 def evaluate_task(
-    site: SiteConfig, family: str, slides_path: str, scores: list[SlideScore], layout: SiteLayout
+    site: SiteConfig,
+    family: str,
+    slides_path: str,
+    scores: list[SlideScore],
+    layout: SiteLayout,
+    model_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics and the per-slide table; written under reports/ for people and for MLflow."""
+    """Metrics, plots and slide table under reports/<family>/; calibration beside the model."""
     slides = pl.read_parquet(slides_path)
     by_slide = {s.slide_id: (s.slide_score, s.heatmap) for s in scores}
     evaluation = evaluate_site(
-        slides,
-        by_slide,
-        site.tiling.heatmap_downsample,
-        site.target_fpr,
-        with_froc=site.domain == "pathology",
+        slides, by_slide, site.tiling.heatmap_downsample, site.target_fpr, site.domain
     )
     folder = layout.reports / family
     folder.mkdir(parents=True, exist_ok=True)
     evaluation.table.write_csv(folder / "slides.csv")
-    (folder / "metrics.json").write_text(
-        json.dumps({**evaluation.metrics, **evaluation.froc_points}, indent=2)
-    )
-    (folder / "lesion_candidates.json").write_text(json.dumps(evaluation.candidates))
+    metrics = {**evaluation.metrics, **evaluation.froc_points}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots = _evaluation_plots(evaluation, folder, f"{site.name} / {family}")
+    if model_dir is not None:
+        # The threshold travels with the model: batch scoring predicts with it.
+        calibration = {
+            "threshold": evaluation.threshold,
+            "target_fpr": site.target_fpr,
+            "heatmap_value_range": list(evaluation.value_range),
+        }
+        (Path(model_dir) / "calibration.json").write_text(json.dumps(calibration, indent=2))
     return {
         "family": family,
         "metrics": evaluation.metrics,
         "froc_points": evaluation.froc_points,
         "threshold": evaluation.threshold,
+        "value_range": list(evaluation.value_range),
         "table": evaluation.table.to_dicts(),
+        "candidates": evaluation.candidates,
+        "plots": plots,
         "report_dir": str(folder),
     }
 
 
-@task(name="export-overlays")
+def _evaluation_plots(evaluation, folder: Path, title: str) -> dict[str, str]:
+    table = evaluation.table.filter(pl.col("label") != "unknown")
+    labels = (table["label"] == "anomalous").to_numpy()
+    plots: dict[str, str] = {}
+    if 0 < labels.sum() < len(labels):
+        plots["ROC"] = str(plot_roc(labels, table["score"].to_numpy(), folder / "roc.png", title))
+    if evaluation.froc_result is not None and evaluation.froc_result.n_lesions:
+        plots["FROC"] = str(plot_froc(evaluation.froc_result, folder / "froc.png", title))
+    if evaluation.pro is not None:
+        plots["PRO"] = str(plot_pro(evaluation.pro, folder / "pro.png", title))
+    return plots
+
+
+@task(name="export")
 def export_task(
-    family: str, slides_path: str, scores: list[SlideScore], threshold: float, layout: SiteLayout
+    family: str,
+    slides_path: str,
+    scores: list[SlideScore],
+    evaluation: dict[str, Any],
+    layout: SiteLayout,
 ) -> list[str]:
-    """PNG overlays of every scored slide, on one colour scale so slides compare by eye."""
+    """What people open: overlays on one colour scale, lesion files, and the HTML report."""
     slides = pl.read_parquet(slides_path)
     rows = {r["slide_id"]: r for r in slides.iter_rows(named=True)}
-    heatmaps = {s.slide_id: np.load(s.heatmap) for s in scores}
-    finite = np.concatenate([h[np.isfinite(h)] for h in heatmaps.values()] or [np.zeros(1)])
-    # Shared scale: the typical tile is dark, the threshold sits mid-scale when there is one.
-    vmin = float(np.quantile(finite, 0.5))
-    vmax = float(np.quantile(finite, 0.999))
+    threshold = evaluation["threshold"]
+    vmin, vmax = evaluation["value_range"]
     if math.isfinite(threshold) and threshold > vmin:
-        vmax = max(vmax, 2 * threshold - vmin)
-    written = []
+        vmax = max(vmax, 2 * threshold - vmin)  # the threshold sits mid-scale or below
+    out = layout.exports / family
+    overlays: dict[str, str] = {}
     for score in scores:
         row = rows[score.slide_id]
+        heatmap = np.load(score.heatmap)
         truth = ground_truth_mask(
             row["annotation_uri"], row["width"], row["height"], score.heatmap_downsample
         )
-        out = layout.exports / family / f"{score.slide_id}.png"
-        heatmap_overlay(
-            row["uri"], heatmaps[score.slide_id], score.heatmap_downsample, out, vmin, vmax, truth
-        )
-        written.append(str(out))
-    return written
+        png = out / f"{score.slide_id}.png"
+        heatmap_overlay(row["uri"], heatmap, score.heatmap_downsample, png, vmin, vmax, truth)
+        overlays[score.slide_id] = str(png)
+        candidates = evaluation["candidates"].get(score.slide_id)
+        if candidates is not None:
+            write_camelyon_csv(out / f"{score.slide_id}.csv", candidates)
+            cut = threshold if math.isfinite(threshold) else vmax
+            export_slide_geojson(
+                out, score.slide_id, candidates, heatmap, score.heatmap_downsample, cut
+            )
+            write_candidates_asap(
+                out / f"{score.slide_id}.xml",
+                candidates,
+                heatmap_regions(heatmap, score.heatmap_downsample, cut),
+            )
+    write_html_report(
+        Path(evaluation["report_dir"]) / "report.html",
+        f"{layout.site} / {family}",
+        evaluation["table"],
+        {**evaluation["metrics"], **evaluation["froc_points"]},
+        plots=evaluation["plots"],
+        overlays=overlays,
+        notes=[f"threshold {threshold:.5g} from held-out normal slides"],
+    )
+    return list(overlays.values())
 
 
 @task(name="start-tracking")
@@ -276,6 +328,10 @@ def track_task(
     client.log_artifacts(run_id, evaluation["report_dir"], artifact_path="report")
     for path in overlays:
         client.log_artifact(run_id, path, artifact_path="heatmaps")
+    folder = Path(overlays[0]).parent if overlays else None
+    lesion_files = [p for p in folder.glob("*") if p.suffix != ".png"] if folder else []
+    for path in lesion_files:
+        client.log_artifact(run_id, str(path), artifact_path="lesions")
     example = np.load(Path(fit["model_dir"]) / "example_tiles.npy")
     log_model(tracking_uri, run_id, Path(fit["model_dir"]), example)
     client.set_terminated(run_id, "FAILED" if fit["report"].get("diverged") else "FINISHED")

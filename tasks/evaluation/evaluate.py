@@ -1,22 +1,30 @@
 """Turn slide heatmaps into predictions and metrics against whatever ground truth exists.
 
 The decision threshold is calibrated on held-out normal (`val`) slides only, at the site's
-target false-positive rate, so it never depends on test labels.
+target false-positive rate, so it never depends on test labels. Pathology sites get the
+Camelyon16 metrics (slide AUC, official FROC); industrial sites the MVTec AD set (image AUROC,
+pixel AUROC, PRO, F1-max). A random forest on heatmap features (Wang et al. 2016) is scored
+out-of-fold when the test set holds at least two slides of each class.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
-from tasks.evaluation.froc import froc, label_lesions, lesion_candidates
+from tasks.evaluation.camelyon import DILATION_UM, ITC_MAJOR_AXIS_UM, evaluation_mask
+from tasks.evaluation.froc import FrocResult, froc, lesion_candidates
 from tasks.evaluation.metrics import f1_max, image_auroc, pixel_auroc, threshold_at_fpr
+from tasks.evaluation.pro import ProCurve, pro_curve, pro_score
+from tasks.scoring.aggregate import cross_validated_forest, feature_table
 from tasks.slides.ground_truth import ground_truth_mask
 
 log = logging.getLogger(__name__)
+FROC_DOWNSAMPLE = 32  # the official evaluation mask is at level 5 (32x)
 
 
 @dataclass
@@ -28,6 +36,9 @@ class Evaluation:
     threshold: float
     froc_points: dict[str, float] = field(default_factory=dict)
     candidates: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    froc_result: FrocResult | None = None
+    pro: ProCurve | None = None
+    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 def slide_threshold(val_scores: list[float], target_fpr: float) -> float:
@@ -39,26 +50,37 @@ def slide_threshold(val_scores: list[float], target_fpr: float) -> float:
     return float(threshold_at_fpr(np.asarray(finite), target_fpr))
 
 
+def heatmap_value_range(heatmaps: list[np.ndarray]) -> tuple[float, float]:
+    """One scale for a whole run, from held-out normal heatmaps: median to maximum."""
+    values = np.concatenate([h[np.isfinite(h)] for h in heatmaps] or [np.zeros(1)])
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(np.median(values)), float(values.max())
+    return lo, hi if hi > lo else lo + 1.0
+
+
 def evaluate_site(
     slides: pl.DataFrame,
     scores: dict[str, tuple[float, str]],
     heatmap_downsample: int,
     target_fpr: float,
-    with_froc: bool,
+    domain: str,
+    itc_um: float = ITC_MAJOR_AXIS_UM,
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap .npy path), for val and test slides.
     """
     rows = slides.filter(pl.col("slide_id").is_in(list(scores)))
-    val_scores = [scores[s][0] for s in rows.filter(pl.col("split") == "val")["slide_id"]]
-    threshold = slide_threshold(val_scores, target_fpr)
+    val_ids = rows.filter(pl.col("split") == "val")["slide_id"].to_list()
+    threshold = slide_threshold([scores[s][0] for s in val_ids], target_fpr)
+    value_range = heatmap_value_range([np.load(scores[s][1]) for s in val_ids])
     test = rows.filter(pl.col("split") == "test").sort("slide_id")
     table = test.select("slide_id", "split", "label", "category").with_columns(
         pl.Series("score", [scores[s][0] for s in test["slide_id"]], dtype=pl.Float64)
     )
     table = table.with_columns(
-        predicted=pl.when(pl.lit(np.isfinite(threshold)))
+        predicted=pl.when(pl.lit(bool(np.isfinite(threshold))))
         .then(pl.col("score") > threshold)
         .otherwise(None)
     )
@@ -77,38 +99,78 @@ def evaluate_site(
             metrics["slide_sensitivity"] = _rate(predicted[labels])
             metrics["slide_specificity"] = _rate(~predicted[~labels])
 
+    evaluation = Evaluation(table, metrics, threshold, value_range=value_range)
+    annotated = test.filter(pl.col("label") != "unknown")
+    heatmaps = {r["slide_id"]: np.load(scores[r["slide_id"]][1]) for r in annotated.to_dicts()}
+    _pixel_metrics(evaluation, annotated, heatmaps, heatmap_downsample, domain, itc_um)
+    _forest_metrics(evaluation, annotated, heatmaps)
+    return evaluation
+
+
+def _pixel_metrics(
+    evaluation: Evaluation,
+    annotated: pl.DataFrame,
+    heatmaps: dict[str, np.ndarray],
+    downsample: int,
+    domain: str,
+    itc_um: float,
+) -> None:
     truths, maps, valid = [], [], []
     lesion_masks, candidates = {}, {}
-    annotated = test.filter(pl.col("label") != "unknown")
+    floor = evaluation.value_range[0]
     for row in annotated.iter_rows(named=True):
-        heatmap = np.load(scores[row["slide_id"]][1])
-        truth = ground_truth_mask(
-            row["annotation_uri"], row["width"], row["height"], heatmap_downsample
-        )[: heatmap.shape[0], : heatmap.shape[1]]
-        truths.append(truth > 0.5)
+        heatmap = heatmaps[row["slide_id"]]
+        truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], downsample)
+        truths.append(truth[: heatmap.shape[0], : heatmap.shape[1]] > 0.5)
         maps.append(np.nan_to_num(heatmap, nan=0.0))
         valid.append(np.isfinite(heatmap))
-        if with_froc:
-            lesion_masks[row["slide_id"]] = (label_lesions(truth > 0.5), heatmap_downsample)
-            floor = threshold if np.isfinite(threshold) else float(np.nanmedian(heatmap))
-            candidates[row["slide_id"]] = lesion_candidates(
-                np.nan_to_num(heatmap, nan=0.0), heatmap_downsample, floor * 0.5
+        if domain == "pathology":
+            coarse = ground_truth_mask(
+                row["annotation_uri"], row["width"], row["height"], FROC_DOWNSAMPLE
             )
-    has_truth = any(t.any() for t in truths)
-    if has_truth:
-        metrics["pixel_auroc"] = pixel_auroc(truths, maps, valid)
-    froc_points: dict[str, float] = {}
-    if with_froc and has_truth:
-        normals = annotated.filter(pl.col("label") == "normal")["slide_id"].to_list()
-        result = froc(candidates, lesion_masks, normals)
-        metrics["froc"] = float(result.score)
-        froc_points = {f"sens_at_{k}_fp": float(v) for k, v in _points(result).items()}
-    return Evaluation(table, metrics, threshold, froc_points, candidates)
+            lesion_masks[row["slide_id"]] = evaluation_mask(
+                coarse >= 0.5, FROC_DOWNSAMPLE, row["mpp"], dilation_um=DILATION_UM, itc_um=itc_um
+            )
+            candidates[row["slide_id"]] = lesion_candidates(
+                np.nan_to_num(heatmap, nan=floor), downsample, floor
+            )
+    if not any(t.any() for t in truths):
+        return
+    metrics = evaluation.metrics
+    metrics["pixel_auroc"] = pixel_auroc(truths, maps, valid)
+    if domain == "industrial":
+        metrics["pro"] = pro_score(truths, maps, valid)
+        evaluation.pro = pro_curve(truths, maps, valid)
+        return
+    normals = annotated.filter(pl.col("label") == "normal")["slide_id"].to_list()
+    result = froc(candidates, lesion_masks, normals)
+    evaluation.candidates = candidates
+    evaluation.froc_result = result
+    if result.n_lesions == 0:
+        log.warning("every annotated lesion is an isolated tumour cell: FROC is undefined")
+        return
+    metrics["froc"] = float(result.score)
+    evaluation.froc_points = {
+        f"sens_at_{str(fp).replace('.', '_')}_fp": float(s) for fp, s in result.points().items()
+    }
+
+
+def _forest_metrics(
+    evaluation: Evaluation, annotated: pl.DataFrame, heatmaps: dict[str, np.ndarray]
+) -> None:
+    """Out-of-fold slide AUC of a random forest on heatmap features, when labels allow it."""
+    labels = {r["slide_id"]: r["label"] == "anomalous" for r in annotated.to_dicts()}
+    positives = sum(labels.values())
+    if positives < 2 or len(labels) - positives < 2:
+        return
+    features = feature_table(heatmaps, (0.5, 0.9), value_range=evaluation.value_range)
+    forest = cross_validated_forest(features, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluation.metrics["slide_auroc_forest"] = image_auroc(
+            np.array([labels[s] for s in features["slide_id"]]), forest.oof_probability
+        )
 
 
 def _rate(flags: np.ndarray) -> float:
     return float(flags.mean()) if flags.size else float("nan")
-
-
-def _points(result) -> dict[str, float]:
-    return {str(fp).replace(".", "_"): s for fp, s in result.points().items()}

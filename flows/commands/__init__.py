@@ -1,0 +1,1 @@
+"""`vadflow` sub-commands that live outside flows/cli.py (registered there)."""

@@ -1,0 +1,148 @@
+"""`vadflow compare SITE` and `vadflow tracking sync`: the MLflow side of the command line.
+
+`compare` prints every family's metrics across the site's nightly runs, with the model version
+and which one is champion, and logs the table and a plot under `comparison/` of the newest
+nightly parent run. `tracking sync` replays what was spooled while the tracking server was
+down; exit code 1 while anything is left in the spool.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.env import configure_state
+
+console = Console()
+
+tracking_app = typer.Typer(
+    help="MLflow tracking: replay logging spooled while the tracking server was down.",
+    no_args_is_help=True,
+)
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home",
+        help="state folder for Prefect, MLflow and outputs (default ./.vadflow or $VADFLOW_HOME)",
+    ),
+]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under --home)",
+    ),
+]
+
+
+def compare(
+    site: Annotated[str, typer.Argument(help="site name (or site folder) to compare runs of")],
+    log: Annotated[
+        bool, typer.Option("--log/--no-log", help="log table and plot to the parent run")
+    ] = True,
+    parent_run: Annotated[
+        str | None,
+        typer.Option("--parent-run", help="run to log to (default: the newest nightly run)"),
+    ] = None,
+    home: HomeOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Compare detector families across a site's nightly runs (metrics, versions, champion)."""
+    state = configure_state(home)
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking.compare import COMPARE_METRICS, compare_runs, latest_parent_run
+    from tasks.tracking.compare import log_comparison as log_to_run
+    from tasks.tracking.mlflow_runs import resolve_tracking_uri
+
+    name = _site_name(site)
+    uri = resolve_tracking_uri(tracking_uri, state.home)
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        frame = compare_runs(client, name)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    if frame.height == 0:
+        console.print(f"[yellow]site {name} has no family runs yet at {uri}[/]", soft_wrap=True)
+        raise typer.Exit(2)
+    shown = [m for m in COMPARE_METRICS if frame[m].drop_nulls().len() > 0]
+    table = Table(title=f"{name}: detector families by night (newest first)")
+    for column in ("nightly", "family", *shown, "version", "alias"):
+        table.add_column(column, justify="right" if column in shown else "left")
+    for row in frame.iter_rows(named=True):
+        alias = "champion" if row["champion"] else ("challenger" if row["challenger"] else "")
+        table.add_row(
+            row["nightly"],
+            row["family"],
+            *(_fmt(row[m]) for m in shown),
+            row["version"] or "-",
+            alias,
+        )
+    console.print(table)
+    if not log:
+        return
+    parent = parent_run or latest_parent_run(client, name)
+    if parent is None:
+        console.print("[yellow]no nightly parent run to log the comparison to[/]")
+        return
+    out_dir = state.outputs / name / "reports" / "comparison"
+    paths = log_to_run(client, parent, frame, out_dir, name)
+    console.print(
+        f"logged {', '.join(p.name for p in paths)} to run {parent} (artifacts: comparison/); "
+        f"copies in {out_dir}",
+        soft_wrap=True,
+    )
+
+
+@tracking_app.command("sync")
+def sync(
+    home: HomeOption = None,
+    tracking_uri: TrackingOption = None,
+    spool: Annotated[
+        Path | None, typer.Option("--spool", help="spool folder (default <home>/mlflow/spool)")
+    ] = None,
+) -> None:
+    """Replay logging spooled while the tracking server was unreachable; safe to rerun."""
+    state = configure_state(home)
+    from tasks.tracking.mlflow_runs import default_spool_dir, resolve_tracking_uri
+    from tasks.tracking.spool import sync as replay
+
+    uri = resolve_tracking_uri(tracking_uri, state.home)
+    folder = spool or default_spool_dir(state.home)
+    try:
+        report = replay(folder, uri)
+    except RuntimeError as exc:  # another sync holds the lock
+        console.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(
+        f"replayed {report.applied} operation(s) from {folder} to {uri}; "
+        f"{report.skipped} already sent; {report.remaining} left",
+        soft_wrap=True,
+    )
+    for local, server in report.runs.items():
+        console.print(f"  run {local} is now {server}")
+    for name in report.archived:
+        console.print(f"  done: {name} (kept under {folder / 'synced'})")
+    for error in report.errors:
+        console.print(error, style="red", soft_wrap=True, markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _site_name(site: str) -> str:
+    if Path(site).is_dir():
+        from tasks.site import load_site
+
+        return load_site(site).name
+    return site
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
