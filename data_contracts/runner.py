@@ -1,45 +1,78 @@
-"""Run the manifest contracts and turn great-expectations results into small typed records.
+"""Run the contracts and turn great-expectations results into small typed records.
 
 One ephemeral GX context (in memory, nothing written to disk) is created per process on first
-use and reused, because creating it and importing GX take seconds while a validation takes a
-fraction of one. great_expectations itself is imported lazily so that importing this module
-(e.g. for ``ContractResult``) stays cheap.
+use and reused, because importing GX and creating a context take seconds while a validation
+takes a fraction of one. Each suite is compiled once per parameter set (e.g. a score range).
+great_expectations itself is imported lazily so that importing this module (e.g. for
+``ContractResult``) stays cheap.
+
+Great-expectations decides pass or fail. For each failed expectation the rule's polars twin
+(``data_contracts.rules``) then finds the offending rows: a few become the example rows of the
+message, and their ``slide_id`` values say which slides a quarantine would take out.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+import polars.selectors as cs
 
 if TYPE_CHECKING:
     import great_expectations as gx
-    import pandas as pd
+
+    from data_contracts.grid import Grids
+    from data_contracts.rules import Rule
 
 MAX_EXAMPLES = 5
 _LOCK = threading.Lock()  # the shared GX context is not documented as thread-safe
 
+# suite name -> (module, function returning its rules); the function's arguments are the
+# suite's parameters, and each parameter set is compiled once.
+SUITES: dict[str, tuple[str, str]] = {
+    "slide_manifest": ("data_contracts.slide_manifest", "slide_manifest_rules"),
+    "tile_manifest": ("data_contracts.tile_manifest", "tile_manifest_rules"),
+    "tile_scores": ("data_contracts.tile_scores", "tile_scores_rules"),
+    "slide_scores": ("data_contracts.slide_scores", "slide_scores_rules"),
+    "metrics": ("data_contracts.metrics", "metrics_rules"),
+}
+# Columns that identify a row, shown first in example rows when the frame has them.
+ROW_KEYS = ("record", "metric", "slide_id", "tile_id")
+
 
 @dataclass(frozen=True)
 class ExpectationFailure:
-    """One failed expectation: which, on what column, how many rows, a few offending values."""
+    """One failed expectation: which, on what column, how many rows, a few offending values,
+    a few offending rows, and how many failing rows each slide owns."""
 
     expectation: str
     column: str | None
     unexpected_count: int
     examples: list[Any]
     detail: str = ""  # bounds, value set, row condition or description; "" when none
+    example_rows: list[dict[str, Any]] = field(default_factory=list)
+    slide_counts: dict[str, int] = field(default_factory=dict)  # empty: no slide to blame
+
+    @property
+    def slides(self) -> list[str]:
+        return sorted(self.slide_counts)
+
+    def describe(self) -> str:
+        """`expectation on 'column' [detail]`: the failing expectation in one line."""
+        detail = f" [{self.detail}]" if self.detail else ""
+        return f"{self.expectation} on '{self.column}'{detail}"
 
 
 @dataclass(frozen=True)
 class ContractResult:
-    """Outcome of one suite over one manifest; ``failing_slides`` own the failing rows."""
+    """Outcome of one suite over one frame; ``failing_slides`` own the failing rows."""
 
     suite: str
     success: bool
@@ -47,30 +80,46 @@ class ContractResult:
     failures: list[ExpectationFailure]
     rows: int
     failing_slides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # checks that could not run, and why
+    # The great-expectations validation result, for Data Docs; None once serialised.
+    gx_result: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def attributable(self) -> bool:
+        """True when every failure is pinned on slides: quarantining them would fix it."""
+        return not self.success and all(f.slide_counts for f in self.failures)
+
+    def slide_reasons(self) -> dict[str, str]:
+        """slide_id -> why it fails this contract (each failing expectation, with its count)."""
+        reasons: dict[str, list[str]] = {}
+        for f in self.failures:
+            for slide, count in f.slide_counts.items():
+                rows = "row" if count == 1 else "rows"
+                reasons.setdefault(slide, []).append(f"{f.describe()}: {count} {rows}")
+        return {s: f"contract '{self.suite}': " + "; ".join(r) for s, r in sorted(reasons.items())}
 
     def message(self) -> str:
         """Human-readable summary for logs and exceptions."""
+        notes = "".join(f"\n  note: {n}" for n in self.notes)
         if self.success:
             return (
-                f"contract '{self.suite}' passed: {self.evaluated} expectations on {self.rows} rows"
+                f"contract '{self.suite}' passed: {self.evaluated} expectations on "
+                f"{self.rows} rows{notes}"
             )
         lines = [
             f"contract '{self.suite}' failed: {len(self.failures)} of {self.evaluated} "
             f"expectations on {self.rows} rows"
         ]
         for f in self.failures:
-            detail = f" [{f.detail}]" if f.detail else ""
-            lines.append(
-                f"  - {f.expectation} on column '{f.column}'{detail}: "
-                f"{f.unexpected_count} unexpected, e.g. {f.examples}"
-            )
+            lines.append(f"  - {f.describe()}: {f.unexpected_count} unexpected, e.g. {f.examples}")
+            lines += [f"      row {row}" for row in f.example_rows[:3]]
         if self.failing_slides:
             shown = ", ".join(self.failing_slides[:20])
-            more = (
-                f" (+{len(self.failing_slides) - 20} more)" if len(self.failing_slides) > 20 else ""
+            more = len(self.failing_slides) - 20
+            lines.append(
+                f"  slides with failing rows: {shown}{f' (+{more} more)' if more > 0 else ''}"
             )
-            lines.append(f"  slides with failing rows: {shown}{more}")
-        return "\n".join(lines)
+        return "\n".join(lines) + notes
 
     def to_markdown(self) -> str:
         """A Markdown table of the failures, for a Prefect artifact or a report."""
@@ -80,6 +129,7 @@ class ContractResult:
             f"{self.evaluated} expectations, {self.rows} rows, "
             f"{len(self.failures)} failed.\n"
         )
+        head += "".join(f"\n> note: {n}\n" for n in self.notes)
         if not self.failures:
             return head
         rows = [
@@ -89,7 +139,7 @@ class ContractResult:
         for f in self.failures:
             cells = [f.expectation, f.column or "", str(f.unexpected_count), repr(f.examples)]
             cells.append(f.detail)
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         tail = ""
         if self.failing_slides:
             tail = "\n\nSlides with failing rows: " + ", ".join(
@@ -97,13 +147,70 @@ class ContractResult:
             )
         return head + "\n" + "\n".join(rows) + tail + "\n"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (without the GX result)."""
+        return {
+            "suite": self.suite,
+            "success": self.success,
+            "evaluated": self.evaluated,
+            "rows": self.rows,
+            "failures": [
+                {
+                    "expectation": f.expectation,
+                    "column": f.column,
+                    "unexpected_count": f.unexpected_count,
+                    "examples": _plain(f.examples),
+                    "detail": f.detail,
+                    "example_rows": _plain(f.example_rows),
+                    "slide_counts": f.slide_counts,
+                }
+                for f in self.failures
+            ],
+            "failing_slides": self.failing_slides,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ContractResult:
+        failures = [
+            ExpectationFailure(
+                expectation=f["expectation"],
+                column=f["column"],
+                unexpected_count=f["unexpected_count"],
+                examples=list(f["examples"]),
+                detail=f.get("detail", ""),
+                example_rows=list(f.get("example_rows", [])),
+                slide_counts=dict(f.get("slide_counts", {})),
+            )
+            for f in data["failures"]
+        ]
+        return cls(
+            suite=data["suite"],
+            success=data["success"],
+            evaluated=data["evaluated"],
+            failures=failures,
+            rows=data["rows"],
+            failing_slides=list(data.get("failing_slides", [])),
+            notes=list(data.get("notes", [])),
+        )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
 
 class ContractError(ValueError):
-    """A manifest broke its contract; ``.result`` holds the details."""
+    """A frame broke its contract; ``.result`` holds the details, ``.report`` the report file."""
 
-    def __init__(self, result: ContractResult) -> None:
-        super().__init__(result.message())
+    def __init__(self, result: ContractResult, report: str | None = None, hint: str = "") -> None:
+        message = result.message()
+        if hint:
+            message += f"\n  {hint}"
+        if report:
+            message += f"\n  report: {report}"
+        super().__init__(message)
         self.result = result
+        self.report = report
 
 
 def require(result: ContractResult) -> ContractResult:
@@ -114,36 +221,66 @@ def require(result: ContractResult) -> ContractResult:
 
 
 @cache
-def _batch_definitions() -> dict[str, Any]:
-    """The process-wide ephemeral context's batch definitions, one per suite."""
+def _datasource() -> Any:
+    """The process-wide ephemeral context's pandas data source (created on first use)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_pandas("vadflow_manifests")
-    return {
-        name: source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-        for name in ("tile_manifest", "slide_manifest")
-    }
+    _skip_batch_fingerprint()
+    return context.data_sources.add_pandas("vadflow")
+
+
+def _skip_batch_fingerprint() -> None:
+    """Stop GX hashing every in-memory batch for its ``pandas_data_fingerprint`` marker.
+
+    GX hashes any pandas batch under HASH_THRESHOLD bytes; on a 1,000,000-row tile manifest
+    the hash of its string columns costs a third of the validation, and nothing here reads the
+    marker (results are matched to frames by the caller). A missing constant (a GX upgrade)
+    just leaves the hashing on.
+    """
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    if hasattr(pandas_execution_engine, "HASH_THRESHOLD"):
+        pandas_execution_engine.HASH_THRESHOLD = 0
 
 
 @cache
-def _suite(name: str) -> gx.ExpectationSuite:
-    if name == "tile_manifest":
-        from data_contracts.tile_manifest import tile_manifest_suite
+def _batch_definition(name: str) -> Any:
+    return _datasource().add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
 
-        return tile_manifest_suite()
-    from data_contracts.slide_manifest import slide_manifest_suite
 
-    return slide_manifest_suite()
+def suite_rules(name: str, *params: Any) -> list[Rule]:
+    """The rules of suite ``name`` for these parameters (see SUITES)."""
+    if name not in SUITES:
+        raise KeyError(f"no contract named {name!r}; known: {', '.join(SUITES)}")
+    module, function = SUITES[name]
+    return getattr(importlib.import_module(module), function)(*params)
+
+
+@cache
+def _compiled(name: str, params: tuple[Any, ...]) -> tuple[gx.ExpectationSuite, tuple[Rule, ...]]:
+    import great_expectations as gx
+
+    _datasource()  # a suite needs the active context
+    rules = tuple(suite_rules(name, *params))
+    suite = gx.ExpectationSuite(name=name)
+    for index, rule in enumerate(rules):
+        suite.add_expectation(rule.build(index))
+    return suite, rules
+
+
+def expectation_suite(name: str, *params: Any) -> gx.ExpectationSuite:
+    """The compiled great-expectations suite (shared: do not modify it)."""
+    return _compiled(name, tuple(params))[0]
 
 
 def _plain(value: Any) -> Any:
     """numpy scalars and tuples of them -> plain Python, NaN -> None, for readable messages."""
     if isinstance(value, tuple | list):
-        return tuple(_plain(v) for v in value)
+        return type(value)(_plain(v) for v in value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if hasattr(value, "item"):
@@ -168,24 +305,28 @@ def _detail(kwargs: dict[str, Any], description: str | None) -> str:
 
 def _condition_text(condition: Any) -> str:
     """GX 1.x serialises a row condition as a dict; show it as `column op value`."""
-    if isinstance(condition, dict) and {"column", "operator"} <= condition.keys():
+    if isinstance(condition, dict) and "column" in condition:
         column = condition["column"]
         name = column.get("name") if isinstance(column, dict) else column
-        return f"{name} {condition['operator']} {condition.get('parameter')!r}"
+        if "operator" in condition:
+            return f"{name} {condition['operator']} {condition.get('parameter')!r}"
+        return f"{name} is {'null' if condition.get('is_null') else 'not null'}"
     return str(condition)
 
 
-def _failure(r: Any) -> ExpectationFailure:
+def _column(kwargs: dict[str, Any]) -> str | None:
+    if "column" in kwargs:
+        return kwargs["column"]
+    if "column_A" in kwargs:
+        return f"{kwargs['column_A']}, {kwargs['column_B']}"
+    if "column_list" in kwargs:
+        return ", ".join(kwargs["column_list"])
+    return None
+
+
+def _failure(r: Any, rules: tuple[Rule, ...], frame: pl.DataFrame) -> ExpectationFailure:
     config = r.expectation_config
     kwargs = dict(config.kwargs)
-    if "column" in kwargs:
-        column = kwargs["column"]
-    elif "column_A" in kwargs:
-        column = f"{kwargs['column_A']}, {kwargs['column_B']}"
-    elif "column_list" in kwargs:
-        column = ", ".join(kwargs["column_list"])
-    else:
-        column = None
     result = r.result or {}
     examples = [_plain(v) for v in result.get("partial_unexpected_list", [])[:MAX_EXAMPLES]]
     count = int(result.get("unexpected_count") or 0)
@@ -193,12 +334,25 @@ def _failure(r: Any) -> ExpectationFailure:
     errors = _exception_messages(r.exception_info)
     if errors and not examples:
         examples = errors[:MAX_EXAMPLES]
+    rows: list[dict[str, Any]] = []
+    slide_counts: dict[str, int] = {}
+    index = (config.meta or {}).get("vadflow_rule")
+    broken = rules[int(index)].violations(frame) if index is not None and not errors else None
+    if broken is not None:
+        bad = frame.filter(broken)
+        shown = [c for c in (*ROW_KEYS, *rules[int(index)].columns) if c in frame.columns]
+        rows = _plain(bad.select(list(dict.fromkeys(shown))).head(MAX_EXAMPLES).to_dicts())
+        if "slide_id" in frame.columns:
+            counts = bad.group_by("slide_id").len().drop_nulls("slide_id")
+            slide_counts = dict(zip(counts["slide_id"].cast(pl.String), counts["len"], strict=True))
     return ExpectationFailure(
         expectation=config.type,
-        column=column,
+        column=_column(kwargs),
         unexpected_count=count,
         examples=examples,
         detail=_detail(kwargs, getattr(config, "description", None)),
+        example_rows=rows,
+        slide_counts=dict(sorted(slide_counts.items())),
     )
 
 
@@ -216,40 +370,90 @@ def _exception_messages(info: Any) -> list[str]:
     )
 
 
-def _validate(
-    name: str, frame: pl.DataFrame, failing_slides: Callable[[pl.DataFrame], list[str]]
+def run_suite(
+    name: str, frame: pl.DataFrame, params: tuple[Any, ...] = (), notes: Iterable[str] = ()
 ) -> ContractResult:
-    pdf: pd.DataFrame = frame.to_pandas()
+    """Validate an already-built validation frame against suite ``name``."""
+    suite, rules = _compiled(name, params)
+    # GX vectorises a range check only on int64/float64 columns; an Int32 column (level,
+    # size) would be checked value by value in Python.
+    pdf = frame.with_columns(cs.integer().cast(pl.Int64), cs.float().cast(pl.Float64)).to_pandas()
     with _LOCK:
-        batch = _batch_definitions()[name].get_batch(batch_parameters={"dataframe": pdf})
+        batch = _batch_definition(name).get_batch(batch_parameters={"dataframe": pdf})
         out = batch.validate(
-            _suite(name),
+            suite,
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
         )
-    failures = [_failure(r) for r in out.results if not r.success]
-    # A missing column explains the errors of every expectation on it: list it first.
-    failures.sort(key=lambda f: f.expectation != "expect_column_to_exist")
+    del pdf
+    failed = [r for r in out.results if not r.success]
+    # In suite order: column-exists rules come first, and a missing column explains the
+    # errors of every expectation on it.
+    failed.sort(key=lambda r: (r.expectation_config.meta or {}).get("vadflow_rule", len(rules)))
+    failures = [_failure(r, rules, frame) for r in failed]
     return ContractResult(
         suite=name,
         success=bool(out.success),
         evaluated=int(out.statistics["evaluated_expectations"]),
         failures=failures,
         rows=frame.height,
-        failing_slides=[] if out.success else failing_slides(frame),
+        failing_slides=sorted({s for f in failures for s in f.slide_counts}),
+        notes=list(notes),
+        gx_result=out,
     )
-
-
-def validate_tile_manifest(tiles: pl.DataFrame, slides: pl.DataFrame) -> ContractResult:
-    """Validate a tile manifest against the ``tile_manifest`` suite, using its slide manifest
-    for the bounds and normal-slide checks."""
-    from data_contracts.tile_manifest import failing_slide_ids, validation_frame
-
-    frame = validation_frame(tiles, slides)
-    return _validate("tile_manifest", frame, failing_slide_ids)
 
 
 def validate_slide_manifest(slides: pl.DataFrame) -> ContractResult:
     """Validate a slide manifest against the ``slide_manifest`` suite."""
-    from data_contracts.slide_manifest import failing_slide_ids
+    return run_suite("slide_manifest", slides)
 
-    return _validate("slide_manifest", slides, failing_slide_ids)
+
+def validate_tile_manifest(
+    tiles: pl.DataFrame, slides: pl.DataFrame, grids: Grids | None = None
+) -> ContractResult:
+    """Validate a tile manifest against the ``tile_manifest`` suite, using its slide manifest
+    for bounds, labels and splits. ``grids`` (one Grid, or slide_id -> Grid) turns on the
+    tiling-grid rules; without it they are skipped and the result carries a note."""
+    from data_contracts.tile_manifest import validation_frame
+
+    frame = validation_frame(tiles, slides, grids)
+    notes = []
+    if grids is None:
+        notes.append("tiling-grid rules skipped: no grid given (pass grids=)")
+    return run_suite("tile_manifest", frame, (grids is not None,), notes)
+
+
+def validate_tile_scores(
+    scores: pl.DataFrame,
+    tiles: pl.DataFrame,
+    score_range: tuple[float, float] = (0.0, math.inf),
+) -> ContractResult:
+    """Validate tile scores (slide_id, tile_id, score) against the tile manifest: finite, in
+    the detector's ``score_range``, exactly one per manifest tile of every scored slide."""
+    from data_contracts.tile_scores import validation_frame
+
+    lo, hi = (float(v) for v in score_range)
+    if lo > hi:
+        raise ValueError(f"score_range {score_range} is empty: give (low, high)")
+    return run_suite("tile_scores", validation_frame(scores, tiles), (lo, hi))
+
+
+def validate_slide_scores(
+    slide_scores: pl.DataFrame,
+    slides: pl.DataFrame,
+    expected_slides: Iterable[str] | None = None,
+) -> ContractResult:
+    """Validate one row per scored slide (slide_id, tiles, slide_score, heatmap_downsample,
+    heatmap_rows, heatmap_cols) against the slide manifest; ``expected_slides`` are the slides
+    that were sent to scoring, each of which must have a row."""
+    from data_contracts.slide_scores import validation_frame
+
+    return run_suite("slide_scores", validation_frame(slide_scores, slides, expected_slides))
+
+
+def validate_metrics(
+    metrics: Mapping[str, float] | pl.DataFrame, record: str = "metrics"
+) -> ContractResult:
+    """Validate a metrics record (name -> value) or a long frame (record, metric, value)."""
+    from data_contracts.metrics import validation_frame
+
+    return run_suite("metrics", validation_frame(metrics, record))

@@ -1,26 +1,39 @@
 """The tile manifest contract: what every tile row must satisfy before anything reads pixels.
 
 The suite validates the tile manifest *joined* to its slide manifest (``validation_frame``),
-because the most damaging error, a tile lying past the slide's edge, is only visible with the
-slide's width and height beside the tile. The rules live in small tables used twice: to build
-the great-expectations suite, and (in plain polars) to name the slides that own failing rows, so
-the two cannot drift apart.
+because the most damaging errors, a tile past the slide's edge or a test tile in training, are
+only visible with the slide's row beside the tile. The grid check needs the slide's tiling grid
+(level-0 step and origin), which the manifest does not record: the caller passes it (see
+``tasks.validation.tile_grids``); without it the grid rules are left out and the result says so.
 """
 
 from __future__ import annotations
 
-import great_expectations as gx
-import great_expectations.expectations as gxe
 import polars as pl
-from great_expectations.expectations.row_conditions import Column
 
+from data_contracts.grid import Grid, Grids
+from data_contracts.rules import (
+    Rule,
+    Where,
+    at_least,
+    between,
+    equal,
+    in_set,
+    not_null,
+    schema,
+    unique,
+)
 from tasks.manifests import SCHEMA_VERSION, SPLITS, TILE_SCHEMA
 
 SUITE_NAME = "tile_manifest"
-
-# Columns taken from the slide manifest, and the ones derived for the bounds check.
-SLIDE_COLUMNS = {"width": "width", "height": "height", "label": "slide_label"}
 JOIN_KEYS = ("site", "slide_id")
+# slide-manifest column -> name in the validation frame
+SLIDE_COLUMNS = {
+    "width": "width",
+    "height": "height",
+    "label": "slide_label",
+    "split": "slide_split",
+}
 
 NOT_NULL = (
     "schema_version",
@@ -52,64 +65,63 @@ IN_SET: dict[str, tuple[object, ...]] = {
 }
 # (slide-manifest bound, tile end): the tile must end on or inside the slide.
 BOUNDS = (("width", "x_end"), ("height", "y_end"))
+# (coordinate, its offset from the slide's grid): the offset must be 0.
+GRID = (("x", "x_grid_offset"), ("y", "y_grid_offset"))
 
 
-def tile_manifest_suite() -> gx.ExpectationSuite:
-    """Expectations for ``validation_frame(tiles, slides)``, built in code (no YAML/JSON)."""
-    suite = gx.ExpectationSuite(name=SUITE_NAME)
-    for column in TILE_SCHEMA:
-        suite.add_expectation(
-            gxe.ExpectColumnToExist(column=column, description="manifest schema column")
-        )
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToBeUnique(
-            column="tile_id", description="a tile is listed once (resume wrote it twice?)"
-        )
+def tile_manifest_rules(with_grid: bool = True) -> list[Rule]:
+    """The rules for ``validation_frame(tiles, slides, grids)``."""
+    rules = schema(TILE_SCHEMA, "manifest schema column")
+    rules.append(unique("tile_id", "a tile is listed once (resume wrote it twice?)"))
+    rules += [not_null(c) for c in NOT_NULL]
+    rules += [between(c, lo, hi, strict_min=strict) for c, (lo, hi, strict) in BETWEEN.items()]
+    rules += [in_set(c, values) for c, values in IN_SET.items()]
+    rules.append(
+        not_null("width", description="the tile's (site, slide_id) is in the slide manifest")
     )
-    for column in NOT_NULL:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
-    for column, (lo, hi, strict) in BETWEEN.items():
-        suite.add_expectation(
-            gxe.ExpectColumnValuesToBeBetween(
-                column=column, min_value=lo, max_value=hi, strict_min=strict
-            )
-        )
-    for column, values in IN_SET.items():
-        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=column, value_set=values))
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToNotBeNull(
-            column="width", description="the tile's (site, slide_id) is in the slide manifest"
-        )
-    )
-    for bound, end in BOUNDS:
-        suite.add_expectation(
-            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A=bound,
-                column_B=end,
-                or_equal=True,
-                ignore_row_if="either_value_is_missing",
-                description=f"tile ends inside the slide ({end} <= {bound})",
-            )
-        )
-    suite.add_expectation(
-        gxe.ExpectColumnValuesToBeBetween(
-            column="label_fraction",
-            max_value=0.0,
-            row_condition=Column("slide_label") == "normal",
+    rules += [
+        at_least(bound, end, description=f"tile ends inside the slide ({end} <= {bound})")
+        for bound, end in BOUNDS
+    ]
+    rules.append(
+        between(
+            "label_fraction",
+            None,
+            0.0,
+            where=Where("slide_label", "==", "normal"),
             description="a slide labelled normal has no annotated (label_fraction > 0) tiles",
         )
     )
-    return suite
+    rules.append(equal("split", "slide_split", description="a tile's split is its slide's split"))
+    if with_grid:
+        rules.append(
+            not_null(
+                "grid_step",
+                Where("width", "not_null"),
+                description="the tiling grid of every slide in the manifest is known",
+            )
+        )
+        rules += [
+            in_set(
+                offset,
+                [0],
+                description=f"tile on its slide's grid: ({axis} - origin) % grid_step == 0",
+            )
+            for axis, offset in GRID
+        ]
+    return rules
 
 
-def validation_frame(tiles: pl.DataFrame, slides: pl.DataFrame) -> pl.DataFrame:
-    """Tiles left-joined to their slide's width, height and label, plus x_end / y_end.
+def validation_frame(
+    tiles: pl.DataFrame, slides: pl.DataFrame, grids: Grids | None = None
+) -> pl.DataFrame:
+    """Tiles left-joined to their slide's width, height, label and split, plus derived columns:
+    x_end / y_end (tile end, level 0) and, given grids, grid_step and x/y_grid_offset.
 
     Duplicated slides are dropped before the join (the slide contract reports them), so they
     cannot multiply tile rows into false duplicate-tile failures.
     """
-    needed = [*JOIN_KEYS, *SLIDE_COLUMNS]
-    missing = [c for c in needed if c not in slides.columns]
+    missing = [c for c in (*JOIN_KEYS, *SLIDE_COLUMNS) if c not in slides.columns]
     if missing:
         raise ValueError(
             f"slide manifest lacks columns {missing} needed to validate tiles; "
@@ -119,50 +131,67 @@ def validation_frame(tiles: pl.DataFrame, slides: pl.DataFrame) -> pl.DataFrame:
         *[pl.col(k).cast(pl.String) for k in JOIN_KEYS],
         pl.col("width").cast(pl.Int64),
         pl.col("height").cast(pl.Int64),
-        pl.col("label").cast(pl.String).alias("slide_label"),
+        *[
+            pl.col(c).cast(pl.String).alias(name)
+            for c, name in SLIDE_COLUMNS.items()
+            if c not in ("width", "height")
+        ],
     ).unique(subset=list(JOIN_KEYS), keep="first", maintain_order=True)
     frame = tiles.drop([c for c in SLIDE_COLUMNS.values() if c in tiles.columns])
     if all(k in frame.columns for k in JOIN_KEYS):
         frame = frame.with_columns(*[pl.col(k).cast(pl.String) for k in JOIN_KEYS]).join(
             right, on=list(JOIN_KEYS), how="left", maintain_order="left"
         )
-    else:  # the suite's column checks report the missing key; keep the bounds columns empty
+    else:  # the suite's column checks report the missing key; keep the slide columns empty
         frame = frame.with_columns(
             pl.lit(None, pl.Int64).alias("width"),
             pl.lit(None, pl.Int64).alias("height"),
-            pl.lit(None, pl.String).alias("slide_label"),
+            *[pl.lit(None, pl.String).alias(n) for n in ("slide_label", "slide_split")],
         )
     for axis, end in (("x", "x_end"), ("y", "y_end")):
         if axis in frame.columns and "extent" in frame.columns:
             frame = frame.with_columns((pl.col(axis) + pl.col("extent")).alias(end))
+    if grids is not None:
+        frame = _with_grid(frame, grids)
     return frame
 
 
-def _violations(frame: pl.DataFrame) -> pl.Expr:
-    """True for rows breaking any row-level rule above (polars twin of the suite)."""
-    cols = set(frame.columns)
-    conds: list[pl.Expr] = [pl.lit(False)]
-    if "tile_id" in cols:
-        conds.append(pl.col("tile_id").is_duplicated())
-    conds += [pl.col(c).is_null() for c in NOT_NULL if c in cols]
-    for column, (lo, hi, strict) in BETWEEN.items():
-        if column not in cols:
-            continue
-        if lo is not None:
-            conds.append(pl.col(column) <= lo if strict else pl.col(column) < lo)
-        if hi is not None:
-            conds.append(pl.col(column) > hi)
-    conds += [~pl.col(c).is_in(list(v)) for c, v in IN_SET.items() if c in cols]
-    conds.append(pl.col("width").is_null())
-    conds += [pl.col(end) > pl.col(bound) for bound, end in BOUNDS if end in cols]
-    if "label_fraction" in cols:
-        conds.append((pl.col("slide_label") == "normal") & (pl.col("label_fraction") > 0))
-    return pl.any_horizontal([c.fill_null(False) for c in conds])
-
-
-def failing_slide_ids(frame: pl.DataFrame) -> list[str]:
-    """Slide ids owning at least one row that breaks a row-level rule, sorted."""
-    if "slide_id" not in frame.columns:
-        return []
-    bad = frame.filter(_violations(frame)).get_column("slide_id").drop_nulls().unique()
-    return sorted(bad.cast(pl.String).to_list())
+def _with_grid(frame: pl.DataFrame, grids: Grids) -> pl.DataFrame:
+    if isinstance(grids, Grid):
+        frame = frame.with_columns(
+            grid_step=pl.lit(grids.step, pl.Int64),
+            grid_origin_x=pl.lit(grids.origin_x, pl.Int64),
+            grid_origin_y=pl.lit(grids.origin_y, pl.Int64),
+        )
+    elif "slide_id" in frame.columns:
+        table = pl.DataFrame(
+            {
+                "slide_id": list(grids),
+                "grid_step": [g.step for g in grids.values()],
+                "grid_origin_x": [g.origin_x for g in grids.values()],
+                "grid_origin_y": [g.origin_y for g in grids.values()],
+            },
+            schema={
+                "slide_id": pl.String,
+                "grid_step": pl.Int64,
+                "grid_origin_x": pl.Int64,
+                "grid_origin_y": pl.Int64,
+            },
+        )
+        frame = frame.join(table, on="slide_id", how="left", maintain_order="left")
+    else:
+        frame = frame.with_columns(
+            *[
+                pl.lit(None, pl.Int64).alias(c)
+                for c in ("grid_step", "grid_origin_x", "grid_origin_y")
+            ]
+        )
+    for axis, offset in GRID:
+        if axis in frame.columns:
+            origin = pl.col(f"grid_origin_{axis}")
+            frame = frame.with_columns(
+                ((pl.col(axis) - origin) % pl.col("grid_step")).alias(offset)
+            )
+        else:
+            frame = frame.with_columns(pl.lit(None, pl.Int64).alias(offset))
+    return frame

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -11,11 +12,19 @@ import polars as pl
 import pytest
 
 from data_contracts import (
+    SUITES,
     ContractError,
     ContractResult,
+    Grid,
+    expectation_suite,
     require,
+    runner,
+    suite_rules,
+    validate_metrics,
     validate_slide_manifest,
+    validate_slide_scores,
     validate_tile_manifest,
+    validate_tile_scores,
 )
 from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
 
@@ -106,6 +115,10 @@ def _assert_names(result: ContractResult, expectation: str, column: str, count: 
     assert not result.success
     failure = _failure(result, expectation, column)
     assert failure.unexpected_count == count
+    # The polars twin finds exactly the rows great-expectations counted, and shows some.
+    if "slide_id" in str(failure.example_rows) or failure.slide_counts:
+        assert sum(failure.slide_counts.values()) == count, failure
+    assert failure.example_rows, failure
     message = result.message()
     assert result.suite in message
     assert expectation in message
@@ -242,3 +255,277 @@ def test_duplicate_slide() -> None:
     assert result.failing_slides == ["normal_001"]
     # The duplicated slide does not fake duplicate tiles in the tile contract.
     assert validate_tile_manifest(_tiles(), pl.concat([slides, slides.head(1)])).success
+
+
+# --- rules and suites --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_every_rule_but_column_exists_can_name_its_rows(name: str) -> None:
+    rules = suite_rules(name)
+    assert rules, name
+    for rule in rules:
+        is_exists = rule.expectation.__name__ == "ExpectColumnToExist"
+        assert (rule.twin is None) == is_exists, rule
+    assert len(expectation_suite(name).expectations) == len(rules)
+
+
+def test_one_gx_context_per_process() -> None:
+    validate_tile_manifest(_tiles(), _slides())
+    validate_metrics({"n_test_slides": 1, "n_test_anomalous": 0})
+    assert runner._datasource.cache_info().currsize == 1
+    assert runner._datasource.cache_info().misses == 1
+
+
+# --- tile manifest: the grid, the slide's split ------------------------------------------
+
+
+def test_tiles_on_the_grid_pass_and_off_grid_tiles_fail() -> None:
+    slides = _slides()
+    assert validate_tile_manifest(_tiles(), slides, grids=Grid(1024)).success
+    assert validate_tile_manifest(_tiles(), slides, grids=Grid(512)).success  # a finer grid
+    per_slide = {"normal_001": Grid(1024), "tumor_001": Grid(256)}
+    assert validate_tile_manifest(_tiles(), slides, grids=per_slide).success
+
+    tiles = _set(_tiles(), "tumor_001:1024:0", x=1000)
+    result = validate_tile_manifest(tiles, slides, grids=Grid(1024))
+    _assert_names(result, "expect_column_values_to_be_in_set", "x_grid_offset", 1)
+    assert _failure(result, "expect_column_values_to_be_in_set", "x_grid_offset").examples == [1000]
+    assert result.failing_slides == ["tumor_001"]
+
+    shifted = validate_tile_manifest(_tiles(), slides, grids=Grid(1024, origin_y=8))
+    _assert_names(shifted, "expect_column_values_to_be_in_set", "y_grid_offset", 24)
+
+
+def test_a_slide_without_a_known_grid_fails_and_no_grid_is_a_note() -> None:
+    result = validate_tile_manifest(_tiles(), _slides(), grids={"normal_001": Grid(1024)})
+    _assert_names(result, "expect_column_values_to_not_be_null", "grid_step", 16)
+    assert result.failing_slides == ["tumor_001"]
+
+    plain = validate_tile_manifest(_tiles(), _slides())
+    assert plain.success
+    assert plain.notes and "grid" in plain.notes[0]
+    assert "grid" in plain.message() and "grid" in plain.to_markdown()
+
+
+def test_grid_step_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Grid(0)
+
+
+def test_tile_split_differs_from_its_slide() -> None:
+    tiles = _set(_tiles(), "tumor_001:0:0", split="train")  # a test slide's tile in training
+    result = validate_tile_manifest(tiles, _slides())
+    _assert_names(result, "expect_column_pair_values_to_be_equal", "split, slide_split", 1)
+    assert result.failing_slides == ["tumor_001"]
+
+
+# --- tile scores ---------------------------------------------------------------------------
+
+
+def _scores(slide_id: str = "tumor_001") -> pl.DataFrame:
+    return (
+        _tiles()
+        .filter(pl.col("slide_id") == slide_id)
+        .select("slide_id", "tile_id", pl.lit(0.25).alias("score"))
+    )
+
+
+def _score(df: pl.DataFrame, tile_id: str, value: float) -> pl.DataFrame:
+    hit = pl.col("tile_id") == tile_id
+    return df.with_columns(
+        pl.when(hit).then(pl.lit(value)).otherwise(pl.col("score")).alias("score")
+    )
+
+
+def test_tile_scores_pass() -> None:
+    result = validate_tile_scores(_scores(), _tiles())
+    assert result.success, result.message()
+    both = pl.concat([_scores(), _scores("normal_001")])
+    assert validate_tile_scores(both, _tiles(), score_range=(0.0, 1.0)).success
+
+
+@pytest.mark.parametrize(
+    ("value", "expectation", "column"),
+    [
+        (math.nan, "expect_column_values_to_not_be_null", "score"),
+        (math.inf, "expect_column_values_to_not_be_in_set", "score"),
+        (-0.5, "expect_column_values_to_be_between", "score"),
+    ],
+)
+def test_tile_score_not_finite_or_out_of_range(value: float, expectation: str, column: str) -> None:
+    scores = _score(_scores(), "tumor_001:1024:0", value)
+    result = validate_tile_scores(scores, _tiles())
+    _assert_names(result, expectation, column, 1)
+    assert result.failing_slides == ["tumor_001"]
+    assert result.failures[0].example_rows[0]["tile_id"] == "tumor_001:1024:0"
+
+
+def test_tile_score_range_is_a_parameter() -> None:
+    scores = _score(_scores(), "tumor_001:0:0", 3.0)
+    assert validate_tile_scores(scores, _tiles()).success  # default [0, inf)
+    result = validate_tile_scores(scores, _tiles(), score_range=(0.0, 1.0))
+    _assert_names(result, "expect_column_values_to_be_between", "score", 1)
+    assert "1.0" in _failure(result, "expect_column_values_to_be_between", "score").detail
+    with pytest.raises(ValueError, match="empty"):
+        validate_tile_scores(scores, _tiles(), score_range=(1.0, 0.0))
+
+
+def test_tile_scored_twice() -> None:
+    scores = pl.concat([_scores(), _scores().head(1)])
+    result = validate_tile_scores(scores, _tiles())
+    _assert_names(result, "expect_column_values_to_be_unique", "tile_id", 2)
+
+
+def test_tile_scores_must_match_the_manifest_set() -> None:
+    missing = _scores().filter(pl.col("tile_id") != "tumor_001:0:0")
+    result = validate_tile_scores(missing, _tiles())
+    _assert_names(result, "expect_column_values_to_be_in_set", "scored", 1)
+    assert result.failures[0].example_rows[0]["tile_id"] == "tumor_001:0:0"
+
+    extra = pl.concat(
+        [
+            _scores(),
+            pl.DataFrame({"slide_id": ["tumor_001"], "tile_id": ["tumor_001:5:5"], "score": [0.1]}),
+        ]
+    )
+    result = validate_tile_scores(extra, _tiles())
+    _assert_names(result, "expect_column_values_to_be_in_set", "in_manifest", 1)
+    assert result.failing_slides == ["tumor_001"]
+
+
+# --- slide scores --------------------------------------------------------------------------
+
+
+def _slide_scores() -> pl.DataFrame:
+    # normal_001 is 4096 x 2048, tumor_001 4096 x 4096; heatmap downsample 16 -> 256 wide.
+    return pl.DataFrame(
+        {
+            "slide_id": ["normal_001", "tumor_001"],
+            "tiles": [8, 16],
+            "slide_score": [0.1, 0.9],
+            "heatmap_downsample": [16, 16],
+            "heatmap_rows": [128, 256],
+            "heatmap_cols": [256, 256],
+        }
+    )
+
+
+def _slide_set(**values: object) -> pl.DataFrame:
+    df = _slide_scores()
+    hit = pl.col("slide_id") == "tumor_001"
+    return df.with_columns(
+        [
+            pl.when(hit).then(pl.lit(v)).otherwise(pl.col(c)).cast(df.schema[c]).alias(c)
+            for c, v in values.items()
+        ]
+    )
+
+
+def test_slide_scores_pass() -> None:
+    result = validate_slide_scores(_slide_scores(), _slides(), ["normal_001", "tumor_001"])
+    assert result.success, result.message()
+    odd = _slide_set(heatmap_downsample=1000, heatmap_rows=5, heatmap_cols=5)  # ceil(4096/1000)
+    assert validate_slide_scores(odd, _slides()).success
+
+
+@pytest.mark.parametrize(
+    ("values", "expectation", "column"),
+    [
+        ({"slide_score": math.nan}, "expect_column_values_to_not_be_null", "slide_score"),
+        ({"slide_score": -math.inf}, "expect_column_values_to_not_be_in_set", "slide_score"),
+        (
+            {"heatmap_rows": 255},
+            "expect_column_pair_values_to_be_equal",
+            "heatmap_rows, expected_rows",
+        ),
+        (
+            {"heatmap_cols": 512},
+            "expect_column_pair_values_to_be_equal",
+            "heatmap_cols, expected_cols",
+        ),
+        ({"heatmap_rows": None}, "expect_column_values_to_not_be_null", "heatmap_rows"),
+        ({"tiles": 0}, "expect_column_values_to_be_between", "tiles"),
+        ({"heatmap_downsample": 0}, "expect_column_values_to_be_between", "heatmap_downsample"),
+        ({"slide_id": "ghost_001"}, "expect_column_values_to_not_be_null", "width"),
+    ],
+)
+def test_bad_slide_score(values: dict, expectation: str, column: str) -> None:
+    result = validate_slide_scores(_slide_set(**values), _slides())
+    _assert_names(result, expectation, column, 1)
+    assert result.failing_slides == [values.get("slide_id", "tumor_001")]
+
+
+def test_one_score_per_scored_slide() -> None:
+    twice = pl.concat([_slide_scores(), _slide_scores().tail(1)])
+    _assert_names(
+        validate_slide_scores(twice, _slides()), "expect_column_values_to_be_unique", "slide_id", 2
+    )
+    result = validate_slide_scores(
+        _slide_scores().head(1), _slides(), expected_slides=["normal_001", "tumor_001"]
+    )
+    _assert_names(result, "expect_column_values_to_be_in_set", "scored", 1)
+    assert result.failing_slides == ["tumor_001"]
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+GOOD_METRICS = {
+    "n_test_slides": 6.0,
+    "n_test_anomalous": 3.0,
+    "threshold": 0.37,
+    "slide_auroc": 0.9,
+    "slide_f1_max": 0.8,
+    "slide_sensitivity": 1.0,
+    "slide_specificity": math.nan,  # undefined without normal test slides: allowed
+    "pixel_auroc": 0.0,
+    "froc": 0.5,
+    "sens_at_0_25_fp": 0.25,
+}
+
+
+def test_metrics_pass() -> None:
+    result = validate_metrics(GOOD_METRICS, record="ae_l2")
+    assert result.success, result.message()
+    assert result.rows == len(GOOD_METRICS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expectation", "column"),
+    [
+        ({"slide_auroc": 1.2}, "expect_column_values_to_be_between", "value"),
+        ({"sens_at_0_25_fp": -0.1}, "expect_column_values_to_be_between", "value"),
+        (
+            {"n_test_slides": -1.0, "n_test_anomalous": -2.0},
+            "expect_column_values_to_be_between",
+            "value",
+        ),
+        (
+            {"n_test_anomalous": 2.5},
+            "expect_column_pair_values_to_be_equal",
+            "value, value_rounded",
+        ),
+        (
+            {"n_test_anomalous": 7.0},
+            "expect_column_pair_values_a_to_be_greater_than_b",
+            "n_test_slides, value",
+        ),
+        ({"threshold": math.inf}, "expect_column_values_to_not_be_in_set", "value"),
+        ({"n_test_slides": None}, "expect_column_values_to_not_be_null", "value"),
+    ],
+)
+def test_bad_metrics(changes: dict, expectation: str, column: str) -> None:
+    result = validate_metrics({**GOOD_METRICS, **changes}, record="ae_l2")
+    assert not result.success
+    failure = _failure(result, expectation, column)
+    assert failure.unexpected_count >= 1
+    assert failure.example_rows and failure.example_rows[0]["record"] == "ae_l2"
+    assert not result.attributable  # no slide to blame: quarantine cannot fix a metric
+    assert "metrics" in result.message() and expectation in result.message()
+
+
+def test_missing_count_and_non_numbers() -> None:
+    result = validate_metrics({"slide_auroc": 0.5})
+    _failure(result, "expect_column_values_to_not_be_null", "value")
+    with pytest.raises(TypeError, match="slide_auroc"):
+        validate_metrics({**GOOD_METRICS, "slide_auroc": "high"})
