@@ -1,0 +1,161 @@
+"""Stain normalisation: make one site's H&E colours look like a reference site's.
+
+Camelyon16 taught that standardising stain variation matters more than the network. Two
+classic methods, each fitted on a *sample of normal tissue tiles* (never whole slides) and saved
+with the model as plain JSON, so scoring at another site applies the training site's reference:
+
+- Reinhard et al. 2001: match per-channel mean and standard deviation in LAB space.
+- Macenko et al. 2009: estimate the two stain vectors from optical density (OD) by SVD,
+  unmix each pixel into stain concentrations, rescale them to the reference's 99th percentile,
+  and remix with the reference's stain vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from skimage.color import lab2rgb, rgb2lab
+
+BACKGROUND_LUMINANCE = 0.85  # pixels brighter than this (in [0, 1]) are glass, not tissue
+OD_FLOOR = 0.15  # Macenko's beta: OD below this is background or too faint to unmix
+ANGLE_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the stain-angle distribution
+
+
+def tissue_pixels(tiles: np.ndarray) -> np.ndarray:
+    """(N, 3) float RGB in [0, 1] of the non-glass pixels of uint8 tiles (B, H, W, 3)."""
+    rgb = tiles.reshape(-1, 3).astype(np.float32) / 255.0
+    keep = rgb.mean(axis=1) < BACKGROUND_LUMINANCE
+    return rgb[keep] if keep.sum() >= 16 else rgb
+
+
+class StainNormaliser:
+    """Fit on reference tiles, then transform any tiles; `to_dict`/`from_dict` to save."""
+
+    method: ClassVar[str]
+
+    def fit(self, tiles: np.ndarray) -> StainNormaliser:
+        raise NotImplementedError
+
+    def transform(self, tiles: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
+
+
+@dataclass
+class NoNormaliser(StainNormaliser):
+    method: ClassVar[str] = "none"
+
+    def fit(self, tiles: np.ndarray) -> NoNormaliser:
+        return self
+
+    def transform(self, tiles: np.ndarray) -> np.ndarray:
+        return tiles
+
+
+@dataclass
+class Reinhard(StainNormaliser):
+    """LAB mean/std matching (Reinhard 2001). Statistics over tissue pixels only."""
+
+    method: ClassVar[str] = "reinhard"
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    @staticmethod
+    def lab_stats(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lab = rgb2lab(tissue_pixels(tiles)[None])[0]  # (N, 3)
+        return lab.mean(axis=0), lab.std(axis=0) + 1e-6
+
+    def fit(self, tiles: np.ndarray) -> Reinhard:
+        mean, std = self.lab_stats(tiles)
+        self.mean, self.std = mean.tolist(), std.tolist()
+        return self
+
+    def transform(self, tiles: np.ndarray) -> np.ndarray:
+        """Each call matches the batch's own tissue statistics to the reference's."""
+        src_mean, src_std = self.lab_stats(tiles)
+        lab = rgb2lab(tiles.astype(np.float32) / 255.0)  # (B, H, W, 3)
+        glass = tiles.mean(axis=-1) / 255.0 >= BACKGROUND_LUMINANCE
+        lab = (lab - src_mean) / src_std * np.asarray(self.std) + np.asarray(self.mean)
+        out = np.clip(lab2rgb(lab) * 255.0, 0, 255).astype(np.uint8)
+        out[glass] = tiles[glass]  # glass stays glass
+        return out
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Beer-Lambert OD of RGB in [0, 1]: -log(I / I0) with I0 = 1."""
+    return -np.log(np.clip(rgb, 1.0 / 255.0, 1.0))
+
+
+def macenko_stains(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stain matrix (2, 3) with haematoxylin first, 99th-percentile concentrations (2,))."""
+    od = optical_density(tissue_pixels(tiles))  # (N, 3)
+    # The usual rule drops pixels with OD below beta in *any* channel; eosin barely absorbs
+    # red, so that drops pure-eosin stroma and bends the eosin vector. Use the OD magnitude.
+    od = od[np.linalg.norm(od, axis=1) > OD_FLOOR]
+    if len(od) < 16:
+        raise ValueError("too few stained pixels to estimate stain vectors (is this glass?)")
+    _, eigvecs = np.linalg.eigh(np.cov(od.T))  # ascending eigenvalues
+    plane = eigvecs[:, 1:3]  # (3, 2): the two largest
+    projected = od @ plane  # (N, 2)
+    angles = np.arctan2(projected[:, 1], projected[:, 0])
+    lo, hi = np.percentile(angles, [ANGLE_PERCENTILE, 100 - ANGLE_PERCENTILE])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    v1, v2 = (v if v[0] >= 0 else -v for v in (v1, v2))  # OD vectors are positive
+    # Haematoxylin absorbs red most (larger first component) of the two.
+    stains = np.stack([v1, v2] if v1[0] > v2[0] else [v2, v1])
+    stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
+    concentrations = np.linalg.lstsq(stains.T, od.T, rcond=None)[0]  # (2, N)
+    return stains, np.percentile(concentrations, 99, axis=1)
+
+
+@dataclass
+class Macenko(StainNormaliser):
+    """OD-SVD stain separation (Macenko 2009), remixed with the reference's stains."""
+
+    method: ClassVar[str] = "macenko"
+    stains: list[list[float]] = field(default_factory=list)  # (2, 3), haematoxylin first
+    max_concentrations: list[float] = field(default_factory=list)  # (2,)
+
+    def fit(self, tiles: np.ndarray) -> Macenko:
+        stains, cmax = macenko_stains(tiles)
+        self.stains, self.max_concentrations = stains.tolist(), cmax.tolist()
+        return self
+
+    def transform(self, tiles: np.ndarray) -> np.ndarray:
+        try:
+            src_stains, src_max = macenko_stains(tiles)
+        except ValueError:
+            return tiles  # nothing stained in this batch: leave it as it is
+        shape = tiles.shape
+        od = optical_density(tiles.reshape(-1, 3).astype(np.float32) / 255.0)  # (P, 3)
+        conc = np.linalg.lstsq(src_stains.T, od.T, rcond=None)[0]  # (2, P)
+        conc *= (np.asarray(self.max_concentrations) / np.maximum(src_max, 1e-6))[:, None]
+        od_ref = (np.asarray(self.stains).T @ conc).T  # (P, 3)
+        out = np.clip(np.exp(-od_ref) * 255.0, 0, 255).astype(np.uint8).reshape(shape)
+        glass = tiles.mean(axis=-1) / 255.0 >= BACKGROUND_LUMINANCE
+        out[glass] = tiles[glass]
+        return out
+
+
+NORMALISERS: dict[str, type[StainNormaliser]] = {
+    cls.method: cls for cls in (NoNormaliser, Reinhard, Macenko)
+}
+
+
+def make_normaliser(method: str) -> StainNormaliser:
+    if method not in NORMALISERS:
+        raise ValueError(
+            f"unknown stain normalisation {method!r}; choose one of {list(NORMALISERS)}"
+        )
+    return NORMALISERS[method]()
+
+
+def normaliser_from_dict(data: dict[str, Any]) -> StainNormaliser:
+    data = dict(data)
+    cls = NORMALISERS[data.pop("method")]
+    return cls(**data)
