@@ -31,9 +31,28 @@ from skimage import measure
 
 from tasks.slides.annotations import write_asap_xml
 
-# Ruifrok & Johnston stain vectors (optical density per unit stain, R, G, B).
-H_VEC = np.array([0.65, 0.70, 0.29], dtype=np.float32)
-E_VEC = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+
+@dataclass(frozen=True)
+class Stain:
+    """A lab's H&E: stain OD vectors (per unit stain, R, G, B) and an intensity.
+
+    The default is Ruifrok & Johnston's. A second site with another `Stain` tests whether a
+    model trained at one hospital transfers to another.
+    """
+
+    haematoxylin: tuple[float, float, float] = (0.65, 0.70, 0.29)
+    eosin: tuple[float, float, float] = (0.07, 0.99, 0.11)
+    intensity: float = 1.0
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        h = np.asarray(self.haematoxylin, dtype=np.float32) * self.intensity
+        e = np.asarray(self.eosin, dtype=np.float32) * self.intensity
+        return h, e
+
+
+DEFAULT_STAIN = Stain()
+#: A plausibly different lab: bluer, paler haematoxylin and a more orange eosin.
+SHIFTED_STAIN = Stain(haematoxylin=(0.50, 0.78, 0.38), eosin=(0.16, 0.93, 0.20), intensity=0.8)
 
 STRIP_ROWS = 256  # rows rendered at once; part of the seed schedule, so changing it changes pixels
 TISSUE_EDGE_PX = 24.0  # width of the soft tissue border, level-0 px
@@ -74,6 +93,7 @@ def make_pathology_site(
     lesion_strength: float = 1.0,
     seed: int = 0,
     progress: Progress | None = None,
+    stain: Stain = DEFAULT_STAIN,
 ) -> Path:
     """Write a Camelyon16-shaped site folder `out_dir/name` and return its path.
 
@@ -130,6 +150,7 @@ def make_pathology_site(
             lesion_strength=lesion_strength,
             seed=slide_seed,
             mask_path=mask_path,
+            stain=stain,
         )
         if tumour:
             write_asap_xml(site / "lesion_annotations" / f"{path.stem}.xml", polygons)
@@ -148,6 +169,7 @@ def write_synthetic_slide(
     lesion_strength: float = 1.0,
     seed: int | np.random.SeedSequence = 0,
     mask_path: Path | None = None,
+    stain: Stain = DEFAULT_STAIN,
 ) -> list[np.ndarray]:
     """Render one slide to a pyramidal JPEG TIFF; return its lesion outlines, (N, 2) x, y level 0.
 
@@ -182,7 +204,7 @@ def write_synthetic_slide(
                 for strip, y0 in enumerate(range(0, height, STRIP_ROWS)):
                     y1 = min(y0 + STRIP_ROWS, height)
                     strip_rng = np.random.default_rng(_child_of(seq, 1, strip))
-                    rgb, lesion = _render_strip(plan, nuclei, bank, strip_rng, y0, y1, width)
+                    rgb, lesion = _render_strip(plan, nuclei, bank, strip_rng, y0, y1, width, stain)
                     rgb_out.write(rgb.tobytes())
                     if mask_out is not None:
                         if lesion is None:
@@ -568,6 +590,7 @@ def _render_strip(
     y0: int,
     y1: int,
     width: int,
+    stain: Stain = DEFAULT_STAIN,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows [y0, y1) as (h, W, 3) uint8 RGB, and the (h, W) bool lesion mask if any lesion."""
     h = y1 - y0
@@ -594,8 +617,9 @@ def _render_strip(
 
     noise = rng.standard_normal((h, width), dtype=np.float32) * 0.012
     rgb = np.empty((h, width, 3), dtype=np.uint8)
+    h_vec, e_vec = stain.vectors()
     for c in range(3):
-        od = h_field * H_VEC[c] + e_field * E_VEC[c]
+        od = h_field * h_vec[c] + e_field * e_vec[c]
         od += noise
         od += plan.glass_od[c]
         np.negative(od, out=od)
