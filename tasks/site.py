@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.slides.storage import StorageOptions, is_remote, join
+
 SITE_FILE = "site.yaml"
 
 
@@ -25,10 +27,20 @@ class TilingConfig(BaseModel):
     target_mpp: float | None = Field(
         0.5, gt=0, description="working resolution in um/px; None reads level 0 (industrial)"
     )
-    mask_mpp: float = Field(8.0, gt=0, description="resolution the tissue mask is computed at")
+    mask_mpp: float = Field(
+        8.0, gt=0, description="finest resolution (um/px) the tissue mask is computed at"
+    )
+    mask_mpp_max: float = Field(
+        16.0, gt=0, description="coarsest mask resolution (um/px), used for very large slides"
+    )
+    mask_preset: str | None = Field(
+        None,
+        description="named masking settings (tasks/tiling/mask.py MASK_PRESETS); "
+        "None: 'he' for pathology, 'object-dark' for industrial",
+    )
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)
-    min_object_um2: float = Field(
-        20_000.0, ge=0, description="tissue specks smaller than this (um^2) are dropped"
+    min_object_um2: float | None = Field(
+        None, ge=0, description="tissue specks smaller than this (um^2) are dropped; None: preset's"
     )
     heatmap_downsample: int = Field(16, ge=1, description="heatmap pixel = this many level-0 px")
     foreground_mask: bool = Field(
@@ -38,6 +50,53 @@ class TilingConfig(BaseModel):
     @property
     def step(self) -> int:
         return self.stride or self.tile_size
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> TilingConfig:
+        from tasks.tiling.mask import mask_preset
+
+        if self.mask_preset is not None:
+            mask_preset(self.mask_preset)  # raises, naming the known presets
+        if self.mask_mpp_max < self.mask_mpp:
+            raise ValueError("tiling.mask_mpp_max must be >= tiling.mask_mpp")
+        return self
+
+
+class StorageConfig(BaseModel):
+    """How to reach an S3(-compatible) store for `s3://` sources and outputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph...); None: AWS or $AWS_ENDPOINT_URL"
+    )
+    cache_dir: str | None = Field(
+        None, description="where S3 slides are downloaded; None: $VADFLOW_HOME/cache/slides"
+    )
+    max_attempts: int = Field(5, ge=1, le=20, description="boto3 standard-mode retry attempts")
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(
+            endpoint_url=self.endpoint_url,
+            cache_dir=self.cache_dir,
+            max_attempts=self.max_attempts,
+            addressing_style=self.addressing_style,
+        )
+
+
+class ParallelConfig(BaseModel):
+    """Where slides are tiled in parallel: local processes by default, or a Dask cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["process", "dask", "serial"] = "process"
+    workers: int | None = Field(
+        None, ge=1, description="processes (or local Dask workers); None: the CPU count"
+    )
+    dask_address: str | None = Field(
+        None, description="scheduler address (tcp://host:8786); None starts a local cluster"
+    )
 
 
 class SiteConfig(BaseModel):
@@ -54,14 +113,30 @@ class SiteConfig(BaseModel):
         default_factory=dict, description="per-family overrides of the family's config dataclass"
     )
     mpp_override: float | None = Field(
-        None, gt=0, description="level-0 um/px for slides whose files carry no MPP"
+        None, gt=0, description="level-0 um/px for slides whose files carry no (or an absurd) MPP"
     )
+    mpp_bounds: tuple[float, float] = Field(
+        (0.05, 20.0), description="a level-0 MPP outside this range (um/px) is not believed"
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     val_fraction: float = Field(
         0.25, ge=0, lt=1, description="share of normal training slides held out for calibration"
     )
     target_fpr: float = Field(0.05, gt=0, lt=1, description="threshold = normal quantile 1-fpr")
     max_train_tiles: int = Field(4000, ge=16)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _plausible_mpp(self) -> SiteConfig:
+        lo, hi = self.mpp_bounds
+        if not 0 < lo < hi:
+            raise ValueError(f"mpp_bounds must be two increasing positive numbers, got {lo}, {hi}")
+        if self.mpp_override is not None and not lo <= self.mpp_override <= hi:
+            raise ValueError(
+                f"mpp_override {self.mpp_override} um/px is outside mpp_bounds {lo}-{hi}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _industrial_defaults(self) -> SiteConfig:
@@ -85,7 +160,13 @@ def load_site(site_dir: str | Path, name: str | None = None) -> SiteConfig:
         if data["domain"] == "industrial":
             data["tiling"] = {"target_mpp": None, "heatmap_downsample": 1}
     data.setdefault("name", name or _slug(site_dir.name))
-    data["source"] = str(site_dir.resolve())
+    # The slides sit beside site.yaml unless it names a source: s3://bucket/prefix, or a folder
+    # (relative to the site folder).
+    source = data.get("source")
+    if not source:
+        data["source"] = str(site_dir.resolve())
+    elif not is_remote(source):
+        data["source"] = str((site_dir / Path(source).expanduser()).resolve())
     return SiteConfig.model_validate(data)
 
 
@@ -100,11 +181,44 @@ def _slug(text: str) -> str:
 
 
 class SiteLayout:
-    """Paths under `<root>/<site>/`, the same locally and (later) under an S3 prefix."""
+    """Paths under `<root>/<site>/`, the same locally and under an S3 prefix.
+
+    The `Path` properties serve local roots. The `*_uri` properties are strings that work for
+    both, and are what the storage-aware functions (tiling, registration) take.
+    """
 
     def __init__(self, root: str | Path, site: str) -> None:
-        self.root = Path(root) / site
         self.site = site
+        self.root_uri = join(root, site)
+        self.remote = is_remote(root)
+        self._root = Path(root) / site if not self.remote else None
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            raise ValueError(
+                f"{self.root_uri}: an S3 output root has no local path; use the *_uri properties"
+            )
+        return self._root
+
+    def uri(self, *parts: str) -> str:
+        return join(self.root_uri, *parts)
+
+    @property
+    def slides_manifest_uri(self) -> str:
+        return self.uri("slides.parquet")
+
+    @property
+    def tiles_uri(self) -> str:
+        return self.uri("tiles")
+
+    @property
+    def masks_uri(self) -> str:
+        return self.uri("masks")
+
+    @property
+    def quarantine_uri(self) -> str:
+        return self.uri("quarantine")
 
     @property
     def slides_manifest(self) -> Path:

@@ -1,13 +1,26 @@
-"""The tile grid and the tile manifest of one slide.
+"""The tile grid and the tile manifest of one slide, and of many slides in parallel.
 
 Tiles are square, cut at a working resolution, and recorded by their level-0 top-left corner
 and level-0 extent; pixels are read later. A tile is kept when enough of it is tissue.
+
+Manifests are partitioned by site and slide: `<root>/<site>/tiles/<slide_id>.parquet`, one file
+per slide, under a local folder or an S3 prefix. A slide is committed in order: mask PNG, then the
+manifest (whole-file writes: temporary name + rename locally, one PUT on S3), then
+`<slide_id>.done.json` last. The marker carries a fingerprint of the slide's content hash and the
+tiling settings, so a rerun skips a slide only when its marker exists and still matches: a run
+killed at any point resumes without duplicate or missing tiles, and an unchanged slide is never
+re-tiled. Tile ids (`<slide_id>:<x>:<y>`) and row order (row-major on the grid) are
+deterministic, so a resumed run's manifests equal an uninterrupted run's row for row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,11 +28,22 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform, write_parquet_atomic
+from tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
 from tasks.site import TilingConfig
 from tasks.slides.ground_truth import ground_truth_mask
 from tasks.slides.reader import Slide
-from tasks.tiling.mask import MaskPreset, tissue_mask
+from tasks.slides.storage import (
+    StorageOptions,
+    is_remote,
+    join,
+    local_path,
+    storage_for,
+    write_parquet,
+)
+from tasks.tiling import mask as masking
+
+# Part of every fingerprint: bump when the masking or grid code changes what it writes.
+TILING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -70,52 +94,109 @@ def coverage(
 
 
 def mask_downsample(slide: Slide, mpp0: float | None, tiling: TilingConfig) -> float:
-    """Level-0 px per mask cell: about `mask_mpp`, never coarser than a fraction of a tile."""
-    if mpp0 is None:
-        return 1.0 if max(slide.width, slide.height) <= 4096 else 8.0
-    return max(1.0, tiling.mask_mpp / mpp0)
+    """Level-0 px per mask cell: a pyramid level at `mask_mpp`-`mask_mpp_max` um/px if any."""
+    return masking.mask_downsample(slide.levels, mpp0, (tiling.mask_mpp, tiling.mask_mpp_max))
+
+
+def preset_for(tiling: TilingConfig, domain: str) -> masking.MaskPreset:
+    """The site's mask preset, with the site's `min_object_um2` if it sets one."""
+    preset = masking.mask_preset(tiling.mask_preset or masking.DEFAULT_PRESET[domain])
+    if tiling.min_object_um2 is not None:
+        preset = masking.MaskPreset(**{**asdict(preset), "min_object_um2": tiling.min_object_um2})
+    return preset
 
 
 @dataclass(frozen=True)
 class TilingResult:
     slide_id: str
     tiles: int
-    status: str  # ok | no_tissue
-    manifest: str
+    status: str  # ok | no_tissue | failed
+    manifest: str  # local path or s3:// URI of the slide's tile manifest ("" when failed)
     mask_png: str
     tissue_fraction: float
+    reason: str | None = None  # why a slide failed or has no tissue
+
+
+def slide_mask(
+    slide: Slide, mpp0: float | None, tiling: TilingConfig, domain: str
+) -> tuple[np.ndarray, float]:
+    """(mask (H, W) bool, level-0 px per mask cell) for one slide."""
+    ds = mask_downsample(slide, mpp0, tiling)
+    if domain == "industrial" and not tiling.foreground_mask:
+        shape = (int(np.ceil(slide.height / ds)), int(np.ceil(slide.width / ds)))
+        return np.ones(shape, dtype=bool), ds  # the whole image: nothing to read
+    thumb = slide.thumbnail(ds)  # (H, W, 3) uint8 at ~ds
+    um_per_px = None if mpp0 is None else mpp0 * ds
+    return masking.tissue_mask(thumb, preset_for(tiling, domain), um_per_px), ds
 
 
 def tile_slide(
     slide_row: dict,
     tiling: TilingConfig,
     domain: str,
-    tiles_dir: Path,
-    masks_dir: Path,
+    tiles_dir: str | Path,
+    masks_dir: str | Path,
+    storage: StorageOptions | None = None,
 ) -> TilingResult:
-    """Mask one slide, lay the grid, write `<tiles_dir>/<slide_id>.parquet` and the mask PNG."""
-    slide = Slide(slide_row["uri"])
-    mpp0 = slide_row["mpp"]
-    slide_id = slide_row["slide_id"]
-    geometry = working_geometry(slide, mpp0, tiling)
-    ds = mask_downsample(slide, mpp0, tiling)
-    thumb = slide.thumbnail(ds)
-    if domain == "industrial" and not tiling.foreground_mask:
-        mask = np.ones(thumb.shape[:2], dtype=bool)
-    else:
-        min_px = 0 if mpp0 is None else int(tiling.min_object_um2 / (mpp0 * ds) ** 2)
-        mask = tissue_mask(thumb, MaskPreset(min_object_px=min_px))
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    mask_png = masks_dir / f"{slide_id}.png"
-    Image.fromarray((mask * 255).astype(np.uint8)).save(mask_png)
+    """Mask one slide, lay the grid, write `<tiles_dir>/<slide_id>.parquet` and the mask PNG.
 
-    xs, ys = tile_origins(slide.width, slide.height, geometry.extent, geometry.step)
+    `tiles_dir` and `masks_dir` may be local folders or `s3://` prefixes. The done marker is
+    written last (see the module docstring).
+    """
+    slide_id = slide_row["slide_id"]
+    mpp0 = slide_row["mpp"]
+    marker = _status_uri(tiles_dir, slide_id)
+    # A marker from other settings goes first: a run killed below must not leave it beside a
+    # manifest it does not describe.
+    storage_for(marker, storage).delete(marker)
+    with Slide(slide_row["uri"], storage) as slide:
+        geometry = working_geometry(slide, mpp0, tiling)
+        mask, ds = slide_mask(slide, mpp0, tiling, domain)
+        width, height = slide.width, slide.height
+    mask_png = join(masks_dir, f"{slide_id}.png")
+    storage_for(mask_png, storage).write_bytes(mask_png, _png_bytes(mask))
+
+    xs, ys = tile_origins(width, height, geometry.extent, geometry.step)
     tissue = coverage(mask, xs, ys, geometry.extent, ds)
     keep = tissue >= tiling.min_tissue_fraction
     xs, ys, tissue = xs[keep], ys[keep], tissue[keep]
-    truth = ground_truth_mask(slide_row["annotation_uri"], slide.width, slide.height, ds)
-    lesion = coverage(truth, xs, ys, geometry.extent, ds)
+    annotation = slide_row.get("annotation_uri")
+    if annotation is not None and is_remote(annotation):
+        annotation = str(local_path(annotation, storage))
+    if annotation is None or len(xs) == 0:
+        lesion = np.zeros(len(xs), dtype=np.float64)
+    else:
+        truth = ground_truth_mask(annotation, width, height, ds)
+        lesion = coverage(truth, xs, ys, geometry.extent, ds)
 
+    frame = tile_frame(slide_row, geometry, xs, ys, tissue, lesion)
+    manifest = write_parquet(frame, join(tiles_dir, f"{slide_id}.parquet"), storage)
+    result = TilingResult(
+        slide_id=slide_id,
+        tiles=frame.height,
+        status="ok" if frame.height else "no_tissue",
+        manifest=manifest,
+        mask_png=mask_png,
+        tissue_fraction=float(mask.mean()) if mask.size else 0.0,
+        reason=None if frame.height else "no tile reaches min_tissue_fraction",
+    )
+    # Written last: its presence (with a matching fingerprint) means this slide is done.
+    fingerprint = tiling_fingerprint(slide_row["sha256"], tiling, domain)
+    body = json.dumps({"fingerprint": fingerprint, **asdict(result)}).encode()
+    storage_for(marker, storage).write_bytes(marker, body)
+    return result
+
+
+def tile_frame(
+    slide_row: dict,
+    geometry: Geometry,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    tissue: np.ndarray,
+    lesion: np.ndarray,
+) -> pl.DataFrame:
+    """The manifest rows of one slide, in grid (row-major) order, with deterministic tile ids."""
+    slide_id = slide_row["slide_id"]
     tile_ids = [f"{slide_id}:{x}:{y}" for x, y in zip(xs.tolist(), ys.tolist(), strict=True)]
     frame = pl.DataFrame(
         {
@@ -135,44 +216,123 @@ def tile_slide(
         },
         schema_overrides={"mpp": pl.Float64, "tile_id": pl.String},
     )
-    frame = conform(frame, TILE_SCHEMA)
-    manifest = tiles_dir / f"{slide_id}.parquet"
-    write_parquet_atomic(frame, manifest)
-    result = TilingResult(
-        slide_id=slide_id,
-        tiles=frame.height,
-        status="ok" if frame.height else "no_tissue",
-        manifest=str(manifest),
-        mask_png=str(mask_png),
-        tissue_fraction=float(mask.mean()),
-    )
-    # Written last: its presence (with a matching fingerprint) means this slide is done.
-    _status_path(tiles_dir, slide_id).write_text(
-        json.dumps(
-            {"fingerprint": tiling_fingerprint(slide_row["sha256"], tiling), **asdict(result)}
-        )
-    )
-    return result
+    return conform(frame, TILE_SCHEMA)
 
 
-def finished_tiling(slide_row: dict, tiling: TilingConfig, tiles_dir: Path) -> TilingResult | None:
+def _png_bytes(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(buffer, format="PNG", compress_level=1)  # 1-bit
+    return buffer.getvalue()
+
+
+def finished_tiling(
+    slide_row: dict,
+    tiling: TilingConfig,
+    tiles_dir: str | Path,
+    storage: StorageOptions | None = None,
+    domain: str | None = None,
+) -> TilingResult | None:
     """The earlier result for this slide when its tiles are complete and still current."""
-    path = _status_path(tiles_dir, slide_row["slide_id"])
-    if not path.exists():
+    marker = _status_uri(tiles_dir, slide_row["slide_id"])
+    store = storage_for(marker, storage)
+    try:
+        status = json.loads(store.read_bytes(marker))
+    except (FileNotFoundError, ValueError):
         return None
-    status = json.loads(path.read_text())
     fingerprint = status.pop("fingerprint", None)
-    if fingerprint != tiling_fingerprint(slide_row["sha256"], tiling):
+    domains = [domain] if domain else ["pathology", "industrial"]
+    if fingerprint not in {tiling_fingerprint(slide_row["sha256"], tiling, d) for d in domains}:
         return None
-    if not Path(status["manifest"]).exists():
+    manifest = status.get("manifest", "")
+    if not manifest or not storage_for(manifest, storage).exists(manifest):
         return None
     return TilingResult(**status)
 
 
-def _status_path(tiles_dir: Path, slide_id: str) -> Path:
-    return tiles_dir / f"{slide_id}.done.json"
+def _status_uri(tiles_dir: str | Path, slide_id: str) -> str:
+    return join(tiles_dir, f"{slide_id}.done.json")
 
 
-def tiling_fingerprint(slide_sha: str, tiling: TilingConfig) -> str:
-    """Changes when the slide or the tiling settings change; an unchanged one is skipped."""
-    return hashlib.sha256((slide_sha + tiling.model_dump_json()).encode()).hexdigest()[:16]
+def tiling_fingerprint(slide_sha: str, tiling: TilingConfig, domain: str = "pathology") -> str:
+    """Changes when the slide, the tiling settings, the mask preset or this code change."""
+    preset = asdict(preset_for(tiling, domain))
+    key = json.dumps(
+        [TILING_VERSION, slide_sha, domain, tiling.model_dump(mode="json"), preset], sort_keys=True
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def tile_slide_safely(
+    slide_row: dict,
+    tiling: TilingConfig,
+    domain: str,
+    tiles_dir: str | Path,
+    masks_dir: str | Path,
+    storage: StorageOptions | None = None,
+) -> TilingResult:
+    """`tile_slide`, but a slide that fails becomes a `failed` result with its reason."""
+    try:
+        return tile_slide(slide_row, tiling, domain, tiles_dir, masks_dir, storage)
+    except Exception as exc:  # one bad slide must not stop the batch
+        return _failed(slide_row["slide_id"], exc)
+
+
+def _failed(slide_id: str, exc: BaseException) -> TilingResult:
+    last = traceback.format_exception_only(exc)[-1].strip()
+    return TilingResult(
+        slide_id=slide_id,
+        tiles=0,
+        status="failed",
+        manifest="",
+        mask_png="",
+        tissue_fraction=0.0,
+        reason=f"{slide_id}: tiling failed ({last})",
+    )
+
+
+def tile_slides(
+    rows: Iterable[dict],
+    tiling: TilingConfig,
+    domain: str,
+    tiles_dir: str | Path,
+    masks_dir: str | Path,
+    *,
+    executor: Executor | None = None,
+    storage: StorageOptions | None = None,
+    on_result: Callable[[TilingResult], None] | None = None,
+) -> list[TilingResult]:
+    """Tile every slide row, skipping finished ones; results in `rows` order.
+
+    `executor` is any `concurrent.futures.Executor`: a `ProcessPoolExecutor` (use a "spawn" or
+    "forkserver" context: libvips and OpenSlide threads do not survive fork) on one machine, or
+    `distributed.Client(...).get_executor()` on a Dask cluster. None tiles here, one slide at a
+    time. A slide that fails comes back with status `failed` and its reason; the rest go on.
+    `on_result` is called in this process as each slide finishes (progress, logging).
+    """
+    rows = list(rows)
+    results: list[TilingResult | None] = [None] * len(rows)
+    pending: dict[Future, int] = {}
+    for index, row in enumerate(rows):
+        done = finished_tiling(row, tiling, tiles_dir, storage, domain)
+        if done is not None:
+            results[index] = done
+            if on_result is not None:
+                on_result(done)
+        elif executor is None:
+            results[index] = tile_slide_safely(row, tiling, domain, tiles_dir, masks_dir, storage)
+            if on_result is not None:
+                on_result(results[index])
+        else:
+            future = executor.submit(
+                tile_slide_safely, row, tiling, domain, str(tiles_dir), str(masks_dir), storage
+            )
+            pending[future] = index
+    for future in as_completed(pending):
+        index = pending[future]
+        try:
+            results[index] = future.result()
+        except Exception as exc:  # the worker itself died (killed, out of memory, crashed)
+            results[index] = _failed(rows[index]["slide_id"], exc)
+        if on_result is not None:
+            on_result(results[index])
+    return [r for r in results if r is not None]
