@@ -101,6 +101,29 @@ def compare(
     )
 
 
+@tracking_app.command("status")
+def status(
+    home: HomeOption = None,
+    spool: Annotated[
+        Path | None, typer.Option("--spool", help="spool folder (default <home>/mlflow/spool)")
+    ] = None,
+) -> None:
+    """Say how much logging is waiting in the spool for `vadflow tracking sync`."""
+    state = configure_state(home)
+    from tasks.tracking.mlflow_runs import default_spool_dir
+    from tasks.tracking.spool import pending_operations
+
+    folder = spool or default_spool_dir(state.home)
+    waiting = pending_operations(folder)
+    if waiting:
+        console.print(
+            f"{waiting} operation(s) waiting in {folder}: run `vadflow tracking sync`",
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"nothing waiting in {folder}", soft_wrap=True)
+
+
 @tracking_app.command("sync")
 def sync(
     home: HomeOption = None,
