@@ -58,13 +58,6 @@ class ScheduleSpec(BaseModel):
         return CronSchedule(cron=self.cron, timezone=self.timezone)
 
 
-class PromotionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    metric: Literal["slide_auroc", "froc", "pixel_auroc", "slide_f1_max"] = "slide_auroc"
-    margin: float = Field(0.0, ge=0, description="how much the challenger must beat the champion")
-
-
 class PoolSpec(BaseModel):
     """Where runs execute; job variables must exist in the pool's base job template."""
 
@@ -82,8 +75,6 @@ class SiteFile(SiteConfig):
     jobs: list[Literal["nightly", "batch-score"]] = Field(default_factory=lambda: ["nightly"])
     work_pool: PoolSpec = Field(default_factory=PoolSpec)
     concurrency_limit: int = Field(1, ge=1)
-    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
-    contracts: Literal["strict", "quarantine"] = "strict"
     tags: list[str] = Field(default_factory=list)
 
     @field_validator("families")

@@ -12,9 +12,10 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 
 from flows.ingest import ingest
-from flows.nightly import default_tracking_uri, resolve_site, state_home
+from flows.nightly import resolve_site, state_home
 from tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
 from tasks.site import SiteConfig, SiteLayout
+from tasks.tracking.mlflow_runs import resolve_tracking_uri
 
 
 @flow(name="batch-score", log_prints=True)
@@ -32,10 +33,10 @@ def batch_score(
     site = resolve_site(site, site_dir)
     family = family or site.families[0]
     layout = SiteLayout(output_root or state_home() / "outputs", site.name)
-    tracking_uri = tracking_uri or default_tracking_uri()
+    tracking_uri = resolve_tracking_uri(tracking_uri, state_home())
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
 
-    data = ingest(site, layout)
+    data = ingest(site, layout, f"batch-{version}")
     model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))
     scores = score_task.map(

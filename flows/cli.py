@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.commands.tracking import compare as compare_command
+from flows.commands.tracking import tracking_app
+from flows.commands.validate import validate as validate_command
 from flows.env import StatePaths, configure_state
 
 app = typer.Typer(
@@ -23,6 +26,7 @@ app = typer.Typer(
 )
 synth_app = typer.Typer(help="Generate synthetic sites in real formats (deterministic by seed).")
 app.add_typer(synth_app, name="synth")
+
 console = Console()
 DEMO_EPOCHS = 8  # the demo site's loss flattens by then; `vadflow run` uses each family's default
 
@@ -215,6 +219,17 @@ def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
             value = metrics.get(key)
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 console.print(f"  {key:<18} {value:.4f}")
+        if result.get("diverged"):
+            console.print(f"  [red]training diverged[/]: {family} is never promoted")
+        if result.get("promotion"):
+            console.print(f"  champion gate: {result['promotion'].get('reason', '')}")
+        if result.get("spooled"):
+            console.print(
+                "  [yellow]MLflow unreachable[/]: logged to the spool; "
+                "replay with `vadflow tracking sync`"
+            )
+        if result.get("report"):
+            console.print(f"  report: {result['report']}", soft_wrap=True)
     for item in summary.get("quarantined", []):
         console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
     for slide_id in summary.get("no_tissue", []):
@@ -329,6 +344,11 @@ def batch(
         timeout=0,
     )
     console.print(f"submitted flow run {run.name} ({run.id}) of {deployed.name} on pool {pool}")
+
+
+app.command("validate")(validate_command)
+app.command("compare")(compare_command)
+app.add_typer(tracking_app, name="tracking")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
-from prefect import unmapped
 
-from tasks.prefect_tasks import discover_task, register_task, tile_task, validate_task
+from tasks.prefect_tasks import (
+    discover_task,
+    register_task,
+    tile_site_task,
+    validate_manifests_task,
+)
 from tasks.site import SiteConfig, SiteLayout
 from tasks.tiling.grid import TilingResult
+from tasks.validation import BoundaryCheck
 
 
 @dataclass(frozen=True)
 class Ingested:
     slides_path: str
-    slides: pl.DataFrame
-    tiling: list[TilingResult]
+    tiling: list[TilingResult]  # slides that tiled and passed the contracts
+    failed: list[TilingResult]  # slides whose tiling failed, with reasons
+    checked: BoundaryCheck
+
+    @property
+    def slides(self) -> pl.DataFrame:
+        """The slide manifest as it stands now (contracts may have quarantined slides)."""
+        return pl.read_parquet(self.slides_path)
 
     @property
     def tile_paths(self) -> list[str]:
@@ -40,22 +51,24 @@ class Ingested:
 
     @property
     def quarantined(self) -> list[dict]:
-        return (
-            self.slides.filter(pl.col("status") == "quarantined")
-            .select("slide_id", "reason")
-            .to_dicts()
-        )
+        frozen = self.slides.filter(pl.col("status") == "quarantined")
+        listed = frozen.select("slide_id", "reason").to_dicts()
+        listed += [{"slide_id": t.slide_id, "reason": t.reason} for t in self.failed]
+        return listed
 
     @property
     def no_tissue(self) -> list[str]:
         return [t.slide_id for t in self.tiling if t.status == "no_tissue"]
 
 
-def ingest(site: SiteConfig, layout: SiteLayout) -> Ingested:
+def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
     sources = discover_task(site)
     slides_path = register_task(site, sources, layout)
-    slides = pl.read_parquet(slides_path)
-    usable = slides.filter(pl.col("status") == "ok").to_dicts()
-    tiling = tile_task.map(usable, site=unmapped(site), layout=unmapped(layout)).result()
-    validate_task(slides_path, [t.manifest for t in tiling], layout)
-    return Ingested(slides_path, slides, list(tiling))
+    usable = pl.read_parquet(slides_path).filter(pl.col("status") == "ok").to_dicts()
+    tiling = tile_site_task(usable, site, layout)
+    failed = [t for t in tiling if t.status == "failed"]
+    tiled = [t for t in tiling if t.status != "failed"]
+    checked = validate_manifests_task(slides_path, [t.manifest for t in tiled], site, layout, run)
+    dropped = set(checked.quarantined_ids)
+    kept = [t for t in tiled if t.slide_id not in dropped]
+    return Ingested(slides_path, kept, failed, checked)

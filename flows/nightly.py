@@ -25,8 +25,18 @@ from tasks.prefect_tasks import (
     start_tracking_task,
     track_task,
     train_task,
+    validate_metrics_task,
+    validate_scores_task,
 )
 from tasks.site import SiteConfig, SiteLayout, load_site
+from tasks.tracking.mlflow_runs import (
+    default_artifact_root,
+    default_spool_dir,
+    manifest_hashes,
+    resolve_tracking_uri,
+    run_tags,
+)
+from tasks.validation import report_folder
 
 
 def resolve_site(site: SiteConfig | None, site_dir: str | None) -> SiteConfig:
@@ -42,12 +52,6 @@ def state_home() -> Path:
     return Path(os.environ.get("VADFLOW_HOME", ".vadflow"))
 
 
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{(state_home() / 'mlflow' / 'mlflow.db').resolve()}"
-    )
-
-
 @flow(name="nightly", log_prints=True)
 def nightly(
     site_dir: str | None = None,
@@ -57,23 +61,26 @@ def nightly(
     families: list[str] | None = None,
     detector_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Retrain and evaluate every configured detector family on one site."""
+    """Retrain, evaluate, track and gate every configured detector family on one site."""
     logger = get_run_logger()
     site = resolve_site(site, site_dir)
     if families:
         site = site.model_copy(update={"families": families})
     if detector_overrides:
         site = site.model_copy(update={"detectors": {**site.detectors, **detector_overrides}})
-    layout = SiteLayout(output_root or state_home() / "outputs", site.name)
-    tracking_uri = tracking_uri or default_tracking_uri()
+    home = state_home()
+    layout = SiteLayout(output_root or home / "outputs", site.name)
+    tracking_uri = resolve_tracking_uri(tracking_uri, home)
+    spool_dir = str(default_spool_dir(home))
+    artifact_root = default_artifact_root(tracking_uri, home)
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    contracts = str(report_folder(layout.reports, version))
 
-    data = ingest(site, layout)
+    data = ingest(site, layout, version)
     to_score = data.scorable(("val", "test"))
-
-    tags = _run_tags(site, version)
+    tags = _run_tags(site, version, data.slides_path, data.tile_paths)
     parent = start_tracking_task(
-        tracking_uri, site, str(state_home() / "mlflow" / "artifacts"), tags
+        tracking_uri, spool_dir, site, str(artifact_root) if artifact_root else None, tags
     )
     summary: dict[str, Any] = {"site": site.name, "version": version, "families": {}}
     for family in site.families:
@@ -86,24 +93,51 @@ def nightly(
             out_dir=unmapped(str(layout.heatmaps(f"{family}-{version}"))),
             heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
         ).result()
+        checked = validate_scores_task(
+            family, scores, data.slides_path, data.tile_paths, site, layout, version
+        )
+        scores = [s for s in scores if s.slide_id not in set(checked.quarantined_ids)]
         evaluation = evaluate_task(site, family, data.slides_path, scores, layout, str(model_dir))
-        exported = export_task(family, data.slides_path, scores, evaluation, layout)
-        run_id = track_task(tracking_uri, parent, site, fit, evaluation, exported, tags)
+        validate_metrics_task(family, evaluation, site, layout, version)
+        overlays = export_task(family, data.slides_path, scores, evaluation, layout)
+        tracked = track_task(
+            tracking_uri,
+            spool_dir,
+            parent,
+            site,
+            data.slides_path,
+            fit,
+            evaluation,
+            overlays,
+            tags,
+            contracts_passed=not (data.checked.quarantined or checked.quarantined),
+        )
         summary["families"][family] = {
             "metrics": evaluation["metrics"],
             "table": evaluation["table"],
             "overlays": str(layout.exports / family),
+            "report": str(Path(evaluation["report_dir"]) / "report.html"),
             "model_dir": str(model_dir),
-            "mlflow_run_id": run_id,
+            "diverged": bool(fit["report"].get("diverged")),
+            "mlflow_run_id": tracked["run_id"],
+            "promotion": tracked["decision"],
+            "spooled": tracked["spooled"],
         }
         logger.info("%s: %s", family, _metric_line(evaluation["metrics"]))
     finish_tracking_task(
-        tracking_uri, parent, {f: v["metrics"] for f, v in summary["families"].items()}
+        tracking_uri,
+        spool_dir,
+        parent,
+        site,
+        {f: v["metrics"] for f, v in summary["families"].items()},
+        layout,
+        contracts,
     )
     summary.update(
         outputs=str(layout.root),
         quarantined=data.quarantined,
         no_tissue=data.no_tissue,
+        contracts_report=contracts,
         tracking_uri=tracking_uri,
         parent_run_id=parent,
     )
@@ -111,14 +145,17 @@ def nightly(
     return summary
 
 
-def _run_tags(site: SiteConfig, version: str) -> dict[str, str]:
-    return {
-        "site": site.name,
-        "domain": site.domain,
-        "version": version,
-        "git_commit": _git_commit(),
-        "prefect_flow_run_id": str(flow_run.get_id() or ""),
-    }
+def _run_tags(
+    site: SiteConfig, version: str, slides_path: str, tile_paths: list[str]
+) -> dict[str, str]:
+    return run_tags(
+        site.name,
+        git_commit=_git_commit(),
+        flow_run_id=str(flow_run.get_id() or ""),
+        manifest_hashes=manifest_hashes(slides_path, tile_paths),
+        contracts_passed=True,  # the manifest contracts raised otherwise (strict mode)
+        extra={"domain": site.domain, "version": version},
+    )
 
 
 def _git_commit() -> str:

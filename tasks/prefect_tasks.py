@@ -14,16 +14,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from data_contracts.runner import (
-    ContractResult,
-    require,
-    validate_slide_manifest,
-    validate_tile_manifest,
-)
 from tasks.evaluation.camelyon import write_camelyon_csv
 from tasks.evaluation.evaluate import evaluate_site
 from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
@@ -32,6 +25,7 @@ from tasks.exports.geojson import export_slide_geojson
 from tasks.exports.overlay import heatmap_overlay
 from tasks.exports.report import write_html_report
 from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
+from tasks.normalise.stain import make_normaliser, normaliser_from_dict
 from tasks.scoring.aggregate import heatmap_regions
 from tasks.scoring.heatmap import SlideScore, score_slide
 from tasks.site import SiteConfig, SiteLayout
@@ -39,19 +33,31 @@ from tasks.slides.discover import SlideSource, discover
 from tasks.slides.ground_truth import ground_truth_mask
 from tasks.slides.register import register_slide, slide_frame, write_quarantine
 from tasks.slides.tiles import load_tiles, sample_tiles
-from tasks.tiling.grid import TilingResult, finished_tiling, tile_slide
-from tasks.tracking.mlflow_runs import (
-    experiment_id,
-    log_metrics,
-    log_model,
-    log_params,
-    start_run,
+from tasks.tiling.grid import TilingResult
+from tasks.tiling.runners import tile_site
+from tasks.tracking.nightly import (
+    EXAMPLE_FILE,
+    PromotionPolicy,
+    finish_nightly,
+    start_nightly,
+    track_family,
 )
+from tasks.tracking.registry import download_champion, evaluation_set_hash
+from tasks.tracking.spool import TrackingSession
+from tasks.validation import (
+    BoundaryCheck,
+    check_manifests,
+    check_metrics,
+    check_scores,
+    report_folder,
+)
+
+STAIN_FILE = "stain.json"  # the stain reference fitted on this model's training tiles
 
 
 @task(name="discover")
 def discover_task(site: SiteConfig) -> list[SlideSource]:
-    sources = discover(site.source, site.domain, site.val_fraction)
+    sources = discover(site.source, site.domain, site.val_fraction, storage=site.storage.options())
     get_run_logger().info("found %d slides under %s", len(sources), site.source)
     return sources
 
@@ -60,44 +66,87 @@ def discover_task(site: SiteConfig) -> list[SlideSource]:
 def register_task(site: SiteConfig, sources: list[SlideSource], layout: SiteLayout) -> str:
     """Slide manifest for the site; quarantined slides get a JSON file with their reason."""
     logger = get_run_logger()
-    rows = [register_slide(s, site.name, site.domain, site.mpp_override) for s in sources]
+    options = site.storage.options()
+    rows = [
+        register_slide(s, site.name, site.domain, site.mpp_override, site.mpp_bounds, options)
+        for s in sources
+    ]
     for row in rows:
         if row["status"] == "quarantined":
             logger.warning("quarantined %s: %s", row["slide_id"], row["reason"])
-    write_quarantine(rows, layout.quarantine)
+    write_quarantine(rows, layout.quarantine_uri, options)
     path = write_parquet_atomic(slide_frame(rows), layout.slides_manifest)
     return str(path)
 
 
-@task(name="tile", retries=1)
-def tile_task(slide_row: dict, site: SiteConfig, layout: SiteLayout) -> TilingResult:
-    """Tissue mask and tile manifest for one slide; a finished slide is not redone."""
-    done = finished_tiling(slide_row, site.tiling, layout.tiles)
-    if done is not None:
-        return done
-    result = tile_slide(slide_row, site.tiling, site.domain, layout.tiles, layout.masks)
-    if result.status == "no_tissue":
-        get_run_logger().warning("%s: no tissue found, no tiles", slide_row["slide_id"])
-    return result
+@task(name="tile-site")
+def tile_site_task(rows: list[dict], site: SiteConfig, layout: SiteLayout) -> list[TilingResult]:
+    """Mask and tile every slide: local processes or a Dask cluster, as the site says.
+
+    Finished slides (same content hash and tiling settings) are skipped, so a nightly rerun
+    starts no workers when nothing changed; a slide that fails is reported, the rest go on.
+    """
+    logger = get_run_logger()
+
+    def report(result: TilingResult) -> None:
+        if result.status != "ok":
+            logger.warning("%s: %s (%s)", result.slide_id, result.status, result.reason)
+
+    return tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=report)
 
 
-@task(name="validate")
-def validate_task(slides_path: str, tile_paths: list[str], layout: SiteLayout) -> str:
-    """Run the manifest contracts; fail the stage with the contract's own message."""
-    slides = pl.read_parquet(slides_path)
-    tiles = read_tile_manifests(tile_paths)
-    results: list[ContractResult] = [
-        validate_slide_manifest(slides),
-        validate_tile_manifest(tiles, slides),
-    ]
-    markdown = "\n\n".join(r.to_markdown() for r in results)
-    layout.reports.mkdir(parents=True, exist_ok=True)
-    report = layout.reports / "contracts.md"
-    report.write_text(markdown)
-    create_markdown_artifact(markdown, key="manifest-contracts")
-    for result in results:
-        require(result)
-    return str(report)
+@task(name="validate-manifests")
+def validate_manifests_task(
+    slides_path: str, tile_paths: list[str], site: SiteConfig, layout: SiteLayout, run: str
+) -> BoundaryCheck:
+    """Slide and tile manifest contracts before training: strict stops, quarantine drops."""
+    return check_manifests(
+        slides_path,
+        tile_paths,
+        tiling=site.tiling,
+        mode=site.contracts,
+        report_dir=report_folder(layout.reports, run),
+        quarantine_dir=layout.quarantine,
+        markdown_artifact=create_markdown_artifact,
+        artifact_key=f"contracts-{site.name}",
+    )
+
+
+@task(name="validate-scores")
+def validate_scores_task(
+    family: str,
+    scores: list[SlideScore],
+    slides_path: str,
+    tile_paths: list[str],
+    site: SiteConfig,
+    layout: SiteLayout,
+    run: str,
+) -> BoundaryCheck:
+    return check_scores(
+        family,
+        scores,
+        slides_path,
+        tile_paths,
+        expected_slides=[s.slide_id for s in scores],
+        mode=site.contracts,
+        report_dir=report_folder(layout.reports, run),
+        quarantine_dir=layout.quarantine,
+        markdown_artifact=create_markdown_artifact,
+        artifact_key=f"contracts-{site.name}",
+    )
+
+
+@task(name="validate-metrics")
+def validate_metrics_task(
+    family: str, evaluation: dict[str, Any], site: SiteConfig, layout: SiteLayout, run: str
+) -> BoundaryCheck:
+    return check_metrics(
+        family,
+        {**evaluation["metrics"], **evaluation["froc_points"]},
+        report_dir=report_folder(layout.reports, run),
+        markdown_artifact=create_markdown_artifact,
+        artifact_key=f"contracts-{site.name}",
+    )
 
 
 def read_tile_manifests(paths: list[str]) -> pl.DataFrame:
@@ -105,14 +154,10 @@ def read_tile_manifests(paths: list[str]) -> pl.DataFrame:
     return pl.concat(frames) if frames else empty_frame(TILE_SCHEMA)
 
 
-@task(name="train")
-def train_task(
-    family: str, site: SiteConfig, slides_path: str, tile_paths: list[str], model_dir: str
-) -> dict[str, Any]:
-    """Fit one detector family on normal training tiles; save it; return its fit report."""
-    from tasks.detectors import create_detector, detector_class
-
-    logger = get_run_logger()
+def training_tiles(
+    site: SiteConfig, slides_path: str, tile_paths: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of a bounded sample of normal train tiles, and of held-out normal val tiles."""
     slides = pl.read_parquet(slides_path)
     uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
     tiles = read_tile_manifests(tile_paths)
@@ -128,9 +173,32 @@ def train_task(
             f"site {site.name}: no normal training tiles; put normal slides under "
             "training/normal (pathology) or <category>/train/good (industrial)"
         )
-    train, val = load_tiles(train_rows, uris), load_tiles(val_rows, uris)
+    options = site.storage.options()
+    train = load_tiles(train_rows, uris, options)
+    val = load_tiles(val_rows, uris, options)
     if len(val) == 0:  # no held-out slide: validate on a slice of the training tiles
         val = train[: max(1, len(train) // 10)]
+    return train, val
+
+
+@task(name="train")
+def train_task(
+    family: str, site: SiteConfig, slides_path: str, tile_paths: list[str], model_dir: str
+) -> dict[str, Any]:
+    """Fit one detector family on normal training tiles; save it; return its fit report.
+
+    A diverged run (NaN/inf) keeps its best weights and is reported as diverged: it is scored
+    and logged so the failure is visible, and the champion gate never promotes it.
+    """
+    from tasks.detectors import DivergedError, create_detector, detector_class
+
+    logger = get_run_logger()
+    out = Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val = training_tiles(site, slides_path, tile_paths)
+    normaliser = make_normaliser(site.stain_normalisation).fit(train)
+    (out / STAIN_FILE).write_text(json.dumps(normaliser.to_dict()))
+    train, val = normaliser.transform(train), normaliser.transform(val)
     logger.info("%s: training on %d tiles, validating on %d", family, len(train), len(val))
     overrides = dict(site.detectors.get(family, {}))
     if "tile_size" in {f.name for f in fields(detector_class(family).config_cls)}:
@@ -142,32 +210,49 @@ def train_task(
         epochs_log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         logger.info("%s epoch %d: train %.5f  val %.5f", family, epoch, train_loss, val_loss)
 
-    report = detector.fit(train, val, on_epoch=on_epoch)
-    out = Path(model_dir)
+    try:
+        report = asdict(detector.fit(train, val, on_epoch=on_epoch))
+    except DivergedError as exc:
+        logger.error("%s diverged: %s", family, exc)
+        report = {**(asdict(exc.report) if exc.report else {}), "diverged": True}
     detector.save(out)
-    np.save(out / "example_tiles.npy", val[:2])  # the MLflow model's input example
+    np.save(out / EXAMPLE_FILE, val[:2])  # the MLflow model's input example
     summary = {
         "family": family,
         "model_dir": str(out),
         "train_tiles": len(train),
         "val_tiles": len(val),
         "config": asdict(detector.config),
-        "report": asdict(report),
+        "report": report,
         "curves": epochs_log,
     }
     (out / "fit_report.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
+def load_stain_normaliser(model_dir: Path):
+    path = model_dir / STAIN_FILE
+    return normaliser_from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
 @task(name="score")
 def score_task(
     model_dir: str, slide_row: dict, tiles_path: str, out_dir: str, heatmap_downsample: int
 ) -> SlideScore:
+    """Score one slide with a saved model and the stain reference it was trained with."""
     from tasks.detectors import load_detector
 
     detector = load_detector(Path(model_dir))
+    normaliser = load_stain_normaliser(Path(model_dir))
     tiles = pl.read_parquet(tiles_path)
-    return score_slide(detector, slide_row, tiles, Path(out_dir), heatmap_downsample)
+    return score_slide(
+        detector,
+        slide_row,
+        tiles,
+        Path(out_dir),
+        heatmap_downsample,
+        transform=normaliser.transform if normaliser is not None else None,
+    )
 
 
 @task(name="evaluate")
@@ -183,7 +268,12 @@ def evaluate_task(
     slides = pl.read_parquet(slides_path)
     by_slide = {s.slide_id: (s.slide_score, s.heatmap) for s in scores}
     evaluation = evaluate_site(
-        slides, by_slide, site.tiling.heatmap_downsample, site.target_fpr, site.domain
+        slides,
+        by_slide,
+        site.tiling.heatmap_downsample,
+        site.target_fpr,
+        site.domain,
+        itc_um=site.froc_itc_um,
     )
     folder = layout.reports / family
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,73 +367,89 @@ def export_task(
 
 @task(name="start-tracking")
 def start_tracking_task(
-    tracking_uri: str, site: SiteConfig, artifact_root: str | None, tags: dict[str, str]
+    tracking_uri: str,
+    spool_dir: str,
+    site: SiteConfig,
+    artifact_root: str | None,
+    tags: dict[str, str],
 ) -> str:
-    """The nightly parent run, in the site's experiment."""
-    client = MlflowClient(tracking_uri)
-    experiment = experiment_id(client, site.name, Path(artifact_root) if artifact_root else None)
-    run_id = start_run(client, experiment, f"nightly-{tags.get('version', '')}", tags)
-    log_params(
-        client, run_id, {"site": site.name, "domain": site.domain, **site.tiling.model_dump()}
-    )
-    return run_id
+    """The nightly parent run (a `local-...` reference when the server is down: spooled)."""
+    with TrackingSession(tracking_uri, spool_dir) as session:
+        return start_nightly(
+            session,
+            site.name,
+            tags["version"],
+            tags=tags,
+            params={"site": site.name, "domain": site.domain, **site.tiling.model_dump()},
+            artifact_root=artifact_root,
+        )
 
 
 @task(name="track")
 def track_task(
     tracking_uri: str,
+    spool_dir: str,
     parent_run_id: str,
     site: SiteConfig,
+    slides_path: str,
     fit: dict[str, Any],
     evaluation: dict[str, Any],
     overlays: list[str],
     tags: dict[str, str],
-) -> str:
-    """One child run per family: config, curves, metrics, reports, overlays and the model."""
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    family = fit["family"]
-    run_id = start_run(
-        client,
-        parent.info.experiment_id,
-        family,
-        {**tags, "family": family},
-        parent_run_id=parent_run_id,
+    contracts_passed: bool,
+) -> dict[str, Any]:
+    """One child run per family; its model registered as <site>-<family> and gated."""
+    slides = pl.read_parquet(slides_path).filter(pl.col("status") == "ok")
+    eval_hash = evaluation_set_hash(
+        slides,
+        extra={
+            "heatmap_downsample": site.tiling.heatmap_downsample,
+            "target_fpr": site.target_fpr,
+        },
     )
-    log_params(
-        client,
-        run_id,
-        {"family": family, "config": fit["config"], "tiling": site.tiling.model_dump()},
-    )
-    for point in fit["curves"]:
-        step = int(point["epoch"])
-        log_metrics(client, run_id, {"train_loss": point["train_loss"]}, step=step)
-        log_metrics(client, run_id, {"val_loss": point["val_loss"]}, step=step)
-    log_metrics(client, run_id, {**evaluation["metrics"], **evaluation["froc_points"]})
-    log_metrics(
-        client,
-        run_id,
-        {"train_seconds": fit["report"]["seconds"], "train_tiles": fit["train_tiles"]},
-    )
-    client.log_artifacts(run_id, evaluation["report_dir"], artifact_path="report")
-    for path in overlays:
-        client.log_artifact(run_id, path, artifact_path="heatmaps")
-    folder = Path(overlays[0]).parent if overlays else None
-    lesion_files = [p for p in folder.glob("*") if p.suffix != ".png"] if folder else []
-    for path in lesion_files:
-        client.log_artifact(run_id, str(path), artifact_path="lesions")
-    example = np.load(Path(fit["model_dir"]) / "example_tiles.npy")
-    log_model(tracking_uri, run_id, Path(fit["model_dir"]), example)
-    client.set_terminated(run_id, "FAILED" if fit["report"].get("diverged") else "FINISHED")
-    return run_id
+    with TrackingSession(tracking_uri, spool_dir) as session:
+        result = track_family(
+            session,
+            parent_run_id,
+            site=site.name,
+            fit=fit,
+            evaluation=evaluation,
+            overlays=overlays,
+            tags=tags,
+            tiling=site.tiling,
+            promotion=PromotionPolicy(**site.promotion.model_dump()),
+            eval_set_hash=eval_hash,
+            contracts_passed=contracts_passed,
+        )
+    if result.spooled:
+        get_run_logger().warning(
+            "tracking server unreachable: %s is spooled; run `vadflow tracking sync` when it "
+            "is back",
+            fit["family"],
+        )
+    return asdict(result)
 
 
 @task(name="finish-tracking")
-def finish_tracking_task(tracking_uri: str, parent_run_id: str, summary: dict[str, Any]) -> None:
-    client = MlflowClient(tracking_uri)
-    for family, metrics in summary.items():
-        log_metrics(client, parent_run_id, {f"{family}.{k}": v for k, v in metrics.items()})
-    client.set_terminated(parent_run_id, "FINISHED")
+def finish_tracking_task(
+    tracking_uri: str,
+    spool_dir: str,
+    parent_run_id: str,
+    site: SiteConfig,
+    summary: dict[str, dict[str, float]],
+    layout: SiteLayout,
+    contracts_report: str,
+) -> None:
+    """Per-family metrics, the contracts report and the cross-run comparison on the parent."""
+    with TrackingSession(tracking_uri, spool_dir) as session:
+        finish_nightly(
+            session,
+            parent_run_id,
+            site=site.name,
+            family_metrics=summary,
+            comparison_dir=layout.reports / "comparison",
+            reports={"contracts": contracts_report},
+        )
 
 
 @task(name="resolve-model")
@@ -355,7 +461,10 @@ def resolve_model_task(
 
     if Path(model).is_dir():
         return model
-    uri = f"models:/{site}-{family}@champion" if model == "champion" else model
+    if model == "champion":
+        target = Path(cache_root) / "model-cache" / f"{site}-{family}-champion"
+        return str(download_champion(tracking_uri, site, family, target))
+    uri = model
     if not uri.startswith(("models:/", "runs:/")):
         raise ValueError(
             f"model {model!r} is neither a folder nor an MLflow model URI "

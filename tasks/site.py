@@ -99,6 +99,16 @@ class ParallelConfig(BaseModel):
     )
 
 
+class PromotionConfig(BaseModel):
+    """The champion gate: which evaluation metric decides, and by how much it must improve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: Literal["slide_auroc", "froc", "pixel_auroc", "pro", "slide_f1_max"] = "slide_auroc"
+    margin: float = Field(0.0, ge=0, description="challenger must beat the champion by more")
+    higher_is_better: bool = True
+
+
 class SiteConfig(BaseModel):
     """Everything the nightly flow needs to know about one site."""
 
@@ -125,6 +135,18 @@ class SiteConfig(BaseModel):
     )
     target_fpr: float = Field(0.05, gt=0, lt=1, description="threshold = normal quantile 1-fpr")
     max_train_tiles: int = Field(4000, ge=16)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    contracts: Literal["strict", "quarantine"] = Field(
+        "strict", description="on a contract failure: stop the run, or quarantine the slides"
+    )
+    stain_normalisation: Literal["none", "reinhard", "macenko"] = Field(
+        "none", description="fitted on this site's normal training tiles, saved with the model"
+    )
+    froc_itc_um: float = Field(
+        275.0,
+        ge=0,
+        description="Camelyon16 ignores lesions with a shorter major axis (isolated tumour cells)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -11,10 +11,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STATE = ROOT / ".pytest-state" / f"run-{os.getpid()}"
+STATE_ROOT = ROOT / ".pytest-state"
+
+
+def _remove_stale_state() -> None:
+    """Folders of earlier sessions whose process is gone (a green run removes its own)."""
+    for folder in STATE_ROOT.glob("*-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_remove_stale_state()
+STATE = STATE_ROOT / f"run-{os.getpid()}"
+TMP = STATE_ROOT / f"tmp-{os.getpid()}"  # apart from STATE: Prefect cleans it up at exit
 STATE.mkdir(parents=True, exist_ok=True)
-(STATE / "tmp").mkdir(exist_ok=True)
-tempfile.tempdir = str(STATE / "tmp")  # Prefect's harness database lands here too
+TMP.mkdir(parents=True, exist_ok=True)
+tempfile.tempdir = str(TMP)  # Prefect's harness database lands here too
 
 from flows.env import configure_state  # noqa: E402
 
@@ -37,6 +50,5 @@ def prefect_harness():
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    # Removed at exit, after Prefect's harness has cleaned up its own temporary folder.
     if exitstatus == 0 and not os.environ.get("VADFLOW_KEEP_TEST_STATE"):
         atexit.register(shutil.rmtree, STATE, ignore_errors=True)

@@ -28,7 +28,6 @@ from tasks.tracking.mlflow_runs import (
     run_tags,
 )
 from tasks.tracking.nightly import PromotionPolicy, finish_nightly, start_nightly, track_family
-from tasks.tracking.plots import froc_plot, roc_plot
 from tasks.tracking.spool import TrackingSession
 from tasks.tracking.system_metrics import SystemMetrics, collectors
 
@@ -84,23 +83,6 @@ def test_tags_params_and_curves_have_their_documented_shape(tmp_path: Path) -> N
         ("train_loss", 0.5, 1, 7),
         ("x", 1.0, 2, 7),
     ]  # NaN dropped: it would sort badly in the dashboard
-
-
-def test_roc_and_froc_plots(tmp_path: Path) -> None:
-    rows = [
-        {"label": "normal", "score": 0.1},
-        {"label": "normal", "score": 0.4},
-        {"label": "anomalous", "score": 0.3},
-        {"label": "anomalous", "score": 0.9},
-        {"label": "unknown", "score": 0.5},
-    ]
-    roc = roc_plot(rows, tmp_path / "roc.png")
-    assert roc is not None and roc.read_bytes().startswith(PNG)
-    assert roc_plot(rows[:2], tmp_path / "none.png") is None  # one class: no curve
-    points = {"sens_at_0.25_fp": 0.2, "sens_at_1_fp": 0.6, "sens_at_8_fp": 0.9, "other": 1.0}
-    froc = froc_plot(points, tmp_path / "froc.png")
-    assert froc is not None and froc.read_bytes().startswith(PNG)
-    assert froc_plot({}, tmp_path / "none.png") is None
 
 
 def test_comparison_table_and_plot_are_written(tmp_path: Path) -> None:

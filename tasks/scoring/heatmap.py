@@ -73,14 +73,20 @@ def score_slide(
     heatmap_downsample: int,
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SlideScore:
-    """Score every tile of one slide; write its tile scores and heatmap under `out_dir`."""
+    """Score every tile of one slide; write its tile scores and heatmap under `out_dir`.
+
+    `transform` maps a (B, H, W, 3) uint8 batch before scoring (e.g. stain normalisation).
+    """
     slide_id = slide_row["slide_id"]
     slide = Slide(slide_row["uri"])
     accumulator = HeatmapAccumulator(slide.width, slide.height, heatmap_downsample)
     tile_ids: list[str] = []
     scores: list[float] = []
     for rows, pixels in iter_tile_batches(slide, tiles, batch_size):
+        if transform is not None:
+            pixels = transform(pixels)
         output = detector.score(pixels)  # anomaly_map (B, 1, H, W), tile_score (B,)
         for row, anomaly_map in zip(rows.iter_rows(named=True), output.anomaly_map, strict=True):
             accumulator.add(row["x"], row["y"], row["extent"], anomaly_map)

@@ -20,7 +20,6 @@ import numpy as np
 
 from tasks.tracking.compare import compare_runs, log_comparison
 from tasks.tracking.mlflow_runs import curve_metrics, experiment_name, family_params, run_tags
-from tasks.tracking.plots import froc_plot, roc_plot
 from tasks.tracking.registry import PromotionDecision
 from tasks.tracking.spool import TrackingSession, is_unreachable
 
@@ -81,14 +80,13 @@ def track_family(
     overlays: list[str],
     tags: Mapping[str, str],
     tiling: Any,
-    plots_dir: Path,
     promotion: PromotionPolicy | None = None,
     eval_set_hash: str | None = None,
     contracts_passed: bool = True,
 ) -> FamilyTracking:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
-    curves, evaluation metrics, reports, overlays, ROC/FROC plots, the model; then register it
-    and put it through the champion gate (when `promotion` is given).
+    curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
+    register it and put it through the champion gate (when `promotion` is given).
 
     `fit` and `evaluation` are the train and evaluate tasks' records."""
     family = fit["family"]
@@ -116,13 +114,8 @@ def track_family(
         session.log_artifact(run, evaluation["report_dir"], "report")
     for path in overlays:
         session.log_artifact(run, path, "heatmaps")
-    plots_dir = Path(plots_dir)
-    for plot in (
-        roc_plot(evaluation.get("table", []), plots_dir / "roc.png", f"{site} / {family}"),
-        froc_plot(evaluation.get("froc_points", {}), plots_dir / "froc.png", f"{site} / {family}"),
-    ):
-        if plot is not None:
-            session.log_artifact(run, plot, "plots")
+    for plot in evaluation.get("plots", {}).values():  # ROC, FROC, PRO from evaluation
+        session.log_artifact(run, plot, "plots")
     model_dir = Path(fit["model_dir"])
     example = np.load(model_dir / EXAMPLE_FILE) if (model_dir / EXAMPLE_FILE).is_file() else None
     model_uri = session.log_model(run, model_dir, example)

@@ -6,61 +6,13 @@ at once without sharing pyplot's global state.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
-
-
-def roc_plot(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
-    """Slide-level ROC from the evaluation table (`label`, `score` per test slide).
-
-    None when the table lacks either class (no curve to draw)."""
-    known = [r for r in rows if r.get("label") in ("normal", "anomalous") and _num(r["score"])]
-    labels = np.array([r["label"] == "anomalous" for r in known])
-    scores = np.array([float(r["score"]) for r in known])
-    if labels.all() or not labels.any():
-        return None
-    order = np.argsort(-scores, kind="stable")
-    hits = labels[order]
-    tpr = np.concatenate([[0.0], np.cumsum(hits) / hits.sum()])
-    fpr = np.concatenate([[0.0], np.cumsum(~hits) / (~hits).sum()])
-    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids
-    fig = Figure(figsize=(4, 4), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(fpr, tpr, label=f"AUROC {auc:.3f}")
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "slide ROC")
-    ax.legend(loc="lower right")
-    return _save(fig, path)
-
-
-def froc_plot(points: Mapping[str, float], path: Path, title: str = "") -> Path | None:
-    """Sensitivity at the FROC's average false positives per normal slide
-    (`sens_at_<k>_fp` keys, as evaluation writes them). None when there are none."""
-    pairs = []
-    for key, value in points.items():
-        match = re.fullmatch(r"sens_at_([0-9.]+)_fp", key)
-        if match and _num(value):
-            pairs.append((float(match.group(1)), float(value)))
-    if not pairs:
-        return None
-    pairs.sort()
-    fig = Figure(figsize=(4, 4), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot([p for p, _ in pairs], [s for _, s in pairs], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set(
-        xlabel="average false positives per slide",
-        ylabel="lesion sensitivity",
-        ylim=(0, 1.02),
-        title=title or "FROC",
-    )
-    return _save(fig, path)
 
 
 def comparison_plot(frame: pl.DataFrame, metrics: Sequence[str], path: Path, title: str) -> Path:
