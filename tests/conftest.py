@@ -28,6 +28,8 @@ TMP = STATE_ROOT / f"tmp-{os.getpid()}"  # apart from STATE: Prefect cleans it u
 STATE.mkdir(parents=True, exist_ok=True)
 TMP.mkdir(parents=True, exist_ok=True)
 tempfile.tempdir = str(TMP)  # Prefect's harness database lands here too
+# Torch's OpenMP threads spin-wait between small ops; on 2 busy cores that costs 10-50x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from flows.env import configure_state  # noqa: E402
 
