@@ -147,7 +147,10 @@ def _records(tmp_path: Path, tiny_detector, slide_auroc: float, family: str = "a
             {"slide_id": "t2", "label": "anomalous", "score": 0.9},
         ],
         "report_dir": str(report_dir),
+        "plots": {"ROC": str(report_dir / "roc.png"), "FROC": str(report_dir / "froc.png")},
     }
+    for plot in evaluation["plots"].values():
+        Path(plot).write_bytes(PNG + b"plot")
     return {"fit": fit, "evaluation": evaluation, "overlays": overlays}
 
 
@@ -191,7 +194,6 @@ def test_nightly_run_tells_the_story(mlflow_server, tiny_detector, tmp_path: Pat
                 overlays=records["overlays"],
                 tags=tags,
                 tiling=tiling,
-                plots_dir=tmp_path / "plots",
                 promotion=PromotionPolicy(metric="slide_auroc", margin=0.01),
                 eval_set_hash="e" * 64,
             )

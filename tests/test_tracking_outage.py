@@ -328,7 +328,6 @@ def test_nightly_logging_finishes_with_the_server_down(
             overlays=[],
             tags={},
             tiling=TilingConfig(),
-            plots_dir=tmp_path / "plots",
             promotion=PromotionPolicy(),
             eval_set_hash="f" * 64,
         )
