@@ -68,9 +68,23 @@ def conform(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
-    """Write to a temporary name then rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temporary name then rename, so a killed run never leaves half a file.
+
+    A write that fails (disk full, a file-size limit, a read-only folder) removes its temporary
+    and raises OSError naming the manifest; whatever complete file was there before stays.
+    """
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    df.write_parquet(tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.write_parquet(tmp)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError | pl.exceptions.PolarsError):
+            raise OSError(
+                f"{path}: the manifest could not be written ({exc}); free space in "
+                f"{path.parent} or point the output root at a folder with room, then rerun"
+            ) from exc
+        raise
     return path

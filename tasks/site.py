@@ -142,6 +142,12 @@ class SiteConfig(BaseModel):
     stain_normalisation: Literal["none", "reinhard", "macenko"] = Field(
         "none", description="fitted on this site's normal training tiles, saved with the model"
     )
+    pseudonymise_ids: bool = Field(
+        False, description="slide ids in outputs become keyed hashes (no patient identifiers)"
+    )
+    pseudonym_key_block: str | None = Field(
+        None, description="Prefect Secret block holding the key; else $VADFLOW_PSEUDONYM_KEY"
+    )
     froc_itc_um: float = Field(
         275.0,
         ge=0,

@@ -9,6 +9,13 @@ test slide with an unknown label.
 The source is a local folder or an `s3://bucket/prefix`: the layout rules run on the listing's
 relative paths, so both behave the same. URIs of S3 slides stay `s3://...`; readers download them
 into the slide cache when they open them.
+
+Slide ids become file names and keys, so they go through `tasks.slides.identity.safe_slide_id`
+(an allow-list) here, before any stage builds a path from them; labels, annotations and
+`reference.csv` still match on the file's own stem. A file that must not be read is found here
+and handed on with a `reject` reason, which registration turns into a quarantine file: a symlink
+that resolves outside the site folder, an S3 key with a `..` segment, two files that would share
+one slide id (the same stem in two folders).
 """
 
 from __future__ import annotations
@@ -16,14 +23,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
+from tasks.slides.identity import MAX_ID_LENGTH, pseudonymise, safe_slide_id
 from tasks.slides.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from tasks.slides.storage import StorageOptions, is_remote, storage_for
 
 SKIP_DIRS = {"ground_truth", "lesion_annotations", "masks"}
+_IMAGE_LIKE = frozenset(SLIDE_SUFFIXES) | frozenset(IMAGE_SUFFIXES)
 # A listing: relative path parts -> URI (a resolved local path, or s3://...).
 Listing = dict[tuple[str, ...], str]
 
@@ -38,6 +46,7 @@ class SlideSource:
     category: str
     split: str  # train / val / test
     annotation_uri: str | None
+    reject: str | None = None  # why this file must not be opened; registration quarantines it
 
 
 class NoSlidesError(FileNotFoundError):
@@ -49,8 +58,14 @@ def discover(
     domain: str,
     val_fraction: float = 0.25,
     storage: StorageOptions | None = None,
+    pseudonym_key: bytes | None = None,
 ) -> list[SlideSource]:
-    """Every slide under `source` (folder or s3://bucket/prefix); label, split from the layout."""
+    """Every slide under `source` (folder or s3://bucket/prefix); label, split from the layout.
+
+    With `pseudonym_key` (see `tasks.slides.identity.pseudonym_key`) every slide id is replaced
+    by its keyed pseudonym, after the validation hold-out is chosen, so the split does not
+    depend on the option.
+    """
     listing = _list(source, storage)
     found = (
         _discover_industrial(listing)
@@ -63,13 +78,13 @@ def discover(
             f"no slides found under {source} (looked for {', '.join(suffixes)}); "
             "point the site's source at the folder holding them"
         )
-    duplicated = sorted(i for i, n in Counter(s.slide_id for s in found).items() if n > 1)
-    if duplicated:
-        raise NoSlidesError(
-            f"slide ids must be unique within a site, but {duplicated[:5]} occur more than once "
-            f"under {source}; rename the files or split the site"
-        )
-    return _hold_out_val(sorted(found, key=lambda s: s.slide_id), val_fraction)
+    root = None if is_remote(source) else Path(source).resolve()
+    found = [_screened(s, root) for s in found]
+    found = _one_file_per_id(found, source, storage)
+    found = _hold_out_val(sorted(found, key=lambda s: s.slide_id), val_fraction)
+    if pseudonym_key is not None:
+        found = [replace(s, slide_id=pseudonymise(s.slide_id, pseudonym_key)) for s in found]
+    return found
 
 
 def _list(source: str | Path, storage: StorageOptions | None) -> Listing:
@@ -81,9 +96,18 @@ def _list(source: str | Path, storage: StorageOptions | None) -> Listing:
     root = Path(source)
     if not root.is_dir():
         raise NoSlidesError(f"source folder {root} does not exist")
-    return {
-        p.relative_to(root).parts: str(p.resolve()) for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    base = root.resolve()
+    listing: Listing = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(root).parts
+            resolved = path.resolve()
+            if resolved.is_relative_to(base):
+                listing[rel] = str(resolved)
+            elif _suffix(rel[-1]) in _IMAGE_LIKE:
+                listing[rel] = str(base.joinpath(*rel))  # kept to be rejected by `_screened`
+            # other links out of the site (reference.csv, annotations) are never read
+    return listing
 
 
 def _stem(name: str) -> str:
@@ -118,7 +142,8 @@ def _discover_pathology(
             label, category = "normal", "normal"
         else:
             label, category = "unknown", "unknown"
-        out.append(SlideSource(stem, uri, label, category, split, annotations.get(stem)))
+        slide_id = safe_slide_id(stem)
+        out.append(SlideSource(slide_id, uri, label, category, split, annotations.get(stem)))
     return out
 
 
@@ -152,14 +177,116 @@ def _discover_industrial(listing: Listing) -> list[SlideSource]:
         else:
             label = "anomalous"
             mask = listing.get((*rel[:-3], "ground_truth", defect, f"{stem}_mask.png"))
-        slide_id = f"{category}-{split}-{defect}-{stem}"
+        slide_id = safe_slide_id(f"{category}-{split}-{defect}-{stem}")
         out.append(SlideSource(slide_id, uri, label, defect, split, mask))
     return out
 
 
+def _screened(source: SlideSource, root: Path | None) -> SlideSource:
+    """`source`, with a `reject` reason if it must not be opened (see the module docstring)."""
+    if root is None:  # S3: a `..` or empty segment may name another object once normalised
+        segments = source.uri[len("s3://") :].split("/")[1:]
+        if any(part in ("", ".", "..") for part in segments):
+            return replace(
+                source,
+                reject=f"{source.uri}: the key has a '.', '..' or empty path segment; "
+                "rename the object so its key is a plain path under the site prefix",
+            )
+        return source
+    for uri in (source.uri, source.annotation_uri):
+        resolved = Path(uri).resolve() if uri else root
+        if not resolved.is_relative_to(root):
+            return replace(
+                source,
+                reject=f"{Path(uri).relative_to(root)}: links to {resolved}, outside the site "
+                f"folder {root}; copy the file into the site folder instead of linking to it",
+            )
+    return source
+
+
+def _one_file_per_id(
+    found: list[SlideSource], source: str | Path, storage: StorageOptions | None
+) -> list[SlideSource]:
+    """Files that share a slide id (one stem in two folders) cannot both be that slide.
+
+    Exact copies that agree on label and split: the first (by URI) is kept and the others are
+    rejected as copies. Otherwise the id is ambiguous (which file do the label, the annotation
+    and `reference.csv` mean?), so every one of them is rejected. The first keeps the id, the
+    others get `<id>--dup-<hash of uri>`, so each has its own manifest row and reason file.
+    """
+    groups: dict[str, list[SlideSource]] = {}
+    for item in found:
+        groups.setdefault(item.slide_id, []).append(item)
+    out: list[SlideSource] = []
+    for slide_id, items in groups.items():
+        if len(items) == 1:
+            out += items
+            continue
+        items = sorted(items, key=lambda s: s.uri)
+        names = ", ".join(_relative(s.uri, source) for s in items)
+        same = len({(s.label, s.split) for s in items}) == 1 and _same_content(items, storage)
+        for index, item in enumerate(items):
+            if same and index == 0:
+                out.append(item)
+                continue
+            if same:
+                why = f"an exact copy of {_relative(items[0].uri, source)}, which is used"
+            else:
+                why = "the files differ, so which one the label and annotations mean is unknown"
+            out.append(
+                replace(
+                    item,
+                    slide_id=slide_id if index == 0 else _dup_id(slide_id, item.uri),
+                    reject=item.reject
+                    or f"slide id {slide_id!r} is shared by {len(items)} files ({names}): "
+                    f"{why}; rename or remove all but one",
+                )
+            )
+    return out
+
+
+def _relative(uri: str, source: str | Path) -> str:
+    base = str(source).rstrip("/") + "/"
+    if uri.startswith(base):
+        return uri[len(base) :]
+    if not is_remote(source) and Path(uri).is_relative_to(Path(source).resolve()):
+        return Path(uri).relative_to(Path(source).resolve()).as_posix()
+    return uri
+
+
+def _dup_id(slide_id: str, uri: str) -> str:
+    suffix = f"--dup-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+    return slide_id[: MAX_ID_LENGTH - len(suffix)].rstrip("._-") + suffix
+
+
+def _same_content(items: list[SlideSource], storage: StorageOptions | None) -> bool:
+    """Whether the files hold the same bytes: size, then SHA-256 (local) or ETag (S3)."""
+    if any(s.reject for s in items):
+        return False
+    store = storage_for(items[0].uri, storage)
+    try:
+        if len({store.size(s.uri) for s in items}) > 1:
+            return False
+        if is_remote(items[0].uri):
+            return len({store.etag(s.uri) for s in items}) == 1
+        return len({_sha256(Path(s.uri)) for s in items}) == 1
+    except OSError:
+        return False  # unreadable: not provably the same, so every copy is rejected
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _hold_out_val(sources: list[SlideSource], val_fraction: float) -> list[SlideSource]:
     """Move a deterministic share of normal training slides to `val` for calibration."""
-    train_normals = [s for s in sources if s.split == "train" and s.label == "normal"]
+    train_normals = [
+        s for s in sources if s.split == "train" and s.label == "normal" and s.reject is None
+    ]
     n_val = round(len(train_normals) * val_fraction)
     if val_fraction > 0 and len(train_normals) >= 2:
         n_val = max(1, min(n_val, len(train_normals) - 1))
@@ -168,9 +295,4 @@ def _hold_out_val(sources: list[SlideSource], val_fraction: float) -> list[Slide
     # Stable order independent of file-system listing: by a hash of the id.
     chosen = sorted(train_normals, key=lambda s: hashlib.sha1(s.slide_id.encode()).hexdigest())
     val_ids = {s.slide_id for s in chosen[:n_val]}
-    return [
-        SlideSource(s.slide_id, s.uri, s.label, s.category, "val", s.annotation_uri)
-        if s.slide_id in val_ids
-        else s
-        for s in sources
-    ]
+    return [replace(s, split="val") if s.slide_id in val_ids else s for s in sources]

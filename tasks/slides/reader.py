@@ -9,8 +9,10 @@ Two backends, one `Slide`:
 - **OpenSlide** (openslide-python + the `openslide-bin` wheel, both from PyPI alone) for the vendor
   formats: Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica SCN, Ventana BIF, Philips TIFF,
   Sakura SVSLIDE... `pyvips-binary` is built without libvips' OpenSlide loader, so these do not go
-  through libvips. OpenSlide exposes label and macro images only as associated images, which are
-  never read.
+  through libvips. OpenSlide exposes label and macro images as associated images, which are never
+  read; a label or macro page tiled like a level (OpenSlide then lists it as one) is dropped.
+  Label and macro images show the slide's paper label, often a patient identifier: no level, no
+  thumbnail and so no export is ever made from them.
 
 Reads are lazy: a region read decodes only the tiles it touches, so a gigapixel slide is never held
 in memory. Whatever the file holds (grey, grey+alpha, RGBA, 16-bit, palette, float, CMYK), pixels
@@ -128,6 +130,31 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+# How image and slide files start; a file that starts otherwise is not one, whatever its name.
+_MAGIC = (
+    b"II*\x00",  # TIFF (SVS, NDPI, SCN, BIF, OME-TIFF...), little-endian
+    b"MM\x00*",
+    b"II+\x00",  # BigTIFF
+    b"MM\x00+",
+    b"\x89PNG",
+    b"\xff\xd8\xff",  # JPEG
+    b"BM",
+    b"\x00\x00\x00\x0cjP",  # JPEG 2000
+)
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why `path` is plainly not an image (empty, or text), for the open error; else None."""
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if any(head.startswith(magic) for magic in _MAGIC):
+        return None
+    shown = head[:24].decode("ascii", "replace")
+    return f"not an image or slide file: it starts with {shown!r}, not an image format's signature"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -231,6 +258,115 @@ def _tiff_levels(path: Path, base: pyvips.Image) -> list[pyvips.Image]:
     return levels
 
 
+# Formats whose files are TIFFs the structure check below understands.
+TIFF_FORMATS = frozenset({"tiff", "openslide-aperio"})
+_JPEG = 7  # TIFF Compression tag value of JPEG (new-style) tiles and strips
+_MAX_IFDS = 100_000
+
+
+def tiff_damage(path: str | Path) -> str | None:
+    """Why a TIFF's structure is broken, or None when it is sound (or not a TIFF at all).
+
+    libvips opens a truncated pyramid as long as its first directory survives and decodes one
+    pixel happily, then a read far into the slide fails, or returns black, mid-run. This finds
+    the damage from the structure alone, without decoding: a directory chain that points past
+    the end of the file (truncated; tifffile silently drops the levels it cannot reach), tile or
+    strip data past the end, and JPEG tiles that do not start with a JPEG start-of-image marker
+    (overwritten or zeroed). A tile whose compressed bytes are damaged further in decodes to
+    wrong pixels instead: JPEG has no checksum, so no reader can tell.
+    """
+    import tifffile
+
+    path = Path(path)
+    name, size = path.name, path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if head[:2] not in (b"II", b"MM") or len(head) < 8:
+        return None  # not a TIFF: the loaders decide
+    order = "<" if head[:2] == b"II" else ">"
+    magic = int.from_bytes(head[2:4], "little" if order == "<" else "big")
+    if magic not in (42, 43):
+        return None
+    problem = _ifd_chain_damage(path, size, order, bigtiff=magic == 43)
+    if problem is not None:
+        return (
+            f"{name}: {problem}; the file is truncated or damaged, copy it again from the scanner"
+        )
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = {page.offset: page for page in tif.pages}
+            for series in tif.series:
+                for level in series.levels:
+                    pages.update({page.offset: page for page in level.pages if page is not None})
+            data = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+            for index, page in enumerate(sorted(pages.values(), key=lambda p: p.offset)):
+                problem = _page_data_damage(page, data, size)
+                if problem is not None:
+                    shape = f"{page.imagewidth}x{page.imagelength}"
+                    return (
+                        f"{name}: image {index} ({shape}) {problem}; the file is truncated or "
+                        "damaged, copy it again from the scanner"
+                    )
+    except (tifffile.TiffFileError, ValueError, IndexError, KeyError, OSError) as exc:
+        return f"{name}: the TIFF structure cannot be read ({_first_line(exc)})"
+    return None
+
+
+def _ifd_chain_damage(path: Path, size: int, order: str, *, bigtiff: bool) -> str | None:
+    """Walk the chain of image directories; say where it leaves the file, if it does."""
+    import struct
+
+    count_fmt, entry_size, offset_fmt = ("Q", 20, "Q") if bigtiff else ("H", 12, "I")
+    count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+    with path.open("rb") as handle:
+        handle.seek(8 if bigtiff else 4)
+        (offset,) = struct.unpack(order + offset_fmt, handle.read(offset_size))
+        seen: set[int] = set()
+        while offset and len(seen) < _MAX_IFDS:
+            if offset in seen:
+                return f"image directory {len(seen)} points back to an earlier one (a loop)"
+            if offset + count_size > size:
+                return (
+                    f"image directory {len(seen)} should start at byte {offset}, past the end "
+                    f"of the {size}-byte file"
+                )
+            seen.add(offset)
+            handle.seek(offset)
+            (count,) = struct.unpack(order + count_fmt, handle.read(count_size))
+            end = offset + count_size + count * entry_size + offset_size
+            if end > size:
+                return (
+                    f"image directory {len(seen) - 1} ends at byte {end}, past the end of the "
+                    f"{size}-byte file"
+                )
+            handle.seek(end - offset_size)
+            (offset,) = struct.unpack(order + offset_fmt, handle.read(offset_size))
+    return None
+
+
+def _page_data_damage(page, data: np.ndarray | None, size: int) -> str | None:
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    present = counts > 0  # a zero count is an empty (sparse) tile, which readers fill
+    ends = offsets + counts
+    if present.any() and int(ends[present].max()) > size:
+        first = int(np.argmax(present & (ends > size)))
+        return (
+            f"has {'tile' if page.is_tiled else 'strip'} {first} at bytes "
+            f"{int(offsets[first])}-{int(ends[first])}, past the end of the {size}-byte file"
+        )
+    if page.compression == _JPEG and data is not None and present.any():
+        starts = offsets[present]
+        soi = (data[starts] == 0xFF) & (data[starts + 1] == 0xD8)
+        if not soi.all():
+            bad = int(np.flatnonzero(present)[np.argmin(soi)])
+            return (
+                f"has JPEG {'tile' if page.is_tiled else 'strip'} {bad} (at byte "
+                f"{int(offsets[bad])}) that is not JPEG data (no start-of-image marker)"
+            )
+    return None
+
+
 def _same_aspect(shape: tuple[int, int], base: tuple[int, int]) -> bool:
     downsample = base[0] / shape[0]
     return abs(base[1] / downsample - shape[1]) <= max(2.0, 0.01 * shape[1])
@@ -255,11 +391,14 @@ class _OpenSlideBackend:
         self._osr = openslide.OpenSlide(str(path))
         self.format = f"openslide-{vendor}"
         self.description = self._osr.properties.get("tiff.ImageDescription", "")
-        self._downsamples = list(self._osr.level_downsamples)
+        # OpenSlide's level indices that are pyramid levels: a tiled label or macro page (which
+        # shows the slide's paper label) is a "level" to OpenSlide, never to us.
+        self._index = _openslide_levels(path, self._osr.level_dimensions)
+        self._downsamples = [self._osr.level_downsamples[i] for i in self._index]
 
     @property
     def dimensions(self) -> list[tuple[int, int]]:
-        return [tuple(d) for d in self._osr.level_dimensions]
+        return [tuple(self._osr.level_dimensions[i]) for i in self._index]
 
     def metadata_mpp(self) -> float | None:
         value = self._osr.properties.get("openslide.mpp-x")
@@ -268,7 +407,9 @@ class _OpenSlideBackend:
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self._downsamples[level]
         # OpenSlide takes the top-left in level-0 pixels and the size in the level's.
-        image = self._osr.read_region((round(x * ds), round(y * ds)), level, (width, height))
+        image = self._osr.read_region(
+            (round(x * ds), round(y * ds)), self._index[level], (width, height)
+        )
         return rgba_to_rgb(np.asarray(image))
 
     def scaled(self, level: int, width: int, height: int) -> np.ndarray:
@@ -296,6 +437,26 @@ class _OpenSlideBackend:
 
     def close(self) -> None:
         self._osr.close()
+
+
+def _openslide_levels(path: Path, dimensions) -> list[int]:
+    """OpenSlide level indices minus any whose TIFF page calls itself a label, macro or overview.
+
+    Pages are matched to levels by size; level 0 is always kept. Files tifffile cannot parse
+    (MIRAX, VMS) keep every level: OpenSlide exposes their label and macro as associated images.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            hidden = {
+                (page.imagewidth, page.imagelength)
+                for page in tif.pages
+                if _NOT_A_LEVEL.search(page.description or "")
+            }
+    except Exception:  # not a TIFF, or one tifffile cannot parse
+        return list(range(len(dimensions)))
+    return [i for i, dims in enumerate(dimensions) if i == 0 or tuple(dims) not in hidden]
 
 
 def _fit(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -361,7 +522,8 @@ class Slide:
             self._backend.touch()
         except Exception as exc:  # pyvips.Error, openslide.OpenSlideError, OSError...
             raise SlideOpenError(
-                f"{self.path.name}: cannot be opened as a slide ({_first_line(exc)})"
+                f"{self.path.name}: cannot be opened as a slide "
+                f"({_not_an_image(self.path) or _first_line(exc)})"
             ) from None
         self.format: str = self._backend.format
         dims = self._backend.dimensions

@@ -1,7 +1,9 @@
 """Register a slide: open it, fingerprint it, and record what the pipeline needs to know.
 
-A slide that cannot be opened, or whose MPP is missing or absurd, is quarantined with its reason;
-it never stops the batch. Where the MPP came from is recorded: `metadata` (the file), `site`
+A slide that cannot be opened, whose TIFF structure is damaged (truncated, a tile that is not
+JPEG data), whose ASAP annotation cannot be read, whose MPP is missing or absurd, or that
+discovery rejected (a link out of the site, two files for one slide id) is quarantined with its
+reason; it never stops the batch. Where the MPP came from is recorded: `metadata` (the file), `site`
 (the site file's `mpp_override`, used when the file has none or an implausible one) or `none`
 (industrial images, which need none).
 """
@@ -16,8 +18,10 @@ from typing import Any
 import polars as pl
 
 from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, conform
+from tasks.slides.annotations import read_asap_xml
 from tasks.slides.discover import SlideSource
-from tasks.slides.reader import Slide
+from tasks.slides.identity import check_slide_id
+from tasks.slides.reader import TIFF_FORMATS, Slide, tiff_damage
 from tasks.slides.storage import (
     StorageOptions,
     is_remote,
@@ -28,6 +32,7 @@ from tasks.slides.storage import (
 )
 
 DEFAULT_MPP_BOUNDS = (0.05, 20.0)  # um/px: a 0.5x overview to a 200x oil objective
+NOT_HASHED = ""  # sha256 of a quarantined slide whose bytes were never read
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -81,6 +86,8 @@ def register_slide(
         "reason": None,
     }
     name = name_of(source.uri)
+    if source.reject is not None:  # never opened: it may lie outside the site, or be ambiguous
+        return _quarantined(row, source.reject)
     try:
         row["size_bytes"] = storage_for(source.uri, storage).size(source.uri)
         row["sha256"] = slide_sha256(source.uri, storage)
@@ -92,9 +99,14 @@ def register_slide(
                 height=slide.height,
             )
             found = slide.mpp
+            damage = tiff_damage(slide.path) if slide.format in TIFF_FORMATS else None
+        if damage is not None:
+            raise ValueError(damage)
+        if source.annotation_uri is not None and source.annotation_uri.lower().endswith(".xml"):
+            _check_annotation(source.annotation_uri, storage)
     except Exception as exc:  # unreadable, truncated, not an image, unreachable: quarantine
         reason = str(exc) if name in str(exc) else f"{name}: {exc}"
-        return {**row, "status": "quarantined", "reason": reason}
+        return _quarantined(row, reason)
     lo, hi = mpp_bounds
     plausible = found is not None and lo <= found <= hi
     if plausible:
@@ -109,13 +121,28 @@ def register_slide(
                 f"{name}: MPP {found:.4g} um/px in the file's metadata is outside the "
                 f"plausible {lo:g}-{hi:g} um/px"
             )
-        return {
-            **row,
-            "status": "quarantined",
-            "reason": f"{why}; set mpp_override in the site file if all its slides share one",
-        }
+        return _quarantined(
+            row, f"{why}; set mpp_override in the site file if all its slides share one"
+        )
     # Industrial images need no MPP; an absurd one (a 72-dpi PNG) is simply not used.
     return row
+
+
+def _quarantined(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    # A file never read (a link out of the site, an unreachable object) has no content hash;
+    # "" says so without breaking the manifest contract's non-null sha256.
+    return {**row, "sha256": row["sha256"] or NOT_HASHED, "status": "quarantined", "reason": reason}
+
+
+def _check_annotation(uri: str, storage: StorageOptions | None) -> None:
+    """Read the slide's ASAP XML now, so a broken one is a quarantine reason, not a tiling crash."""
+    try:
+        read_asap_xml(local_path(uri, storage))
+    except ValueError as exc:
+        raise ValueError(
+            f"annotation {name_of(uri)} cannot be used ({exc}); fix or remove it, the slide's "
+            "label and lesion ground truth come from it"
+        ) from None
 
 
 def slide_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -133,7 +160,7 @@ def write_quarantine(
     store = storage_for(folder, storage)
     written = []
     for row in rows:
-        uri = join(folder, f"{row['slide_id']}.json")
+        uri = join(folder, f"{check_slide_id(row['slide_id'])}.json")
         if row["status"] != "quarantined":
             if store.exists(uri):
                 store.delete(uri)

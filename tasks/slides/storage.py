@@ -17,6 +17,7 @@ only: `local_path` downloads one object.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -30,6 +31,8 @@ from typing import Protocol
 import polars as pl
 
 S3_SCHEME = "s3://"
+# Disk full, over quota, over the process's file-size limit: the output folder has no room.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class StorageOptions:
     cache_dir: str | None = None  # S3 downloads; None: $VADFLOW_HOME/cache/slides
     max_attempts: int = 5  # attempts in all (boto3 standard retry mode: throttling, 5xx...)
     addressing_style: str = "auto"  # "path" for stores without virtual-host buckets
+    connect_timeout: float = 10.0  # seconds; a timed-out attempt is retried like a 503
+    read_timeout: float = 60.0
 
 
 class StorageError(OSError):
@@ -110,8 +115,13 @@ class LocalStorage:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+                raise StorageError(
+                    f"{path}: no room to write it ({os.strerror(exc.errno)}); free space in "
+                    f"{path.parent} or point the output root elsewhere, then rerun"
+                ) from exc
             raise
 
     def delete(self, uri: str) -> None:
@@ -137,7 +147,14 @@ _CLIENTS_LOCK = threading.Lock()
 
 def s3_client(options: StorageOptions):
     """One boto3 client per process and options (clients are thread-safe, not fork-safe)."""
-    key = (os.getpid(), options.endpoint_url, options.max_attempts, options.addressing_style)
+    key = (
+        os.getpid(),
+        options.endpoint_url,
+        options.max_attempts,
+        options.addressing_style,
+        options.connect_timeout,
+        options.read_timeout,
+    )
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
@@ -147,6 +164,8 @@ def s3_client(options: StorageOptions):
             config = Config(
                 retries={"mode": "standard", "total_max_attempts": options.max_attempts},
                 s3={"addressing_style": options.addressing_style},
+                connect_timeout=options.connect_timeout,
+                read_timeout=options.read_timeout,
             )
             client = boto3.session.Session().client(
                 "s3", endpoint_url=options.endpoint_url, config=config
@@ -216,7 +235,8 @@ class S3Storage:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            response = getattr(exc, "response", None) or {}  # None on timeouts
+            if response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{uri}: no such object") from None
             raise self._fail(uri, exc) from exc
 

@@ -31,6 +31,7 @@ from PIL import Image
 from tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
 from tasks.site import TilingConfig
 from tasks.slides.ground_truth import ground_truth_mask
+from tasks.slides.identity import check_slide_id
 from tasks.slides.reader import Slide
 from tasks.slides.storage import (
     StorageOptions,
@@ -143,7 +144,7 @@ def tile_slide(
     `tiles_dir` and `masks_dir` may be local folders or `s3://` prefixes. The done marker is
     written last (see the module docstring).
     """
-    slide_id = slide_row["slide_id"]
+    slide_id = check_slide_id(slide_row["slide_id"])  # it names files and keys below
     mpp0 = slide_row["mpp"]
     marker = _status_uri(tiles_dir, slide_id)
     # A marker from other settings goes first: a run killed below must not leave it beside a
@@ -153,6 +154,7 @@ def tile_slide(
         geometry = working_geometry(slide, mpp0, tiling)
         mask, ds = slide_mask(slide, mpp0, tiling, domain)
         width, height = slide.width, slide.height
+        colourless = not mask.any() and _colourless(slide, ds, preset_for(tiling, domain))
     mask_png = join(masks_dir, f"{slide_id}.png")
     storage_for(mask_png, storage).write_bytes(mask_png, _png_bytes(mask))
 
@@ -178,13 +180,31 @@ def tile_slide(
         manifest=manifest,
         mask_png=mask_png,
         tissue_fraction=float(mask.mean()) if mask.size else 0.0,
-        reason=None if frame.height else "no tile reaches min_tissue_fraction",
+        reason=None if frame.height else _no_tissue_reason(colourless),
     )
     # Written last: its presence (with a matching fingerprint) means this slide is done.
     fingerprint = tiling_fingerprint(slide_row["sha256"], tiling, domain)
     body = json.dumps({"fingerprint": fingerprint, **asdict(result)}).encode()
     storage_for(marker, storage).write_bytes(marker, body)
     return result
+
+
+def _colourless(slide: Slide, ds: float, preset: masking.MaskPreset) -> bool:
+    """Whether a saturation mask could never find tissue here: R = G = B everywhere (greyscale)."""
+    if preset.feature != "saturation":
+        return False
+    thumb = slide.thumbnail(ds).astype(np.int16)  # (H, W, 3), small: the mask's level
+    return int((thumb.max(axis=2) - thumb.min(axis=2)).max()) <= 2
+
+
+def _no_tissue_reason(colourless: bool) -> str:
+    if colourless:
+        return (
+            "no tile reaches min_tissue_fraction: the slide is greyscale and the mask preset "
+            "thresholds colour saturation; set tiling.mask_preset to 'object-dark' for a site "
+            "of greyscale slides"
+        )
+    return "no tile reaches min_tissue_fraction"
 
 
 def tile_frame(
