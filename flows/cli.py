@@ -251,6 +251,33 @@ def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
     )
 
 
+@app.command()
+def evaluate(
+    site_dir: Annotated[Path, typer.Argument(help="the site to score (its folder)")],
+    model: str = typer.Option(
+        "champion",
+        help="a model folder, an MLflow model URI, 'champion' or 'champion@<site>' "
+        "(another site's champion: cross-site evaluation)",
+    ),
+    family: str | None = typer.Option(None, help="detector family (default: the site's first)"),
+    home: HomeOption = None,
+) -> None:
+    """Score a site with an existing model, no training, and print its metrics."""
+    state = configure_state(home)
+    from flows.batch_score import batch_score
+
+    result = batch_score(str(site_dir), model=model, family=family, output_root=str(state.outputs))
+    table = Table(title=f"{result['site']} scored by {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        if isinstance(value, float) and not math.isnan(value):
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    for item in result.get("quarantined", []):
+        console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
+
+
 sites_app = typer.Typer(help="Site files: deployments/sites/<site>.yaml, one per hospital or line.")
 app.add_typer(sites_app, name="sites")
 SitesOption = Annotated[

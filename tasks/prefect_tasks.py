@@ -456,14 +456,17 @@ def finish_tracking_task(
 def resolve_model_task(
     model: str, site: str, family: str, tracking_uri: str, cache_root: str
 ) -> str:
-    """A local detector folder for `model`: a folder, an MLflow model URI, or 'champion'."""
+    """A local detector folder for `model`: a folder, an MLflow model URI, 'champion' (this
+    site's) or 'champion@<site>' (another site's)."""
     import mlflow.artifacts
 
     if Path(model).is_dir():
         return model
-    if model == "champion":
-        target = Path(cache_root) / "model-cache" / f"{site}-{family}-champion"
-        return str(download_champion(tracking_uri, site, family, target))
+    if model == "champion" or model.startswith("champion@"):
+        # "champion@<other-site>": another hospital's model, for cross-site evaluation.
+        owner = model.partition("@")[2] or site
+        target = Path(cache_root) / "model-cache" / f"{owner}-{family}-champion"
+        return str(download_champion(tracking_uri, owner, family, target))
     uri = model
     if not uri.startswith(("models:/", "runs:/")):
         raise ValueError(
