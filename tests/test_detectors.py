@@ -114,7 +114,14 @@ def test_family_contract(family: str, tmp_path: Path):
     detector = fast_detector(family)
     size = tile_size_of(detector)
     tiles, _ = texture_tiles(np.random.default_rng(2), 40, size)
-    report = detector.fit(tiles[:32], tiles[32:])
+    labels = np.arange(40) % 2 == 0
+    supervision = getattr(detector, "supervision", "none")
+    if supervision == "tile":  # labelled tiles
+        report = detector.fit_labelled(tiles[:32], labels[:32], tiles[32:], labels[32:])
+    elif supervision == "slide":  # bags of tiles with slide labels
+        report = detector.fit_bags([tiles[i : i + 8] for i in range(0, 32, 8)], [1, 0, 1, 0])
+    else:
+        report = detector.fit(tiles[:32], tiles[32:])
     assert isinstance(report, FitReport) and report.epochs >= 1
 
     out = detector.score(tiles[:5])

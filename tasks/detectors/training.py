@@ -2,9 +2,15 @@
 
 Families hand over a module and a loss; the loop owns what must behave the same everywhere:
 device choice, bf16 autocast on CUDA, seeding, flip augmentation, Adam, gradient clipping,
-early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard and
-resumable checkpoints. A family with an unusual step (several optimisers, as GANs need)
-subclasses `Trainer` and overrides `configure_optimizers` and `train_step`.
+early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard,
+resumable checkpoints and the contamination-robust trimmed loss. A family with an unusual step
+(several optimisers, as GANs need) subclasses `Trainer` and overrides `configure_optimizers` and
+`train_step`; one whose loss changes over the run (a KL warm-up) overrides `begin_epoch`.
+
+The loss contract: a loss function takes (module, batch) and returns either per-sample losses,
+shape (b,), or one scalar. The loop reduces per-sample losses itself (a mean, or a trimmed mean
+in robust mode), so only per-sample losses can be trimmed; a scalar loss with robust mode on is
+refused at the first step (TypeError) rather than silently trained untrimmed.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tasks.detectors.base import (
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
 
+# (module, batch (b, 3, H, W)) -> per-sample losses (b,) or a scalar (0-d) loss.
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -56,12 +63,22 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     seed: int = 0
     augment: bool = True
+    # Contamination-robust mode: after `robust_warmup_epochs` plain epochs, each training batch
+    # drops its highest-loss `robust_trim_fraction` of samples from the loss. 0 turns it off.
+    robust_trim_fraction: float = 0.0
+    robust_warmup_epochs: int = 2
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1, got {self}")
         if self.lr < 0 or self.min_delta < 0:
             raise ValueError(f"lr and min_delta must be >= 0, got {self}")
+        if not 0.0 <= self.robust_trim_fraction < 1.0:
+            raise ValueError(
+                f"robust_trim_fraction must be in [0, 1), got {self.robust_trim_fraction}"
+            )
+        if self.robust_warmup_epochs < 0:
+            raise ValueError(f"robust_warmup_epochs must be >= 0, got {self.robust_warmup_epochs}")
 
     @classmethod
     def from_config(cls, config: Any) -> TrainSettings:
@@ -70,7 +87,16 @@ class TrainSettings:
 
 
 class Trainer:
-    """Mini-batch training of `module` on uint8 (N, H, W, 3) tile arrays."""
+    """Mini-batch training of `module` on uint8 (N, H, W, 3) tile arrays.
+
+    Robust mode (`robust_trim_fraction` > 0) is a trimmed loss for training sets that are not
+    clean: a model first learns the bulk of the data for `robust_warmup_epochs`, when the few
+    anomalous tiles already have the highest losses; from then on each batch ignores its
+    highest-loss fraction, so those tiles stop pulling the model towards reconstructing them.
+    The warm-up matters: from epoch 1 every loss is high and the trim would drop arbitrary,
+    mostly normal, tiles. The fraction should exceed the expected contamination, since a batch's
+    share of anomalous tiles varies around the training set's.
+    """
 
     def __init__(
         self,
@@ -87,6 +113,15 @@ class Trainer:
         self.optimizers = self.configure_optimizers()
         # Shuffling and flips draw from their own generator, so resume can restore it exactly.
         self.data_rng = torch.Generator().manual_seed(settings.seed)
+        self.epoch = 0  # 1-based once training runs; the trim and loss schedules read it
+
+    @property
+    def trimming(self) -> bool:
+        """Whether the current epoch trains on the trimmed loss (robust mode, past warm-up)."""
+        return (
+            self.settings.robust_trim_fraction > 0
+            and self.epoch > self.settings.robust_warmup_epochs
+        )
 
     # -- hooks a family may override -------------------------------------------------------
 
@@ -96,15 +131,49 @@ class Trainer:
             torch.optim.Adam(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         ]
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based, also after a resume); keep the super call."""
+        self.epoch = epoch
+
+    def reduce_loss(self, losses: torch.Tensor, *, trim: bool) -> torch.Tensor:
+        """Per-sample losses (b,) -> the scalar to optimise: the mean, or with `trim` the mean
+        of the lowest (1 - robust_trim_fraction) share (at least one sample).
+
+        Raises NonFiniteStep if any sample's loss is NaN/inf, before trimming: a poisoned tile
+        must stop the run, not be trimmed away as "anomalous".
+        """
+        if losses.ndim == 0:
+            # Refused whenever robust mode is on, so the first step fails, not the first trim.
+            if self.settings.robust_trim_fraction > 0:
+                raise TypeError(
+                    "robust_trim_fraction > 0 needs per-sample losses, but this family's loss "
+                    "function returns a scalar; return shape (b,) or set robust_trim_fraction=0"
+                )
+            reduced = losses.float()
+        else:
+            losses = losses.float().reshape(-1)  # (b,)
+            if trim:
+                keep = max(
+                    1, len(losses) - math.floor(self.settings.robust_trim_fraction * len(losses))
+                )
+                # Gradients flow only through the kept, lowest-loss samples.
+                reduced = losses.topk(keep, largest=False).values.mean()
+            else:
+                reduced = losses.mean()
+        # One host sync for both checks: the sum is non-finite iff some sample is.
+        value, total = torch.stack([reduced.detach(), losses.detach().float().sum()]).tolist()
+        if not (math.isfinite(value) and math.isfinite(total)):
+            raise NonFiniteStep(f"training loss is {value if not math.isfinite(value) else total}")
+        return reduced
+
     def train_step(self, batch: torch.Tensor) -> float:
-        """One optimiser step on a (b, 3, H, W) batch; returns the loss as a float."""
+        """One optimiser step on a (b, 3, H, W) batch; returns the (reduced) loss as a float."""
         (optimizer,) = self.optimizers
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.loss_fn(self.module, batch)
+            losses = self.loss_fn(self.module, batch)
+        loss = self.reduce_loss(losses, trim=self.trimming)
         value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteStep(f"training loss is {value}")
         loss.backward()
         clip = self.settings.grad_clip if self.settings.grad_clip is not None else math.inf
         norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
@@ -114,8 +183,19 @@ class Trainer:
         return value
 
     def val_step(self, batch: torch.Tensor) -> float:
+        """Validation loss of one batch; trimmed in every epoch when robust mode is on.
+
+        Robust mode presumes the validation tiles as contaminated as the training tiles (they are
+        split from the same unlabelled pool), so a trimmed mean estimates the loss on the normal
+        ones. It is trimmed from epoch 1, warm-up included, so early stopping compares epochs on
+        one definition of the loss.
+        """
         with self.autocast():
-            return self.loss_fn(self.module, batch).item()
+            losses = self.loss_fn(self.module, batch)
+        try:
+            return self.reduce_loss(losses, trim=self.settings.robust_trim_fraction > 0).item()
+        except NonFiniteStep:
+            return math.nan  # the loop reports a non-finite validation loss as divergence
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -160,6 +240,7 @@ class Trainer:
         epoch = len(state.train_loss)
         while epoch < self.settings.epochs and not state.stopped_early:
             epoch += 1
+            self.begin_epoch(epoch)
             self.module.train()
             total, count = 0.0, 0
             for step, batch in enumerate(self._batches(train, shuffle=True), start=1):

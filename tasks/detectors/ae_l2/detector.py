@@ -44,6 +44,8 @@ class AEL2Config:
     grad_clip: float = 1.0
     seed: int = 0
     augment: bool = True  # random flips in training
+    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
+    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
     device: str = "auto"
     map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
     score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
@@ -56,8 +58,12 @@ class AEL2Config:
 
 
 def reconstruction_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean squared error, computed in float32 even when the forward pass ran in bf16."""
-    return F.mse_loss(model(batch).float(), batch.float())
+    """Per-tile mean squared error (b,), in float32 even when the forward pass ran in bf16.
+
+    Per tile, so the trainer can trim the worst tiles in robust mode; its mean is the batch MSE.
+    """
+    squared = F.mse_loss(model(batch).float(), batch.float(), reduction="none")  # (b, 3, H, W)
+    return squared.flatten(1).mean(dim=1)  # (b,)
 
 
 @register("ae_l2")

@@ -1,0 +1,163 @@
+"""ae_ssim: the ae_l2 autoencoder trained on, and scored by, structural dissimilarity.
+
+Bergmann et al. (2018), "Improving unsupervised defect segmentation by applying structural
+similarity to autoencoders": an L2-trained autoencoder reconstructs edges slightly blurred or
+shifted, so its residual lights up on every normal edge, while defects of low contrast but wrong
+structure hide. Training and scoring on 1 - SSIM over an 11x11 Gaussian window (sigma 1.5) makes
+the model care about local structure, and the map then shows structure that is missing or new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from tasks.detectors.ae_ssim.ssim import ssim_dissimilarity
+from tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    gaussian_smooth,
+    register,
+    top_fraction_mean,
+)
+from tasks.detectors.training import Trainer, TrainSettings
+
+
+@dataclass(frozen=True)
+class AESSIMConfig:
+    """Hyperparameters of ae_ssim; saved as config.json beside the weights."""
+
+    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
+    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
+    latent_channels: int = 16
+    bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / bottleneck = 2^k
+    ssim_window: int = 11  # px, odd; Bergmann et al. use 11
+    ssim_sigma: float = 1.5  # Gaussian weighting of the window, px
+    ssim_channels: str = "gray"  # "gray" (luma, as Bergmann et al.) or "rgb" (per channel)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
+    grad_clip: float = 1.0
+    seed: int = 0
+    augment: bool = True  # random flips in training
+    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
+    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
+    device: str = "auto"
+    # The SSIM window already averages over ~7 px, so no extra blur by default.
+    map_smoothing_sigma: float = 0.0
+    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        if self.ssim_channels not in ("gray", "rgb"):
+            raise ValueError(f"ssim_channels must be 'gray' or 'rgb', got {self.ssim_channels!r}")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise ValueError(f"ssim_window must be odd and >= 3, got {self.ssim_window}")
+        if self.ssim_window > self.tile_size:
+            raise ValueError(
+                f"ssim_window {self.ssim_window} is larger than tile_size {self.tile_size}"
+            )
+        if self.ssim_sigma <= 0:
+            raise ValueError(f"ssim_sigma must be > 0, got {self.ssim_sigma}")
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
+class SSIMLoss:
+    """Per-tile mean structural dissimilarity (b,), the ae_ssim training loss."""
+
+    def __init__(self, config: AESSIMConfig) -> None:
+        self.channels = config.ssim_channels
+        self.window = config.ssim_window
+        self.sigma = config.ssim_sigma
+
+    def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        dissimilarity = ssim_dissimilarity(
+            model(batch), batch, channels=self.channels, window=self.window, sigma=self.sigma
+        )  # (b, 1, H, W)
+        return dissimilarity.flatten(1).mean(dim=1)  # (b,)
+
+
+@register("ae_ssim")
+class AESSIMDetector(Detector):
+    """Autoencoder + 1 - local SSIM.
+
+    Anomaly map: 1 - SSIM between tile and reconstruction (per channel and averaged, or on luma).
+    Tile score: mean of the top `score_top_fraction` of the map, for the reason ae_l2 gives:
+    the single worst pixel on a normal tile is texture noise, a whole-tile mean drowns small
+    defects.
+    Luma is the default: on the generated H&E-like texture (32 px, 10 epochs) it scored tile
+    AUROC 0.90 against 0.69 per channel. A single channel of stroma is nearly flat, so its local
+    variance is mostly pixel noise, and SSIM's structure term then compares noise with noise.
+    """
+
+    config_cls = AESSIMConfig
+    config: AESSIMConfig
+
+    def __init__(self, config: AESSIMConfig | None = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        # Seeded construction without touching the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = ConvAutoencoder(
+                tile_size=cfg.tile_size,
+                base_channels=cfg.base_channels,
+                latent_channels=cfg.latent_channels,
+                bottleneck=cfg.bottleneck,
+            )
+        self.model.to(self.device)
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> FitReport:
+        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
+        for name, tiles in (("train", train), ("val", val)):
+            if tiles.ndim == 4 and tiles.shape[1:3] != (self.config.tile_size,) * 2:
+                raise ValueError(
+                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this ae_ssim is "
+                    f"configured for tile_size={self.config.tile_size}"
+                )
+        trainer = Trainer(
+            self.model, SSIMLoss(self.config), TrainSettings.from_config(self.config), self.device
+        )
+        return trainer.fit(
+            train,
+            val,
+            on_epoch=on_epoch,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+        )
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        with autocast_for(self.device):
+            recon = self.model(batch)  # (b, 3, H, W)
+        anomaly_map = ssim_dissimilarity(
+            recon.float(),
+            batch,
+            channels=cfg.ssim_channels,
+            window=cfg.ssim_window,
+            sigma=cfg.ssim_sigma,
+        )  # (b, 1, H, W)
+        anomaly_map = gaussian_smooth(anomaly_map, cfg.map_smoothing_sigma)
+        return anomaly_map, top_fraction_mean(anomaly_map, cfg.score_top_fraction)

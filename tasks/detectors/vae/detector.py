@@ -1,0 +1,203 @@
+"""vae: a variational autoencoder with a dense bottleneck, scored by reconstruction.
+
+A VAE regularises the autoencoder's latent towards a standard normal, so the decoder can only
+produce what is typical of the training tiles: an anomaly is pulled towards normal appearance
+and leaves a residual. Two scores: the residual of the posterior-mean reconstruction (cheap,
+deterministic), or the reconstruction probability of An & Cho (2015), the negative
+log-likelihood of the tile averaged over several posterior samples, which also counts how
+unstable the reconstruction is where the encoder is unsure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    gaussian_smooth,
+    register,
+    top_fraction_mean,
+)
+from tasks.detectors.training import Trainer, TrainSettings
+from tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
+from tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
+
+SCORE_MODES = ("residual", "recon_prob")
+
+
+@dataclass(frozen=True)
+class VAEConfigBase:
+    """Fields shared by the vae and spatial_vae configs (each adds its bottleneck's shape)."""
+
+    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
+    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
+    beta: float = 1.0  # KL weight (beta-VAE); < 1 sharper reconstructions, > 1 smoother latent
+    kl_warmup_epochs: int = 5  # KL weight ramps linearly from 0 over this many epochs
+    recon_sigma: float = 0.1  # std of the Gaussian decoder, in [0, 1] pixel units
+    score_mode: str = "residual"  # "residual" (of the mean reconstruction) or "recon_prob"
+    n_samples: int = 8  # posterior samples per tile for score_mode="recon_prob"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
+    grad_clip: float = 1.0
+    seed: int = 0  # also seeds the recon_prob samples, so scores are reproducible
+    augment: bool = True  # random flips in training
+    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
+    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
+    device: str = "auto"
+    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the map; 0 = none
+    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.beta < 0 or self.recon_sigma <= 0:
+            raise ValueError(
+                f"beta must be >= 0 and recon_sigma > 0, got {self.beta}, {self.recon_sigma}"
+            )
+        if self.kl_warmup_epochs < 0:
+            raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
+@dataclass(frozen=True)
+class VAEConfig(VAEConfigBase):
+    """Hyperparameters of vae; saved as config.json beside the weights."""
+
+    latent_dim: int = 128  # size of the dense Gaussian latent
+    bottleneck: int = 4  # conv feature grid before the dense layers; tile_size / it = 2^k
+
+
+class KLWarmupTrainer(Trainer):
+    """The shared trainer, plus the KL warm-up: the ELBO's KL weight is 0 in epoch 1 and reaches
+    `beta` after `warmup_epochs` epochs (its ramp depends on the epoch only, so resume works)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: ELBOLoss,
+        settings: TrainSettings,
+        device: torch.device,
+        *,
+        warmup_epochs: int,
+    ) -> None:
+        super().__init__(module, loss_fn, settings, device)
+        self.elbo = loss_fn
+        self.warmup_epochs = warmup_epochs
+
+    def begin_epoch(self, epoch: int) -> None:
+        super().begin_epoch(epoch)
+        if self.warmup_epochs > 0:
+            self.elbo.kl_scale = min(1.0, (epoch - 1) / self.warmup_epochs)
+        else:
+            self.elbo.kl_scale = 1.0
+
+
+@register("vae")
+class VAEDetector(Detector):
+    """Dense-bottleneck VAE; map = per-pixel residual (or NLL), tile score = top-fraction mean.
+
+    Anomaly map, score_mode="residual": squared residual of the posterior-mean reconstruction,
+    averaged over RGB. score_mode="recon_prob": the Gaussian negative log-likelihood
+    (x - x_hat)^2 / (2 sigma^2), averaged over RGB and `n_samples` posterior samples. Both are
+    blurred by `map_smoothing_sigma`; the tile score is the mean of the top
+    `score_top_fraction` of the map, as in ae_l2.
+    The recon_prob samples share one seeded set of standard-normal draws for every tile, so a
+    tile's score does not depend on which batch it is scored in, or on any global RNG.
+    """
+
+    config_cls = VAEConfig
+    config: VAEConfigBase
+    model: GaussianVAE
+
+    def __init__(self, config: VAEConfigBase | None = None) -> None:
+        super().__init__(config)
+        # Seeded construction without touching the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.model = self._build_model()
+        self.model.to(self.device)
+
+    def _build_model(self) -> GaussianVAE:
+        cfg = self.config
+        assert isinstance(cfg, VAEConfig)
+        return DenseVAE(
+            tile_size=cfg.tile_size,
+            base_channels=cfg.base_channels,
+            latent_dim=cfg.latent_dim,
+            bottleneck=cfg.bottleneck,
+        )
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> FitReport:
+        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
+        cfg = self.config
+        for name, tiles in (("train", train), ("val", val)):
+            if tiles.ndim == 4 and tiles.shape[1:3] != (cfg.tile_size,) * 2:
+                raise ValueError(
+                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this {self.family} "
+                    f"is configured for tile_size={cfg.tile_size}"
+                )
+        trainer = KLWarmupTrainer(
+            self.model,
+            ELBOLoss(beta=cfg.beta, recon_sigma=cfg.recon_sigma),
+            TrainSettings.from_config(cfg),
+            self.device,
+            warmup_epochs=cfg.kl_warmup_epochs,
+        )
+        return trainer.fit(
+            train,
+            val,
+            on_epoch=on_epoch,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+        )
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        with autocast_for(self.device):
+            mu, logvar = self.model.encode(batch)  # each (b, *latent)
+            if cfg.score_mode == "residual":
+                recon = self.model.decode(mu)  # (b, 3, H, W)
+                per_value = (recon.float() - batch) ** 2  # (b, 3, H, W)
+            else:
+                std = torch.exp(0.5 * logvar.float())
+                per_value = torch.zeros_like(batch)  # (b, 3, H, W)
+                for noise in self._score_noise():  # each (*latent), broadcast over the batch
+                    recon = self.model.decode(mu.float() + std * noise)  # (b, 3, H, W)
+                    per_value += gaussian_nll(batch, recon, cfg.recon_sigma)
+                per_value /= cfg.n_samples
+        anomaly_map = per_value.mean(dim=1, keepdim=True)  # (b, 1, H, W)
+        anomaly_map = gaussian_smooth(anomaly_map, cfg.map_smoothing_sigma)
+        return anomaly_map, top_fraction_mean(anomaly_map, cfg.score_top_fraction)
+
+    def _score_noise(self) -> torch.Tensor:
+        """(n_samples, *latent_shape) standard-normal draws, the same on every call."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        shape = (self.config.n_samples, *self.model.latent_shape)
+        return torch.randn(shape, generator=generator).to(self.device)
