@@ -28,5 +28,10 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
+benchmark: install
+	$(PY) benchmarks/tiling.py --size 25000
+	$(PY) benchmarks/detectors.py --quick
+	$(PY) benchmarks/contracts.py
+
 clean:
 	rm -rf .vadflow .pytest-state
