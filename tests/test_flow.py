@@ -123,3 +123,33 @@ def test_same_flow_runs_on_an_mvtec_folder(industrial_run) -> None:
     assert metrics["n_test_slides"] == 16
     assert metrics["slide_auroc"] >= 0.8, metrics
     assert "pixel_auroc" in metrics and "froc" not in metrics
+
+
+def test_exports_and_report_recompute_to_the_logged_metrics(pathology_run) -> None:
+    """FROC and slide AUC recomputed from the files people open match the flow's metrics."""
+    from tasks.evaluation.camelyon import evaluation_mask, read_camelyon_csv
+    from tasks.evaluation.froc import froc
+    from tasks.evaluation.metrics import image_auroc
+    from tasks.slides.ground_truth import ground_truth_mask
+
+    summary = pathology_run["summary"]
+    out = Path(summary["outputs"])
+    metrics = summary["families"]["ae_l2"]["metrics"]
+    table = pl.read_csv(out / "reports" / "ae_l2" / "slides.csv")
+    recomputed = image_auroc((table["label"] == "anomalous").to_numpy(), table["score"].to_numpy())
+    assert recomputed == pytest.approx(metrics["slide_auroc"])
+    slides = pl.read_parquet(out / "slides.parquet").filter(pl.col("split") == "test")
+    slides = slides.filter(pl.col("status") == "ok")
+    exports = out / "exports" / "ae_l2"
+    candidates, masks = {}, {}
+    for row in slides.iter_rows(named=True):
+        sid = row["slide_id"]
+        for suffix in (".png", ".csv", ".candidates.geojson", ".regions.geojson", ".xml"):
+            assert (exports / f"{sid}{suffix}").exists(), f"{sid}{suffix}"
+        candidates[sid] = read_camelyon_csv(exports / f"{sid}.csv")
+        truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], 32)
+        masks[sid] = evaluation_mask(truth >= 0.5, 32, row["mpp"], itc_um=10)
+    normals = slides.filter(pl.col("label") == "normal")["slide_id"].to_list()
+    assert froc(candidates, masks, normals).score == pytest.approx(metrics["froc"], abs=1e-6)
+    report = (out / "reports" / "ae_l2" / "report.html").read_text()
+    assert "slide_auroc" in report and "data:image/png;base64" in report
