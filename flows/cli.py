@@ -230,6 +230,8 @@ def print_summary(summary: dict[str, Any], state: StatePaths) -> None:
             )
         if result.get("report"):
             console.print(f"  report: {result['report']}", soft_wrap=True)
+    for family, reason in summary.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] {family}: {reason}")
     for item in summary.get("quarantined", []):
         console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
     for slide_id in summary.get("no_tissue", []):

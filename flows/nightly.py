@@ -86,6 +86,9 @@ def nightly(
     for family in site.families:
         model_dir = layout.model_dir(family, version)
         fit = train_task(family, site, data.slides_path, data.tile_paths, str(model_dir))
+        if fit.get("skipped"):  # a labelled family on a site without those labels
+            summary.setdefault("skipped", {})[family] = fit["skipped"]
+            continue
         scores = score_task.map(
             unmapped(str(model_dir)),
             to_score,

@@ -181,25 +181,147 @@ def training_tiles(
     return train, val
 
 
+LESION_TILE_FRACTION = 0.5  # a tile is "tumour" for supervised_cnn when half of it is lesion
+
+
+def _trainable_slides(slides_path: str) -> pl.DataFrame:
+    """Slides that may train or validate: readable, and never from the test split."""
+    return pl.read_parquet(slides_path).filter(
+        (pl.col("status") == "ok") & pl.col("split").is_in(["train", "val"])
+    )
+
+
+def labelled_training_tiles(
+    site: SiteConfig, slides_path: str, tile_paths: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(tiles, labels, val tiles, val labels) for tile-supervised families; None without labels.
+
+    Tumour: tiles of annotated tumour training slides with label_fraction >= 0.5. Normal: every
+    tile of normal slides and the lesion-free tiles (label_fraction == 0) of annotated tumour
+    slides; tiles on a lesion's edge and all tiles of unannotated tumour slides are left out.
+    Validation: the held-out normal ("val") slides' tiles plus a fifth of the tumour tiles
+    (val slides are all normal, so tumour tiles are held out by tile, not by slide).
+    """
+    slides = _trainable_slides(slides_path)
+    uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
+    tiles = read_tile_manifests(tile_paths).join(
+        slides.select("slide_id", "label", "annotation_uri"), on="slide_id"
+    )
+    annotated = (pl.col("label") == "anomalous") & pl.col("annotation_uri").is_not_null()
+    tumour = tiles.filter(
+        annotated
+        & (pl.col("split") == "train")
+        & (pl.col("label_fraction") >= LESION_TILE_FRACTION)
+    )
+    normal = tiles.filter(
+        (pl.col("label") == "normal") | (annotated & (pl.col("label_fraction") == 0))
+    )
+    normal_train = normal.filter(pl.col("split") == "train")
+    if tumour.height == 0 or normal_train.height == 0:
+        return None
+    limit = site.max_train_tiles
+    tumour = sample_tiles(tumour, limit // 2, 2)  # shuffled
+    n_val = tumour.height // 5
+    val_tumour, train_tumour = tumour.head(n_val), tumour.slice(n_val)
+    train_normal = sample_tiles(normal_train, max(1, limit - train_tumour.height), 0)
+    val_normal = sample_tiles(normal.filter(pl.col("split") == "val"), max(64, limit // 4), 1)
+    if val_normal.height == 0:  # no held-out slide: hold out a tenth of the normal tiles
+        n = max(1, train_normal.height // 10)
+        val_normal, train_normal = train_normal.head(n), train_normal.slice(n)
+    options = site.storage.options()
+
+    def pixels(tumour_rows: pl.DataFrame, normal_rows: pl.DataFrame):
+        labels = np.r_[np.ones(tumour_rows.height, bool), np.zeros(normal_rows.height, bool)]
+        return load_tiles(pl.concat([tumour_rows, normal_rows]), uris, options), labels
+
+    train, labels = pixels(train_tumour, train_normal)
+    val, val_labels = pixels(val_tumour, val_normal)
+    return train, labels, val, val_labels
+
+
+def training_bags(
+    site: SiteConfig, slides_path: str, tile_paths: list[str]
+) -> tuple[list[np.ndarray], list[bool]] | None:
+    """One bag of tiles per train-split slide and its label, for slide-supervised families.
+
+    None unless there are both tumour and normal training slides with tiles. Slide labels only:
+    no annotation is needed. Each slide's tiles are capped so all bags together stay near
+    `max_train_tiles` (at least 64 per slide), since mil scores every tile each epoch.
+    """
+    slides = _trainable_slides(slides_path).filter(
+        (pl.col("split") == "train") & pl.col("label").is_in(["normal", "anomalous"])
+    )
+    tiles = read_tile_manifests(tile_paths)
+    with_tiles = set(tiles["slide_id"].unique().to_list())
+    present = [s for s in slides["slide_id"].to_list() if s in with_tiles]
+    tumour = dict(zip(slides["slide_id"], slides["label"] == "anomalous", strict=True))
+    if not any(tumour[s] for s in present) or all(tumour[s] for s in present):
+        return None
+    uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
+    cap = max(64, site.max_train_tiles // len(present))
+    options = site.storage.options()
+    bags = [
+        load_tiles(sample_tiles(tiles.filter(pl.col("slide_id") == s), cap, i), uris, options)
+        for i, s in enumerate(present)
+    ]
+    return bags, [bool(tumour[s]) for s in present]
+
+
 @task(name="train")
 def train_task(
     family: str, site: SiteConfig, slides_path: str, tile_paths: list[str], model_dir: str
 ) -> dict[str, Any]:
-    """Fit one detector family on normal training tiles; save it; return its fit report.
+    """Fit one detector family; save it; return its fit report, or {"skipped": reason}.
 
+    Unsupervised families train on normal tiles; supervised_cnn on labelled tiles
+    (`labelled_training_tiles`), mil on one bag per training slide (`training_bags`). A labelled
+    family on a site without the labels it needs is skipped with a warning, not failed.
     A diverged run (NaN/inf) keeps its best weights and is reported as diverged: it is scored
     and logged so the failure is visible, and the champion gate never promotes it.
     """
     from tasks.detectors import DivergedError, create_detector, detector_class
 
     logger = get_run_logger()
+    supervision = detector_class(family).supervision
+    if supervision == "tile":
+        labelled = labelled_training_tiles(site, slides_path, tile_paths)
+        if labelled is None:
+            reason = (
+                f"no training tile has label_fraction >= {LESION_TILE_FRACTION}: it needs "
+                "tumour slides under training/tumor with lesion_annotations/<slide>.xml, and "
+                "normal training tiles"
+            )
+            logger.warning("skipping %s on site %s: %s", family, site.name, reason)
+            return {"family": family, "skipped": reason}
+        train, labels, val, val_labels = labelled
+        normal = train[~labels]
+    elif supervision == "slide":
+        bagged = training_bags(site, slides_path, tile_paths)
+        if bagged is None:
+            reason = "it needs both tumour and normal training slides (slide labels)"
+            logger.warning("skipping %s on site %s: %s", family, site.name, reason)
+            return {"family": family, "skipped": reason}
+        bags, bag_labels = bagged
+        normal = np.concatenate([b for b, t in zip(bags, bag_labels, strict=True) if not t])
+    else:
+        train, val = training_tiles(site, slides_path, tile_paths)
+        normal = train
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, val = training_tiles(site, slides_path, tile_paths)
-    normaliser = make_normaliser(site.stain_normalisation).fit(train)
+    # The stain reference is fitted on normal tiles for every family.
+    normaliser = make_normaliser(site.stain_normalisation).fit(normal)
     (out / STAIN_FILE).write_text(json.dumps(normaliser.to_dict()))
-    train, val = normaliser.transform(train), normaliser.transform(val)
-    logger.info("%s: training on %d tiles, validating on %d", family, len(train), len(val))
+    if supervision == "slide":
+        bags = [normaliser.transform(b) for b in bags]
+        example = bags[0][:2]
+        counts = {"train_slides": len(bags), "train_tiles": sum(map(len, bags)), "val_tiles": 0}
+    else:
+        train, val = normaliser.transform(train), normaliser.transform(val)
+        example = val[:2]
+        counts = {"train_tiles": len(train), "val_tiles": len(val)}
+        if supervision == "tile":
+            counts["train_tumour_tiles"] = int(labels.sum())
+    logger.info("%s (supervision=%s): %s", family, supervision, counts)
     overrides = dict(site.detectors.get(family, {}))
     if "tile_size" in {f.name for f in fields(detector_class(family).config_cls)}:
         overrides.setdefault("tile_size", site.tiling.tile_size)  # the site's tiles decide
@@ -211,17 +333,23 @@ def train_task(
         logger.info("%s epoch %d: train %.5f  val %.5f", family, epoch, train_loss, val_loss)
 
     try:
-        report = asdict(detector.fit(train, val, on_epoch=on_epoch))
+        if supervision == "slide":
+            fitted = detector.fit_bags(bags, bag_labels, on_epoch=on_epoch)
+        elif supervision == "tile":
+            fitted = detector.fit_labelled(train, labels, val, val_labels, on_epoch=on_epoch)
+        else:
+            fitted = detector.fit(train, val, on_epoch=on_epoch)
+        report = asdict(fitted)
     except DivergedError as exc:
         logger.error("%s diverged: %s", family, exc)
         report = {**(asdict(exc.report) if exc.report else {}), "diverged": True}
     detector.save(out)
-    np.save(out / EXAMPLE_FILE, val[:2])  # the MLflow model's input example
+    np.save(out / EXAMPLE_FILE, example)  # the MLflow model's input example
     summary = {
         "family": family,
         "model_dir": str(out),
-        "train_tiles": len(train),
-        "val_tiles": len(val),
+        "supervision": supervision,
+        **counts,
         "config": asdict(detector.config),
         "report": report,
         "curves": epochs_log,

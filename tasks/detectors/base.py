@@ -163,6 +163,12 @@ class Detector(ABC):
 
     family: ClassVar[str]
     config_cls: ClassVar[type]
+    # What a family learns from, so callers know which training entry point to use:
+    # "none": normal tiles only, `fit(train, val)` (the unsupervised families);
+    # "tile": tiles labelled tumour/normal from annotations, `fit_labelled(...)`;
+    # "slide": slide labels only, each slide's tiles as one bag, `fit_bags(...)`.
+    # Labelled families refuse `fit`, and a site without labels skips them.
+    supervision: ClassVar[str] = "none"
     config: Any
     model: nn.Module
 
