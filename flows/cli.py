@@ -152,6 +152,9 @@ def demo(
                 height=3072,
                 mpp=0.25,
             )
+            # Synthetic lesions are 20-80 um; Camelyon16's 275 um ITC rule would ignore them all.
+            with (site_dir / "site.yaml").open("a") as handle:
+                handle.write("froc_itc_um: 10\n")
     elif domain == "industrial":
         site_dir = data / "demo-industrial"
         if not (site_dir / "site.yaml").exists():
