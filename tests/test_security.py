@@ -226,7 +226,7 @@ def test_every_torch_load_is_weights_only() -> None:
         text = path.read_text(encoding="utf-8")
         loads += text.count("torch.load(")
         bad += unsafe_torch_loads(text, str(path.relative_to(ROOT)))
-    assert loads >= 3  # the detectors, the trainer and the backbones do load weights
+    assert loads >= 2  # the detectors and the trainer load weights (so the scan finds them)
     assert not bad, f"torch.load without weights_only=True: {bad}"
 
 
