@@ -378,6 +378,31 @@ def batch(
     console.print(f"submitted flow run {run.name} ({run.id}) of {deployed.name} on pool {pool}")
 
 
+@app.command("benchmark-detectors")
+def benchmark_detectors_command(
+    family: Annotated[
+        list[str] | None,
+        typer.Option("--family", help="only these families (default: every unsupervised one)"),
+    ] = None,
+    size: str = typer.Option("small", help="site size: tiny, small or medium"),
+    epochs: int = typer.Option(3, help="training epochs, the same for every family"),
+    seed: int = typer.Option(0, help="seed of the site and of every family"),
+    device: str = typer.Option("auto", help="cpu, cuda, mps or auto"),
+    markdown: Path | None = typer.Option(None, help="also write the table as Markdown here"),
+) -> None:
+    """Train every family on one hard synthetic site, same budget; print the honest table."""
+    from flows.commands.benchmark import benchmark_detectors, format_table
+
+    try:
+        rows = benchmark_detectors(family, size, epochs, seed, device=device)
+    except (KeyError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    if markdown is not None:
+        markdown.write_text(format_table(rows) + "\n")
+        console.print(f"wrote {markdown}")
+
+
 app.command("validate")(validate_command)
 app.command("compare")(compare_command)
 app.add_typer(tracking_app, name="tracking")

@@ -6,6 +6,19 @@ RGB = 255 * exp(-OD), with H from rendered nuclei and E from a stroma field with
 lesions are the same tissue with denser, larger, darker, more irregular nuclei and a little more
 hematoxylin, blended in at the edge, so a detector has to learn texture rather than colour.
 
+Two modes. "easy" (the default, and what every older test and demo uses) is the above: a lesion is
+darker on average, so even a colour statistic finds it. "hard" is closer to a real lymph node
+metastasis: lesion nuclei are denser, larger, more varied in size and irregular (coarse
+chromatin), the stroma and its fibres are lost, and the cytoplasm carries almost no hematoxylin
+and a little more eosin, so the lesion keeps the host's mean hematoxylin and eosin: its mean
+colour stays within a few RGB units of normal tissue, while its texture has more contrast.
+Sizes run from isolated-cell clusters (tens of um) to lesions as large as the tissue allows,
+with smooth, irregular outlines. Normal tissue gets its own hard parts, each a plausible false
+positive: collagen (stroma) bands, fibres that turn from place to place, fat vacuoles, folds (a
+second layer of tissue: a darker band with twice the nuclei), a darker rim at tissue edges,
+glass cracks through the tissue, and a per-slide stain strength. A detector has to see
+morphology: a classifier on mean colour is near chance (tests/test_hard_mode.py).
+
 Memory: level 0 is rendered in horizontal strips and streamed to a raw file that libvips turns
 into the pyramid, so pixels never sit in memory all at once. What does is the smooth fields on a
 coarse grid (1/64 of level 0 up to 16k px, coarser beyond) and the nucleus list (one row per
@@ -22,6 +35,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyvips
@@ -78,6 +92,46 @@ class _Look:
 
 _LOOK = _Look()
 
+Mode = Literal["easy", "hard"]
+MODES: tuple[str, ...] = ("easy", "hard")
+
+
+@dataclass(frozen=True)
+class _HardLook:
+    """Hard mode: how a lesion differs at strength 1, and the sizes of normal tissue's hard parts.
+
+    The lesion's `pallor`, `background_h` and `eosin_gain` are bookkeeping as much as biology:
+    with denser, larger nuclei a lesion carries more hematoxylin per area, so slightly paler
+    nuclei and no hematoxylin in the cytoplasm bring its mean back to the host's, and a little
+    more eosin makes up for the stroma the nuclei displace (tuned on rendered tiles: mean RGB
+    within ~1 unit of normal tissue; tests/test_hard_mode.py holds the result). Lengths are in
+    um, so any MPP draws alike.
+    """
+
+    density: float = 0.5  # extra nuclei per unit area in a lesion
+    radius: float = 0.25  # relative nucleus radius increase
+    pleomorphism: float = 0.25  # log-sd of a tumour nucleus's radius (normal 0.15)
+    pallor: float = 0.2  # relative hematoxylin peak decrease
+    background_h: float = -0.1  # cytoplasm hematoxylin change (keeps the host's mean H)
+    eosin_gain: float = 0.17  # relative eosin change (keeps the host's mean E)
+    lesion_radius_um: tuple[float, float] = (12.0, 1000.0)  # log-uniform, then what fits
+    # Normal tissue's hard parts.
+    stroma_eosin: float = 0.35  # relative eosin gain inside a collagen band
+    stroma_nuclei: float = 0.75  # share of nuclei missing inside a collagen band
+    stroma_half_um: tuple[float, float] = (5.0, 11.0)
+    fat_share: tuple[float, float] = (0.0, 0.25)  # share of the tissue that is fat, per slide
+    vacuole_radius_um: tuple[float, float] = (9.0, 22.0)
+    septum_um: float = 1.5  # tissue between neighbouring vacuoles
+    fold_od: float = 0.9  # optical density gain across a fold
+    fold_half_um: tuple[float, float] = (8.0, 25.0)
+    crack_half_um: tuple[float, float] = (0.8, 2.5)
+    edge_rim_um: float = 12.0
+    edge_eosin: float = 0.35
+    stain_jitter: float = 0.12  # per-slide relative change in H and E amounts
+
+
+_HARD = _HardLook()
+
 
 def make_pathology_site(
     out_dir: Path,
@@ -94,6 +148,7 @@ def make_pathology_site(
     seed: int = 0,
     progress: Progress | None = None,
     stain: Stain = DEFAULT_STAIN,
+    mode: Mode = "easy",
 ) -> Path:
     """Write a Camelyon16-shaped site folder `out_dir/name` and return its path.
 
@@ -102,8 +157,10 @@ def make_pathology_site(
     and `ground_truth/<stem>_mask.tif` for every tumour slide. Each slide has its own seed derived
     from `seed` and its role and index, so adding slides of one kind leaves the others unchanged.
     A folder this function wrote before is replaced; any other non-empty folder is refused.
+    `mode` picks "easy" or "hard" slides (see the module docstring); easy is the default.
     """
     _check_geometry(width, height, mpp, lesion_strength)
+    _check_mode(mode)
     counts = (n_train_normal, n_test_normal, n_test_tumor, n_train_tumor)
     if min(counts) < 0:
         raise ValueError(f"slide counts must be >= 0, got {counts}")
@@ -151,6 +208,7 @@ def make_pathology_site(
             seed=slide_seed,
             mask_path=mask_path,
             stain=stain,
+            mode=mode,
         )
         if tumour:
             write_asap_xml(site / "lesion_annotations" / f"{path.stem}.xml", polygons)
@@ -170,25 +228,34 @@ def write_synthetic_slide(
     seed: int | np.random.SeedSequence = 0,
     mask_path: Path | None = None,
     stain: Stain = DEFAULT_STAIN,
+    mode: Mode = "easy",
 ) -> list[np.ndarray]:
     """Render one slide to a pyramidal JPEG TIFF; return its lesion outlines, (N, 2) x, y level 0.
 
     With `mask_path` the lesion mask is written beside it (pyramidal deflate TIFF, 0/255). The
     mask and outlines are geometry only: `lesion_strength` changes the texture, never the mask.
+    `mode="hard"` draws colour-matched lesions in tissue with folds, fat, cracks and stroma bands.
     """
     _check_geometry(width, height, mpp, lesion_strength)
+    _check_mode(mode)
     if n_lesions < 0:
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
     seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     rng = np.random.default_rng(_child_of(seq, 0))
     cell = _cell_size(width, height)
-    plan = _plan_slide(rng, width, height, mpp, cell, n_lesions, lesion_strength)
+    if mode == "hard":
+        plan = _plan_slide_hard(rng, width, height, mpp, cell, n_lesions, lesion_strength)
+    else:
+        plan = _plan_slide(rng, width, height, mpp, cell, n_lesions, lesion_strength)
     if n_lesions and not plan.outlines:
         raise ValueError(
             f"{Path(path).name}: a {width}x{height} slide has no room for a lesion inside its "
             "tissue; use at least 512x512"
         )
-    nuclei = _place_nuclei(rng, plan, width, height, mpp, lesion_strength)
+    if mode == "hard":
+        nuclei = _place_nuclei_hard(rng, plan, width, height, lesion_strength)
+    else:
+        nuclei = _place_nuclei(rng, plan, width, height, mpp, lesion_strength)
     bank = _stamp_bank(rng, mpp)
 
     path = Path(path)
@@ -267,6 +334,11 @@ def _check_geometry(width: int, height: int, mpp: float, lesion_strength: float)
         raise ValueError(f"lesion_strength must be >= 0, got {lesion_strength}")
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+
+
 def _child(seed: int, role: int, index: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(entropy=seed, spawn_key=(role, index))
 
@@ -310,6 +382,23 @@ class _Plan:
     fibre_period: float
     glass_od: np.ndarray  # (3,) float32
     outlines: list[np.ndarray]
+    hard: _HardParts | None = None  # hard mode only
+
+
+@dataclass(frozen=True)
+class _HardParts:
+    """What hard mode renders per pixel: fat vacuoles (circles) and glass cracks (thin bands)."""
+
+    vacuoles: np.ndarray  # (V, 3) float64 rows (y, x, radius) in level-0 px, sorted by y
+    density: np.ndarray  # (Hc, Wc) relative nucleus density before lesions (stroma, fat, folds)
+    crack_half_px: float  # half width of a crack
+    h_gain: float  # this slide's hematoxylin strength, for nuclei too
+    fibre_angles: tuple[float, float, float]  # radians; local weights in the fields
+
+
+# Hard mode's extra coarse fields, after the easy ones: crack distance (px), crack presence, and
+# the weights of the three fibre directions.
+_CRACK_D, _CRACK_ON, _FIBRE_W = 5, 6, 7
 
 
 _HBG, _EOSIN, _FIBRE, _WARP, _LESION_SD = range(5)
@@ -380,6 +469,171 @@ def _plan_slide(
     )
 
 
+def _plan_slide_hard(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    mpp: float,
+    cell: int,
+    n_lesions: int,
+    strength: float,
+) -> _Plan:
+    """The hard-mode plan: colour-matched lesions in tissue with stroma bands, fat, folds, cracks.
+
+    Smooth parts (stroma bands, folds, edge rim, stain strength, the lesion's stain correction)
+    are folded into the coarse fields; vacuoles and cracks are sharp and drawn per pixel.
+    """
+    look = _HARD
+    um = 1.0 / mpp  # level-0 px per um
+    shape = (math.ceil(height / cell) + 1, math.ceil(width / cell) + 1)
+    gy = (np.arange(shape[0], dtype=np.float32) + 0.5) * cell - 0.5
+    gx = (np.arange(shape[1], dtype=np.float32) + 0.5) * cell - 0.5
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+
+    alpha, tissue = _tissue_field(rng, shape, yy, xx, width, height, cell)
+    lesion_sd, outlines = _lesion_field(
+        rng, tissue, yy, xx, width, height, cell, n_lesions, hard_mpp=mpp
+    )
+    eosin = 0.38 + 0.07 * _smooth_noise(rng, shape, 200 / cell)
+    warp = _smooth_noise(rng, shape, 120 / cell)
+    fibre = np.clip(0.55 + 0.45 * _smooth_noise(rng, shape, 300 / cell), 0.0, 1.0)
+    hbg = 0.10 + 0.025 * _smooth_noise(rng, shape, 300 / cell)
+    # Lesion weight scaled by strength: at strength 0 the lesion's area is plain host tissue.
+    q = strength * np.clip(0.5 + lesion_sd, 0, 1)
+    qc = np.minimum(q, 1.0)
+
+    # Collagen bands: curvy stripes along the zero lines of a smooth field, in patches; a
+    # lesion has lost its stroma.
+    band = _zero_distance(_smooth_noise(rng, shape, 90 * um / cell), cell)
+    half = rng.uniform(*look.stroma_half_um) * um
+    patches = np.clip(0.5 + 0.8 * _smooth_noise(rng, shape, 250 * um / cell), 0, 1)
+    stroma = np.exp(-((band / half) ** 2)) * patches * (1 - qc)
+
+    # Folds: a band where the section lies over itself: twice the stain, twice the nuclei.
+    fold = np.zeros(shape, dtype=np.float32)
+    for _ in range(int(rng.integers(0, 3))):
+        distance = _zero_distance(_smooth_noise(rng, shape, 300 * um / cell), cell)
+        length = np.clip(0.5 + 2.0 * (_smooth_noise(rng, shape, 250 * um / cell) + 0.2), 0, 1)
+        half = rng.uniform(*look.fold_half_um) * um
+        fold = np.maximum(fold, np.clip((half - distance) / (2 * um) + 0.5, 0, 1) * length)
+
+    # Cracks: thin glass tears through the tissue, drawn per pixel from their distance field.
+    n_cracks = int(rng.integers(0, 3))
+    crack_d = _zero_distance(_smooth_noise(rng, shape, 150 * um / cell), cell)
+    crack_on = np.clip(0.5 + 2.0 * (_smooth_noise(rng, shape, 200 * um / cell) - 0.5), 0, 1)
+    crack_on *= n_cracks > 0
+    crack_half = rng.uniform(*look.crack_half_um) * um
+
+    # Tissue edges: a rim of stronger stain, as a section dries from its border.
+    inside = ndimage.distance_transform_edt(tissue) * cell
+    rim = np.exp(-inside / (look.edge_rim_um * um))
+
+    vacuoles, holes = _place_vacuoles(rng, tissue, lesion_sd, cell, um, strength)
+    h_gain, e_gain = 1 + look.stain_jitter * rng.uniform(-1, 1, 2)
+
+    thick = 1 + look.fold_od * fold
+    eosin_mean = (
+        alpha
+        * e_gain
+        * thick
+        * eosin
+        * (1 + look.stroma_eosin * stroma)
+        * (1 + look.edge_eosin * rim)
+        * (1 + look.eosin_gain * q)
+    )
+    fibre_contrast = eosin_mean * 0.8 * np.minimum(fibre + 0.6 * stroma, 1.2) * (1 - qc)
+    h_background = (
+        alpha
+        * h_gain
+        * thick
+        * np.maximum(hbg * (1 + 0.5 * rim) * (1 - 0.4 * stroma) + look.background_h * q, 0.0)
+    )
+    density = alpha * (1 - look.stroma_nuclei * stroma) * (1 - holes) * (1 + fold)
+    fibre_angles = float(rng.uniform(0, np.pi)) + np.array([0.0, np.pi / 3, 2 * np.pi / 3])
+    pull = np.stack([_smooth_noise(rng, shape, 80 * um / cell) for _ in range(3)])
+    fibre_weights = np.exp(5.0 * pull)
+    fibre_weights /= fibre_weights.sum(axis=0)  # (3, Hc, Wc), mostly one direction at a time
+    layers = [h_background, eosin_mean, fibre_contrast, warp, lesion_sd, crack_d, crack_on]
+    layers += list(fibre_weights)
+    return _Plan(
+        cell=cell,
+        fields=np.stack(layers).astype(np.float32),
+        alpha=alpha,
+        lesion_sd=lesion_sd,
+        fibre_angle=float(rng.uniform(0, np.pi)),
+        fibre_period=float(rng.uniform(3.0, 4.5) / mpp),
+        glass_od=(0.045 + rng.uniform(-0.01, 0.01, 3)).astype(np.float32),
+        outlines=outlines,
+        hard=_HardParts(
+            vacuoles=vacuoles,
+            density=density.astype(np.float32),
+            crack_half_px=float(crack_half),
+            h_gain=float(h_gain),
+            fibre_angles=tuple(float(a) for a in fibre_angles),
+        ),
+    )
+
+
+def _zero_distance(field: np.ndarray, cell: int) -> np.ndarray:
+    """Approximate distance in level-0 px to the zero lines of a smooth (Hc, Wc) field."""
+    slope = np.hypot(*np.gradient(field)) / cell  # field units per level-0 px
+    return np.abs(field) / np.maximum(slope, 1e-6)
+
+
+def _place_vacuoles(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    lesion_sd: np.ndarray,
+    cell: int,
+    um: float,
+    strength: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fat: non-overlapping round vacuoles packed into patches of the tissue.
+
+    Returns (V, 3) rows (y, x, radius) sorted by y, and their coverage on the coarse grid (for
+    thinning nuclei). A lesion has replaced the fat it grew into, so vacuoles near one are
+    dropped (with probability = strength, so strength 0 leaves the host unchanged).
+    """
+    look = _HARD
+    share = rng.uniform(*look.fat_share)
+    shape = tissue.shape
+    noise = _smooth_noise(rng, shape, 120 * um / cell)
+    holes = np.zeros(shape, dtype=np.float32)
+    if share <= 0 or not tissue.any():
+        return np.zeros((0, 3)), holes
+    fat = tissue & (noise > np.quantile(noise[tissue], 1 - share))
+    cells = np.flatnonzero(fat.ravel())
+    lo, hi = (r * um for r in look.vacuole_radius_um)
+    n_try = min(20000, int(6 * cells.size * cell * cell / (math.pi * lo * hi)) + 1)
+    pick = rng.choice(cells, n_try)
+    cy = (pick // shape[1] + rng.random(n_try)) * cell - 0.5
+    cx = (pick % shape[1] + rng.random(n_try)) * cell - 0.5
+    radius = np.exp(rng.uniform(math.log(lo), math.log(hi), n_try))
+    drop = rng.random(n_try) < min(strength, 1.0)
+    outside = lesion_sd < 0
+    # px to the nearest lesion (edt of an array without zeros is not "infinitely far")
+    near_lesion = ndimage.distance_transform_edt(outside) * cell if not outside.all() else None
+    kept: list[tuple[float, float, float]] = []
+    ky, kx, kr = np.zeros(0), np.zeros(0), np.zeros(0)
+    for y, x, r, d in zip(cy, cx, radius, drop, strict=True):
+        row, col = min(int(y / cell), shape[0] - 1), min(int(x / cell), shape[1] - 1)
+        if d and near_lesion is not None and near_lesion[row, col] < r + 4 * um:
+            continue
+        if ky.size and (np.hypot(ky - y, kx - x) < kr + r + look.septum_um * um).any():
+            continue
+        kept.append((y, x, r))
+        ky, kx, kr = np.append(ky, y), np.append(kx, x), np.append(kr, r)
+    vacuoles = np.array(sorted(kept), dtype=np.float64).reshape(-1, 3)
+    gy = (np.arange(shape[0]) + 0.5) * cell - 0.5
+    gx = (np.arange(shape[1]) + 0.5) * cell - 0.5
+    for y, x, r in vacuoles:
+        r0, r1 = np.searchsorted(gy, [y - r, y + r])
+        c0, c1 = np.searchsorted(gx, [x - r, x + r])
+        inside = np.hypot(gy[r0:r1, None] - y, gx[None, c0:c1] - x) < r
+        holes[r0:r1, c0:c1] = np.maximum(holes[r0:r1, c0:c1], inside)
+    return vacuoles, holes
+
+
 def _tissue_field(
     rng: np.random.Generator,
     shape: tuple[int, int],
@@ -430,8 +684,13 @@ def _lesion_field(
     height: int,
     cell: int,
     n_lesions: int,
+    hard_mpp: float | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Signed distance to 0-3 star-shaped lesions (in blend widths, > 0 inside), and outlines."""
+    """Signed distance to 0-3 star-shaped lesions (in blend widths, > 0 inside), and outlines.
+
+    With `hard_mpp` (hard mode), radii are log-uniform in um from isolated-cell clusters to as
+    large as the tissue allows, and outlines are more irregular.
+    """
     sd = np.full(tissue.shape, _NO_LESION, dtype=np.float32)
     if n_lesions == 0:
         return sd, []
@@ -439,7 +698,11 @@ def _lesion_field(
     room = ndimage.distance_transform_edt(tissue) * cell
     scale = max(min(width, height) / 3072, 0.5)
     for _ in range(n_lesions):
-        radius = rng.uniform(75, 300) * scale
+        if hard_mpp is None:
+            radius = rng.uniform(75, 300) * scale
+        else:
+            lo, hi = np.log(_HARD.lesion_radius_um)
+            radius = float(np.exp(rng.uniform(lo, hi))) / hard_mpp
         # A lesion sits inside tissue and apart from the others: 1.3 radii of room around it.
         while True:
             candidates = np.flatnonzero(room.ravel() > 1.3 * radius + TISSUE_EDGE_PX)
@@ -451,9 +714,12 @@ def _lesion_field(
         centre = rng.choice(candidates)
         cy, cx = yy.ravel()[centre], xx.ravel()[centre]
         room = np.minimum(room, np.hypot(yy - cy, xx - cx) - 1.3 * radius)
-        harmonics = np.arange(2, 6)
+        harmonics = np.arange(2, 6) if hard_mpp is None else np.arange(2, 9)
         amps = rng.uniform(0, 0.22, harmonics.size) / harmonics * 2
-        amps *= min(1.0, 0.25 / amps.sum())  # keeps the outline star-shaped and smooth
+        if hard_mpp is not None:
+            amps = rng.uniform(0, 0.35, harmonics.size) / np.sqrt(harmonics)
+        cap = 0.25 if hard_mpp is None else 0.4
+        amps *= min(1.0, cap / amps.sum())  # keeps the outline star-shaped and smooth
         phases = rng.uniform(0, 2 * np.pi, harmonics.size)
         angle = np.arctan2(yy - cy, xx - cx)[..., None]
         bound = radius * (1 + (amps * np.cos(harmonics * angle + phases)).sum(-1))
@@ -532,6 +798,49 @@ def _place_nuclei(
     )
 
 
+def _place_nuclei_hard(
+    rng: np.random.Generator,
+    plan: _Plan,
+    width: int,
+    height: int,
+    strength: float,
+) -> _Nuclei:
+    """Hard mode's nuclei: host density from the plan; lesion nuclei denser, larger, paler,
+    more varied in size and irregular."""
+    look = _HARD
+    assert plan.hard is not None
+    density = plan.hard.density
+    boost = max(float(density.max()), 1e-6) * (1.0 + look.density * max(strength, 0.0))
+    n_candidates = rng.poisson(NORMAL_NUCLEI_PER_PX * boost * width * height)
+    y = rng.uniform(0, height, n_candidates)
+    x = rng.uniform(0, width, n_candidates)
+    local = _bilinear_at(density, plan.cell, y, x)
+    lesion = np.clip(0.5 + _bilinear_at(plan.lesion_sd, plan.cell, y, x), 0, 1)
+    keep = rng.random(n_candidates) < local * (1 + look.density * strength * lesion) / boost
+    y, x, lesion = y[keep], x[keep], lesion[keep]
+    n = y.size
+    tumour = strength * (rng.random(n) < lesion)
+    weight = np.minimum(tumour, 1.0)
+    spread = 0.15 + (look.pleomorphism - 0.15) * weight
+    radius = np.exp(rng.normal(0, 1, n) * spread) * (1 + look.radius * tumour)
+    lo, hi = np.log(_SIZE_RANGE[0]), np.log(_SIZE_RANGE[1])
+    size_bin = np.clip(
+        ((np.log(radius) - lo) / (hi - lo) * _SIZE_BINS).astype(int), 0, _SIZE_BINS - 1
+    )
+    irr_bin = np.clip(np.rint(2 * weight), 0, _IRR_BINS - 1).astype(int)
+    variant = rng.integers(0, _VARIANTS, n)
+    stamp = (size_bin * _IRR_BINS + irr_bin) * _VARIANTS + variant
+    pallor = np.maximum(1 - look.pallor * tumour, 0.1)
+    amp = 0.85 * plan.hard.h_gain * np.exp(rng.normal(0, 0.12, n)) * pallor
+    order = np.argsort(y, kind="stable")
+    return _Nuclei(
+        y=y[order].astype(np.int64),
+        x=x[order].astype(np.int64),
+        stamp=stamp[order],
+        amp=amp[order].astype(np.float32),
+    )
+
+
 def _stamp_bank(rng: np.random.Generator, mpp: float) -> np.ndarray:
     """(S, k, k) soft nucleus shapes: sizes x irregularity x random variants, built at once."""
     r_unit = NUCLEUS_RADIUS_UM / mpp
@@ -602,18 +911,26 @@ def _render_strip(
     ys = np.arange(y0, y1, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
     wavenumber = 2 * np.pi / plan.fibre_period
-    phase = xs * (wavenumber * math.cos(plan.fibre_angle)) + warp * 6.0
-    phase += ys * (wavenumber * math.sin(plan.fibre_angle))  # (h, W)
-    stripes = np.sin(phase, out=phase)
-    stripes += 1
-    stripes *= 0.5
-    stripes = stripes * stripes * stripes - 0.3125
+    if plan.hard is None:
+        stripes = _stripes(xs, ys, warp, wavenumber, plan.fibre_angle)
+    else:
+        # Fibres turn from place to place: three directions, blended by smooth weights.
+        stripes = np.zeros((h, width), dtype=np.float32)
+        for i, angle in enumerate(plan.hard.fibre_angles):
+            stripes += fields[_FIBRE_W + i] * _stripes(xs, ys, warp, wavenumber, angle)
     e_field = eosin_mean + fibre_contrast * stripes
 
     # Nuclei: every nucleus touching the strip stamps its shape into a flat buffer at once.
     nuc = _stamp_nuclei(nuclei, bank, y0, y1, width)
     e_field *= 1 - 0.5 * np.minimum(nuc, 1)  # nuclei displace stroma
     h_field = h_background + np.minimum(nuc, 1.6)
+    if plan.hard is not None:
+        # Fat vacuoles and cracks are glass: no stain at all, nuclei cut where they cross.
+        keep = 1 - _vacuole_cover(plan.hard.vacuoles, y0, y1, width)
+        crack = plan.hard.crack_half_px + 0.5 - np.abs(fields[_CRACK_D])
+        keep *= 1 - np.clip(crack, 0, 1) * fields[_CRACK_ON]
+        h_field *= keep
+        e_field *= keep
 
     noise = rng.standard_normal((h, width), dtype=np.float32) * 0.012
     rgb = np.empty((h, width, 3), dtype=np.uint8)
@@ -628,6 +945,38 @@ def _render_strip(
         np.clip(od, 0, 255, out=od)
         rgb[..., c] = od
     return rgb, lesion_mask
+
+
+def _stripes(
+    xs: np.ndarray, ys: np.ndarray, warp: np.ndarray, wavenumber: float, angle: float
+) -> np.ndarray:
+    """Zero-mean thin fibre stripes (h, W) at `angle`, bent by the smooth `warp` field."""
+    phase = xs * (wavenumber * math.cos(angle)) + warp * 6.0
+    phase += ys * (wavenumber * math.sin(angle))  # (h, W)
+    stripes = np.sin(phase, out=phase)
+    stripes += 1
+    stripes *= 0.5
+    return stripes * stripes * stripes - 0.3125
+
+
+def _vacuole_cover(vacuoles: np.ndarray, y0: int, y1: int, width: int) -> np.ndarray:
+    """(h, W) float32 in [0, 1]: how much of each pixel of rows [y0, y1) is inside a vacuole."""
+    out = np.zeros((y1 - y0, width), dtype=np.float32)
+    if not len(vacuoles):
+        return out
+    reach = vacuoles[:, 2].max() + 1
+    lo, hi = np.searchsorted(vacuoles[:, 0], [y0 - reach, y1 + reach])
+    for cy, cx, r in vacuoles[lo:hi]:
+        ya, yb = max(int(cy - r - 1), y0), min(int(cy + r + 2), y1)
+        xa, xb = max(int(cx - r - 1), 0), min(int(cx + r + 2), width)
+        if ya >= yb or xa >= xb:
+            continue
+        ys = np.arange(ya, yb, dtype=np.float32)[:, None]
+        xs = np.arange(xa, xb, dtype=np.float32)[None, :]
+        cover = np.clip(r + 0.5 - np.hypot(ys - cy, xs - cx), 0, 1)  # ~1 px soft edge
+        view = out[ya - y0 : yb - y0, xa:xb]
+        np.maximum(view, cover, out=view)
+    return out
 
 
 def _stamp_nuclei(nuclei: _Nuclei, bank: np.ndarray, y0: int, y1: int, width: int) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""padim: PaDiM-style Gaussian per patch position, Mahalanobis distance as the anomaly map.
+
+Fit: get the patch features ready and standardise them (backbones.py, as for patch_knn: the
+fixed texture filter bank by default, or a CNN), keep a seeded random subset of `n_features`
+feature channels, and fit one Gaussian per position of the feature grid over the normal
+training tiles. Each position's covariance is shrunk towards the covariance pooled over all
+positions (`shrinkage`), then a small ridge is added, so it stays well conditioned with few
+tiles: tiles of a texture are close to stationary, so the pooled estimate is a good target,
+while positions at the border (padding) keep their own character. Score: Mahalanobis distance
+of each patch to its position's Gaussian, upsampled to the tile and lightly smoothed; the tile
+score is its maximum (on the hard synthetic site the maximum measured 0.83 tile AUROC, the
+top 10 % 0.81, so padim keeps PaDiM's maximum).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.detectors.backbones import (
+    BackboneConfig,
+    check_finite,
+    combine_reports,
+    extract_features,
+    new_features,
+    prepare_backbone,
+    upsample_map,
+)
+from tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    gaussian_smooth,
+    register,
+    top_fraction_mean,
+)
+from tasks.detectors.padim.torch_model import PadimModel
+
+
+@dataclass(frozen=True)
+class PadimConfig(BackboneConfig):
+    """Hyperparameters of padim (backbone and pretext fields from BackboneConfig)."""
+
+    tile_size: int = 64  # the Gaussians are per position, so tiles of another size are refused
+    n_features: int = 64  # random subset of the feature channels (all when there are fewer)
+    shrinkage: float = 0.5  # weight of the pooled covariance in each position's covariance
+    ridge: float = 0.01  # added to the diagonal, relative to the mean variance
+    map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
+    score_top_fraction: float = 0.0  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tile_size < 8 or self.tile_size % 4:
+            raise ValueError(f"tile_size must be a multiple of 4 and >= 8, got {self.tile_size}")
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
+@register("padim")
+class PadimDetector(Detector):
+    """One Gaussian per patch position over random feature channels; Mahalanobis anomaly map."""
+
+    config_cls = PadimConfig
+    config: PadimConfig
+    model: PadimModel
+
+    def __init__(self, config: PadimConfig | None = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        grid = math.ceil(cfg.tile_size / 4)  # patch features are on a 1/4 grid
+        self.model = PadimModel(new_features(cfg), grid, cfg.n_features)
+        self.model.to(self.device)
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+    ) -> FitReport:
+        """Pretext-train (or load) the backbone, then fit the per-position Gaussians."""
+        cfg = self.config
+        for name, tiles in (("train", train), ("val", val)):
+            if tiles.ndim == 4 and tiles.shape[1:3] != (cfg.tile_size,) * 2:
+                raise ValueError(
+                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this padim is "
+                    f"configured for tile_size={cfg.tile_size}"
+                )
+        if len(train) < 2:
+            raise ValueError(f"padim needs at least 2 training tiles, got {len(train)}")
+        started = time.perf_counter()
+        extractor = self.model.features
+        pretext = prepare_backbone(extractor.cnn, cfg, train, val, self.device, on_epoch=on_epoch)
+        raw = extract_features(extractor, train, self.device, batch_size=cfg.batch_size)
+        check_finite(raw, self.family)
+        extractor.calibrate(raw)
+        features = extractor.normalise(raw)  # (N, C, h, w)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        d = self.model.channels.numel()
+        channels = torch.randperm(features.shape[1], generator=generator)[:d].sort().values
+        x = features[:, channels].flatten(2).permute(2, 0, 1).double()  # (P, N, d)
+        mean = x.mean(dim=1)  # (P, d)
+        centred = x - mean[:, None]
+        covariance = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)  # (P, d, d)
+        pooled = covariance.mean(dim=0, keepdim=True)  # (1, d, d)
+        covariance = (1 - cfg.shrinkage) * covariance + cfg.shrinkage * pooled
+        scale = pooled.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
+        covariance = covariance + cfg.ridge * scale * torch.eye(d, dtype=covariance.dtype)
+        precision = torch.linalg.inv(covariance)  # (P, d, d)
+        self.model.channels.copy_(channels)
+        self.model.mean.copy_(mean.float())
+        self.model.precision.copy_(precision.float())
+        self.model.eval()
+        # The single pass's "losses": mean Mahalanobis distance of training and validation
+        # patches to their positions' Gaussians.
+        train_stat = float(self.score(train[:256]).anomaly_map.mean())
+        val_stat = float(self.score(val).anomaly_map.mean())
+        return combine_reports(
+            pretext,
+            time.perf_counter() - started,
+            self.device,
+            (train_stat, val_stat),
+            on_epoch if pretext.epochs == 0 else None,
+        )
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_for(self.device):
+            patch_map = self.model(batch)  # (b, 1, h, w)
+        anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
+        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
+        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)

@@ -1,0 +1,13 @@
+"""patch_knn: PatchCore-style memory bank of normal patch features, nearest-neighbour score."""
+
+from tasks.detectors.patch_knn.coreset import k_center_greedy
+from tasks.detectors.patch_knn.detector import PatchKNNConfig, PatchKNNDetector
+from tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+
+__all__ = [
+    "PatchKNNConfig",
+    "PatchKNNDetector",
+    "PatchKNNModel",
+    "k_center_greedy",
+    "nearest_distances",
+]

@@ -1,0 +1,70 @@
+"""Greedy coreset subsampling (k-center greedy), as PatchCore reduces its memory bank."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+def k_center_greedy(
+    features: torch.Tensor,
+    size: int,
+    *,
+    projection_dim: int = 128,
+    seed: int = 0,
+    chunk: int = 65536,
+) -> torch.Tensor:
+    """Indices (size,) of a coreset of `features` (N, C): each pick is the point farthest from
+    everything picked so far, so the coreset covers the feature space's extremes (rare normal
+    patterns included) instead of its dense middle, as a random subset would.
+
+    Distances are measured after a seeded Gaussian random projection to `projection_dim` dims
+    (Johnson-Lindenstrauss: pairwise distances are roughly kept), which makes each of the `size`
+    passes over N points cheap. The first pick is a seeded random point.
+    """
+    n = features.shape[0]
+    if size >= n:
+        return torch.arange(n)
+    if size < 1:
+        raise ValueError(f"coreset size must be >= 1, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    points = features.float()
+    if 0 < projection_dim < points.shape[1]:
+        matrix = torch.randn(points.shape[1], projection_dim, generator=generator)
+        matrix = (matrix / math.sqrt(projection_dim)).to(points.device)
+        points = torch.cat([p @ matrix for p in points.split(chunk)])  # (N, d)
+    squared = (points * points).sum(dim=1)  # (N,)
+    first = int(torch.randint(n, (1,), generator=generator))
+    picked = torch.empty(size, dtype=torch.long)
+    picked[0] = first
+    with _one_cpu_thread(points.device):
+        # Squared distance of every point to its nearest pick so far.
+        nearest = (squared - 2 * points @ points[first] + squared[first]).clamp_min_(0)
+        for i in range(1, size):
+            index = int(torch.argmax(nearest))
+            picked[i] = index
+            distance = (squared - 2 * points @ points[index] + squared[index]).clamp_min_(0)
+            torch.minimum(nearest, distance, out=nearest)
+    return picked
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the loop's thousands of small steps on one thread.
+
+    Each step is a matrix-vector product of well under a millisecond; splitting it over threads
+    costs more than it saves, and on a busy machine (other processes on the cores) the thread
+    hand-offs made the loop 20x slower.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,143 @@
+"""patch_knn: PatchCore-style nearest-neighbour distance to a memory bank of normal patches.
+
+Fit: get the patch features ready (backbones.py: the fixed texture filter bank by default, or a
+CNN with random, pretext-trained or user-supplied weights), standardise them on the normal
+training tiles, keep a random `max_bank_patches` of the training patches, and reduce those to
+`coreset_size` by k-center greedy on a random projection. Score: each patch's distance to its
+nearest bank entry is the anomaly map (upsampled to the tile, lightly smoothed); the tile score
+is the mean of its top `score_top_fraction` (10 %; 0 gives PatchCore's plain maximum).
+
+Why the top 10 % and not the maximum: on the hard synthetic pathology site (10 test slides, 67
+lesion tiles) tile AUROC was 0.83-0.85 with the maximum and 0.86-0.89 with the top 10 %, and
+on the generated textures of tests/test_detectors.py 0.98 against 1.00; a lesion changes many
+patches a little, while a normal tile's single worst patch is often a tissue edge, fold or fat
+vacuole the bank has seen too rarely. On the easy industrial line both give 1.00.
+
+Unlike a reconstruction residual, the score does not reward a lesion for being easy to draw:
+dense tumour texture is far from every normal patch however well an autoencoder would
+reproduce it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.detectors.backbones import (
+    BackboneConfig,
+    check_finite,
+    combine_reports,
+    extract_features,
+    new_features,
+    prepare_backbone,
+    upsample_map,
+)
+from tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    gaussian_smooth,
+    register,
+    top_fraction_mean,
+)
+from tasks.detectors.patch_knn.coreset import k_center_greedy
+from tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+
+
+@dataclass(frozen=True)
+class PatchKNNConfig(BackboneConfig):
+    """Hyperparameters of patch_knn (backbone and pretext fields from BackboneConfig)."""
+
+    coreset_size: int = 4096  # memory bank entries kept after k-center greedy
+    max_bank_patches: int = 65536  # random patches the coreset is chosen from (bounds time)
+    projection_dim: int = 64  # random projection for the coreset distances; 0 = none
+    knn: int = 1  # patch score = mean distance to the k nearest bank entries
+    map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
+    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.coreset_size < 1 or self.max_bank_patches < 1 or self.knn < 1:
+            raise ValueError(
+                "coreset_size, max_bank_patches and knn must be >= 1, got "
+                f"{self.coreset_size}, {self.max_bank_patches}, {self.knn}"
+            )
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
+@register("patch_knn")
+class PatchKNNDetector(Detector):
+    """Memory bank of normal patch features; anomaly = distance to the nearest normal patch."""
+
+    config_cls = PatchKNNConfig
+    config: PatchKNNConfig
+    model: PatchKNNModel
+
+    def __init__(self, config: PatchKNNConfig | None = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.model = PatchKNNModel(new_features(cfg), cfg.knn)
+        self.model.to(self.device)
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+    ) -> FitReport:
+        """Pretext-train (or load) the backbone, then build the coreset memory bank."""
+        cfg = self.config
+        started = time.perf_counter()
+        extractor = self.model.features
+        pretext = prepare_backbone(extractor.cnn, cfg, train, val, self.device, on_epoch=on_epoch)
+        raw = extract_features(extractor, train, self.device, batch_size=cfg.batch_size)
+        check_finite(raw, self.family)
+        extractor.calibrate(raw)
+        features = extractor.normalise(raw)  # (N, C, h, w)
+        patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (N*h*w, C)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if len(patches) > cfg.max_bank_patches:
+            keep = torch.randperm(len(patches), generator=generator)[: cfg.max_bank_patches]
+            patches = patches[keep]
+        # The coreset search runs where the model does: on a GPU its passes are near free.
+        picked = k_center_greedy(
+            patches.to(self.device),
+            cfg.coreset_size,
+            projection_dim=cfg.projection_dim,
+            seed=cfg.seed,
+        )
+        bank = patches[picked.cpu()]
+        self.model.set_bank(bank)
+        self.model.eval()
+        # The single pass's "losses": how far normal patches lie from the bank, for the
+        # training patches the coreset left out and for the validation tiles.
+        sample = patches[torch.randperm(len(patches), generator=generator)[:4096]]
+        train_stat = float(nearest_distances(sample.to(self.device), self.model.memory_bank).mean())
+        val_stat = float(self.score(val).anomaly_map.mean())
+        return combine_reports(
+            pretext,
+            time.perf_counter() - started,
+            self.device,
+            (train_stat, val_stat),
+            on_epoch if pretext.epochs == 0 else None,
+        )
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        # The bank's size is only known from the file: size the buffer before loading.
+        self.model.set_bank(torch.empty_like(state["memory_bank"]))
+        super().load_state_dict(state)
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_for(self.device):
+            patch_map = self.model(batch)  # (b, 1, h, w)
+        anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
+        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
+        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)

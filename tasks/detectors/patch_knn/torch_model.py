@@ -1,0 +1,63 @@
+"""The patch_knn module: patch features and a memory bank of normal patch features."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from tasks.detectors.backbones import PatchFeatures
+
+
+def nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192
+) -> torch.Tensor:
+    """Euclidean distance of each query (M, C) to its nearest bank row (K, C), or the mean over
+    its `k` nearest: (M,) float32. Computed in float32 in chunks, so memory stays M/chunk-bound.
+    """
+    bank = bank.float()
+    bank_sq = (bank * bank).sum(dim=1)  # (K,)
+    out = []
+    for part in queries.float().split(chunk):
+        squared = (part * part).sum(dim=1, keepdim=True) - 2 * part @ bank.T + bank_sq  # (m, K)
+        nearest = squared.topk(min(k, bank.shape[0]), dim=1, largest=False).values  # (m, k)
+        out.append(nearest.clamp_min(0).sqrt().mean(dim=1))
+    return torch.cat(out)
+
+
+class PatchKNNModel(nn.Module):
+    """Patch features + `memory_bank` buffer (K, C); forward gives per-patch nearest-neighbour
+    distance.
+
+    The bank is a buffer, so it is part of `state_dict()` and saved with the weights; its size
+    is only known after fitting, hence `set_bank`.
+    """
+
+    memory_bank: torch.Tensor
+
+    def __init__(self, features: PatchFeatures, k: int = 1) -> None:
+        super().__init__()
+        self.features = features
+        self.k = k
+        self.register_buffer("memory_bank", torch.zeros(0, features.channels))
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank = bank.detach().float().to(self.memory_bank.device).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1, h, w) patch distances, h = ceil(H / 4)."""
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("patch_knn has an empty memory bank: fit the detector first")
+        features = self.features(x).float()  # (B, C, h, w)
+        b, c, h, w = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(-1, c)  # (B*h*w, C)
+        # Distances in float32 even under CUDA autocast: bf16 would swamp small distances.
+        guard = (
+            torch.autocast(device_type="cuda", enabled=False)
+            if x.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with guard:
+            distances = nearest_distances(flat, self.memory_bank, self.k)  # (B*h*w,)
+        return distances.view(b, 1, h, w)

@@ -1,0 +1,289 @@
+"""The feature-based families (patch_knn, padim), their shared patch features and coreset.
+
+The registry-wide contract (fit, score shapes, save/load) runs for both in test_detectors.py;
+here: the pieces, the memory bank on disk, backbone weights from a file, and detection on easy
+textures and on the hard synthetic pathology site.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from flows.commands.benchmark import SiteSize, build_hard_site, load_benchmark_tiles
+from tasks.detectors import create_detector, load_detector
+from tasks.detectors.backbones import (
+    FilterBank,
+    PatchFeatures,
+    SmallCNN,
+    _PretextNet,
+    make_contrastive_loss,
+    rotation_loss,
+    save_backbone_weights,
+)
+from tasks.detectors.patch_knn import k_center_greedy, nearest_distances
+from tasks.synth.industrial import make_industrial_site
+
+SMALL = {"batch_size": 32, "base_channels": 8, "device": "cpu"}
+
+
+def _textures(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
+    """Pink tiles with scattered purple discs: a stand-in texture, uint8 (n, size, size, 3)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    tiles = np.empty((n, size, size, 3))
+    tiles[:] = np.array([0.93, 0.72, 0.80]) + rng.normal(0, 0.02, (n, 1, 1, 3))
+    for tile in tiles:
+        for cy, cx in rng.uniform(0, size, (size // 3, 2)):
+            tile[np.hypot(yy - cy, xx - cx) < 2] = (0.48, 0.28, 0.58)
+    tiles += rng.normal(0, 0.02, tiles.shape)
+    return (np.clip(tiles, 0, 1) * 255).astype(np.uint8)
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def test_coreset_picks_the_far_points_first_and_is_seeded():
+    rng = np.random.default_rng(0)
+    cluster = torch.tensor(rng.normal(0, 0.1, (500, 8)), dtype=torch.float32)
+    outliers = torch.tensor(rng.normal(0, 0.1, (3, 8)) + 10 * np.eye(3, 8), dtype=torch.float32)
+    points = torch.cat([cluster, outliers])  # the outliers are rows 500-502
+    picked = k_center_greedy(points, 5, projection_dim=0, seed=1)
+    assert {500, 501, 502} <= set(picked.tolist())
+    assert len(set(picked.tolist())) == 5
+    again = k_center_greedy(points, 5, projection_dim=0, seed=1)
+    assert torch.equal(picked, again)
+    projected = k_center_greedy(points, 5, projection_dim=4, seed=1)
+    assert {500, 501, 502} <= set(projected.tolist())
+    assert torch.equal(k_center_greedy(points, 600), torch.arange(503))
+
+
+def test_nearest_distances_match_cdist():
+    rng = np.random.default_rng(1)
+    queries = torch.tensor(rng.normal(size=(300, 12)), dtype=torch.float32)
+    bank = torch.tensor(rng.normal(size=(70, 12)), dtype=torch.float32)
+    exact = torch.cdist(queries, bank)
+    torch.testing.assert_close(
+        nearest_distances(queries, bank, chunk=64), exact.min(dim=1).values, atol=1e-4, rtol=1e-4
+    )
+    three = exact.topk(3, dim=1, largest=False).values.mean(dim=1)
+    torch.testing.assert_close(nearest_distances(queries, bank, k=3), three, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["filters", "cnn", "both"])
+def test_patch_features_shapes_and_standardisation(source: str):
+    features = PatchFeatures(source, SmallCNN(8))
+    tiles = torch.rand(6, 3, 32, 32)
+    raw = features.raw(tiles)
+    expected = {"filters": 30, "cnn": 48, "both": 78}[source]
+    assert raw.shape == (6, expected, 8, 8) == (6, features.channels, 8, 8)
+    features.calibrate(raw)
+    out = features(tiles)
+    assert out.shape == raw.shape and torch.isfinite(out).all()
+    if source == "filters":
+        # Standardised on the same patches: zero mean, equal spread per channel.
+        flat = out.permute(0, 2, 3, 1).reshape(-1, expected)
+        torch.testing.assert_close(flat.mean(0), torch.zeros(expected), atol=1e-4, rtol=0)
+    # Odd tile sizes land on the same ceil(H/4) grid as the CNN.
+    assert features.raw(torch.rand(2, 3, 30, 30)).shape[-2:] == (8, 8)
+
+
+def test_filter_bank_sees_colour_blobs_and_edges():
+    bank = FilterBank()
+    flat = torch.full((1, 3, 32, 32), 0.8)
+    blob = flat.clone()
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    blob[:, :, ((yy - 16) ** 2 + (xx - 16) ** 2) < 9] = 0.3
+    flat_out, blob_out = bank(flat), bank(blob)
+    assert flat_out.shape == (1, 30, 8, 8)
+    # Only where the blob is do the responses change.
+    change = (blob_out - flat_out).abs().sum(dim=1)[0]  # (8, 8)
+    assert change[3:5, 3:5].min() > 10 * change[0, 0]
+
+
+def test_pretext_losses_are_per_tile_and_finite():
+    tiles = torch.rand(4, 3, 32, 32)
+    cnn = SmallCNN(8)
+    for net, loss in (
+        (_PretextNet(cnn, 4), rotation_loss),
+        (_PretextNet(cnn, 16), make_contrastive_loss(0.2)),
+    ):
+        values = loss(net, tiles)
+        assert values.shape == (4,) and torch.isfinite(values).all()
+    # Validation draws the same views every time, so epochs compare on the same loss.
+    net = _PretextNet(cnn, 16).eval()
+    contrastive = make_contrastive_loss(0.2)
+    torch.testing.assert_close(contrastive(net, tiles), contrastive(net, tiles))
+
+
+# -- config, persistence, backbone weights ---------------------------------------------------
+
+
+def test_config_refuses_a_pretext_the_features_do_not_use():
+    with pytest.raises(ValueError, match="features='filters'"):
+        create_detector("patch_knn", pretext="rotation")
+    with pytest.raises(ValueError, match="features must be one of"):
+        create_detector("padim", features="pixels")
+    with pytest.raises(ValueError, match="tile_size"):
+        create_detector("padim", tile_size=30)
+
+
+def test_memory_bank_is_saved_and_loadable_with_weights_only(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    tiles = _textures(rng, 24)
+    detector = create_detector("patch_knn", coreset_size=50, **SMALL)
+    report = detector.fit(tiles[:20], tiles[20:])
+    assert report.epochs == 1 and len(report.val_loss) == 1  # the single bank-building pass
+    folder = detector.save(tmp_path / "model")
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    assert state["memory_bank"].shape == (50, 30)
+    assert {"features.filter_mean", "features.filter_std"} <= set(state)
+    assert json.loads((folder / "config.json").read_text())["coreset_size"] == 50
+    loaded = load_detector(folder)
+    assert torch.equal(loaded.model.memory_bank, detector.model.memory_bank)
+
+
+def test_padim_refuses_tiles_of_another_size():
+    detector = create_detector("padim", tile_size=32, **SMALL)
+    tiles = _textures(np.random.default_rng(4), 6, size=48)
+    with pytest.raises(ValueError, match="tile_size=32"):
+        detector.fit(tiles, tiles)
+
+
+@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+def test_backbone_weights_come_from_a_local_file(family: str, tmp_path: Path):
+    rng = np.random.default_rng(5)
+    tiles = _textures(rng, 12)
+    torch.manual_seed(123)
+    trained = SmallCNN(8)
+    path = save_backbone_weights(trained, tmp_path / "backbone.pt")
+    extra = {"tile_size": 32} if family == "padim" else {}
+    detector = create_detector(
+        family, features="cnn", backbone_weights=str(path), pretext="rotation", **SMALL, **extra
+    )
+    report = detector.fit(tiles[:10], tiles[10:])
+    assert report.epochs == 1  # loaded, not trained: the pretext is skipped
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(detector.model.features.cnn.state_dict()[key], value)
+    # Saved models carry the weights: the file is not needed to load them again.
+    folder = detector.save(tmp_path / "model")
+    path.unlink()
+    assert torch.equal(
+        load_detector(folder).score(tiles[:2]).tile_score, detector.score(tiles[:2]).tile_score
+    )
+
+
+def test_backbone_weights_are_never_fetched_and_must_fit(tmp_path: Path):
+    tiles = _textures(np.random.default_rng(6), 4)
+    url = create_detector("patch_knn", features="cnn", backbone_weights="https://x/y.pt", **SMALL)
+    with pytest.raises(ValueError, match="never downloaded"):
+        url.fit(tiles, tiles)
+    missing = create_detector(
+        "patch_knn", features="cnn", backbone_weights=str(tmp_path / "no.pt"), **SMALL
+    )
+    with pytest.raises(FileNotFoundError, match="no.pt"):
+        missing.fit(tiles, tiles)
+    wrong = save_backbone_weights(SmallCNN(16), tmp_path / "wide.pt")
+    mismatch = create_detector("patch_knn", features="cnn", backbone_weights=str(wrong), **SMALL)
+    with pytest.raises(ValueError, match="wide.pt.*base_channels=8"):
+        mismatch.fit(tiles, tiles)
+
+
+def test_cnn_features_with_a_pretext_train_for_the_given_epochs():
+    tiles = _textures(np.random.default_rng(7), 24)
+    seen = []
+    detector = create_detector(
+        "patch_knn",
+        features="both",
+        pretext="contrastive",
+        epochs=2,
+        patience=5,
+        coreset_size=64,
+        **SMALL,
+    )
+    report = detector.fit(tiles[:16], tiles[16:], on_epoch=lambda e, t, v: seen.append(e))
+    assert seen == [1, 2] and report.epochs == 2
+    assert detector.score(tiles[:3]).anomaly_map.shape == (3, 1, 32, 32)
+
+
+# -- detection --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def easy_line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """An easy industrial line (fabric, colour-changing scratches and stains), 64 px images."""
+    site = make_industrial_site(
+        tmp_path_factory.mktemp("line"),
+        "easy-line",
+        n_train=40,
+        n_test_good=16,
+        n_test_per_defect=8,
+        image_size=64,
+        seed=8,
+    )
+    root = site / "fabric"
+
+    def load(folder: Path) -> np.ndarray:
+        return np.stack(
+            [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+        )
+
+    return {
+        "train": load(root / "train" / "good"),
+        "good": load(root / "test" / "good"),
+        "defect": np.concatenate([load(root / "test" / d) for d in ("scratch", "stain")]),
+    }
+
+
+@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+def test_family_ranks_planted_defects_above_normal_on_easy_textures(
+    family: str, easy_line: dict[str, np.ndarray]
+):
+    started = time.perf_counter()
+    extra = {"tile_size": 64} if family == "padim" else {"coreset_size": 1024}
+    detector = create_detector(family, **SMALL, **extra)
+    train = easy_line["train"]
+    detector.fit(train[:34], train[34:])
+    good = detector.score(easy_line["good"]).tile_score.numpy()
+    defect = detector.score(easy_line["defect"]).tile_score.numpy()
+    labels = np.r_[np.zeros(len(good)), np.ones(len(defect))]
+    auroc = roc_auc_score(labels, np.r_[good, defect])
+    print(
+        f"{family} easy textures: image AUROC {auroc:.3f} in {time.perf_counter() - started:.1f}s"
+    )
+    assert auroc >= 0.8
+
+
+@pytest.mark.slow
+def test_patch_knn_finds_hard_lesions_that_colour_cannot(tmp_path: Path):
+    """Tile AUROC >= 0.85 on tiles cut from a small hard-mode site, labelled by its masks."""
+    started = time.perf_counter()
+    site = build_hard_site(
+        tmp_path,
+        SiteSize(width=3072, height=2048, n_train_normal=3, n_test_normal=1, n_test_tumor=2),
+        seed=0,
+    )
+    data = load_benchmark_tiles(site, tile_size=64)
+    test = data.test
+    keep = (test.label_fraction >= 0.5) | (test.label_fraction == 0)
+    labels = test.label_fraction[keep] >= 0.5
+    assert labels.sum() >= 50 and (~labels).sum() >= 200
+
+    detector = create_detector("patch_knn", coreset_size=1024, device="cpu")
+    detector.fit(data.train, data.val)
+    out = detector.score(test.tiles[keep])
+    auroc = roc_auc_score(labels, out.tile_score.numpy())
+    mean_colour = test.tiles[keep].reshape(keep.sum(), -1, 3).mean(axis=1)
+    colour = max(roc_auc_score(labels, mean_colour[:, c]) for c in range(3))
+    print(
+        f"patch_knn on the hard site: tile AUROC {auroc:.3f} (best single colour channel "
+        f"{colour:.3f}), {len(data.train)} train tiles, {labels.sum()} lesion / "
+        f"{(~labels).sum()} normal test tiles, {time.perf_counter() - started:.1f}s"
+    )
+    assert auroc >= 0.85

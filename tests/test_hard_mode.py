@@ -1,0 +1,325 @@
+"""Hard synthetic mode: lesions at the host's stain, normal tissue with hard parts, and the
+honest results table (flows/commands/benchmark.py) built on it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+from PIL import Image
+from scipy import ndimage
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
+
+from flows.commands.benchmark import (
+    BenchmarkData,
+    SiteSize,
+    benchmark_detectors,
+    build_hard_site,
+    cut_tiles,
+    evaluate_scores,
+    format_table,
+    load_benchmark_tiles,
+    run_family,
+    unsupervised_families,
+)
+from tasks.detectors import available_families, detector_class
+from tasks.synth.industrial import make_industrial_site
+from tasks.synth.pathology import (
+    _lesion_field,
+    _plan_slide_hard,
+    _tissue_field,
+    write_synthetic_slide,
+)
+
+# Ruifrok & Johnston's stain vectors, as the generator's default stain.
+_HE = np.stack([np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])])
+_UNMIX = np.linalg.pinv((_HE / np.linalg.norm(_HE, axis=1, keepdims=True)).T)  # (2, 3)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    image = pyvips.Image.new_from_file(str(path))
+    array = np.ndarray(
+        buffer=image.write_to_memory(),
+        dtype=np.uint8,
+        shape=(image.height, image.width, image.bands),
+    )
+    return array[..., 0] if image.bands == 1 else array
+
+
+def _stain(tiles: np.ndarray) -> np.ndarray:
+    """(N, T, T, 3) uint8 -> (N, T, T, 2) haematoxylin and eosin optical density."""
+    density = -np.log((tiles.astype(np.float64) + 1) / 256)
+    return density @ _UNMIX.T
+
+
+def tile_statistics(tiles: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tile: mean RGB, mean H and E density, and a nuclear density proxy.
+
+    The proxy is the share of pixels whose haematoxylin density is above 0.45: nuclei are far
+    above it, cytoplasm and stroma well below, whatever the lesion does to the mean.
+    """
+    stain = _stain(tiles)
+    return {
+        "rgb": tiles.reshape(len(tiles), -1, 3).mean(axis=1),
+        "he": stain.reshape(len(tiles), -1, 2).mean(axis=1),
+        "nuclear": (stain[..., 0] > 0.45).reshape(len(tiles), -1).mean(axis=1),
+    }
+
+
+def _lesion_and_normal_tiles(folder: Path, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue tiles fully inside a lesion and lesion-free ones, from three slides with lesions."""
+    lesion, normal = [], []
+    for seed in (100, 101, 102):
+        slide, mask = folder / f"{mode}-{seed}.tif", folder / f"{mode}-{seed}-mask.tif"
+        write_synthetic_slide(
+            slide, width=3072, height=2048, n_lesions=3, seed=seed, mask_path=mask, mode=mode
+        )
+        tiles, masks, tissue = cut_tiles(slide, mask)
+        fraction = masks.reshape(len(masks), -1).mean(axis=1)
+        # Tissue all over, so glass at a tissue edge does not lighten the normal group.
+        inside = tissue.reshape(len(tissue), -1).mean(axis=1) >= 0.9
+        lesion.append(tiles[inside & (fraction >= 0.9)])
+        normal.append(tiles[inside & (fraction == 0)])
+    return np.concatenate(lesion), np.concatenate(normal)
+
+
+@pytest.fixture(scope="module")
+def hard_tiles(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    return _lesion_and_normal_tiles(tmp_path_factory.mktemp("hard"), "hard")
+
+
+def _colour_classifier_auroc(lesion: np.ndarray, normal: np.ndarray) -> float:
+    """Cross-validated AUROC of a logistic regression on each tile's mean colour."""
+    features = np.concatenate([tile_statistics(lesion)["rgb"], tile_statistics(normal)["rgb"]])
+    labels = np.r_[np.ones(len(lesion)), np.zeros(len(normal))]
+    scores = cross_val_predict(
+        LogisticRegression(max_iter=1000), features, labels, cv=5, method="predict_proba"
+    )[:, 1]
+    return float(roc_auc_score(labels, scores))
+
+
+def test_hard_lesions_keep_the_hosts_colour_but_not_its_nuclei(hard_tiles):
+    lesion, normal = hard_tiles
+    assert len(lesion) >= 15 and len(normal) >= 100
+    ours, host = tile_statistics(lesion), tile_statistics(normal)
+    # Mean colour and mean stain amounts: within a small distance of normal tissue's ...
+    assert np.linalg.norm(ours["rgb"].mean(0) - host["rgb"].mean(0)) < 6.0
+    assert np.abs(ours["he"].mean(0) - host["he"].mean(0)).max() < 0.04
+    # ... well inside the spread of normal tiles, so colour alone is near chance ...
+    assert _colour_classifier_auroc(lesion, normal) < 0.7
+    # ... while the nuclei give the lesion away.
+    labels = np.r_[np.ones(len(lesion)), np.zeros(len(normal))]
+    nuclear = np.r_[ours["nuclear"], host["nuclear"]]
+    assert roc_auc_score(labels, nuclear) > 0.9
+    assert ours["nuclear"].mean() > 1.5 * host["nuclear"].mean()
+
+
+def test_easy_lesions_are_told_apart_by_colour(tmp_path: Path):
+    # The contrast that makes hard mode hard: in easy mode colour alone finds the lesion.
+    lesion, normal = _lesion_and_normal_tiles(tmp_path, "easy")
+    assert _colour_classifier_auroc(lesion, normal) > 0.9
+
+
+def test_hard_normal_tissue_has_fat_cracks_folds_and_bands():
+    """Over a few slide plans, each hard part of normal tissue turns up."""
+    seen = {"vacuoles": 0, "cracks": 0, "folds": 0, "bands": 0}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        plan = _plan_slide_hard(rng, 2048, 1536, 0.25, 8, 0, 1.0)
+        assert plan.hard is not None
+        seen["vacuoles"] += len(plan.hard.vacuoles) > 0
+        seen["cracks"] += bool(plan.fields[6].max() > 0)
+        # A fold doubles the nuclei (density 2), a collagen band thins them (< 0.5 in tissue).
+        tissue = plan.alpha > 0.99
+        seen["folds"] += bool((plan.hard.density[tissue] > 1.5).any())
+        seen["bands"] += bool((plan.hard.density[tissue] < 0.5).any())
+    assert all(count >= 1 for count in seen.values()), seen
+
+
+def test_hard_slide_pixels_show_holes_and_folds(tmp_path: Path):
+    """Rendered: glass holes inside the tissue (fat, cracks) and a darker tail (folds)."""
+    holes, dark = [], []
+    for mode in ("easy", "hard"):
+        shares, tails = [], []
+        for seed in (1, 2, 3):
+            path = tmp_path / f"{mode}-{seed}.tif"
+            write_synthetic_slide(path, width=1024, height=768, seed=seed, mode=mode)
+            rgb = _pixels(path)[::2, ::2]
+            tissue = -np.log((rgb.astype(np.float64) + 1) / 256).sum(-1) > 0.3
+            filled = ndimage.binary_fill_holes(ndimage.binary_closing(tissue, iterations=2))
+            shares.append((filled & ~tissue).sum() / filled.sum())
+            stain = _stain(rgb[None])[0]
+            tails.append(np.percentile(stain[..., 1][tissue], 99))
+        holes.append(max(shares))
+        dark.append(max(tails))
+    assert holes[1] > max(0.01, 3 * holes[0])
+    assert dark[1] > dark[0]
+
+
+def test_hard_lesion_sizes_span_isolated_cells_to_macro_metastases():
+    """Equivalent diameters over many slides' lesion geometry: from isolated-cell clusters
+    (< 200 um) to lesions as large as the tissue of a 2 x 1.5 mm slide allows."""
+    width, height, mpp, cell = 8192, 6144, 0.25, 8
+    shape = (height // cell + 1, width // cell + 1)
+    grid_y = (np.arange(shape[0], dtype=np.float32) + 0.5) * cell - 0.5
+    grid_x = (np.arange(shape[1], dtype=np.float32) + 0.5) * cell - 0.5
+    yy, xx = np.meshgrid(grid_y, grid_x, indexing="ij")
+    diameters = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        _, tissue = _tissue_field(rng, shape, yy, xx, width, height, cell)
+        _, outlines = _lesion_field(rng, tissue, yy, xx, width, height, cell, 3, hard_mpp=mpp)
+        for outline in outlines:
+            x, y = outline[:, 0], outline[:, 1]
+            area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))  # px^2
+            diameters.append(2 * math.sqrt(area / math.pi) * mpp)  # um
+    assert min(diameters) < 200
+    assert max(diameters) > 500
+    assert max(diameters) > 10 * min(diameters)
+
+
+def test_hard_mode_is_deterministic_and_strength_changes_texture_only(tmp_path: Path):
+    kwargs = dict(width=768, height=640, n_lesions=1, seed=4, mode="hard")
+    write_synthetic_slide(tmp_path / "a.tif", mask_path=tmp_path / "am.tif", **kwargs)
+    write_synthetic_slide(tmp_path / "b.tif", mask_path=tmp_path / "bm.tif", **kwargs)
+    assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
+    write_synthetic_slide(
+        tmp_path / "c.tif", mask_path=tmp_path / "cm.tif", lesion_strength=0.0, **kwargs
+    )
+    np.testing.assert_array_equal(_pixels(tmp_path / "am.tif"), _pixels(tmp_path / "cm.tif"))
+    assert not np.array_equal(_pixels(tmp_path / "a.tif"), _pixels(tmp_path / "c.tif"))
+    write_synthetic_slide(tmp_path / "e.tif", **{**kwargs, "mode": "easy"})
+    assert not np.array_equal(_pixels(tmp_path / "a.tif"), _pixels(tmp_path / "e.tif"))
+
+
+def test_unknown_mode_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown mode 'medium'"):
+        write_synthetic_slide(tmp_path / "x.tif", width=256, height=256, mode="medium")
+    with pytest.raises(ValueError, match="unknown mode"):
+        make_industrial_site(tmp_path, "x", n_train=1, mode="medium")
+
+
+# -- industrial ---------------------------------------------------------------------------
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+
+
+def _high_frequency(image: np.ndarray) -> np.ndarray:
+    """(H, W) energy of the texture's fine detail: the image minus its local mean, squared."""
+    grey = image.mean(-1)
+    return (grey - ndimage.uniform_filter(grey, 5)) ** 2
+
+
+@pytest.mark.parametrize("category", ["fabric", "wood"])
+def test_hard_industrial_defects_keep_the_texture_colour(tmp_path: Path, category: str):
+    site = make_industrial_site(
+        tmp_path,
+        f"hard-{category}",
+        category=category,
+        n_train=1,
+        n_test_good=1,
+        n_test_per_defect=6,
+        image_size=96,
+        seed=5,
+        mode="hard",
+    )
+    root = site / category
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["good", "scratch", "smudge"]
+    for defect in ("scratch", "smudge"):
+        for image_path in sorted((root / "test" / defect).glob("*.png")):
+            image = _load(image_path)
+            mask = _load(root / "ground_truth" / defect / f"{image_path.stem}_mask.png")[..., 0]
+            inside = mask > 0
+            assert inside.any()
+            ring = ndimage.binary_dilation(inside, iterations=4) & ~inside
+            # The texture's own colour: easy defects differ by > 40 here (tests/test_synth.py).
+            contrast = np.abs(image[inside].mean(0) - image[ring].mean(0)).sum()
+            assert contrast < 15, (image_path, contrast)
+            if defect == "smudge":
+                # What gives a smudge away is the weave or grain it blurs out.
+                energy = _high_frequency(image)
+                assert energy[inside].mean() < 0.6 * energy[ring].mean(), image_path
+
+
+def test_hard_industrial_refuses_easy_only_defects(tmp_path: Path):
+    with pytest.raises(ValueError, match="hard mode"):
+        make_industrial_site(tmp_path, "x", n_train=1, defects=("stain",), mode="hard")
+
+
+# -- the results table ----------------------------------------------------------------------
+
+NO_DATA = BenchmarkData(
+    np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0, 32, 32, 3), np.uint8), None
+)  # type: ignore[arg-type]
+TINY = SiteSize(width=1536, height=1024, n_train_normal=2, n_test_normal=1, n_test_tumor=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_hard_site(tmp_path_factory.mktemp("bench"), TINY, seed=3)
+
+
+def test_benchmark_tiles_are_labelled_from_the_ground_truth(tiny_site: Path):
+    data = load_benchmark_tiles(tiny_site, tile_size=32)
+    test = data.test
+    assert data.train.shape[1:] == (32, 32, 3) and len(data.val) > 0
+    assert test.tiles.shape[0] == test.masks.shape[0] == test.slide.shape[0]
+    assert sorted(test.slide_tumour) == [False, True]
+    tumour = test.slide_tumour.index(True)
+    # Lesion pixels only on the tumour slide, and some tiles lie wholly inside a lesion.
+    assert test.label_fraction[test.slide != tumour].max() == 0
+    assert test.label_fraction[test.slide == tumour].max() == 1.0
+    # A perfect score and its inverse give AUROC 1 and 0.
+    perfect = test.label_fraction.copy()
+    tile, slide, pixel = evaluate_scores(test, perfect, test.masks.astype(float))
+    assert tile == slide == pixel == 1.0
+    assert evaluate_scores(test, -perfect)[0] == 0.0
+
+
+def test_benchmark_reports_every_family_and_flags_failures(
+    tiny_site: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from tasks.detectors.padim import PadimDetector
+
+    def broken_fit(self, train, val, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(PadimDetector, "fit", broken_fit)
+    rows = benchmark_detectors(
+        ["patch_knn", "padim"], TINY, epochs_budget=1, seed=3, tile_size=32, device="cpu"
+    )
+    assert [row.family for row in rows] == ["patch_knn", "padim"]
+    knn, padim = rows
+    assert knn.direction in ("ok", "inverted") and not knn.error
+    assert 0.0 <= knn.tile_auroc <= 1.0 and knn.seconds > 0
+    assert knn.direction == ("inverted" if knn.tile_auroc < 0.5 else "ok")
+    assert padim.direction == "failed" and "RuntimeError: boom" in padim.error
+    assert math.isnan(padim.tile_auroc)
+    printed = capsys.readouterr().out
+    assert "patch_knn" in printed and "failed" in printed
+    table = format_table(rows)
+    assert table.splitlines()[0].startswith("| family | tile AUROC")
+    assert "| padim | n/a | n/a | n/a |" in table
+
+
+def test_benchmark_leaves_out_families_that_need_labels():
+    chosen = unsupervised_families()
+    assert "patch_knn" in chosen and "padim" in chosen
+    for family in sorted(set(available_families()) - set(chosen)):
+        assert detector_class(family).supervision != "none"
+        row = run_family(family, NO_DATA, epochs=1, tile_size=32, seed=0, device="cpu")
+        assert row.direction == "skipped" and "needs labels" in row.error
+
+
+def test_benchmark_refuses_unknown_families_and_sizes():
+    with pytest.raises(KeyError, match="no_such_family"):
+        benchmark_detectors(["no_such_family"])
+    with pytest.raises(ValueError, match="unknown size"):
+        build_hard_site(Path("unused"), "gigantic")
