@@ -1,9 +1,10 @@
 """`vadflow compare SITE` and `vadflow tracking sync`: the MLflow side of the command line.
 
-`compare` prints every family's metrics across the site's nightly runs, with the model version
-and which one is champion, and logs the table and a plot under `comparison/` of the newest
-nightly parent run. `tracking sync` replays what was spooled while the tracking server was
-down; exit code 1 while anything is left in the spool.
+`compare` prints each family's slide AUC, FROC, pixel AUROC and PRO (or the metrics asked for)
+across the site's nightly runs, with the model version and which one is champion, and logs the
+table and a plot under `comparison/` of the newest nightly parent run. `tracking sync` replays
+what was spooled while the tracking server was down; exit code 1 while anything is left in the
+spool.
 """
 
 from __future__ import annotations
@@ -50,41 +51,65 @@ def compare(
         str | None,
         typer.Option("--parent-run", help="run to log to (default: the newest nightly run)"),
     ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help="MLflow metric key to print (repeat for more; default: slide AUC, FROC, "
+            "pixel AUROC, PRO); e.g. slide_f1_max, slide_sensitivity, slide_auroc_forest",
+        ),
+    ] = None,
     home: HomeOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Compare detector families across a site's nightly runs (metrics, versions, champion)."""
+    """Compare detector families across a site's nightly runs (metrics, versions, champion).
+
+    Prints one row per family and night; the logged CSV and plot carry every compared metric.
+    """
     state = configure_state(home)
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking.compare import COMPARE_METRICS, compare_runs, latest_parent_run
+    from tasks.tracking.compare import (
+        COMPARE_METRICS,
+        HEADLINE_METRICS,
+        METRIC_LABELS,
+        compare_runs,
+        latest_parent_run,
+    )
     from tasks.tracking.compare import log_comparison as log_to_run
     from tasks.tracking.mlflow_runs import resolve_tracking_uri
 
+    asked = metric or list(HEADLINE_METRICS)
+    compared = list(dict.fromkeys([*COMPARE_METRICS, *asked]))  # what the CSV and plot carry
     name = _site_name(site)
     uri = resolve_tracking_uri(tracking_uri, state.home)
     client = MlflowClient(uri, registry_uri=uri)
     try:
-        frame = compare_runs(client, name)
+        frame = compare_runs(client, name, compared)
     except LookupError as exc:
         console.print(f"[red]{exc}[/]", soft_wrap=True)
         raise typer.Exit(2) from exc
     if frame.height == 0:
         console.print(f"[yellow]site {name} has no family runs yet at {uri}[/]", soft_wrap=True)
         raise typer.Exit(2)
-    shown = [m for m in COMPARE_METRICS if frame[m].drop_nulls().len() > 0]
+    shown = [m for m in asked if frame[m].drop_nulls().len() > 0]
+    if metric and (missing := [m for m in asked if m not in shown]):
+        console.print(
+            f"[yellow]no run of {name} logged {', '.join(missing)}; left out of the table[/]",
+            soft_wrap=True,
+        )
+    # Fits 80 columns with the headline metrics: numbers never wrap, headers may.
     table = Table(title=f"{name}: detector families by night (newest first)")
-    for column in ("nightly", "family", *shown, "version", "alias"):
-        table.add_column(column, justify="right" if column in shown else "left")
+    table.add_column("nightly", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    for key in shown:
+        table.add_column(METRIC_LABELS.get(key, key), justify="right", min_width=6)
+    table.add_column("model", no_wrap=True)
     for row in frame.iter_rows(named=True):
         alias = "champion" if row["champion"] else ("challenger" if row["challenger"] else "")
-        table.add_row(
-            row["nightly"],
-            row["family"],
-            *(_fmt(row[m]) for m in shown),
-            row["version"] or "-",
-            alias,
-        )
+        model = f"v{row['version']} {alias}".strip() if row["version"] else "-"
+        table.add_row(row["nightly"], row["family"], *(_fmt(row[m]) for m in shown), model)
     console.print(table)
     if not log:
         return
@@ -93,7 +118,7 @@ def compare(
         console.print("[yellow]no nightly parent run to log the comparison to[/]")
         return
     out_dir = state.outputs / name / "reports" / "comparison"
-    paths = log_to_run(client, parent, frame, out_dir, name)
+    paths = log_to_run(client, parent, frame, out_dir, name, compared)
     console.print(
         f"logged {', '.join(p.name for p in paths)} to run {parent} (artifacts: comparison/); "
         f"copies in {out_dir}",

@@ -28,10 +28,24 @@ COMPARE_METRICS = (
     "slide_auroc",
     "froc",
     "pixel_auroc",
+    "pro",
     "slide_f1_max",
     "slide_sensitivity",
     "slide_specificity",
 )
+# What `vadflow compare` prints unless asked for others: the metrics families are ranked by
+# (FROC on pathology sites, PRO on industrial ones; a metric no run logged is left out).
+HEADLINE_METRICS = ("slide_auroc", "froc", "pixel_auroc", "pro")
+# How the printed table names the metrics (the CSV keeps the MLflow metric keys).
+METRIC_LABELS = {
+    "slide_auroc": "slide AUC",
+    "froc": "FROC",
+    "pixel_auroc": "pixel AUROC",
+    "pro": "PRO",
+    "slide_f1_max": "F1-max",
+    "slide_sensitivity": "sensitivity",
+    "slide_specificity": "specificity",
+}
 ARTIFACT_DIR = "comparison"
 
 
