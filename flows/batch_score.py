@@ -1,7 +1,10 @@
 """Batch scoring: a trained detector scores a site's slides; nothing is trained.
 
-Used for one-off GPU batch runs (`vadflow batch`) and scheduled scoring of new slides. The
-model is a detector folder or an MLflow model URI; by default the site's registered champion.
+Used for one-off GPU batch runs (`vadflow batch`), `vadflow evaluate` (with metrics) and
+`vadflow score` (new slides, perhaps unlabelled: no metrics, predictions at the threshold the
+model was calibrated with). The model is a detector folder or an MLflow model URI; by default
+the site's registered champion. Each run's heatmaps folder holds `scored.json`, from which
+`vadflow export` redraws the exports without rescoring.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.ingest import ingest
 from flows.nightly import resolve_site, state_home
+from tasks.exports.render import SCORED_RUN_FILE
 from tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
 from tasks.site import SiteConfig, SiteLayout
 from tasks.tracking.mlflow_runs import resolve_tracking_uri
@@ -27,8 +31,14 @@ def batch_score(
     output_root: str | None = None,
     tracking_uri: str | None = None,
     splits: list[str] | None = None,
+    metrics: bool = True,
 ) -> dict[str, Any]:
-    """Score every tiled slide of the given splits (default: test) with one model."""
+    """Score every tiled slide of the given splits (default: val and test) with one model.
+
+    With `metrics` the slides are evaluated against their labels (threshold from this site's
+    held-out normals); without, nothing is evaluated and predictions use the model's own
+    calibrated threshold.
+    """
     logger = get_run_logger()
     site = resolve_site(site, site_dir)
     family = family or site.families[0]
@@ -36,26 +46,32 @@ def batch_score(
     tracking_uri = resolve_tracking_uri(tracking_uri, state_home())
     version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
 
-    data = ingest(site, layout, f"batch-{version}")
+    run = f"{'batch' if metrics else 'score'}-{family}"
+    data = ingest(site, layout, f"{run}-{version}")
     model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))
+    heatmaps = layout.heatmaps(f"{run}-{version}")
     scores = score_task.map(
         unmapped(model_dir),
         to_score,
         [data.manifest_of(r["slide_id"]) for r in to_score],
-        out_dir=unmapped(str(layout.heatmaps(f"batch-{family}-{version}"))),
+        out_dir=unmapped(str(heatmaps)),
         heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
     ).result()
-    evaluation = evaluate_task(site, f"batch-{family}", data.slides_path, scores, layout)
-    exported = export_task(f"batch-{family}", data.slides_path, scores, evaluation, layout)
+    evaluation = evaluate_task(site, run, data.slides_path, scores, layout) if metrics else None
+    exported = export_task(
+        run, data.slides_path, scores, evaluation, layout, site.domain, model, model_dir
+    )
     logger.info("scored %d slides with %s; overlays in %s", len(scores), model, layout.exports)
     return {
         "site": site.name,
         "model": model,
         "model_dir": model_dir,
         "scores": [s.__dict__ for s in scores],
-        "metrics": evaluation["metrics"],
-        "table": evaluation["table"],
+        "metrics": evaluation["metrics"] if evaluation else {},
+        "table": evaluation["table"] if evaluation else [],
         "exports": exported,
+        "record": str(heatmaps / SCORED_RUN_FILE) if scores else None,
         "quarantined": data.quarantined,
+        "no_tissue": data.no_tissue,
     }

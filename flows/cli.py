@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.commands.score import export as export_command
+from flows.commands.score import score as score_command
 from flows.commands.tracking import compare as compare_command
 from flows.commands.tracking import tracking_app
 from flows.commands.validate import validate as validate_command
@@ -56,6 +58,9 @@ def synth_pathology(
     train_normal: int = typer.Option(4, help="normal training slides"),
     test_normal: int = typer.Option(3, help="normal test slides"),
     test_tumor: int = typer.Option(3, help="tumour test slides (ASAP XML + mask)"),
+    train_tumor: int = typer.Option(
+        0, help="tumour training slides (ASAP XML): labels for supervised_cnn and mil"
+    ),
     width: int = typer.Option(4096, help="level-0 width in px"),
     height: int = typer.Option(3072, help="level-0 height in px"),
     mpp: float = typer.Option(0.25, help="level-0 microns per pixel (Camelyon16: ~0.243)"),
@@ -64,7 +69,7 @@ def synth_pathology(
     """Pyramidal JPEG TIFF slides with tissue, planted lesions and ASAP XML annotations."""
     from tasks.synth.pathology import make_pathology_site
 
-    total = train_normal + test_normal + test_tumor
+    total = train_normal + test_normal + test_tumor + train_tumor
     with _progress() as bar:
         job = bar.add_task(f"slides for {name}", total=total)
         site = make_pathology_site(
@@ -73,6 +78,7 @@ def synth_pathology(
             n_train_normal=train_normal,
             n_test_normal=test_normal,
             n_test_tumor=test_tumor,
+            n_train_tumor=train_tumor,
             width=width,
             height=height,
             mpp=mpp,
@@ -382,7 +388,7 @@ def batch(
 def benchmark_detectors_command(
     family: Annotated[
         list[str] | None,
-        typer.Option("--family", help="only these families (default: every unsupervised one)"),
+        typer.Option("--family", help="only these families (default: every registered one)"),
     ] = None,
     size: str = typer.Option("small", help="site size: tiny, small or medium"),
     epochs: int = typer.Option(3, help="training epochs, the same for every family"),
@@ -404,6 +410,8 @@ def benchmark_detectors_command(
 
 
 app.command("validate")(validate_command)
+app.command("score")(score_command)
+app.command("export")(export_command)
 app.command("compare")(compare_command)
 app.add_typer(tracking_app, name="tracking")
 

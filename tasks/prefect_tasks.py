@@ -17,20 +17,15 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.evaluation.camelyon import write_camelyon_csv
-from tasks.evaluation.evaluate import evaluate_site
+from tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
+from tasks.evaluation.evaluate import evaluate_site, heatmap_value_range
 from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
-from tasks.exports.asap import write_candidates_asap
-from tasks.exports.geojson import export_slide_geojson
-from tasks.exports.overlay import heatmap_overlay
-from tasks.exports.report import write_html_report
+from tasks.exports.render import ScoredRun, render_exports
 from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
 from tasks.normalise.stain import make_normaliser, normaliser_from_dict
-from tasks.scoring.aggregate import heatmap_regions
 from tasks.scoring.heatmap import SlideScore, score_slide
 from tasks.site import SiteConfig, SiteLayout
 from tasks.slides.discover import SlideSource, discover
-from tasks.slides.ground_truth import ground_truth_mask
 from tasks.slides.register import register_slide, slide_frame, write_quarantine
 from tasks.slides.tiles import load_tiles, sample_tiles
 from tasks.tiling.grid import TilingResult
@@ -410,13 +405,10 @@ def evaluate_task(
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = _evaluation_plots(evaluation, folder, f"{site.name} / {family}")
     if model_dir is not None:
-        # The threshold travels with the model: batch scoring predicts with it.
-        calibration = {
-            "threshold": evaluation.threshold,
-            "target_fpr": site.target_fpr,
-            "heatmap_value_range": list(evaluation.value_range),
-        }
-        (Path(model_dir) / "calibration.json").write_text(json.dumps(calibration, indent=2))
+        # The threshold travels with the model: scoring new slides predicts with it.
+        write_calibration(
+            model_dir, Calibration(evaluation.threshold, site.target_fpr, evaluation.value_range)
+        )
     return {
         "family": family,
         "metrics": evaluation.metrics,
@@ -448,49 +440,56 @@ def export_task(
     family: str,
     slides_path: str,
     scores: list[SlideScore],
-    evaluation: dict[str, Any],
+    evaluation: dict[str, Any] | None,
     layout: SiteLayout,
+    domain: str | None = None,
+    model: str = "",
+    model_dir: str | None = None,
 ) -> list[str]:
-    """What people open: overlays on one colour scale, lesion files, and the HTML report."""
-    slides = pl.read_parquet(slides_path)
-    rows = {r["slide_id"]: r for r in slides.iter_rows(named=True)}
-    threshold = evaluation["threshold"]
-    vmin, vmax = evaluation["value_range"]
-    if math.isfinite(threshold) and threshold > vmin:
-        vmax = max(vmax, 2 * threshold - vmin)  # the threshold sits mid-scale or below
-    out = layout.exports / family
-    overlays: dict[str, str] = {}
-    for score in scores:
-        row = rows[score.slide_id]
-        heatmap = np.load(score.heatmap)
-        truth = ground_truth_mask(
-            row["annotation_uri"], row["width"], row["height"], score.heatmap_downsample
-        )
-        png = out / f"{score.slide_id}.png"
-        heatmap_overlay(row["uri"], heatmap, score.heatmap_downsample, png, vmin, vmax, truth)
-        overlays[score.slide_id] = str(png)
-        candidates = evaluation["candidates"].get(score.slide_id)
-        if candidates is not None:
-            write_camelyon_csv(out / f"{score.slide_id}.csv", candidates)
-            cut = threshold if math.isfinite(threshold) else vmax
-            export_slide_geojson(
-                out, score.slide_id, candidates, heatmap, score.heatmap_downsample, cut
+    """What people open: overlays on one colour scale, lesion files, and the HTML report.
+
+    The threshold is the evaluation's (this run's held-out normal slides); without one (new
+    slides, no metrics) it is the model's own calibration in `model_dir`. Lesion candidates go
+    to the slides evaluation computed them for and, on a `domain="pathology"` site, to every
+    slide. The inputs are saved beside the heatmaps (`scored.json`) for `vadflow export`.
+    """
+    if not scores:
+        return []
+    if evaluation is not None:
+        threshold, value_range = evaluation["threshold"], tuple(evaluation["value_range"])
+        source, report_dir = "from held-out normal slides", evaluation["report_dir"]
+        metrics = {**evaluation["metrics"], **evaluation["froc_points"]}
+        plots, given = evaluation["plots"], evaluation["candidates"]
+    else:
+        calibration = read_calibration(model_dir) if model_dir else None
+        if calibration is None:
+            get_run_logger().warning(
+                "model %s has no calibration.json: slides are scored, not called", model
             )
-            write_candidates_asap(
-                out / f"{score.slide_id}.xml",
-                candidates,
-                heatmap_regions(heatmap, score.heatmap_downsample, cut),
-            )
-    write_html_report(
-        Path(evaluation["report_dir"]) / "report.html",
-        f"{layout.site} / {family}",
-        evaluation["table"],
-        {**evaluation["metrics"], **evaluation["froc_points"]},
-        plots=evaluation["plots"],
-        overlays=overlays,
-        notes=[f"threshold {threshold:.5g} from held-out normal slides"],
+            threshold, source = math.nan, "none"
+            value_range = heatmap_value_range([np.load(s.heatmap) for s in scores])
+        else:
+            threshold, value_range = calibration.threshold, calibration.heatmap_value_range
+            source = f"the model's calibration, target FPR {calibration.target_fpr:g}"
+        report_dir, metrics, plots, given = str(layout.reports / family), {}, {}, {}
+    everyone = domain == "pathology"
+    run = ScoredRun(
+        site=layout.site,
+        name=family,
+        model=model,
+        slides_path=slides_path,
+        scores=tuple(scores),
+        calibrated_threshold=threshold,
+        threshold_source=source,
+        value_range=value_range,
+        exports_dir=str(layout.exports / family),
+        report_dir=report_dir,
+        candidate_slides=tuple(s.slide_id for s in scores if everyone or s.slide_id in given),
+        metrics=metrics,
+        plots=plots,
     )
-    return list(overlays.values())
+    rendered = render_exports(run, candidates=given)
+    return [s.overlay for s in rendered.exported]
 
 
 @task(name="start-tracking")

@@ -92,6 +92,13 @@ class StageValidation:
         return [q.slide_id for q in self.quarantined]
 
 
+STRICT_HINT = (
+    "what to do: fix the named inputs and rerun; a damaged tile manifest is re-tiled once its "
+    "tiles/<slide_id>.done.json marker is deleted; or set `contracts: quarantine` in the site "
+    "file to set failing slides aside and go on"
+)
+
+
 def check_stage(
     name: str,
     *frames: Any,
@@ -117,7 +124,7 @@ def check_stage(
     quarantined: list[QuarantinedSlide] = []
     hint: str | None = None  # None: the run goes on; otherwise why it cannot
     if not result.success and mode == "strict":
-        hint = ""
+        hint = STRICT_HINT
     elif not result.success and not result.attributable:
         hint = "not every failure belongs to particular slides, so quarantine cannot fix it"
     elif not result.success:

@@ -102,8 +102,10 @@ def export_slide_geojson(
     heatmap: np.ndarray | None = None,
     downsample: float | None = None,
     threshold: float | None = None,
+    regions: Sequence[Region] | None = None,
 ) -> list[Path]:
-    """``<slide>.candidates.geojson``, and ``<slide>.regions.geojson`` when given a heatmap.
+    """``<slide>.candidates.geojson``, and ``<slide>.regions.geojson`` when given a heatmap
+    (or its ``regions``, already outlined with ``heatmap_regions``).
 
     Regions are the heatmap's 8-connected areas strictly above ``threshold``; the heatmap's
     ``downsample`` maps them to level 0.
@@ -112,9 +114,10 @@ def export_slide_geojson(
     written = [
         write_geojson(out / f"{slide_id}.candidates.geojson", candidates_geojson(candidates))
     ]
-    if heatmap is not None:
+    if regions is None and heatmap is not None:
         if downsample is None or threshold is None:
             raise ValueError(f"{slide_id}: regions need the heatmap's downsample and a threshold")
         regions = heatmap_regions(heatmap, downsample, threshold)
+    if regions is not None:
         written.append(write_geojson(out / f"{slide_id}.regions.geojson", regions_geojson(regions)))
     return written

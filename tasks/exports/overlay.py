@@ -26,8 +26,10 @@ def heatmap_overlay(
     truth: np.ndarray | None = None,
     alpha: float = 0.5,
     colour_bar: bool = True,
+    colour_map: str = COLOUR_MAP,
 ) -> Path:
-    """Blend the heatmap (inferno, one vmin..vmax for a whole run) over a slide thumbnail.
+    """Blend the heatmap (a matplotlib colour map, one vmin..vmax for a whole run) over a
+    slide thumbnail.
 
     The thumbnail is read at whatever level gives a ~1024 px image; the heatmap is scaled up
     to it. Cells without a score (background) show the slide as is; lesion outlines are green.
@@ -40,7 +42,7 @@ def heatmap_overlay(
     h, w = thumb.shape[:2]
     big = np.kron(heatmap, np.ones((zoom, zoom), dtype=np.float32))[:h, :w]
     scaled = np.clip((big - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    colour = colormaps[COLOUR_MAP](np.nan_to_num(scaled))[..., :3] * 255.0  # (h, w, 3)
+    colour = colormaps[colour_map](np.nan_to_num(scaled))[..., :3] * 255.0  # (h, w, 3)
     scored = np.isfinite(big)[..., None]
     out = np.where(scored, (1 - alpha) * thumb + alpha * colour, thumb)
     if truth is not None and truth.any():
@@ -49,14 +51,18 @@ def heatmap_overlay(
         out[edges] = (0, 255, 0)
     image = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     if colour_bar:
-        image = with_colour_bar(image, vmin, vmax)
+        image = with_colour_bar(image, vmin, vmax, colour_map=colour_map)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_png)
     return out_png
 
 
 def with_colour_bar(
-    image: Image.Image, vmin: float, vmax: float, label: str = "score"
+    image: Image.Image,
+    vmin: float,
+    vmax: float,
+    label: str = "score",
+    colour_map: str = COLOUR_MAP,
 ) -> Image.Image:
     """The image with a white strip on its right: a vertical colour bar, vmax at the top.
 
@@ -69,7 +75,7 @@ def with_colour_bar(
     top, bottom = 24, h - 12
     x0, x1 = image.width + 8, image.width + 28
     ramp = np.linspace(1.0, 0.0, bottom - top)[:, None]  # (rows, 1): top row is vmax
-    bar = colormaps[COLOUR_MAP](np.repeat(ramp, x1 - x0, axis=1))[..., :3] * 255.0
+    bar = colormaps[colour_map](np.repeat(ramp, x1 - x0, axis=1))[..., :3] * 255.0
     out.paste(Image.fromarray(bar.astype(np.uint8)), (x0, top))
     draw = ImageDraw.Draw(out)
     try:

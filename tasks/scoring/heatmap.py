@@ -2,13 +2,20 @@
 
 Memory is bounded by one batch of tiles plus the heatmap itself (a slide at
 1/`heatmap_downsample` scale), never the slide. Overlapping tiles are averaged.
+
+Each heatmap is saved twice: `<slide>.heatmap.npy`, the working copy evaluation and the data
+contracts read, and `<slide>.heatmap.tif`, a tiled pyramidal float32 TIFF that carries its
+geometry (downsample, level-0 size, MPP) so it can be opened and placed over its slide
+elsewhere (QuPath, libvips, `read_heatmap_tiff`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,7 @@ class SlideScore:
     heatmap: str  # .npy, float32, NaN where no tile was scored
     tile_scores: str  # .parquet: tile_id, score
     heatmap_downsample: int
+    heatmap_tiff: str = ""  # the same heatmap as a pyramidal TIFF with its geometry
 
 
 def heatmap_shape(width: int, height: int, downsample: int) -> tuple[int, int]:
@@ -98,6 +106,14 @@ def score_slide(
     out_dir.mkdir(parents=True, exist_ok=True)
     heatmap_path = out_dir / f"{slide_id}.heatmap.npy"
     np.save(heatmap_path, heatmap)
+    geometry = HeatmapGeometry(
+        slide_id=slide_id,
+        downsample=heatmap_downsample,
+        level0_width=slide.width,
+        level0_height=slide.height,
+        mpp=slide_row.get("mpp"),
+    )
+    tiff_path = write_heatmap_tiff(out_dir / f"{slide_id}.heatmap.tif", heatmap, geometry)
     scores_path = write_parquet_atomic(
         pl.DataFrame(
             {"slide_id": slide_id, "tile_id": tile_ids, "score": scores},
@@ -113,4 +129,131 @@ def score_slide(
         heatmap=str(heatmap_path),
         tile_scores=str(scores_path),
         heatmap_downsample=heatmap_downsample,
+        heatmap_tiff=str(tiff_path),
     )
+
+
+HEATMAP_TIFF_KEY = "vadflow_heatmap"  # marks the ImageDescription JSON of a heatmap TIFF
+TIFF_TILE_PX = 256
+
+
+@dataclass(frozen=True)
+class HeatmapGeometry:
+    """Where a heatmap lies on its slide: heatmap pixel (row, col) covers level-0 pixels
+    [col * downsample, (col + 1) * downsample) x [row * downsample, (row + 1) * downsample)."""
+
+    slide_id: str
+    downsample: int  # level-0 pixels per heatmap pixel, along each axis
+    level0_width: int
+    level0_height: int
+    mpp: float | None  # level-0 um/px; None when the image has none (industrial)
+
+    @property
+    def heatmap_mpp(self) -> float | None:
+        return None if self.mpp is None else self.mpp * self.downsample
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the heatmap at this downsample."""
+        return heatmap_shape(self.level0_width, self.level0_height, self.downsample)
+
+
+def _halve(heatmap: np.ndarray) -> np.ndarray:
+    """Next pyramid level: the mean of each 2x2 block's scored cells; NaN where none is."""
+    rows, cols = heatmap.shape
+    padded = np.full((rows + rows % 2, cols + cols % 2), np.nan, dtype=np.float64)
+    padded[:rows, :cols] = heatmap
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)  # (r, 2, c, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks stay NaN
+        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+
+
+def write_heatmap_tiff(
+    path: Path, heatmap: np.ndarray, geometry: HeatmapGeometry, tile: int = TIFF_TILE_PX
+) -> Path:
+    """Write `heatmap` as a tiled, zlib-compressed, pyramidal float32 TIFF; return its path.
+
+    Values are the detector's raw anomaly scores (NaN where no tile was scored), not rescaled,
+    so thresholds apply to the file as they do to the `.npy`. Level 0 is the heatmap itself;
+    each SubIFD halves it (mean of scored cells) until the longer side fits one tile. The
+    geometry goes in the ImageDescription as JSON (see `HeatmapGeometry`) and, when the MPP is
+    known, in the resolution tags (pixels per centimetre, at this heatmap's own scale).
+    """
+    import tifffile
+
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.shape != geometry.shape:
+        raise ValueError(
+            f"{geometry.slide_id}: heatmap is {heatmap.shape} but a {geometry.level0_width}x"
+            f"{geometry.level0_height} slide at downsample {geometry.downsample} needs "
+            f"{geometry.shape}"
+        )
+    levels = [heatmap]
+    while max(levels[-1].shape) > tile:
+        levels.append(_halve(levels[-1]))
+    description = json.dumps(
+        {
+            HEATMAP_TIFF_KEY: 1,
+            **asdict(geometry),
+            "heatmap_mpp": geometry.heatmap_mpp,
+            "levels": len(levels),
+            "values": "float32 anomaly score of the detector; NaN: not scored (background)",
+        }
+    )
+    if geometry.heatmap_mpp is not None:
+        per_cm = 1e4 / geometry.heatmap_mpp
+        resolution, unit = (per_cm, per_cm), "CENTIMETER"
+    else:  # no physical size: heatmap pixels per level-0 pixel
+        resolution, unit = (1 / geometry.downsample,) * 2, "NONE"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    options = {"tile": (tile, tile), "compression": "zlib", "metadata": None}
+    with tifffile.TiffWriter(partial) as tif:
+        tif.write(
+            levels[0],
+            subifds=len(levels) - 1,
+            description=description,
+            resolution=resolution,
+            resolutionunit=unit,
+            **options,
+        )
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, **options)  # reduced-resolution image
+    partial.replace(path)  # a reader never sees a half-written file
+    return path
+
+
+def read_heatmap_tiff(path: str | Path, level: int = 0) -> tuple[np.ndarray, HeatmapGeometry]:
+    """A heatmap written by `write_heatmap_tiff` and its geometry, at pyramid `level`.
+
+    At level k > 0 the returned geometry's downsample is the level-0 one times 2**k.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        try:
+            meta = json.loads(page.description)
+        except (TypeError, ValueError):
+            meta = {}
+        if not isinstance(meta, dict) or meta.get(HEATMAP_TIFF_KEY) != 1:
+            raise ValueError(
+                f"{path}: not a vadflow heatmap TIFF (no geometry in its ImageDescription); "
+                "heatmap TIFFs are written by scoring as <slide>.heatmap.tif"
+            )
+        levels = tif.series[0].levels  # level 0, then the SubIFDs
+        if not 0 <= level < len(levels):
+            raise ValueError(
+                f"{path}: level {level} asked, the file has levels 0-{len(levels) - 1}"
+            )
+        values = levels[level].asarray()
+    geometry = HeatmapGeometry(
+        slide_id=meta["slide_id"],
+        downsample=int(meta["downsample"]) * 2**level,
+        level0_width=int(meta["level0_width"]),
+        level0_height=int(meta["level0_height"]),
+        mpp=meta["mpp"],
+    )
+    return values, geometry
