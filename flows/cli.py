@@ -273,11 +273,20 @@ def evaluate(
     family: str | None = typer.Option(None, help="detector family (default: the site's first)"),
     home: HomeOption = None,
 ) -> None:
-    """Score a site with an existing model, no training, and print its metrics."""
+    """Score a site with an existing model, no training, and print its metrics.
+
+    With `--model champion@<other site>` the champion's metrics at its home site are printed
+    beside these, with the drop (home - away), and logged as a cross-site run in MLflow.
+    """
     state = configure_state(home)
     from flows.batch_score import batch_score
 
     result = batch_score(str(site_dir), model=model, family=family, output_root=str(state.outputs))
+    home_site = model.partition("@")[2] if model.startswith("champion@") else ""
+    if home_site and home_site != result["site"] and _print_cross_site(result, home_site, state):
+        for item in result.get("quarantined", []):
+            console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
+        return
     table = Table(title=f"{result['site']} scored by {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -287,6 +296,60 @@ def evaluate(
     console.print(table)
     for item in result.get("quarantined", []):
         console.print(f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}")
+
+
+def _print_cross_site(result: dict[str, Any], home_site: str, state: StatePaths) -> bool:
+    """Home, away and drop per metric, logged to MLflow; False (with a warning) when the home
+    run cannot be read, so the caller prints the away metrics alone."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking.cross_site import report_cross_site
+    from tasks.tracking.mlflow_runs import (
+        default_spool_dir,
+        experiment_name,
+        resolve_tracking_uri,
+    )
+
+    away = result["site"]
+    family = json.loads((Path(result["model_dir"]) / "config.json").read_text())["family"]
+    try:
+        report = report_cross_site(
+            resolve_tracking_uri(None, state.home),
+            str(default_spool_dir(state.home)),
+            away_site=away,
+            home_site=home_site,
+            family=family,
+            away_metrics=result["metrics"],
+            model=result["model"],
+        )
+    except (LookupError, MlflowException, OSError) as exc:  # the scores stand regardless
+        console.print(
+            f"[yellow]cross-site: cannot read {home_site}'s home metrics ({exc}); "
+            "showing this site's metrics alone[/]",
+            soft_wrap=True,
+        )
+        return False
+    table = Table(
+        title=f"{away} scored by {home_site}'s champion ({family} v{report.home.version})",
+        caption="drop = home - away (positive: worse away)",
+    )
+    table.add_column("metric", no_wrap=True)
+    table.add_column(f"home ({home_site})", justify="right", no_wrap=True)
+    table.add_column(f"away ({away})", justify="right", no_wrap=True)
+    table.add_column("drop", justify="right", no_wrap=True)
+    for row in report.drops:
+        home_value = "-" if row.home is None else f"{row.home:.4f}"
+        drop = "-" if row.drop is None else f"{row.drop:+.4f}"
+        table.add_row(row.metric, home_value, f"{row.away:.4f}", drop)
+    console.print(table)
+    where = "spooled for `vadflow tracking sync`" if report.spooled else "logged"
+    console.print(
+        f"{where}: MLflow run {report.run} (kind cross-site) in experiment {experiment_name(away)}",
+        soft_wrap=True,
+    )
+    return True
 
 
 sites_app = typer.Typer(help="Site files: deployments/sites/<site>.yaml, one per hospital or line.")

@@ -318,8 +318,11 @@ def train_task(
             counts["train_tumour_tiles"] = int(labels.sum())
     logger.info("%s (supervision=%s): %s", family, supervision, counts)
     overrides = dict(site.detectors.get(family, {}))
-    if "tile_size" in {f.name for f in fields(detector_class(family).config_cls)}:
+    config_fields = {f.name for f in fields(detector_class(family).config_cls)}
+    if "tile_size" in config_fields:
         overrides.setdefault("tile_size", site.tiling.tile_size)  # the site's tiles decide
+    if "augment" in config_fields:  # the trainer reads it (tasks/detectors/augment.py)
+        overrides.setdefault("augment", site.augmentation.model_dump())
     detector = create_detector(family, **overrides)
     epochs_log: list[dict[str, float]] = []
 

@@ -109,6 +109,28 @@ class PromotionConfig(BaseModel):
     higher_is_better: bool = True
 
 
+class AugmentationConfig(BaseModel):
+    """Training-time augmentation (`tasks/detectors/augment.py`); never applied when scoring.
+
+    The defaults are flips only, what every family did before the other kinds existed. On the
+    stain-shift test (tests/test_cross_site.py) HED jitter up to 0.2 did not shrink ae_l2's
+    cross-site drop while Macenko normalisation removed it, so jitter stays opt-in.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flips: bool = Field(True, description="random horizontal and vertical flips")
+    rot90: bool = Field(False, description="random quarter turns (square tiles)")
+    hed_jitter: float = Field(
+        0.0, ge=0, le=0.5, description="H and E scaled by U(1-s,1+s), shifted by U(-s,s) in OD"
+    )
+    hsv_jitter: float = Field(
+        0.0, ge=0, le=0.5, description="hue turned by U(-s,s) of a circle, saturation x U(1-s,1+s)"
+    )
+    brightness: float = Field(0.0, ge=0, le=0.5, description="U(-b,b) added to every channel")
+    contrast: float = Field(0.0, ge=0, le=0.9, description="distance from the mean x U(1-c,1+c)")
+
+
 class SiteConfig(BaseModel):
     """Everything the nightly flow needs to know about one site."""
 
@@ -141,6 +163,11 @@ class SiteConfig(BaseModel):
     )
     stain_normalisation: Literal["none", "reinhard", "macenko"] = Field(
         "none", description="fitted on this site's normal training tiles, saved with the model"
+    )
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig,
+        description="training-time augmentation for every family with an `augment` field; "
+        "`detectors: {family: {augment: ...}}` overrides it for one family",
     )
     pseudonymise_ids: bool = Field(
         False, description="slide ids in outputs become keyed hashes (no patient identifiers)"

@@ -1,7 +1,8 @@
 """The one training loop every detector family uses.
 
 Families hand over a module and a loss; the loop owns what must behave the same everywhere:
-device choice, bf16 autocast on CUDA, seeding, flip augmentation, Adam, gradient clipping,
+device choice, bf16 autocast on CUDA, seeding, training-batch augmentation (flips, quarter
+turns, stain and colour jitter: `tasks/detectors/augment.py`), Adam, gradient clipping,
 early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard,
 resumable checkpoints and the contamination-robust trimmed loss. A family with an unusual step
 (several optimisers, as GANs need) subclasses `Trainer` and overrides `configure_optimizers` and
@@ -20,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.detectors.augment import Augmentation
 from tasks.detectors.base import (
     DivergedError,
     EpochCallback,
@@ -62,13 +64,16 @@ class TrainSettings:
     min_delta: float = 0.0
     grad_clip: float | None = 1.0
     seed: int = 0
-    augment: bool = True
+    # True (flips only), False, a mapping of Augmentation's fields, or an Augmentation; held as
+    # an Augmentation after construction. Applied to shuffled training batches only.
+    augment: Augmentation | bool | Mapping[str, Any] = True
     # Contamination-robust mode: after `robust_warmup_epochs` plain epochs, each training batch
     # drops its highest-loss `robust_trim_fraction` of samples from the loss. 0 turns it off.
     robust_trim_fraction: float = 0.0
     robust_warmup_epochs: int = 2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", Augmentation.from_setting(self.augment))
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1, got {self}")
         if self.lr < 0 or self.min_delta < 0:
@@ -111,7 +116,7 @@ class Trainer:
         self.device = device
         self.use_amp = device.type == "cuda"
         self.optimizers = self.configure_optimizers()
-        # Shuffling and flips draw from their own generator, so resume can restore it exactly.
+        # Shuffling and augmentation draw from their own generator, so resume restores it exactly.
         self.data_rng = torch.Generator().manual_seed(settings.seed)
         self.epoch = 0  # 1-based once training runs; the trim and loss schedules read it
 
@@ -291,15 +296,13 @@ class Trainer:
             index = np.sort(order[start : start + size])
             batch = to_tensor(tiles[index], self.device)  # (b, 3, H, W)
             if shuffle and self.settings.augment:
-                batch = self._flip(batch)
+                batch = self.augment(batch)
             yield batch
 
-    def _flip(self, batch: torch.Tensor) -> torch.Tensor:
-        """Random horizontal and vertical flips: orientation carries no meaning in a tile."""
-        flips = torch.rand(2, len(batch), generator=self.data_rng) < 0.5  # (2, b)
-        flips = flips.to(batch.device)[:, :, None, None, None]  # (2, b, 1, 1, 1)
-        batch = torch.where(flips[0], batch.flip(-1), batch)
-        return torch.where(flips[1], batch.flip(-2), batch)
+    def augment(self, batch: torch.Tensor) -> torch.Tensor:
+        """The configured augmentation of one training batch (b, 3, H, W); the validation loss
+        and `Detector.score` never pass through here."""
+        return self.settings.augment(batch, self.data_rng)
 
     # -- failure, checkpoints, report -------------------------------------------------------
 

@@ -4,7 +4,8 @@ Tiles are square, cut at a working resolution, and recorded by their level-0 top
 and level-0 extent; pixels are read later. A tile is kept when enough of it is tissue.
 
 Manifests are partitioned by site and slide: `<root>/<site>/tiles/<slide_id>.parquet`, one file
-per slide, under a local folder or an S3 prefix. A slide is committed in order: mask PNG, then the
+per slide, under a local folder or an S3 prefix. A slide is committed in order: mask PNG and the
+tissue-percentage overlay (`masks/tile-tissue/<slide_id>.png`, tasks/tiling/overlay.py), then the
 manifest (whole-file writes: temporary name + rename locally, one PUT on S3), then
 `<slide_id>.done.json` last. The marker carries a fingerprint of the slide's content hash and the
 tiling settings, so a rerun skips a slide only when its marker exists and still matches: a run
@@ -42,9 +43,10 @@ from tasks.slides.storage import (
     write_parquet,
 )
 from tasks.tiling import mask as masking
+from tasks.tiling import overlay
 
 # Part of every fingerprint: bump when the masking or grid code changes what it writes.
-TILING_VERSION = 2
+TILING_VERSION = 3  # 3: the tissue-percentage overlay PNG
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class TilingResult:
     mask_png: str
     tissue_fraction: float
     reason: str | None = None  # why a slide failed or has no tissue
+    overlay_png: str = ""  # the tissue-percentage overlay (tasks/tiling/overlay.py)
 
 
 def slide_mask(
@@ -155,11 +158,19 @@ def tile_slide(
         mask, ds = slide_mask(slide, mpp0, tiling, domain)
         width, height = slide.width, slide.height
         colourless = not mask.any() and _colourless(slide, ds, preset_for(tiling, domain))
+        overlay_ds = overlay.overlay_downsample(width, height, geometry.extent)
+        thumb = slide.thumbnail(overlay_ds)  # (H, W, 3) uint8
     mask_png = join(masks_dir, f"{slide_id}.png")
     storage_for(mask_png, storage).write_bytes(mask_png, _png_bytes(mask))
 
     xs, ys = tile_origins(width, height, geometry.extent, geometry.step)
     tissue = coverage(mask, xs, ys, geometry.extent, ds)
+    # Every grid tile, kept or not, so missed tissue shows up red.
+    drawn = overlay.draw_tissue_overlay(
+        thumb, xs, ys, geometry.extent, geometry.step, tissue, overlay_ds
+    )
+    overlay_png = join(masks_dir, overlay.OVERLAY_DIR, f"{slide_id}.png")
+    storage_for(overlay_png, storage).write_bytes(overlay_png, overlay.png_bytes(drawn))
     keep = tissue >= tiling.min_tissue_fraction
     xs, ys, tissue = xs[keep], ys[keep], tissue[keep]
     annotation = slide_row.get("annotation_uri")
@@ -181,6 +192,7 @@ def tile_slide(
         mask_png=mask_png,
         tissue_fraction=float(mask.mean()) if mask.size else 0.0,
         reason=None if frame.height else _no_tissue_reason(colourless),
+        overlay_png=overlay_png,
     )
     # Written last: its presence (with a matching fingerprint) means this slide is done.
     fingerprint = tiling_fingerprint(slide_row["sha256"], tiling, domain)
