@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from flows.commands.benchmark import SiteSize, build_hard_site, load_benchmark_tiles
+from flows.commands.benchmark import SiteSize, build_hard_site, load_benchmark_tiles, run_family
 from tasks.detectors import create_detector, load_detector
 from tasks.detectors.backbones import (
     FilterBank,
@@ -32,6 +32,9 @@ from tasks.detectors.patch_knn import k_center_greedy, nearest_distances
 from tasks.synth.industrial import make_industrial_site
 
 SMALL = {"batch_size": 32, "base_channels": 8, "device": "cpu"}
+# Four normal training slides (one held out for validation), three normal and three tumour test
+# slides: enough slides for a slide AUC that means something.
+HARD_SITE = SiteSize(width=3072, height=2048, n_train_normal=4, n_test_normal=3, n_test_tumor=3)
 
 
 def _textures(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
@@ -95,7 +98,7 @@ def test_patch_features_shapes_and_standardisation(source: str):
 
 
 def test_filter_bank_sees_colour_blobs_and_edges():
-    bank = FilterBank()
+    bank = FilterBank(window=8)  # a narrow window, so the response stays where the blob is
     flat = torch.full((1, 3, 32, 32), 0.8)
     blob = flat.clone()
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
@@ -262,28 +265,30 @@ def test_family_ranks_planted_defects_above_normal_on_easy_textures(
 
 @pytest.mark.slow
 def test_patch_knn_finds_hard_lesions_that_colour_cannot(tmp_path: Path):
-    """Tile AUROC >= 0.85 on tiles cut from a small hard-mode site, labelled by its masks."""
+    """Tile and pixel AUROC >= 0.85 on a small hard-mode site, where colour is near chance.
+
+    The same path as `vadflow benchmark-detectors`: the pipeline's tiler, `score_slide`
+    heatmaps and `evaluate_site`. Slide AUC (max of the heatmap) is printed, not asserted: on
+    this site it is 0.56, because a fold or a crack at a tissue edge on a normal slide scores
+    above the lesions (README, "Detectors and the honest results table").
+    """
     started = time.perf_counter()
-    site = build_hard_site(
-        tmp_path,
-        SiteSize(width=3072, height=2048, n_train_normal=3, n_test_normal=1, n_test_tumor=2),
-        seed=0,
-    )
-    data = load_benchmark_tiles(site, tile_size=64)
+    site = build_hard_site(tmp_path, HARD_SITE, seed=0)
+    data = load_benchmark_tiles(site, tile_size=64, work_dir=tmp_path / "work")
     test = data.test
     keep = (test.label_fraction >= 0.5) | (test.label_fraction == 0)
     labels = test.label_fraction[keep] >= 0.5
     assert labels.sum() >= 50 and (~labels).sum() >= 200
-
-    detector = create_detector("patch_knn", coreset_size=1024, device="cpu")
-    detector.fit(data.train, data.val)
-    out = detector.score(test.tiles[keep])
-    auroc = roc_auc_score(labels, out.tile_score.numpy())
     mean_colour = test.tiles[keep].reshape(keep.sum(), -1, 3).mean(axis=1)
     colour = max(roc_auc_score(labels, mean_colour[:, c]) for c in range(3))
+
+    row = run_family("patch_knn", data, epochs=1, tile_size=64, seed=0, device="cpu")
     print(
-        f"patch_knn on the hard site: tile AUROC {auroc:.3f} (best single colour channel "
-        f"{colour:.3f}), {len(data.train)} train tiles, {labels.sum()} lesion / "
+        f"patch_knn on the hard site: tile AUROC {row.tile_auroc:.3f} (best single colour "
+        f"channel {colour:.3f}), slide AUC {row.slide_auc:.3f}, FROC {row.froc:.3f}, pixel "
+        f"AUROC {row.pixel_auroc:.3f}; {len(data.train)} train tiles, {labels.sum()} lesion / "
         f"{(~labels).sum()} normal test tiles, {time.perf_counter() - started:.1f}s"
     )
-    assert auroc >= 0.85
+    assert row.direction == "ok", row.error
+    assert row.tile_auroc >= 0.85
+    assert row.pixel_auroc >= 0.85

@@ -16,16 +16,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
 from flows.commands.benchmark import (
-    BenchmarkData,
     SiteSize,
     benchmark_detectors,
+    benchmark_families,
     build_hard_site,
-    cut_tiles,
-    evaluate_scores,
     format_table,
     load_benchmark_tiles,
     run_family,
-    unsupervised_families,
+    tile_auroc,
 )
 from tasks.detectors import available_families, detector_class
 from tasks.synth.industrial import make_industrial_site
@@ -71,6 +69,62 @@ def tile_statistics(tiles: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+WORKING_MPP = 0.5  # um/px of the tiles, as the pipeline's default tiling
+TISSUE_OD = 0.3  # summed RGB optical density above which a pixel counts as tissue
+MIN_TISSUE = 0.5  # tiles with less tissue are not used
+
+
+def _cut_tiles(
+    slide_path: Path,
+    mask_path: Path | None = None,
+    *,
+    tile_size: int = 64,
+    working_mpp: float = WORKING_MPP,
+    min_tissue: float = MIN_TISSUE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-overlapping tissue tiles of one slide at `working_mpp`, an oracle independent of
+    the pipeline's tiler.
+
+    Returns tiles (N, T, T, 3) uint8, lesion masks (N, T, T) bool (all False without
+    `mask_path`) and tissue masks (N, T, T) bool. The whole slide is read at the working
+    resolution at once, so this is for small (synthetic) slides only.
+    """
+    from tasks.slides.ground_truth import ground_truth_mask
+    from tasks.slides.reader import Slide, resize_rgb
+
+    with Slide(slide_path) as slide:
+        downsample = working_mpp / (slide.mpp or working_mpp)
+        level = slide.best_level_for_downsample(downsample)
+        info = slide.levels[level]
+        image = np.array(slide.read_region(level, 0, 0, info.width, info.height))
+        width0, height0 = slide.width, slide.height
+    shape = (math.ceil(height0 / downsample), math.ceil(width0 / downsample))
+    if image.shape[:2] != shape:
+        image = resize_rgb(image, shape[1], shape[0])
+    if mask_path is not None:
+        lesion = ground_truth_mask(str(mask_path), width0, height0, downsample) >= 0.5
+    else:
+        lesion = np.zeros(shape, dtype=bool)
+    density = -np.log((image.astype(np.float32) + 1) / 256).sum(axis=-1)  # (H, W)
+    tissue = density > TISSUE_OD
+    tiles, masks, tissues = [], [], []
+    for y in range(0, shape[0] - tile_size + 1, tile_size):
+        for x in range(0, shape[1] - tile_size + 1, tile_size):
+            window = np.s_[y : y + tile_size, x : x + tile_size]
+            if tissue[window].mean() < min_tissue:
+                continue
+            tiles.append(image[window])
+            masks.append(lesion[window])
+            tissues.append(tissue[window])
+    n = len(tiles)
+    t = tile_size
+    return (
+        np.stack(tiles) if n else np.zeros((0, t, t, 3), np.uint8),
+        np.stack(masks) if n else np.zeros((0, t, t), bool),
+        np.stack(tissues) if n else np.zeros((0, t, t), bool),
+    )
+
+
 def _lesion_and_normal_tiles(folder: Path, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Tissue tiles fully inside a lesion and lesion-free ones, from three slides with lesions."""
     lesion, normal = [], []
@@ -79,7 +133,7 @@ def _lesion_and_normal_tiles(folder: Path, mode: str) -> tuple[np.ndarray, np.nd
         write_synthetic_slide(
             slide, width=3072, height=2048, n_lesions=3, seed=seed, mask_path=mask, mode=mode
         )
-        tiles, masks, tissue = cut_tiles(slide, mask)
+        tiles, masks, tissue = _cut_tiles(slide, mask)
         fraction = masks.reshape(len(masks), -1).mean(axis=1)
         # Tissue all over, so glass at a tissue edge does not lighten the normal group.
         inside = tissue.reshape(len(tissue), -1).mean(axis=1) >= 0.9
@@ -255,10 +309,7 @@ def test_hard_industrial_refuses_easy_only_defects(tmp_path: Path):
 
 # -- the results table ----------------------------------------------------------------------
 
-NO_DATA = BenchmarkData(
-    np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0, 32, 32, 3), np.uint8), None
-)  # type: ignore[arg-type]
-TINY = SiteSize(width=1536, height=1024, n_train_normal=2, n_test_normal=1, n_test_tumor=1)
+TINY = SiteSize(width=2048, height=1536, n_train_normal=2, n_test_normal=1, n_test_tumor=1)
 
 
 @pytest.fixture(scope="module")
@@ -266,21 +317,20 @@ def tiny_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_hard_site(tmp_path_factory.mktemp("bench"), TINY, seed=3)
 
 
-def test_benchmark_tiles_are_labelled_from_the_ground_truth(tiny_site: Path):
-    data = load_benchmark_tiles(tiny_site, tile_size=32)
+def test_benchmark_tiles_are_labelled_from_the_ground_truth(tiny_site: Path, tmp_path: Path):
+    data = load_benchmark_tiles(tiny_site, tile_size=32, work_dir=tmp_path)
     test = data.test
     assert data.train.shape[1:] == (32, 32, 3) and len(data.val) > 0
-    assert test.tiles.shape[0] == test.masks.shape[0] == test.slide.shape[0]
+    assert test.tiles.shape[0] == test.label_fraction.shape[0] == test.slide.shape[0]
     assert sorted(test.slide_tumour) == [False, True]
+    assert sorted(data.slides["split"].unique()) == ["test", "val"]
     tumour = test.slide_tumour.index(True)
     # Lesion pixels only on the tumour slide, and some tiles lie wholly inside a lesion.
     assert test.label_fraction[test.slide != tumour].max() == 0
     assert test.label_fraction[test.slide == tumour].max() == 1.0
-    # A perfect score and its inverse give AUROC 1 and 0.
-    perfect = test.label_fraction.copy()
-    tile, slide, pixel = evaluate_scores(test, perfect, test.masks.astype(float))
-    assert tile == slide == pixel == 1.0
-    assert evaluate_scores(test, -perfect)[0] == 0.0
+    # A perfect score and its inverse give tile AUROC 1 and 0.
+    assert tile_auroc(test, test.label_fraction) == 1.0
+    assert tile_auroc(test, -test.label_fraction) == 0.0
 
 
 def test_benchmark_reports_every_family_and_flags_failures(
@@ -299,6 +349,9 @@ def test_benchmark_reports_every_family_and_flags_failures(
     knn, padim = rows
     assert knn.direction in ("ok", "inverted") and not knn.error
     assert 0.0 <= knn.tile_auroc <= 1.0 and knn.seconds > 0
+    # Slide AUC, FROC and pixel AUROC come from the nightly flow's own scoring and evaluation.
+    for value in (knn.slide_auc, knn.froc, knn.pixel_auroc):
+        assert 0.0 <= value <= 1.0
     assert knn.direction == ("inverted" if knn.tile_auroc < 0.5 else "ok")
     assert padim.direction == "failed" and "RuntimeError: boom" in padim.error
     assert math.isnan(padim.tile_auroc)
@@ -306,16 +359,20 @@ def test_benchmark_reports_every_family_and_flags_failures(
     assert "patch_knn" in printed and "failed" in printed
     table = format_table(rows)
     assert table.splitlines()[0].startswith("| family | tile AUROC")
-    assert "| padim | n/a | n/a | n/a |" in table
+    assert "| padim | n/a | n/a | n/a | n/a |" in table
 
 
-def test_benchmark_leaves_out_families_that_need_labels():
-    chosen = unsupervised_families()
-    assert "patch_knn" in chosen and "padim" in chosen
-    for family in sorted(set(available_families()) - set(chosen)):
-        assert detector_class(family).supervision != "none"
-        row = run_family(family, NO_DATA, epochs=1, tile_size=32, seed=0, device="cpu")
-        assert row.direction == "skipped" and "needs labels" in row.error
+def test_benchmark_runs_every_family_and_skips_labelled_ones_without_labels(
+    tiny_site: Path, tmp_path: Path
+):
+    chosen = benchmark_families()
+    assert sorted(chosen) == sorted(available_families())
+    labelled = [f for f in chosen if detector_class(f).supervision != "none"]
+    assert labelled and chosen[-len(labelled) :] == labelled  # unsupervised ones first
+    data = load_benchmark_tiles(tiny_site, tile_size=32, work_dir=tmp_path)  # no tumour to learn
+    for family in labelled:
+        row = run_family(family, data, epochs=1, tile_size=32, seed=0, device="cpu")
+        assert row.direction == "skipped" and "needs labels" in row.error, row
 
 
 def test_benchmark_refuses_unknown_families_and_sizes():

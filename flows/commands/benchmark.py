@@ -1,21 +1,26 @@
 """`vadflow benchmark-detectors`: every detector family on the same hard synthetic site.
 
 The honest results table: each registered family trains with the same budget (epochs, tile
-size, seed, device) on the normal tiles of a small hard-mode site (tasks/synth/pathology.py:
-lesions at the host's stain, folds, fat, cracks, stroma bands) and is scored on its test slides:
+size, seed, device) on the normal training tiles of a small hard-mode site
+(tasks/synth/pathology.py: lesions at the host's stain, folds, fat, cracks, stroma bands) and
+scores its validation and test slides. Tiling, scoring, heatmaps and metrics are the nightly
+flow's own functions (`tile_slide`, `score_slide`, `evaluate_site`), without Prefect or MLflow:
 
 - tile AUROC: tiles at least half lesion against lesion-free tiles (tiles in between are left
   out of this number, not of the others);
-- slide AUC: a slide's score is the maximum of its tile scores; tumour against normal slides;
-- pixel AUROC: anomaly maps against the ground-truth masks, over tissue tiles of the test slides;
+- slide AUC: slide score = maximum of its heatmap; tumour against normal test slides;
+- FROC: Camelyon16's, from heatmap local maxima, lesions from 10 um up (FROC_ITC_UM);
+- pixel AUROC: heatmaps against the ground-truth masks of the test slides;
 - seconds: fit plus scoring, on this machine;
 - direction: "inverted" when tile AUROC < 0.5, i.e. the family ranks lesions *below* normal
   tissue, the failure a residual score shows on lesions that are easier to reconstruct than
   stroma. It is flagged, not hidden.
 
-A family that fails (raises) gets a row with its error, and the others still run. Families that
-learn from labels (`supervision` "tile" or "slide") cannot train on normal tiles alone: they are
-left out unless named, and then get a "skipped" row.
+A family that fails (raises) gets a row with its error, and the others still run. The site has
+annotated tumour training slides too, so the labelled baselines (supervised_cnn from tile
+labels, mil from slide labels) train on it the way the nightly flow trains them
+(`labelled_training_tiles`, `training_bags`) and sit in the same table as what labels buy;
+the unsupervised families never see those slides.
 """
 
 from __future__ import annotations
@@ -26,17 +31,18 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 # Tile cutting below reads pixels; the families run in this process. Small sites only.
 
 TILE_POSITIVE = 0.5  # a tile counts as lesion for tile AUROC at this label fraction or more
-WORKING_MPP = 0.5  # um/px of the tiles, as the pipeline's default tiling
-TISSUE_OD = 0.3  # summed RGB optical density above which a pixel counts as tissue
-MIN_TISSUE = 0.5  # tiles with less tissue are not used
+# Synthetic lesions are at most ~1 mm across on these small slides; Camelyon16's 275 um ITC rule
+# would ignore most of them, so FROC here counts lesions from 10 um up (as the demo site does).
+FROC_ITC_UM = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,26 +51,25 @@ class SiteSize:
 
     width: int
     height: int
-    n_train_normal: int  # the last one is held out as validation when there are two or more
+    n_train_normal: int  # a quarter of them (at least one) is held out as validation
     n_test_normal: int
     n_test_tumor: int
+    n_train_tumor: int = 0  # annotated: only the labelled baselines train on them
 
 
 SIZES: dict[str, SiteSize] = {
-    "tiny": SiteSize(2048, 1536, 3, 1, 2),
-    "small": SiteSize(3072, 2048, 4, 3, 3),
-    "medium": SiteSize(3072, 2304, 6, 5, 5),
+    "tiny": SiteSize(2048, 1536, 3, 1, 2, 1),
+    "small": SiteSize(3072, 2048, 4, 3, 3, 2),
+    "medium": SiteSize(3072, 2304, 6, 5, 5, 3),
 }
 
 
 @dataclass
 class TileSet:
-    """Tiles cut from some slides, with what the evaluation needs about each."""
+    """The test slides' tiles, in manifest order, with what tile AUROC needs about each."""
 
     tiles: np.ndarray  # (N, T, T, 3) uint8
     label_fraction: np.ndarray  # (N,) float, share of the tile inside a lesion
-    masks: np.ndarray  # (N, T, T) bool, lesion pixels
-    tissue: np.ndarray  # (N, T, T) bool, tissue pixels
     slide: np.ndarray  # (N,) int, index into `slide_names`
     slide_names: list[str]
     slide_tumour: list[bool]
@@ -72,9 +77,16 @@ class TileSet:
 
 @dataclass(frozen=True)
 class BenchmarkData:
+    """A tiled site: normal train/val tiles, the test tiles, and what scoring slides needs."""
+
     train: np.ndarray  # (N, T, T, 3) uint8 normal tiles
     val: np.ndarray  # (M, T, T, 3) uint8 normal tiles
     test: TileSet
+    site: Any = None  # SiteConfig
+    slides: Any = None  # pl.DataFrame: the slide manifest (val and test slides)
+    manifests: dict[str, Any] = field(default_factory=dict)  # slide_id -> tile manifest
+    slides_path: str = ""  # every slide's manifest row, as the nightly flow writes it
+    tile_paths: list[str] = field(default_factory=list)  # train and val slides' tile manifests
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class BenchmarkRow:
     family: str
     tile_auroc: float
     slide_auc: float
+    froc: float
     pixel_auroc: float
     seconds: float
     direction: str  # "ok", "inverted", "failed" (error says why) or "skipped" (needs labels)
@@ -103,6 +116,7 @@ def build_hard_site(
         n_train_normal=geometry.n_train_normal,
         n_test_normal=geometry.n_test_normal,
         n_test_tumor=geometry.n_test_tumor,
+        n_train_tumor=geometry.n_train_tumor,
         width=geometry.width,
         height=geometry.height,
         seed=seed,
@@ -110,140 +124,135 @@ def build_hard_site(
     )
 
 
-def cut_tiles(
-    slide_path: Path,
-    mask_path: Path | None = None,
-    *,
-    tile_size: int = 64,
-    working_mpp: float = WORKING_MPP,
-    min_tissue: float = MIN_TISSUE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-overlapping tissue tiles of one slide at `working_mpp`.
+def load_benchmark_tiles(
+    site_dir: Path, tile_size: int = 64, work_dir: Path | None = None
+) -> BenchmarkData:
+    """Tile the site as the pipeline does and read train, val and test tiles.
 
-    Returns tiles (N, T, T, 3) uint8, lesion masks (N, T, T) bool (all False without
-    `mask_path`) and tissue masks (N, T, T) bool. The whole slide is read at the working
-    resolution at once, so this is for small (synthetic) slides only.
+    Tiling is `tasks.tiling.grid.tile_slide` with the site's own settings (but `tile_size`),
+    so the benchmark sees exactly the tiles a nightly run trains and scores on.
     """
-    from tasks.slides.ground_truth import ground_truth_mask
-    from tasks.slides.reader import Slide, resize_rgb
+    import polars as pl
 
-    with Slide(slide_path) as slide:
-        downsample = working_mpp / (slide.mpp or working_mpp)
-        level = slide.best_level_for_downsample(downsample)
-        info = slide.levels[level]
-        image = np.array(slide.read_region(level, 0, 0, info.width, info.height))
-        width0, height0 = slide.width, slide.height
-    shape = (math.ceil(height0 / downsample), math.ceil(width0 / downsample))
-    if image.shape[:2] != shape:
-        image = resize_rgb(image, shape[1], shape[0])
-    if mask_path is not None:
-        lesion = ground_truth_mask(str(mask_path), width0, height0, downsample) >= 0.5
-    else:
-        lesion = np.zeros(shape, dtype=bool)
-    density = -np.log((image.astype(np.float32) + 1) / 256).sum(axis=-1)  # (H, W)
-    tissue = density > TISSUE_OD
-    tiles, masks, tissues = [], [], []
-    for y in range(0, shape[0] - tile_size + 1, tile_size):
-        for x in range(0, shape[1] - tile_size + 1, tile_size):
-            window = np.s_[y : y + tile_size, x : x + tile_size]
-            if tissue[window].mean() < min_tissue:
-                continue
-            tiles.append(image[window])
-            masks.append(lesion[window])
-            tissues.append(tissue[window])
-    n = len(tiles)
-    t = tile_size
-    return (
-        np.stack(tiles) if n else np.zeros((0, t, t, 3), np.uint8),
-        np.stack(masks) if n else np.zeros((0, t, t), bool),
-        np.stack(tissues) if n else np.zeros((0, t, t), bool),
+    from tasks.site import load_site
+    from tasks.slides.discover import discover
+    from tasks.slides.register import register_slide, slide_frame
+    from tasks.slides.tiles import load_tiles
+    from tasks.tiling.grid import tile_slide
+
+    site = load_site(site_dir)
+    site = site.model_copy(
+        update={"tiling": site.tiling.model_copy(update={"tile_size": tile_size})}
     )
+    work = Path(work_dir) if work_dir is not None else Path(site_dir) / "_benchmark"
+    rows, manifests, tile_paths = [], {}, []
+    for source in discover(site.source, site.domain, site.val_fraction):
+        row = register_slide(source, site.name, site.domain, site.mpp_override)
+        if row["status"] != "ok":
+            raise ValueError(f"benchmark site slide {row['slide_id']}: {row['reason']}")
+        result = tile_slide(row, site.tiling, site.domain, work / "tiles", work / "masks")
+        if result.status != "ok":
+            raise ValueError(f"benchmark site slide {row['slide_id']}: {result.reason}")
+        rows.append(row)
+        manifests[row["slide_id"]] = pl.read_parquet(result.manifest)
+        if row["split"] in ("train", "val"):
+            tile_paths.append(result.manifest)
+    slides = slide_frame(rows)
+    slides_path = work / "slides.parquet"
+    slides.write_parquet(slides_path)
+    uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
 
+    def tiles_of(split: str, label: str | None = None) -> pl.DataFrame:
+        chosen = slides.filter(pl.col("split") == split)
+        if label is not None:
+            chosen = chosen.filter(pl.col("label") == label)
+        ids = sorted(chosen["slide_id"])
+        if not ids:
+            raise ValueError(f"benchmark site {site_dir} has no {split} slides")
+        return pl.concat([manifests[i] for i in ids])
 
-def load_benchmark_tiles(site: Path, tile_size: int = 64) -> BenchmarkData:
-    """Train/val tiles from the site's normal training slides, test tiles from its test slides."""
-    import csv
-
-    normals = sorted((site / "training" / "normal").glob("*.tif"))
-    if not normals:
-        raise FileNotFoundError(f"{site}: no normal training slides under training/normal")
-    held_out = normals[-1:] if len(normals) >= 2 else []
-    train = [cut_tiles(p, tile_size=tile_size)[0] for p in normals if p not in held_out]
-    train_tiles = np.concatenate(train)
-    if held_out:
-        val_tiles = cut_tiles(held_out[0], tile_size=tile_size)[0]
-    else:  # one normal slide: validate on a tenth of its tiles
-        val_tiles = train_tiles[: max(1, len(train_tiles) // 10)]
-
-    with (site / "testing" / "reference.csv").open(newline="") as handle:
-        labels = {row["image"]: row["label"] == "Tumor" for row in csv.DictReader(handle)}
-    parts, names, tumour = [], [], []
-    for index, (stem, is_tumour) in enumerate(sorted(labels.items())):
-        mask = site / "ground_truth" / f"{stem}_mask.tif"
-        tiles, masks, tissue = cut_tiles(
-            site / "testing" / "images" / f"{stem}.tif",
-            mask if is_tumour else None,
-            tile_size=tile_size,
-        )
-        parts.append((tiles, masks, tissue, np.full(len(tiles), index)))
-        names.append(stem)
-        tumour.append(is_tumour)
-    masks = np.concatenate([p[1] for p in parts])
+    test_rows = tiles_of("test")
+    names = sorted(set(test_rows["slide_id"]))
+    labels = dict(zip(slides["slide_id"], slides["label"], strict=True))
     test = TileSet(
-        tiles=np.concatenate([p[0] for p in parts]),
-        label_fraction=masks.reshape(len(masks), -1).mean(axis=1),
-        masks=masks,
-        tissue=np.concatenate([p[2] for p in parts]),
-        slide=np.concatenate([p[3] for p in parts]),
+        tiles=load_tiles(test_rows, uris),
+        label_fraction=test_rows["label_fraction"].to_numpy(),
+        slide=np.array([names.index(s) for s in test_rows["slide_id"]]),
         slide_names=names,
-        slide_tumour=tumour,
+        slide_tumour=[labels[n] == "anomalous" for n in names],
     )
-    return BenchmarkData(train=train_tiles, val=val_tiles, test=test)
+    return BenchmarkData(
+        train=load_tiles(tiles_of("train", "normal"), uris),
+        val=load_tiles(tiles_of("val"), uris),
+        test=test,
+        site=site,
+        slides=slides.filter(pl.col("split").is_in(["val", "test"])),
+        manifests=manifests,
+        slides_path=str(slides_path),
+        tile_paths=tile_paths,
+    )
 
 
-def evaluate_scores(
-    test: TileSet, tile_scores: np.ndarray, maps: np.ndarray | None = None, *, seed: int = 0
-) -> tuple[float, float, float]:
-    """(tile AUROC, slide AUC, pixel AUROC) of one family's scores on `test`; NaN if undefined.
-
-    Pixel AUROC pools tissue pixels of all test tiles, subsampled to 2M pixels.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-        labels = np.asarray(labels, bool)
-        if labels.all() or not labels.any():
-            return float("nan")
-        return float(roc_auc_score(labels, scores))
+def tile_auroc(test: TileSet, tile_scores: np.ndarray) -> float:
+    """Tiles at least TILE_POSITIVE lesion against lesion-free tiles; NaN if undefined."""
+    from tasks.evaluation.metrics import image_auroc
 
     scores = np.asarray(tile_scores, dtype=np.float64)
     keep = (test.label_fraction >= TILE_POSITIVE) | (test.label_fraction == 0)
-    tile = auc(test.label_fraction[keep] >= TILE_POSITIVE, scores[keep])
-    slide_scores = [
-        scores[test.slide == i].max() if (test.slide == i).any() else -np.inf
-        for i in range(len(test.slide_names))
-    ]
-    slide = auc(np.array(test.slide_tumour), np.array(slide_scores))
-    pixel = float("nan")
-    if maps is not None:
-        labels = test.masks[test.tissue]
-        values = np.asarray(maps)[test.tissue]
-        if labels.size > 2_000_000:
-            pick = np.random.default_rng(seed).choice(labels.size, 2_000_000, replace=False)
-            labels, values = labels[pick], values[pick]
-        pixel = auc(labels, values)
-    return tile, slide, pixel
+    labels = test.label_fraction[keep] >= TILE_POSITIVE
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(image_auroc(labels, scores[keep]))
 
 
-def unsupervised_families() -> list[str]:
-    """Registered families that train on normal tiles alone (`supervision == "none"`)."""
+def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dict[str, float]:
+    """Score every val and test slide into heatmaps and evaluate them as a nightly run does.
+
+    Returns the pipeline's metrics (slide_auroc, froc, pixel_auroc, ...) plus tile_auroc from
+    the same tile scores.
+    """
+    import polars as pl
+
+    from tasks.evaluation.evaluate import evaluate_site
+    from tasks.scoring.heatmap import score_slide
+
+    site = data.site
+    scores, tile_scores = {}, []
+    for row in data.slides.sort("slide_id").to_dicts():
+        scored = score_slide(
+            detector,
+            row,
+            data.manifests[row["slide_id"]],
+            out_dir,
+            site.tiling.heatmap_downsample,
+        )
+        scores[row["slide_id"]] = (scored.slide_score, scored.heatmap)
+        if row["split"] == "test":
+            tile_scores.append(pl.read_parquet(scored.tile_scores))
+    evaluation = evaluate_site(
+        data.slides,
+        scores,
+        site.tiling.heatmap_downsample,
+        site.target_fpr,
+        site.domain,
+        itc_um=FROC_ITC_UM,
+    )
+    by_tile = dict(pl.concat(tile_scores).select("tile_id", "score").iter_rows())
+    test_ids = pl.concat([data.manifests[s] for s in data.test.slide_names])["tile_id"]
+    ordered = np.array([by_tile[t] for t in test_ids], dtype=np.float64)
+    if not np.isfinite(ordered).all():
+        raise FloatingPointError(f"{int((~np.isfinite(ordered)).sum())} NaN tile scores")
+    return {**evaluation.metrics, "tile_auroc": tile_auroc(data.test, ordered)}
+
+
+def benchmark_families() -> list[str]:
+    """Every registered family: the unsupervised ones first, then the labelled baselines."""
     from tasks.detectors import available_families, detector_class
 
-    return [
-        f
-        for f in available_families()
-        if getattr(detector_class(f), "supervision", "none") == "none"
-    ]
+    def labelled(family: str) -> bool:
+        return getattr(detector_class(family), "supervision", "none") != "none"
+
+    return sorted(available_families(), key=labelled)
 
 
 def budget_overrides(
@@ -257,19 +266,36 @@ def budget_overrides(
     return {k: v for k, v in wanted.items() if k in names}
 
 
+def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
+    """Fit on what the family learns from: normal tiles, labelled tiles, or slide bags.
+
+    Labels are read by the nightly flow's own functions; LookupError when the site has none.
+    """
+    from tasks.prefect_tasks import labelled_training_tiles, training_bags
+
+    if supervision == "none":
+        detector.fit(data.train, data.val)
+    elif supervision == "tile":
+        labelled = labelled_training_tiles(data.site, data.slides_path, data.tile_paths)
+        if labelled is None:
+            raise LookupError("needs labels: no annotated tumour training slides")
+        detector.fit_labelled(*labelled)
+    else:
+        bagged = training_bags(data.site, data.slides_path, data.tile_paths)
+        if bagged is None:
+            raise LookupError("needs labels: tumour and normal training slides")
+        detector.fit_bags(*bagged)
+
+
 def run_family(
     family: str, data: BenchmarkData, *, epochs: int, tile_size: int, seed: int, device: str
 ) -> BenchmarkRow:
-    """Fit one family on the normal tiles and score the test tiles; failures become a row."""
+    """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
     from tasks.detectors import create_detector, detector_class
 
     started = time.perf_counter()
     nan = float("nan")
     supervision = getattr(detector_class(family), "supervision", "none")
-    if supervision != "none":
-        return BenchmarkRow(
-            family, nan, nan, nan, 0.0, "skipped", f"needs labels (supervision={supervision!r})"
-        )
     try:
         detector = create_detector(
             family,
@@ -277,19 +303,15 @@ def run_family(
                 family, epochs=epochs, tile_size=tile_size, seed=seed, device=device
             ),
         )
-        detector.fit(data.train, data.val)
-        out = detector.score(data.test.tiles)
-        seconds = time.perf_counter() - started
-        scores = out.tile_score.numpy()
-        if not np.isfinite(scores).all():
-            raise FloatingPointError(
-                f"{family} gave {int((~np.isfinite(scores)).sum())} NaN scores"
-            )
-        with warnings.catch_warnings():
+        fit_family(detector, supervision, data)
+        with (
+            tempfile.TemporaryDirectory(prefix=f"vadflow-{family}-") as scratch,
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
-            tile, slide, pixel = evaluate_scores(
-                data.test, scores, out.anomaly_map[:, 0].numpy(), seed=seed
-            )
+            metrics = score_and_evaluate(detector, data, Path(scratch))
+    except LookupError as exc:
+        return BenchmarkRow(family, nan, nan, nan, nan, 0.0, "skipped", str(exc))
     except Exception as exc:  # one broken family must not hide the others' results
         last = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{Path(last.filename).name}:{last.lineno}"
@@ -297,13 +319,22 @@ def run_family(
             family=family,
             tile_auroc=nan,
             slide_auc=nan,
+            froc=nan,
             pixel_auroc=nan,
             seconds=time.perf_counter() - started,
             direction="failed",
             error=f"{type(exc).__name__}: {exc} ({where})",
         )
-    direction = "inverted" if tile < 0.5 else "ok"
-    return BenchmarkRow(family, tile, slide, pixel, seconds, direction)
+    tile = metrics["tile_auroc"]
+    return BenchmarkRow(
+        family,
+        tile,
+        metrics.get("slide_auroc", nan),
+        metrics.get("froc", nan),
+        metrics.get("pixel_auroc", nan),
+        time.perf_counter() - started,
+        "inverted" if tile < 0.5 else "ok",
+    )
 
 
 def benchmark_detectors(
@@ -317,17 +348,15 @@ def benchmark_detectors(
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
-    """Train every unsupervised family (or `families`) on one hard synthetic site with the same
-    budget.
+    """Train every family (or `families`) on one hard synthetic site with the same budget.
 
-    Returns one row per family and, with `show`, prints the table. Families that need labels
-    (`supervision` other than "none") are left out by default and get a "skipped" row when
-    named. The site is written under `out_dir` (a temporary folder, removed afterwards, when
-    None).
+    Returns one row per family and, with `show`, prints the table. A labelled family on a site
+    without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
+    temporary folder, removed afterwards, when None).
     """
     from tasks.detectors import available_families
 
-    chosen = list(families) if families else unsupervised_families()
+    chosen = list(families) if families else benchmark_families()
     unknown = sorted(set(chosen) - set(available_families()))
     if unknown:
         raise KeyError(
@@ -336,19 +365,24 @@ def benchmark_detectors(
         )
     if epochs_budget < 1:
         raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
         site = build_hard_site(root, size, seed)
-        data = load_benchmark_tiles(site, tile_size)
-    rows = []
-    for family in chosen:
-        if show:
-            print(f"benchmark: {family} ({len(rows) + 1}/{len(chosen)})", flush=True)
-        rows.append(
-            run_family(
-                family, data, epochs=epochs_budget, tile_size=tile_size, seed=seed, device=device
+        data = load_benchmark_tiles(site, tile_size, root / "work")
+        for family in chosen:
+            if show:
+                print(f"benchmark: {family} ({len(rows) + 1}/{len(chosen)})", flush=True)
+            rows.append(
+                run_family(
+                    family,
+                    data,
+                    epochs=epochs_budget,
+                    tile_size=tile_size,
+                    seed=seed,
+                    device=device,
+                )
             )
-        )
     if show:
         print_table(rows, data, size=size, epochs=epochs_budget)
     return rows
@@ -361,13 +395,13 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
         return "n/a" if math.isnan(value) else f"{value:.3f}"
 
     lines = [
-        "| family | tile AUROC | slide AUC | pixel AUROC | seconds | direction |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| family | tile AUROC | slide AUC | FROC | pixel AUROC | seconds | direction |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         direction = f"{row.direction}: {row.error}" if row.error else row.direction
         lines.append(
-            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | "
+            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | {num(row.froc)} | "
             f"{num(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
         )
     return "\n".join(lines)
@@ -388,12 +422,13 @@ def print_table(
         f"+ {negatives} normal tiles on {len(test.slide_names)} slides; {epochs} epochs each"
     )
     table = Table(title=title)
-    for column in ("family", "tile AUROC", "slide AUC", "pixel AUROC", "seconds", "direction"):
+    columns = ("family", "tile AUROC", "slide AUC", "FROC", "pixel AUROC", "seconds", "direction")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("family", "direction") else "right")
     for row in rows:
         cells = [
             "n/a" if math.isnan(v) else f"{v:.3f}"
-            for v in (row.tile_auroc, row.slide_auc, row.pixel_auroc)
+            for v in (row.tile_auroc, row.slide_auc, row.froc, row.pixel_auroc)
         ]
         if row.direction == "inverted":
             direction = "[red]inverted[/]"

@@ -58,6 +58,13 @@ PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both")
 
 
+# Tissue is told apart by how many nuclei there are and how they sit over tens of um, not by
+# one nucleus: on the hard synthetic site (tile 64 px at 0.5 um/px, patch_knn, 455 training
+# tiles) averaging the responses over 8 px gave tile AUROC 0.88, pixel AUROC 0.87, FROC 0.08;
+# over 32 px 0.94 / 0.92 / 0.46; over 48 px 0.96 / 0.95 / 0.58.
+DEFAULT_FILTER_WINDOW = 48
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """The backbone and pretext fields every feature-based family shares.
@@ -80,6 +87,7 @@ class BackboneConfig:
     augment: bool = True  # random flips in pretext training
     temperature: float = 0.2  # contrastive softmax temperature
     feature_pool: int = 3  # local average pooling of CNN patch features, odd, 1 = none
+    filter_window: int = DEFAULT_FILTER_WINDOW  # px the filter responses are averaged over
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -100,6 +108,10 @@ class BackboneConfig:
             raise ValueError(f"feature_pool must be an odd number >= 1, got {self.feature_pool}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.filter_window < 4 or self.filter_window % 4:
+            raise ValueError(
+                f"filter_window must be a multiple of 4 (the grid step), got {self.filter_window}"
+            )
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -177,7 +189,6 @@ _FILTERS = (
     ("dy", 2.5),
 )
 _FILTER_RADIUS = 6
-_WINDOW = 8  # px over which filter responses are averaged; the grid step is 4
 
 
 def _kernel(kind: str, sigma: float, radius: int = _FILTER_RADIUS) -> torch.Tensor:
@@ -199,14 +210,15 @@ class FilterBank(nn.Module):
     """A fixed texture filter bank: (B, 3, H, W) in [0, 1] -> (B, 30, ceil(H/4), ceil(W/4)).
 
     Per colour channel: 2 blurs, 3 LoG responses split into positive and negative parts, 2
-    gradient magnitudes; each averaged over an 8 px window every 4 px. The kernels are a
+    gradient magnitudes; each averaged over a `window` px square every 4 px. The kernels are a
     buffer, so a saved model keeps the exact filters it was fitted with.
     """
 
     kernels: torch.Tensor
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = DEFAULT_FILTER_WINDOW) -> None:
         super().__init__()
+        self.window = window
         kernels = torch.stack([_kernel(kind, sigma) for kind, sigma in _FILTERS])
         self.register_buffer("kernels", kernels[:, None].repeat(3, 1, 1, 1))  # (3F, 1, k, k)
 
@@ -233,7 +245,11 @@ class FilterBank(nn.Module):
         responses = torch.cat([blur, F.relu(log), F.relu(-log), gradient], dim=2)  # (B,3,10,H,W)
         responses = responses.view(b, self.channels, height, width)
         pooled = F.avg_pool2d(
-            responses, _WINDOW, stride=4, padding=(_WINDOW - 4) // 2, count_include_pad=False
+            responses,
+            self.window,
+            stride=4,
+            padding=(self.window - 4) // 2,
+            count_include_pad=False,
         )
         grid = (math.ceil(height / 4), math.ceil(width / 4))
         if pooled.shape[-2:] != grid:
@@ -254,13 +270,15 @@ class PatchFeatures(nn.Module):
     filter_std: torch.Tensor
     cnn_scale: torch.Tensor
 
-    def __init__(self, source: str, cnn: SmallCNN, pool: int = 3) -> None:
+    def __init__(
+        self, source: str, cnn: SmallCNN, pool: int = 3, window: int = DEFAULT_FILTER_WINDOW
+    ) -> None:
         super().__init__()
         if source not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {source!r}")
         self.source = source
         self.pool = pool
-        self.filters = FilterBank()
+        self.filters = FilterBank(window)
         self.cnn = cnn
         n_filters = self.filters.channels if source != "cnn" else 0
         self.register_buffer("filter_mean", torch.zeros(n_filters))
@@ -429,7 +447,7 @@ def new_features(config: BackboneConfig) -> PatchFeatures:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         cnn = SmallCNN(config.base_channels)
-    return PatchFeatures(config.features, cnn, config.feature_pool)
+    return PatchFeatures(config.features, cnn, config.feature_pool, config.filter_window)
 
 
 def prepare_backbone(
