@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
 from tasks.detectors.base import (
-    Detector,
     EpochCallback,
     FitReport,
     autocast_for,
@@ -24,6 +23,7 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
+from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
 from tasks.detectors.training import Trainer, TrainSettings
 
 
@@ -49,10 +49,19 @@ class AEL2Config:
     device: str = "auto"
     map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
     score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+    # "residual", "latent" (distance of each bottleneck cell's code to the nearest normal
+    # code) or "combined" (both, standardised on the validation tiles); see latent_density.py.
+    score: str = "residual"
+    latent_top_fraction: float = 1.0  # latent tile score = mean of this top fraction of its map
 
     def __post_init__(self) -> None:
+        check_score_option(self.score)
         if not 0.0 <= self.score_top_fraction <= 1.0:
             raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if not 0.0 <= self.latent_top_fraction <= 1.0:
+            raise ValueError(
+                f"latent_top_fraction must be in [0, 1], got {self.latent_top_fraction}"
+            )
         if self.map_smoothing_sigma < 0:
             raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
@@ -67,8 +76,8 @@ def reconstruction_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @register("ae_l2")
-class AEL2Detector(Detector):
-    """Autoencoder + per-pixel L2 residual.
+class AEL2Detector(LatentScoredDetector):
+    """Autoencoder + per-pixel L2 residual, or the density of its bottleneck codes.
 
     Anomaly map: squared residual averaged over RGB, blurred with `map_smoothing_sigma`.
     Tile score: mean of the top `score_top_fraction` (10 %) of the map's pixels, chosen on the
@@ -77,6 +86,9 @@ class AEL2Detector(Detector):
     the autoencoder cannot place exactly, so it is noise; the whole-tile mean scored ~0.95 on
     8 px defects but fell to ~0.85 when they shrank to 5 px, as small defects drown in the
     average; the top 10 % held 0.98 and 0.92. With a 1 px blur the ranking is the same.
+    With `score` "latent" or "combined", each cell of the bottleneck grid is scored by the
+    distance of its code to the nearest normal cell's, upsampled to the tile; the latent tile
+    score is the mean of the top `latent_top_fraction` of that map (latent_density.py).
     """
 
     config_cls = AEL2Config
@@ -95,6 +107,7 @@ class AEL2Detector(Detector):
                 bottleneck=cfg.bottleneck,
             )
         self.model.to(self.device)
+        self.init_density(cfg.latent_channels)
 
     def fit(
         self,
@@ -106,7 +119,8 @@ class AEL2Detector(Detector):
         checkpoint_every: int = 1,
         resume_from: Path | None = None,
     ) -> FitReport:
-        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
+        """Train on normal tiles (see `Trainer.fit` for checkpoints, resume and early
+        stopping), then fit the latent density on `train` and its standardisation on `val`."""
         for name, tiles in (("train", train), ("val", val)):
             if tiles.ndim == 4 and tiles.shape[1:3] != (self.config.tile_size,) * 2:
                 raise ValueError(
@@ -116,7 +130,7 @@ class AEL2Detector(Detector):
         trainer = Trainer(
             self.model, reconstruction_loss, TrainSettings.from_config(self.config), self.device
         )
-        return trainer.fit(
+        report = trainer.fit(
             train,
             val,
             on_epoch=on_epoch,
@@ -124,8 +138,14 @@ class AEL2Detector(Detector):
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
         )
+        return self.fit_density(train, val, report)
 
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device):
+            codes = self.model.encoder(batch)  # (b, latent_channels, bottleneck, bottleneck)
+        return codes.float()
+
+    def _residual_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device):
             recon = self.model(batch)  # (b, 3, H, W)
         residual = (recon.float() - batch) ** 2  # (b, 3, H, W)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from tasks.detectors.base import (
-    Detector,
     EpochCallback,
     FitReport,
     autocast_for,
@@ -35,6 +34,7 @@ from tasks.detectors.gan_parts import (
     gradient_penalty,
     per_tile_mean,
 )
+from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
 from tasks.detectors.training import Trainer, TrainSettings
 
 # Adam as in WGAN-GP (Gulrajani et al. 2017, algorithm 1): no momentum, beta2 = 0.9.
@@ -72,9 +72,13 @@ class FAnoGANConfig:
     val_search_steps: int = 20
     val_search_lr: float = 0.05
     val_tiles: int = 64
+    # "residual" (izi_f), "latent" (distance of the encoder's z to the nearest normal tile's)
+    # or "combined" (both, standardised on the validation tiles); see latent_density.py.
+    score: str = "residual"
 
     def __post_init__(self) -> None:
         gan_stages(self.tile_size)
+        check_score_option(self.score)
         if self.n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
         if self.encoder_epochs is not None and self.encoder_epochs < 1:
@@ -209,12 +213,14 @@ def _encoder_loss(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @register("fanogan")
-class FAnoGANDetector(Detector):
+class FAnoGANDetector(LatentScoredDetector):
     """WGAN-GP + izi_f encoder; one forward pass per tile.
 
     Tile score: A(x) = image MSE + kappa * critic-feature MSE of x vs G(E(x)), the quantity the
     encoder was trained to minimise on normal tiles (kappa = 1, as in the paper). Anomaly map:
     (x - G(E(x)))^2 averaged over RGB, blurred with `map_smoothing_sigma`.
+    With `score` "latent" or "combined", E(x) is scored by its distance to the nearest code of
+    a normal tile, broadcast over the tile (latent_density.py).
     """
 
     config_cls = FAnoGANConfig
@@ -227,6 +233,7 @@ class FAnoGANDetector(Detector):
             torch.manual_seed(cfg.seed)
             self.model = FAnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
         self.model.to(self.device)
+        self.init_density(cfg.latent_dim)
 
     def fit(
         self,
@@ -243,7 +250,8 @@ class FAnoGANDetector(Detector):
         The report's epochs and loss lists run through the GAN phase (train loss: Wasserstein
         estimate; val: latent-search residual) and then the encoder phase (izi_f on train and
         val); `on_epoch` sees the same numbering. Checkpoints go to `<dir>/gan/` and
-        `<dir>/encoder/`; resuming continues whichever phase was unfinished.
+        `<dir>/encoder/`; resuming continues whichever phase was unfinished. Last, the latent
+        density is fitted on the encoder's codes of `train`, its standardisation on `val`.
         """
         check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         cfg = self.config
@@ -275,7 +283,7 @@ class FAnoGANDetector(Detector):
                 checkpoint_every=checkpoint_every,
                 resume_from=encoder_resume,
             )
-        return FitReport(
+        report = FitReport(
             epochs=gan_report.epochs + enc_report.epochs,
             best_epoch=gan_report.epochs + enc_report.best_epoch,
             train_loss=gan_report.train_loss + enc_report.train_loss,
@@ -284,6 +292,7 @@ class FAnoGANDetector(Detector):
             device=enc_report.device,
             stopped_early=enc_report.stopped_early,
         )
+        return self.fit_density(train, val, report)
 
     def _fit_gan(
         self,
@@ -315,7 +324,12 @@ class FAnoGANDetector(Detector):
             resume_from=_phase_dir(resume_from, GAN_PHASE_DIR),
         )
 
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device):
+            z = self.model.encoder(batch)  # (b, latent_dim)
+        return z.float()
+
+    def _residual_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device):
             score, recon = izif(self.model, batch, self.config.kappa)  # (b,), (b, 3, H, W)
         residual = (batch - recon.float()) ** 2  # (b, 3, H, W)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from tasks.detectors.base import (
-    Detector,
     EpochCallback,
     FitReport,
     autocast_for,
@@ -26,6 +25,7 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
+from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
 from tasks.detectors.training import Trainer, TrainSettings
 from tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
 from tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
@@ -58,8 +58,15 @@ class VAEConfigBase:
     device: str = "auto"
     map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the map; 0 = none
     score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+    # "residual" (the score_mode's reconstruction score), "latent" (distance of the posterior
+    # mean to the nearest normal one) or "combined" (both, standardised on the validation
+    # tiles); see latent_density.py.
+    score: str = "residual"
+    # spatial latents (spatial_vae): latent tile score = mean of this top fraction of its map
+    latent_top_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        check_score_option(self.score)
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if self.n_samples < 1:
@@ -72,6 +79,10 @@ class VAEConfigBase:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if not 0.0 <= self.score_top_fraction <= 1.0:
             raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if not 0.0 <= self.latent_top_fraction <= 1.0:
+            raise ValueError(
+                f"latent_top_fraction must be in [0, 1], got {self.latent_top_fraction}"
+            )
         if self.map_smoothing_sigma < 0:
             raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
@@ -110,7 +121,7 @@ class KLWarmupTrainer(Trainer):
 
 
 @register("vae")
-class VAEDetector(Detector):
+class VAEDetector(LatentScoredDetector):
     """Dense-bottleneck VAE; map = per-pixel residual (or NLL), tile score = top-fraction mean.
 
     Anomaly map, score_mode="residual": squared residual of the posterior-mean reconstruction,
@@ -120,6 +131,9 @@ class VAEDetector(Detector):
     `score_top_fraction` of the map, as in ae_l2.
     The recon_prob samples share one seeded set of standard-normal draws for every tile, so a
     tile's score does not depend on which batch it is scored in, or on any global RNG.
+    With `score` "latent" or "combined", the posterior mean is scored by its distance to the
+    nearest normal one (latent_density.py): broadcast over the tile for the dense latent,
+    upsampled from the grid for spatial_vae's (tile score: `latent_top_fraction`).
     """
 
     config_cls = VAEConfig
@@ -133,6 +147,7 @@ class VAEDetector(Detector):
             torch.manual_seed(self.config.seed)
             self.model = self._build_model()
         self.model.to(self.device)
+        self.init_density(self.model.latent_shape[0])
 
     def _build_model(self) -> GaussianVAE:
         cfg = self.config
@@ -154,7 +169,8 @@ class VAEDetector(Detector):
         checkpoint_every: int = 1,
         resume_from: Path | None = None,
     ) -> FitReport:
-        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
+        """Train on normal tiles (see `Trainer.fit` for checkpoints, resume and early
+        stopping), then fit the latent density on `train` and its standardisation on `val`."""
         cfg = self.config
         for name, tiles in (("train", train), ("val", val)):
             if tiles.ndim == 4 and tiles.shape[1:3] != (cfg.tile_size,) * 2:
@@ -169,7 +185,7 @@ class VAEDetector(Detector):
             self.device,
             warmup_epochs=cfg.kl_warmup_epochs,
         )
-        return trainer.fit(
+        report = trainer.fit(
             train,
             val,
             on_epoch=on_epoch,
@@ -177,8 +193,14 @@ class VAEDetector(Detector):
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
         )
+        return self.fit_density(train, val, report)
 
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device):
+            mu, _ = self.model.encode(batch)  # (b, *latent_shape)
+        return mu.float()
+
+    def _residual_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         with autocast_for(self.device):
             mu, logvar = self.model.encode(batch)  # each (b, *latent)
