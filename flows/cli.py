@@ -51,6 +51,14 @@ def _progress() -> Progress:
     )
 
 
+def _check_synth_mode(mode: str) -> None:
+    from tasks.synth.pathology import MODES
+
+    if mode not in MODES:
+        console.print(f"[red]unknown --mode {mode!r}[/]: choose one of {', '.join(MODES)}")
+        raise typer.Exit(2)
+
+
 @synth_app.command("pathology")
 def synth_pathology(
     out: Annotated[Path, typer.Argument(help="folder to create the site in")],
@@ -65,10 +73,14 @@ def synth_pathology(
     height: int = typer.Option(3072, help="level-0 height in px"),
     mpp: float = typer.Option(0.25, help="level-0 microns per pixel (Camelyon16: ~0.243)"),
     seed: int = typer.Option(0),
+    mode: str = typer.Option(
+        "easy", help="easy: lesions/defects change colour; hard: they keep it (see README)"
+    ),
 ) -> None:
     """Pyramidal JPEG TIFF slides with tissue, planted lesions and ASAP XML annotations."""
     from tasks.synth.pathology import make_pathology_site
 
+    _check_synth_mode(mode)
     total = train_normal + test_normal + test_tumor + train_tumor
     with _progress() as bar:
         job = bar.add_task(f"slides for {name}", total=total)
@@ -83,6 +95,7 @@ def synth_pathology(
             height=height,
             mpp=mpp,
             seed=seed,
+            mode=mode,
             progress=lambda done, _total: bar.update(job, completed=done),
         )
     console.print(f"pathology site written to [bold]{site}[/]")
@@ -98,10 +111,14 @@ def synth_industrial(
     per_defect: int = typer.Option(6, help="test images per defect type"),
     image_size: int = typer.Option(128),
     seed: int = typer.Option(0),
+    mode: str = typer.Option(
+        "easy", help="easy: lesions/defects change colour; hard: they keep it (see README)"
+    ),
 ) -> None:
     """MVTec AD-layout folders: train/good, test/<defect>, ground_truth masks."""
     from tasks.synth.industrial import make_industrial_site
 
+    _check_synth_mode(mode)
     with _progress() as bar:
         job = bar.add_task(f"images for {name}", total=None)
         site = make_industrial_site(
@@ -113,6 +130,7 @@ def synth_industrial(
             n_test_per_defect=per_defect,
             image_size=image_size,
             seed=seed,
+            mode=mode,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
         )
     console.print(f"industrial site written to [bold]{site}[/]")
@@ -457,13 +475,16 @@ def benchmark_detectors_command(
     epochs: int = typer.Option(3, help="training epochs, the same for every family"),
     seed: int = typer.Option(0, help="seed of the site and of every family"),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto"),
+    score: str = typer.Option(
+        "residual", help="families with a latent space: residual, latent or combined"
+    ),
     markdown: Path | None = typer.Option(None, help="also write the table as Markdown here"),
 ) -> None:
     """Train every family on one hard synthetic site, same budget; print the honest table."""
     from flows.commands.benchmark import benchmark_detectors, format_table
 
     try:
-        rows = benchmark_detectors(family, size, epochs, seed, device=device)
+        rows = benchmark_detectors(family, size, epochs, seed, device=device, score=score)
     except (KeyError, ValueError) as exc:
         console.print(f"[red]{exc}[/]", soft_wrap=True)
         raise typer.Exit(2) from exc

@@ -380,3 +380,25 @@ def test_benchmark_refuses_unknown_families_and_sizes():
         benchmark_detectors(["no_such_family"])
     with pytest.raises(ValueError, match="unknown size"):
         build_hard_site(Path("unused"), "gigantic")
+
+
+def test_synth_cli_writes_hard_sites_and_refuses_unknown_modes(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.synth.pathology import make_pathology_site
+
+    runner = CliRunner()
+    args = ["--width", "1024", "--height", "1024", "--train-normal", "1", "--test-normal", "0"]
+    made = runner.invoke(
+        app, ["synth", "pathology", str(tmp_path / "cli"), *args, "--mode", "hard"]
+    )
+    assert made.exit_code == 0, made.output
+    geometry = dict(n_train_normal=1, n_test_normal=0, n_test_tumor=3, width=1024, height=1024)
+    hard = make_pathology_site(tmp_path / "hard", **geometry, mode="hard")
+    easy = make_pathology_site(tmp_path / "easy", **geometry, mode="easy")
+    written = (tmp_path / "cli" / "site-a" / "testing" / "images" / "test_000.tif").read_bytes()
+    assert written == (hard / "testing" / "images" / "test_000.tif").read_bytes()
+    assert written != (easy / "testing" / "images" / "test_000.tif").read_bytes()
+    refused = runner.invoke(app, ["synth", "industrial", str(tmp_path), "--mode", "bogus"])
+    assert refused.exit_code == 2 and "unknown --mode 'bogus'" in refused.output

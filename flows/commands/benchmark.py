@@ -43,6 +43,7 @@ TILE_POSITIVE = 0.5  # a tile counts as lesion for tile AUROC at this label frac
 # Synthetic lesions are at most ~1 mm across on these small slides; Camelyon16's 275 um ITC rule
 # would ignore most of them, so FROC here counts lesions from 10 um up (as the demo site does).
 FROC_ITC_UM = 10.0
+SCORES = ("residual", "latent", "combined")  # tasks/detectors/latent_density.py
 
 
 @dataclass(frozen=True)
@@ -256,13 +257,23 @@ def benchmark_families() -> list[str]:
 
 
 def budget_overrides(
-    family: str, *, epochs: int, tile_size: int, seed: int, device: str
+    family: str, *, epochs: int, tile_size: int, seed: int, device: str, score: str = "residual"
 ) -> dict[str, object]:
-    """The same budget for every family: the config fields it has among these."""
+    """The same budget for every family: the config fields it has among these.
+
+    `score` reaches the families with a latent space (their `score` field: residual, latent
+    or combined); the others have no such field and ignore it.
+    """
     from tasks.detectors import detector_class
 
     names = {f.name for f in fields(detector_class(family).config_cls)}
-    wanted = {"epochs": epochs, "tile_size": tile_size, "seed": seed, "device": device}
+    wanted = {
+        "epochs": epochs,
+        "tile_size": tile_size,
+        "seed": seed,
+        "device": device,
+        "score": score,
+    }
     return {k: v for k, v in wanted.items() if k in names}
 
 
@@ -288,7 +299,14 @@ def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
 
 
 def run_family(
-    family: str, data: BenchmarkData, *, epochs: int, tile_size: int, seed: int, device: str
+    family: str,
+    data: BenchmarkData,
+    *,
+    epochs: int,
+    tile_size: int,
+    seed: int,
+    device: str,
+    score: str = "residual",
 ) -> BenchmarkRow:
     """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
     from tasks.detectors import create_detector, detector_class
@@ -296,13 +314,15 @@ def run_family(
     started = time.perf_counter()
     nan = float("nan")
     supervision = getattr(detector_class(family), "supervision", "none")
+    budget = budget_overrides(
+        family, epochs=epochs, tile_size=tile_size, seed=seed, device=device, score=score
+    )
+    if budget.get("score", "residual") != "residual":
+        family_label = f"{family} ({score})"
+    else:
+        family_label = family
     try:
-        detector = create_detector(
-            family,
-            **budget_overrides(
-                family, epochs=epochs, tile_size=tile_size, seed=seed, device=device
-            ),
-        )
+        detector = create_detector(family, **budget)
         fit_family(detector, supervision, data)
         with (
             tempfile.TemporaryDirectory(prefix=f"vadflow-{family}-") as scratch,
@@ -311,12 +331,12 @@ def run_family(
             warnings.simplefilter("ignore")
             metrics = score_and_evaluate(detector, data, Path(scratch))
     except LookupError as exc:
-        return BenchmarkRow(family, nan, nan, nan, nan, 0.0, "skipped", str(exc))
+        return BenchmarkRow(family_label, nan, nan, nan, nan, 0.0, "skipped", str(exc))
     except Exception as exc:  # one broken family must not hide the others' results
         last = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{Path(last.filename).name}:{last.lineno}"
         return BenchmarkRow(
-            family=family,
+            family=family_label,
             tile_auroc=nan,
             slide_auc=nan,
             froc=nan,
@@ -327,7 +347,7 @@ def run_family(
         )
     tile = metrics["tile_auroc"]
     return BenchmarkRow(
-        family,
+        family_label,
         tile,
         metrics.get("slide_auroc", nan),
         metrics.get("froc", nan),
@@ -345,10 +365,13 @@ def benchmark_detectors(
     *,
     tile_size: int = 64,
     device: str = "auto",
+    score: str = "residual",
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
     """Train every family (or `families`) on one hard synthetic site with the same budget.
+
+    `score` picks how the families with a latent space score (residual, latent, combined).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
@@ -365,6 +388,8 @@ def benchmark_detectors(
         )
     if epochs_budget < 1:
         raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
@@ -373,16 +398,18 @@ def benchmark_detectors(
         for family in chosen:
             if show:
                 print(f"benchmark: {family} ({len(rows) + 1}/{len(chosen)})", flush=True)
-            rows.append(
-                run_family(
-                    family,
-                    data,
-                    epochs=epochs_budget,
-                    tile_size=tile_size,
-                    seed=seed,
-                    device=device,
-                )
+            row = run_family(
+                family,
+                data,
+                epochs=epochs_budget,
+                tile_size=tile_size,
+                seed=seed,
+                device=device,
+                score=score,
             )
+            rows.append(row)
+            if show:  # each result as it lands: the slow families take tens of minutes on CPU
+                print(format_table([row]).splitlines()[-1], flush=True)
     if show:
         print_table(rows, data, size=size, epochs=epochs_budget)
     return rows

@@ -560,6 +560,44 @@ def upsample_map(patch_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)
 
 
+def fit_patch_features(
+    features: PatchFeatures,
+    config: BackboneConfig,
+    train: np.ndarray,
+    val: np.ndarray,
+    device: torch.device,
+    family: str,
+    *,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[FitReport, torch.Tensor]:
+    """Get `features` ready on normal tiles: the backbone (pretext or weights), then the
+    standardisation. Returns the pretext's report and the training tiles' standardised
+    features (N, C, h, w), which the family then models (memory bank, Gaussians)."""
+    pretext = prepare_backbone(features.cnn, config, train, val, device, on_epoch=on_epoch)
+    raw = extract_features(features, train, device, batch_size=config.batch_size)
+    check_finite(raw, family)
+    features.calibrate(raw)
+    return pretext, features.normalise(raw)
+
+
+def patch_scores(
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    smoothing_sigma: float,
+    top_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly map (b, 1, H, W) and tile score (b,) from a model giving patch scores
+    (b, 1, h, w): upsampled to the tile, smoothed, tile score = mean of the top fraction."""
+    from tasks.detectors.base import gaussian_smooth, top_fraction_mean
+
+    with autocast_for(device):
+        patch_map = model(batch)
+    anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])
+    anomaly_map = gaussian_smooth(anomaly_map, smoothing_sigma)
+    return anomaly_map, top_fraction_mean(anomaly_map, top_fraction)
+
+
 def check_finite(features: torch.Tensor, family: str) -> None:
     if not torch.isfinite(features).all():
         raise ValueError(
@@ -578,6 +616,8 @@ __all__ = [
     "check_finite",
     "combine_reports",
     "extract_features",
+    "fit_patch_features",
+    "patch_scores",
     "load_backbone_weights",
     "make_contrastive_loss",
     "new_features",

@@ -23,21 +23,16 @@ import torch
 
 from tasks.detectors.backbones import (
     BackboneConfig,
-    check_finite,
     combine_reports,
-    extract_features,
+    fit_patch_features,
     new_features,
-    prepare_backbone,
-    upsample_map,
+    patch_scores,
 )
 from tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
-    autocast_for,
-    gaussian_smooth,
     register,
-    top_fraction_mean,
 )
 from tasks.detectors.padim.torch_model import PadimModel
 
@@ -102,12 +97,9 @@ class PadimDetector(Detector):
         if len(train) < 2:
             raise ValueError(f"padim needs at least 2 training tiles, got {len(train)}")
         started = time.perf_counter()
-        extractor = self.model.features
-        pretext = prepare_backbone(extractor.cnn, cfg, train, val, self.device, on_epoch=on_epoch)
-        raw = extract_features(extractor, train, self.device, batch_size=cfg.batch_size)
-        check_finite(raw, self.family)
-        extractor.calibrate(raw)
-        features = extractor.normalise(raw)  # (N, C, h, w)
+        pretext, features = fit_patch_features(
+            self.model.features, cfg, train, val, self.device, self.family, on_epoch=on_epoch
+        )  # (N, C, h, w)
         generator = torch.Generator().manual_seed(cfg.seed)
         d = self.model.channels.numel()
         channels = torch.randperm(features.shape[1], generator=generator)[:d].sort().values
@@ -137,8 +129,7 @@ class PadimDetector(Detector):
         )
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_for(self.device):
-            patch_map = self.model(batch)  # (b, 1, h, w)
-        anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)
+        cfg = self.config
+        return patch_scores(
+            self.model, batch, self.device, cfg.map_smoothing_sigma, cfg.score_top_fraction
+        )

@@ -28,21 +28,16 @@ import torch
 
 from tasks.detectors.backbones import (
     BackboneConfig,
-    check_finite,
     combine_reports,
-    extract_features,
+    fit_patch_features,
     new_features,
-    prepare_backbone,
-    upsample_map,
+    patch_scores,
 )
 from tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
-    autocast_for,
-    gaussian_smooth,
     register,
-    top_fraction_mean,
 )
 from tasks.detectors.patch_knn.coreset import k_center_greedy
 from tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
@@ -96,12 +91,9 @@ class PatchKNNDetector(Detector):
         """Pretext-train (or load) the backbone, then build the coreset memory bank."""
         cfg = self.config
         started = time.perf_counter()
-        extractor = self.model.features
-        pretext = prepare_backbone(extractor.cnn, cfg, train, val, self.device, on_epoch=on_epoch)
-        raw = extract_features(extractor, train, self.device, batch_size=cfg.batch_size)
-        check_finite(raw, self.family)
-        extractor.calibrate(raw)
-        features = extractor.normalise(raw)  # (N, C, h, w)
+        pretext, features = fit_patch_features(
+            self.model.features, cfg, train, val, self.device, self.family, on_epoch=on_epoch
+        )  # (N, C, h, w)
         patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (N*h*w, C)
         generator = torch.Generator().manual_seed(cfg.seed)
         if len(patches) > cfg.max_bank_patches:
@@ -136,8 +128,7 @@ class PatchKNNDetector(Detector):
         super().load_state_dict(state)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_for(self.device):
-            patch_map = self.model(batch)  # (b, 1, h, w)
-        anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)
+        cfg = self.config
+        return patch_scores(
+            self.model, batch, self.device, cfg.map_smoothing_sigma, cfg.score_top_fraction
+        )
