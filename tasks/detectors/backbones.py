@@ -114,6 +114,22 @@ class BackboneConfig:
             )
 
 
+@dataclass(frozen=True)
+class PatchScoreConfig(BackboneConfig):
+    """BackboneConfig plus how a family's patch scores become an anomaly map and a tile score
+    (`patch_scores`)."""
+
+    map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
+    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.score_top_fraction <= 1.0:
+            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     # No normalisation layer, on purpose: GroupNorm (and BatchNorm with fitted statistics)
     # rescales every tile's or channel's activations, and with them the very differences a
@@ -581,11 +597,7 @@ def fit_patch_features(
 
 
 def patch_scores(
-    model: nn.Module,
-    batch: torch.Tensor,
-    device: torch.device,
-    smoothing_sigma: float,
-    top_fraction: float,
+    model: nn.Module, batch: torch.Tensor, device: torch.device, config: PatchScoreConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly map (b, 1, H, W) and tile score (b,) from a model giving patch scores
     (b, 1, h, w): upsampled to the tile, smoothed, tile score = mean of the top fraction."""
@@ -594,8 +606,8 @@ def patch_scores(
     with autocast_for(device):
         patch_map = model(batch)
     anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])
-    anomaly_map = gaussian_smooth(anomaly_map, smoothing_sigma)
-    return anomaly_map, top_fraction_mean(anomaly_map, top_fraction)
+    anomaly_map = gaussian_smooth(anomaly_map, config.map_smoothing_sigma)
+    return anomaly_map, top_fraction_mean(anomaly_map, config.score_top_fraction)
 
 
 def check_finite(features: torch.Tensor, family: str) -> None:
@@ -610,6 +622,7 @@ __all__ = [
     "PRETEXTS",
     "FEATURE_SOURCES",
     "BackboneConfig",
+    "PatchScoreConfig",
     "FilterBank",
     "PatchFeatures",
     "SmallCNN",

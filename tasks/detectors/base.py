@@ -343,6 +343,16 @@ def gaussian_smooth(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1))  # (B, 1, H, W)
 
 
+def check_tile_size(family: str, tile_size: int, **arrays: np.ndarray) -> None:
+    """Refuse tiles of another size than the config's, naming the array and the setting."""
+    for name, tiles in arrays.items():
+        if tiles.ndim == 4 and tiles.shape[1:3] != (tile_size, tile_size):
+            raise ValueError(
+                f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this {family} is "
+                f"configured for tile_size={tile_size}"
+            )
+
+
 def top_fraction_mean(anomaly_map: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the highest `fraction` of each map's pixels, (B, 1, H, W) -> (B,).
 

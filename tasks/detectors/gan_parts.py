@@ -184,16 +184,6 @@ class ConvEncoder(nn.Module):
         return self.head(feats.flatten(1))  # (B, C * 16) -> (B, out_dim)
 
 
-def check_tile_size(family: str, tile_size: int, **arrays: np.ndarray) -> None:
-    """Refuse tiles of another size than the config's, naming the array and the setting."""
-    for name, tiles in arrays.items():
-        if tiles.ndim == 4 and tiles.shape[1:3] != (tile_size, tile_size):
-            raise ValueError(
-                f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this {family} is "
-                f"configured for tile_size={tile_size}"
-            )
-
-
 # -- losses ---------------------------------------------------------------------------------
 
 

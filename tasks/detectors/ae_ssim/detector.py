@@ -23,6 +23,7 @@ from tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    check_tile_size,
     gaussian_smooth,
     register,
     top_fraction_mean,
@@ -130,12 +131,7 @@ class AESSIMDetector(Detector):
         resume_from: Path | None = None,
     ) -> FitReport:
         """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
-        for name, tiles in (("train", train), ("val", val)):
-            if tiles.ndim == 4 and tiles.shape[1:3] != (self.config.tile_size,) * 2:
-                raise ValueError(
-                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this ae_ssim is "
-                    f"configured for tile_size={self.config.tile_size}"
-                )
+        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         trainer = Trainer(
             self.model, SSIMLoss(self.config), TrainSettings.from_config(self.config), self.device
         )

@@ -19,13 +19,13 @@ from tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
+    check_tile_size,
     gaussian_smooth,
     register,
 )
 from tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
-    check_tile_size,
     discriminator_loss,
     frozen,
     gan_stages,

@@ -21,6 +21,7 @@ from tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    check_tile_size,
     gaussian_smooth,
     register,
 )
@@ -28,7 +29,6 @@ from tasks.detectors.fanogan.torch_model import FAnoGANModel
 from tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
-    check_tile_size,
     frozen,
     gan_stages,
     gradient_penalty,

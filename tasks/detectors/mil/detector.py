@@ -27,22 +27,21 @@ import torch
 from torch import nn
 
 from tasks.detectors.base import (
-    Detector,
     EpochCallback,
     FitReport,
-    autocast_for,
     register,
 )
 from tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
+    PatchClassifierDetector,
     as_labels,
     balanced_weights,
     check_tiles,
     sigmoid,
     tile_logits,
 )
-from tasks.detectors.supervised_cnn.torch_model import NORMS, PatchClassifier
+from tasks.detectors.supervised_cnn.torch_model import NORMS
 from tasks.detectors.training import TrainSettings
 
 AGGREGATES = ("max", "mean_topk")
@@ -210,21 +209,12 @@ class MILTrainer(LabelledTrainer):
 
 
 @register("mil")
-class MILDetector(Detector):
+class MILDetector(PatchClassifierDetector):
     """Top-k multiple-instance learning on slide labels; tile score and map = probability."""
 
     supervision = "slide"
     config_cls = MILConfig
     config: MILConfig
-    model: PatchClassifier
-
-    def __init__(self, config: MILConfig | None = None) -> None:
-        super().__init__(config)
-        cfg = self.config
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
-            self.model = PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
-        self.model.to(self.device)
 
     def fit(
         self, train: np.ndarray, val: np.ndarray, *, on_epoch: EpochCallback | None = None
@@ -320,11 +310,3 @@ class MILDetector(Detector):
         truth = as_labels(labels, len(bags), f"{name} slides")
         tiles = bags[0] if len(bags) == 1 else np.concatenate(bags)
         return tiles, bag_offsets([len(b) for b in bags]), truth
-
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_for(self.device):
-            logits = self.model(batch)  # (b,)
-        probability = torch.sigmoid(logits.float())  # (b,)
-        height, width = batch.shape[-2:]
-        anomaly_map = probability[:, None, None, None].expand(-1, 1, height, width)  # (b,1,H,W)
-        return anomaly_map, probability

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tasks.detectors.backbones import (
-    BackboneConfig,
+    PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
@@ -32,20 +32,20 @@ from tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
+    check_tile_size,
     register,
 )
 from tasks.detectors.padim.torch_model import PadimModel
 
 
 @dataclass(frozen=True)
-class PadimConfig(BackboneConfig):
-    """Hyperparameters of padim (backbone and pretext fields from BackboneConfig)."""
+class PadimConfig(PatchScoreConfig):
+    """Hyperparameters of padim (backbone, pretext and map fields from PatchScoreConfig)."""
 
     tile_size: int = 64  # the Gaussians are per position, so tiles of another size are refused
     n_features: int = 64  # random subset of the feature channels (all when there are fewer)
     shrinkage: float = 0.5  # weight of the pooled covariance in each position's covariance
     ridge: float = 0.01  # added to the diagonal, relative to the mean variance
-    map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
     score_top_fraction: float = 0.0  # tile score = mean of this top fraction; 0 = max
 
     def __post_init__(self) -> None:
@@ -58,10 +58,6 @@ class PadimConfig(BackboneConfig):
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
 
 @register("padim")
@@ -88,12 +84,7 @@ class PadimDetector(Detector):
     ) -> FitReport:
         """Pretext-train (or load) the backbone, then fit the per-position Gaussians."""
         cfg = self.config
-        for name, tiles in (("train", train), ("val", val)):
-            if tiles.ndim == 4 and tiles.shape[1:3] != (cfg.tile_size,) * 2:
-                raise ValueError(
-                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this padim is "
-                    f"configured for tile_size={cfg.tile_size}"
-                )
+        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         if len(train) < 2:
             raise ValueError(f"padim needs at least 2 training tiles, got {len(train)}")
         started = time.perf_counter()
@@ -129,7 +120,4 @@ class PadimDetector(Detector):
         )
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        return patch_scores(
-            self.model, batch, self.device, cfg.map_smoothing_sigma, cfg.score_top_fraction
-        )
+        return patch_scores(self.model, batch, self.device, self.config)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tasks.detectors.backbones import (
-    BackboneConfig,
+    PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
@@ -44,15 +44,13 @@ from tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distanc
 
 
 @dataclass(frozen=True)
-class PatchKNNConfig(BackboneConfig):
-    """Hyperparameters of patch_knn (backbone and pretext fields from BackboneConfig)."""
+class PatchKNNConfig(PatchScoreConfig):
+    """Hyperparameters of patch_knn (backbone, pretext and map fields from PatchScoreConfig)."""
 
     coreset_size: int = 4096  # memory bank entries kept after k-center greedy
     max_bank_patches: int = 65536  # random patches the coreset is chosen from (bounds time)
     projection_dim: int = 64  # random projection for the coreset distances; 0 = none
     knn: int = 1  # patch score = mean distance to the k nearest bank entries
-    map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
-    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,10 +59,6 @@ class PatchKNNConfig(BackboneConfig):
                 "coreset_size, max_bank_patches and knn must be >= 1, got "
                 f"{self.coreset_size}, {self.max_bank_patches}, {self.knn}"
             )
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
 
 @register("patch_knn")
@@ -128,7 +122,4 @@ class PatchKNNDetector(Detector):
         super().load_state_dict(state)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        return patch_scores(
-            self.model, batch, self.device, cfg.map_smoothing_sigma, cfg.score_top_fraction
-        )
+        return patch_scores(self.model, batch, self.device, self.config)

@@ -23,21 +23,20 @@ import numpy as np
 import torch
 
 from tasks.detectors.base import (
-    Detector,
     DivergedError,
     EpochCallback,
     FitReport,
-    autocast_for,
     register,
 )
 from tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
+    PatchClassifierDetector,
     balanced_weights,
     check_labelled,
     tile_logits,
 )
-from tasks.detectors.supervised_cnn.torch_model import NORMS, PatchClassifier
+from tasks.detectors.supervised_cnn.torch_model import NORMS
 from tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
 
 
@@ -203,21 +202,15 @@ class PatchTrainer(LabelledTrainer):
 
 
 @register("supervised_cnn")
-class SupervisedCNNDetector(Detector):
+class SupervisedCNNDetector(PatchClassifierDetector):
     """Patch classifier on labelled tiles; tile score and map = tumour probability."""
 
     supervision = "tile"
     config_cls = SupervisedCNNConfig
     config: SupervisedCNNConfig
-    model: PatchClassifier
 
     def __init__(self, config: SupervisedCNNConfig | None = None) -> None:
         super().__init__(config)
-        cfg = self.config
-        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
-            self.model = PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
-        self.model.to(self.device)
         self.hard_negatives: HardNegativeRound | None = None
 
     def fit(
@@ -354,14 +347,6 @@ class SupervisedCNNDetector(Detector):
         )
         trainer.set_val(val_labels, balanced_weights(val_labels))
         return trainer
-
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_for(self.device):
-            logits = self.model(batch)  # (b,)
-        probability = torch.sigmoid(logits.float())  # (b,)
-        height, width = batch.shape[-2:]
-        anomaly_map = probability[:, None, None, None].expand(-1, 1, height, width)  # (b,1,H,W)
-        return anomaly_map, probability
 
 
 def _round(folder: Path | None, number: int) -> Path | None:

@@ -15,8 +15,32 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.detectors.base import autocast_for, to_tensor
+from tasks.detectors.base import Detector, autocast_for, to_tensor
+from tasks.detectors.supervised_cnn.torch_model import PatchClassifier
 from tasks.detectors.training import Trainer, TrainSettings
+
+
+class PatchClassifierDetector(Detector):
+    """What supervised_cnn and mil share: a PatchClassifier seeded from the config (without
+    touching the caller's RNG), and tumour probability as tile score and flat anomaly map."""
+
+    model: PatchClassifier
+
+    def __init__(self, config: object | None = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
+        self.model.to(self.device)
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_for(self.device):
+            logits = self.model(batch)  # (b,)
+        probability = torch.sigmoid(logits.float())  # (b,)
+        height, width = batch.shape[-2:]
+        anomaly_map = probability[:, None, None, None].expand(-1, 1, height, width)  # (b,1,H,W)
+        return anomaly_map, probability
 
 
 class LabelsRequiredError(TypeError):

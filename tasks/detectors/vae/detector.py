@@ -21,6 +21,7 @@ from tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    check_tile_size,
     gaussian_smooth,
     register,
     top_fraction_mean,
@@ -172,12 +173,7 @@ class VAEDetector(LatentScoredDetector):
         """Train on normal tiles (see `Trainer.fit` for checkpoints, resume and early
         stopping), then fit the latent density on `train` and its standardisation on `val`."""
         cfg = self.config
-        for name, tiles in (("train", train), ("val", val)):
-            if tiles.ndim == 4 and tiles.shape[1:3] != (cfg.tile_size,) * 2:
-                raise ValueError(
-                    f"{name} tiles are {tiles.shape[1]}x{tiles.shape[2]} but this {self.family} "
-                    f"is configured for tile_size={cfg.tile_size}"
-                )
+        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         trainer = KLWarmupTrainer(
             self.model,
             ELBOLoss(beta=cfg.beta, recon_sigma=cfg.recon_sigma),

@@ -21,6 +21,7 @@ from tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    check_tile_size,
     gaussian_smooth,
     register,
     top_fraction_mean,
@@ -28,7 +29,6 @@ from tasks.detectors.base import (
 from tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
-    check_tile_size,
     discriminator_loss,
     frozen,
     generator_nonsaturating_loss,
