@@ -109,8 +109,18 @@ def macenko_stains(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Haematoxylin absorbs red most (larger first component) of the two.
     stains = np.stack([v1, v2] if v1[0] > v2[0] else [v2, v1])
     stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
-    concentrations = np.linalg.lstsq(stains.T, od.T, rcond=None)[0]  # (2, N)
-    return stains, np.percentile(concentrations, 99, axis=1)
+    concentrations = stain_concentrations(stains, od)  # (N, 2)
+    return stains, np.percentile(concentrations, 99, axis=0)
+
+
+def stain_concentrations(stains: np.ndarray, od: np.ndarray) -> np.ndarray:
+    """Least-squares stain amounts (P, 2) of OD pixels (P, 3) for stain vectors (2, 3).
+
+    The pseudo-inverse of the 3 x 2 stain matrix is computed once and applied as one matrix
+    product: the same solution as `np.linalg.lstsq` with P right-hand sides, without its
+    per-call cost growing with P in LAPACK's workspace.
+    """
+    return od @ np.linalg.pinv(np.asarray(stains, dtype=np.float64).T).T.astype(od.dtype)
 
 
 @dataclass
@@ -133,9 +143,9 @@ class Macenko(StainNormaliser):
             return tiles  # nothing stained in this batch: leave it as it is
         shape = tiles.shape
         od = optical_density(tiles.reshape(-1, 3).astype(np.float32) / 255.0)  # (P, 3)
-        conc = np.linalg.lstsq(src_stains.T, od.T, rcond=None)[0]  # (2, P)
-        conc *= (np.asarray(self.max_concentrations) / np.maximum(src_max, 1e-6))[:, None]
-        od_ref = (np.asarray(self.stains).T @ conc).T  # (P, 3)
+        conc = stain_concentrations(src_stains, od)  # (P, 2)
+        conc *= np.asarray(self.max_concentrations) / np.maximum(src_max, 1e-6)
+        od_ref = conc @ np.asarray(self.stains)  # (P, 3)
         out = np.clip(np.exp(-od_ref) * 255.0, 0, 255).astype(np.uint8).reshape(shape)
         glass = tiles.mean(axis=-1) / 255.0 >= BACKGROUND_LUMINANCE
         out[glass] = tiles[glass]
