@@ -34,14 +34,15 @@ def tile_scores_rules(lo: float = 0.0, hi: float = math.inf) -> list[Rule]:
         )
     )
     rules.append(finite("score", description="scores are finite"))
-    rules.append(
-        between(
-            "score",
-            None if math.isinf(lo) else lo,
-            None if math.isinf(hi) else hi,
-            description=f"within the detector's declared range [{lo}, {hi}]",
+    if not (math.isinf(lo) and math.isinf(hi)):  # an unbounded range has nothing to check
+        rules.append(
+            between(
+                "score",
+                None if math.isinf(lo) else lo,
+                None if math.isinf(hi) else hi,
+                description=f"within the detector's declared range [{lo}, {hi}]",
+            )
         )
-    )
     rules.append(in_set("in_manifest", [True], description="a scored tile is in its slide's tiles"))
     rules.append(in_set("scored", [True], description="every tile of a scored slide has a score"))
     return rules

@@ -335,6 +335,15 @@ def check_manifests(
     )
 
 
+def declared_score_range(family: str) -> tuple[float, float]:
+    """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown."""
+    from tasks.detectors import available_families, detector_class
+
+    if family not in available_families():
+        return (0.0, math.inf)
+    return detector_class(family).score_range
+
+
 def check_scores(
     family: str,
     scores: Sequence[Any],
@@ -342,7 +351,7 @@ def check_scores(
     tile_paths: Sequence[str | Path],
     *,
     expected_slides: Iterable[str] | None = None,
-    score_range: tuple[float, float] = (0.0, math.inf),
+    score_range: tuple[float, float] | None = None,
     mode: Mode = "strict",
     report_dir: str | Path,
     quarantine_dir: str | Path | None = None,
@@ -353,7 +362,7 @@ def check_scores(
 
     ``scores`` are the family's SlideScore records; ``tile_paths`` the tile manifests of the
     scored slides; ``expected_slides`` the slides sent to scoring (default: the scored ones);
-    ``score_range`` the detector's declared tile-score range.
+    ``score_range`` the tile-score range (default: the one the family declares).
     """
     slides = pl.read_parquet(slides_path)
     tile_scores = read_frames(_tile_score_paths(scores), TILE_SCORES_SCHEMA)
@@ -366,7 +375,7 @@ def check_scores(
             mode=mode,
             report_dir=report_dir,
             label=f"tile_scores-{family}",
-            score_range=score_range,
+            score_range=score_range or declared_score_range(family),
         ),
         check_stage(
             "slide_scores",
@@ -683,7 +692,6 @@ def validate_outputs(
     root: str | Path,
     site: Any = None,
     *,
-    score_range: tuple[float, float] = (0.0, math.inf),
     run: str | None = None,
 ) -> OutputsValidation:
     """Run every contract on ``root`` = ``<outputs>/<site>/`` as the nightly flow left it:
@@ -732,7 +740,7 @@ def validate_outputs(
                 read_frames(score_files, TILE_SCORES_SCHEMA),
                 tiles.filter(pl.col("slide_id").is_in(scored)),
                 label=f"tile_scores-{family}",
-                score_range=score_range,
+                score_range=declared_score_range(family),
             )
         )
         if tiling is None:

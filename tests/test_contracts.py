@@ -371,6 +371,22 @@ def test_tile_score_range_is_a_parameter() -> None:
         validate_tile_scores(scores, _tiles(), score_range=(1.0, 0.0))
 
 
+def test_each_family_is_held_to_its_declared_score_range() -> None:
+    """Classifier logits are negative on normal tiles; a distance never is."""
+    from tasks.validation import declared_score_range
+
+    logits = _score(_scores(), "tumor_001:0:0", -24.0)
+    assert declared_score_range("supervised_cnn") == declared_score_range("mil")
+    assert validate_tile_scores(logits, _tiles(), declared_score_range("supervised_cnn")).success
+    result = validate_tile_scores(logits, _tiles(), declared_score_range("ae_l2"))
+    _assert_names(result, "expect_column_values_to_be_between", "score", 1)
+    assert declared_score_range("not-a-family") == (0.0, math.inf)
+    # Unbounded still means finite.
+    broken = _score(logits, "tumor_001:1024:0", math.inf)
+    unbounded = validate_tile_scores(broken, _tiles(), score_range=(-math.inf, math.inf))
+    _assert_names(unbounded, "expect_column_values_to_not_be_in_set", "score", 1)
+
+
 def test_tile_scored_twice() -> None:
     scores = pl.concat([_scores(), _scores().head(1)])
     result = validate_tile_scores(scores, _tiles())

@@ -169,6 +169,9 @@ class Detector(ABC):
     # "slide": slide labels only, each slide's tiles as one bag, `fit_bags(...)`.
     # Labelled families refuse `fit`, and a site without labels skips them.
     supervision: ClassVar[str] = "none"
+    # The tile scores a family can give, [low, high]; the tile-score data contract holds each
+    # family to its own (distances and residuals are >= 0, classifier logits are any real).
+    score_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
     config: Any
     model: nn.Module
 

@@ -12,8 +12,8 @@ with several training passes over each epoch's selection.
 
 Slide prediction: the top tile's probability (`slide_aggregate="max"`, as in the paper), or the
 mean of the top-k tiles' probabilities ("mean_topk", steadier when one tile is an artefact).
-Tile score = tile probability, and the anomaly map is that probability over the whole tile, so
-scoring, heatmaps and FROC treat it like any family.
+Tile score = the tile's tumour logit, and the anomaly map is that logit over the whole tile, so
+scoring, heatmaps and FROC treat it like any family (logits, so confident tiles do not tie).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class MILTrainer(LabelledTrainer):
 
 @register("mil")
 class MILDetector(PatchClassifierDetector):
-    """Top-k multiple-instance learning on slide labels; tile score and map = probability."""
+    """Top-k multiple-instance learning on slide labels; tile score and map = tumour logit."""
 
     supervision = "slide"
     config_cls = MILConfig

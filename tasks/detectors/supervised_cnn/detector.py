@@ -8,8 +8,10 @@ normal tiles it scored highest (the hard negatives: folds, dark stain, dense lym
 training set several times over; fine-tune. Round two lowers the false positives that round one
 makes on exactly the tissue that looks most like tumour.
 
-The tile probability is both the tile score and the anomaly map (broadcast over the tile), so
+The tile's tumour logit is both the tile score and the anomaly map (broadcast over the tile), so
 the heatmap, the slide score (max of the heatmap) and the FROC path treat it like any family.
+Logits rather than probabilities so confident tiles do not tie at 1.0 (see
+PatchClassifierDetector).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class PatchTrainer(LabelledTrainer):
 
 @register("supervised_cnn")
 class SupervisedCNNDetector(PatchClassifierDetector):
-    """Patch classifier on labelled tiles; tile score and map = tumour probability."""
+    """Patch classifier on labelled tiles; tile score and map = tumour logit."""
 
     supervision = "tile"
     config_cls = SupervisedCNNConfig
