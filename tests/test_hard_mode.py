@@ -404,21 +404,29 @@ def test_synth_cli_writes_hard_sites_and_refuses_unknown_modes(tmp_path: Path):
     assert refused.exit_code == 2 and "unknown --mode 'bogus'" in refused.output
 
 
-@pytest.mark.slow
-def test_supervised_baseline_calls_hard_slides_where_unsupervised_ones_do_not(tmp_path: Path):
-    """Tile AUROC >= 0.85 and slide AUC >= 0.9 on the hard "medium" site (site seed 0).
+# supervised_cnn's own training budget (10 epochs, then 3 of hard-negative fine-tuning): the
+# benchmark table's shared 3-epoch budget is what a quick comparison affords, not this family's.
+SUPERVISED_EPOCHS = detector_class("supervised_cnn").config_cls().epochs
 
-    supervised_cnn, trained from the 3 annotated tumour training slides, is the one family that
-    clears both bars here. Measured with `vadflow benchmark-detectors --size medium --family
-    supervised_cnn --family patch_knn --seed S` (tile / slide AUC): supervised_cnn 0.98 / 0.96,
-    1.00 / 0.84 and 0.98 / 1.00 for S = 0, 1, 2; patch_knn 0.91 / 0.32, 0.93 / 0.60 and
-    0.93 / 0.92. With 5 + 5 test slides slide AUC swings with the site, so this is one seed,
-    not a guarantee; the unsupervised families' slide scores lose to folds and edges.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site_seed", [0, 1])
+def test_supervised_baseline_calls_hard_slides(tmp_path: Path, site_seed: int):
+    """Tile AUROC >= 0.85 and slide AUC >= 0.9 on a hard site of 16 slides (the "medium" size).
+
+    supervised_cnn, trained from the site's 3 annotated tumour slides at its default budget, is
+    the family that clears both bars. Measured with the family's default epochs (tile / slide
+    AUC, site seeds 0-4): 0.997 / 0.96, 1.00 / 1.00, 0.999 / 1.00, 1.00 / 1.00, 1.00 / 1.00.
+    Seed 1 is the site where the 3-epoch benchmark budget gave slide AUC 0.84. No unsupervised
+    family reaches slide AUC 0.9 robustly: their slide maxima land on folds and tissue edges
+    (README, "Detectors and the honest results table").
     """
-    site = build_hard_site(tmp_path, "medium", seed=0)
+    site = build_hard_site(tmp_path, "medium", seed=site_seed)
     data = load_benchmark_tiles(site, tile_size=64, work_dir=tmp_path / "work")
-    row = run_family("supervised_cnn", data, epochs=3, tile_size=64, seed=0, device="cpu")
-    print(f"\nsupervised_cnn on the medium hard site: {row}")
+    row = run_family(
+        "supervised_cnn", data, epochs=SUPERVISED_EPOCHS, tile_size=64, seed=site_seed, device="cpu"
+    )
+    print(f"\nsupervised_cnn on the medium hard site, seed {site_seed}: {row}")
     assert row.direction == "ok", row.error
     assert row.tile_auroc >= 0.85
     assert row.slide_auc >= 0.9
