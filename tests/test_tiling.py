@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -252,6 +253,23 @@ def test_all_glass_slide_is_no_tissue_not_an_error(tmp_path: Path) -> None:
     assert (result.status, result.tiles) == ("no_tissue", 0)
     assert pl.read_parquet(result.manifest).height == 0
     assert Path(result.mask_png).exists()
+
+
+def test_no_tissue_reason_says_what_the_mask_found_and_what_to_change(tmp_path: Path) -> None:
+    tinted = np.full((2048, 2048, 3), (236, 232, 238), np.uint8)  # glass with a colour cast
+    glass = _row(_slide_file(tmp_path / "glass.tif", tinted))
+    result = tile_slide(glass, TilingConfig(), "pathology", tmp_path / "t1", tmp_path / "m1")
+    assert "found no tissue" in result.reason and "min_object_um2" in result.reason
+    # A thin strip of tissue: masked, but no tile is mostly tissue.
+    array = tinted.copy()
+    array[1000:1080, :] = (190, 100, 165)
+    strip = _row(_slide_file(tmp_path / "strip.tif", array))
+    tiling = TilingConfig(min_tissue_fraction=0.9, min_object_um2=0)
+    result = tile_slide(strip, tiling, "pathology", tmp_path / "t2", tmp_path / "m2")
+    assert result.status == "no_tissue"
+    assert "the best tile is" in result.reason and "min_tissue_fraction=0.9" in result.reason
+    marker = json.loads((tmp_path / "t2" / "strip.done.json").read_text())
+    assert marker["reason"] == result.reason
 
 
 def test_tiles_carry_lesion_fraction_from_asap_xml(tmp_path: Path) -> None:

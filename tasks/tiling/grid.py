@@ -171,6 +171,7 @@ def tile_slide(
     )
     overlay_png = join(masks_dir, overlay.OVERLAY_DIR, f"{slide_id}.png")
     storage_for(overlay_png, storage).write_bytes(overlay_png, overlay.png_bytes(drawn))
+    best_tile = float(tissue.max()) if tissue.size else 0.0
     keep = tissue >= tiling.min_tissue_fraction
     xs, ys, tissue = xs[keep], ys[keep], tissue[keep]
     annotation = slide_row.get("annotation_uri")
@@ -191,7 +192,7 @@ def tile_slide(
         manifest=manifest,
         mask_png=mask_png,
         tissue_fraction=float(mask.mean()) if mask.size else 0.0,
-        reason=None if frame.height else _no_tissue_reason(colourless),
+        reason=None if frame.height else _no_tissue_reason(colourless, mask, best_tile, tiling),
         overlay_png=overlay_png,
     )
     # Written last: its presence (with a matching fingerprint) means this slide is done.
@@ -209,14 +210,27 @@ def _colourless(slide: Slide, ds: float, preset: masking.MaskPreset) -> bool:
     return int((thumb.max(axis=2) - thumb.min(axis=2)).max()) <= 2
 
 
-def _no_tissue_reason(colourless: bool) -> str:
+def _no_tissue_reason(
+    colourless: bool, mask: np.ndarray, best_tile: float, tiling: TilingConfig
+) -> str:
+    """Why a slide has no tile, with what the mask found and the setting that would change it."""
     if colourless:
         return (
             "no tile reaches min_tissue_fraction: the slide is greyscale and the mask preset "
             "thresholds colour saturation; set tiling.mask_preset to 'object-dark' for a site "
             "of greyscale slides"
         )
-    return "no tile reaches min_tissue_fraction"
+    if not mask.any():
+        return (
+            "no tile reaches min_tissue_fraction: the mask found no tissue (all glass, or only "
+            "pieces smaller than the preset's minimum object size); for small or faint tissue "
+            "lower tiling.min_object_um2 or set tiling.mask_preset to 'he-faint'"
+        )
+    return (
+        f"no tile reaches min_tissue_fraction: the mask finds tissue on {mask.mean():.1%} of "
+        f"the slide, but the best tile is {best_tile:.0%} tissue, under "
+        f"min_tissue_fraction={tiling.min_tissue_fraction:g}; lower it, or cut smaller tiles"
+    )
 
 
 def tile_frame(
