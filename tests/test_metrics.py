@@ -113,6 +113,22 @@ def test_lesion_candidates_region_suppressed_by_neighbour_still_counts() -> None
     assert [p for _, _, p in cands] == [0.9, 0.6]
 
 
+@pytest.mark.parametrize("min_distance", [1, 2, 3, 5])
+def test_candidate_suppression_by_buckets_equals_comparing_every_pair(min_distance: int) -> None:
+    from tasks.scoring.aggregate import _suppress_near
+
+    rng = np.random.default_rng(min_distance)
+    rows = rng.uniform(0, 60, 3000).round(1)  # centres of mass land between cells
+    cols = rng.uniform(0, 60, 3000).round(1)
+    values = rng.integers(0, 50, 3000) / 50  # ties, like plateaus of equal maxima
+    points = sorted(zip(rows, cols, values, strict=True), key=lambda t: -t[2])
+    kept: list = []
+    for r, c, p in points:  # the reference: every kept point, every time
+        if all(max(abs(r - kr), abs(c - kc)) >= min_distance for kr, kc, _ in kept):
+            kept.append((r, c, p))
+    assert _suppress_near(points, min_distance) == kept
+
+
 def _two_lesion_slide() -> tuple[np.ndarray, float]:
     mask = np.zeros((8, 8), dtype=bool)
     mask[1:3, 1:3] = True  # lesion A: level-0 [16, 48) at downsample 16

@@ -296,17 +296,40 @@ def lesion_candidates(
     regions, n_regions = ndimage.label(above, structure=_EIGHT)
     has_peak = np.zeros(n_regions + 1, dtype=bool)
     has_peak[np.unique(regions[peaks])] = True
-    for region in np.flatnonzero(~has_peak[1:]) + 1:
-        r, c = ndimage.maximum_position(masked, regions, region)
-        points.append((float(r), float(c), float(hm[r, c])))
+    peakless = np.flatnonzero(~has_peak[1:]) + 1
+    if peakless.size:
+        for r, c in ndimage.maximum_position(masked, regions, peakless):
+            points.append((float(r), float(c), float(hm[r, c])))
 
     # Greedy suppression, strongest first, so equal peaks a pixel or two apart count once.
     points.sort(key=lambda t: -t[2])
-    kept: list[tuple[float, float, float]] = []
+    return [
+        ((c + 0.5) * downsample, (r + 0.5) * downsample, p)
+        for r, c, p in _suppress_near(points, min_distance)
+    ]
+
+
+def _suppress_near(
+    points: list[tuple[float, float, float]], min_distance: int
+) -> list[tuple[float, float, float]]:
+    """Keep each (row, col, p), strongest first, unless a kept one is closer than `min_distance`
+    (Chebyshev). Kept points sit in buckets of `min_distance` cells, so a point is compared
+    with the 3 x 3 buckets around it only: linear time where comparing with every kept point
+    took minutes on a whole slide's tens of thousands of peaks."""
+    buckets: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    kept = []
     for r, c, p in points:
-        if all(max(abs(r - kr), abs(c - kc)) >= min_distance for kr, kc, _ in kept):
+        br, bc = int(r // min_distance), int(c // min_distance)
+        near = (
+            (kr, kc)
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+            for kr, kc in buckets.get((br + dr, bc + dc), ())
+        )
+        if all(max(abs(r - kr), abs(c - kc)) >= min_distance for kr, kc in near):
             kept.append((r, c, p))
-    return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
+            buckets.setdefault((br, bc), []).append((r, c))
+    return kept
 
 
 @dataclass(frozen=True, eq=False)
