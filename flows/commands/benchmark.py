@@ -451,7 +451,12 @@ def print_table(
     table = Table(title=title)
     columns = ("family", "tile AUROC", "slide AUC", "FROC", "pixel AUROC", "seconds", "direction")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("family", "direction") else "right")
+        # Family names never wrap or cut ("supervised_cnn (combined)"); the rest may wrap.
+        table.add_column(
+            column,
+            justify="left" if column in ("family", "direction") else "right",
+            no_wrap=column == "family",
+        )
     for row in rows:
         cells = [
             "n/a" if math.isnan(v) else f"{v:.3f}"
