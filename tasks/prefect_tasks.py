@@ -356,6 +356,9 @@ def train_task(
     return summary
 
 
+STAIN_SOURCE_TILES = 128  # tiles of a slide its stain statistics are estimated from
+
+
 def load_stain_normaliser(model_dir: Path):
     path = model_dir / STAIN_FILE
     return normaliser_from_dict(json.loads(path.read_text())) if path.exists() else None
@@ -371,13 +374,15 @@ def score_task(
     detector = load_detector(Path(model_dir))
     normaliser = load_stain_normaliser(Path(model_dir))
     tiles = pl.read_parquet(tiles_path)
+    transform = None
+    if normaliser is not None:
+        # The slide's stain is estimated once, from a sample of its tiles, not per batch.
+        sample = sample_tiles(tiles, STAIN_SOURCE_TILES, seed=0)
+        transform = normaliser.for_source(
+            load_tiles(sample, {slide_row["slide_id"]: slide_row["uri"]})
+        )
     return score_slide(
-        detector,
-        slide_row,
-        tiles,
-        Path(out_dir),
-        heatmap_downsample,
-        transform=normaliser.transform if normaliser is not None else None,
+        detector, slide_row, tiles, Path(out_dir), heatmap_downsample, transform=transform
     )
 
 

@@ -8,10 +8,17 @@ with the model as plain JSON, so scoring at another site applies the training si
 - Macenko et al. 2009: estimate the two stain vectors from optical density (OD) by SVD,
   unmix each pixel into stain concentrations, rescale them to the reference's 99th percentile,
   and remix with the reference's stain vectors.
+
+The *source* statistics (what the incoming tiles' stain looks like) are estimated once per
+slide, from a sample of its tiles (`for_source`), and then applied to every batch of that slide.
+Estimating them per batch instead would normalise a batch that holds a lesion differently from
+one that does not, and pull the lesion's colour towards the reference: a tile's output would
+depend on which tiles it was batched with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -31,15 +38,36 @@ def tissue_pixels(tiles: np.ndarray) -> np.ndarray:
 
 
 class StainNormaliser:
-    """Fit on reference tiles, then transform any tiles; `to_dict`/`from_dict` to save."""
+    """Fit on reference tiles, then transform any tiles; `to_dict`/`from_dict` to save.
+
+    `transform(tiles)` estimates the source statistics from `tiles` themselves (one slide's
+    or one site's array at once); `for_source(sample)` fixes them from a sample of a slide's
+    tiles and returns a transform for each of that slide's batches.
+    """
 
     method: ClassVar[str]
 
     def fit(self, tiles: np.ndarray) -> StainNormaliser:
         raise NotImplementedError
 
-    def transform(self, tiles: np.ndarray) -> np.ndarray:
+    def source(self, tiles: np.ndarray) -> Any:
+        """The source statistics of `tiles` that `transform` maps to the reference."""
         raise NotImplementedError
+
+    def transform(self, tiles: np.ndarray, source: Any = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def for_source(self, sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """A transform with the source statistics of `sample` (B, H, W, 3) fixed; tiles pass
+        unchanged when the sample shows no stain to match (all glass)."""
+        fixed = self.source(sample)
+        if fixed is None:
+            return lambda tiles: tiles
+
+        def transform(tiles: np.ndarray) -> np.ndarray:
+            return self.transform(tiles, fixed)
+
+        return transform
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
@@ -52,7 +80,10 @@ class NoNormaliser(StainNormaliser):
     def fit(self, tiles: np.ndarray) -> NoNormaliser:
         return self
 
-    def transform(self, tiles: np.ndarray) -> np.ndarray:
+    def source(self, tiles: np.ndarray) -> None:
+        return None
+
+    def transform(self, tiles: np.ndarray, source: Any = None) -> np.ndarray:
         return tiles
 
 
@@ -74,9 +105,14 @@ class Reinhard(StainNormaliser):
         self.mean, self.std = mean.tolist(), std.tolist()
         return self
 
-    def transform(self, tiles: np.ndarray) -> np.ndarray:
-        """Each call matches the batch's own tissue statistics to the reference's."""
-        src_mean, src_std = self.lab_stats(tiles)
+    def source(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.lab_stats(tiles)
+
+    def transform(
+        self, tiles: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Match the source's LAB tissue statistics (default: those of `tiles`) to the reference."""
+        src_mean, src_std = source if source is not None else self.lab_stats(tiles)
         lab = rgb2lab(tiles.astype(np.float32) / 255.0)  # (B, H, W, 3)
         glass = tiles.mean(axis=-1) / 255.0 >= BACKGROUND_LUMINANCE
         lab = (lab - src_mean) / src_std * np.asarray(self.std) + np.asarray(self.mean)
@@ -136,11 +172,22 @@ class Macenko(StainNormaliser):
         self.stains, self.max_concentrations = stains.tolist(), cmax.tolist()
         return self
 
-    def transform(self, tiles: np.ndarray) -> np.ndarray:
+    def source(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stain vectors and 99th-percentile amounts; None when nothing is stained."""
         try:
-            src_stains, src_max = macenko_stains(tiles)
+            return macenko_stains(tiles)
         except ValueError:
-            return tiles  # nothing stained in this batch: leave it as it is
+            return None
+
+    def transform(
+        self, tiles: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Remix with the reference's stains; `source` defaults to the stains of `tiles`."""
+        if source is None:
+            source = self.source(tiles)
+        if source is None:
+            return tiles  # nothing stained: leave it as it is
+        src_stains, src_max = source
         shape = tiles.shape
         od = optical_density(tiles.reshape(-1, 3).astype(np.float32) / 255.0)  # (P, 3)
         conc = stain_concentrations(src_stains, od)  # (P, 2)
