@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, unmapped
 
 from flows.ingest import ingest
 from flows.nightly import resolve_site, state_home
+from tasks.evaluation.calibration import read_calibration
 from tasks.exports.render import SCORED_RUN_FILE
 from tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
 from tasks.site import SiteConfig, SiteLayout
@@ -36,8 +37,8 @@ def batch_score(
     """Score every tiled slide of the given splits (default: val and test) with one model.
 
     With `metrics` the slides are evaluated against their labels (threshold from this site's
-    held-out normals); without, nothing is evaluated and predictions use the model's own
-    calibrated threshold.
+    held-out normals, and the calls at the model's own calibrated threshold beside them);
+    without, nothing is evaluated and predictions use the model's own calibrated threshold.
     """
     logger = get_run_logger()
     site = resolve_site(site, site_dir)
@@ -58,7 +59,13 @@ def batch_score(
         out_dir=unmapped(str(heatmaps)),
         heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
     ).result()
-    evaluation = evaluate_task(site, run, data.slides_path, scores, layout) if metrics else None
+    evaluation = None
+    if metrics:
+        calibration = read_calibration(model_dir)
+        threshold = calibration.threshold if calibration and calibration.calibrated else None
+        evaluation = evaluate_task(
+            site, run, data.slides_path, scores, layout, model_threshold=threshold
+        )
     exported = export_task(
         run, data.slides_path, scores, evaluation, layout, site.domain, model, model_dir
     )

@@ -394,8 +394,14 @@ def evaluate_task(
     scores: list[SlideScore],
     layout: SiteLayout,
     model_dir: str | None = None,
+    model_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Metrics, plots and slide table under reports/<family>/; calibration beside the model."""
+    """Metrics, plots and slide table under reports/<family>/; calibration beside the model.
+
+    `model_dir` (a model trained on this site) gets this evaluation's calibration written beside
+    it; `model_threshold` (a model calibrated before, perhaps at another site) adds the calls
+    made at that threshold to the metrics.
+    """
     slides = pl.read_parquet(slides_path)
     by_slide = {s.slide_id: (s.slide_score, s.heatmap) for s in scores}
     evaluation = evaluate_site(
@@ -405,6 +411,7 @@ def evaluate_task(
         site.target_fpr,
         site.domain,
         itc_um=site.froc_itc_um,
+        model_threshold=model_threshold,
     )
     folder = layout.reports / family
     folder.mkdir(parents=True, exist_ok=True)

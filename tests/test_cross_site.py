@@ -134,6 +134,11 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
     home_auroc = trained["metrics"]["slide_auroc"]
     assert metrics["home/slide_auroc"] == pytest.approx(home_auroc)
     assert metrics["drop/slide_auroc"] == pytest.approx(home_auroc - metrics["slide_auroc"])
+    # Beside the threshold recalibrated at the away site: the calls at the champion's own.
+    calibration = json.loads((Path(trained["model_dir"]) / "calibration.json").read_text())
+    assert metrics["model_threshold"] == pytest.approx(calibration["threshold"])
+    assert 0.0 <= metrics["model_specificity"] <= 1.0
+    assert "model_sensitivity" in result.output
     assert run.data.tags["vadflow.home_site"] == "xs-home"
     assert run.data.params["family"] == "ae_l2"
     # The printed row is the logged one.

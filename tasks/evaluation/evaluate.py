@@ -66,10 +66,14 @@ def evaluate_site(
     target_fpr: float,
     domain: str,
     itc_um: float = ITC_MAJOR_AXIS_UM,
+    model_threshold: float | None = None,
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap .npy path), for val and test slides.
+    `threshold` is recalibrated on this site's val slides; `model_threshold`, the one the model
+    was calibrated with at its own site, adds the calls it makes here (`model_sensitivity`,
+    `model_specificity`): what a model moved to another site without recalibration would do.
     """
     rows = slides.filter(pl.col("slide_id").is_in(list(scores)))
     val_ids = rows.filter(pl.col("split") == "val")["slide_id"].to_list()
@@ -98,6 +102,11 @@ def evaluate_site(
             predicted = known["score"].to_numpy() > threshold
             metrics["slide_sensitivity"] = _rate(predicted[labels])
             metrics["slide_specificity"] = _rate(~predicted[~labels])
+        if model_threshold is not None and np.isfinite(model_threshold):
+            predicted = known["score"].to_numpy() > model_threshold
+            metrics["model_threshold"] = float(model_threshold)
+            metrics["model_sensitivity"] = _rate(predicted[labels])
+            metrics["model_specificity"] = _rate(~predicted[~labels])
 
     evaluation = Evaluation(table, metrics, threshold, value_range=value_range)
     annotated = test.filter(pl.col("label") != "unknown")
