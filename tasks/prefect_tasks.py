@@ -375,7 +375,7 @@ def score_task(
     normaliser = load_stain_normaliser(Path(model_dir))
     tiles = pl.read_parquet(tiles_path)
     transform = None
-    if normaliser is not None:
+    if normaliser is not None and normaliser.method != "none" and tiles.height:
         # The slide's stain is estimated once, from a sample of its tiles, not per batch.
         sample = sample_tiles(tiles, STAIN_SOURCE_TILES, seed=0)
         transform = normaliser.for_source(
