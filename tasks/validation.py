@@ -336,12 +336,17 @@ def check_manifests(
 
 
 def declared_score_range(family: str) -> tuple[float, float]:
-    """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown."""
+    """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown.
+
+    A run name such as `batch-supervised_cnn` (batch scoring's heatmap folders) counts as the
+    family it ends with.
+    """
     from tasks.detectors import available_families, detector_class
 
-    if family not in available_families():
-        return (0.0, math.inf)
-    return detector_class(family).score_range
+    for known in available_families():
+        if family == known or family.endswith(f"-{known}"):
+            return detector_class(known).score_range
+    return (0.0, math.inf)
 
 
 def check_scores(

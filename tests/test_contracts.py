@@ -381,6 +381,7 @@ def test_each_family_is_held_to_its_declared_score_range() -> None:
     result = validate_tile_scores(logits, _tiles(), declared_score_range("ae_l2"))
     _assert_names(result, "expect_column_values_to_be_between", "score", 1)
     assert declared_score_range("not-a-family") == (0.0, math.inf)
+    assert declared_score_range("batch-mil") == declared_score_range("mil")  # a batch run
     # Unbounded still means finite.
     broken = _score(logits, "tumor_001:1024:0", math.inf)
     unbounded = validate_tile_scores(broken, _tiles(), score_range=(-math.inf, math.inf))
