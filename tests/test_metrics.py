@@ -113,6 +113,17 @@ def test_lesion_candidates_region_suppressed_by_neighbour_still_counts() -> None
     assert [p for _, _, p in cands] == [0.9, 0.6]
 
 
+def test_lesion_candidates_of_a_float32_heatmap_equal_its_float64_copy() -> None:
+    rng = np.random.default_rng(0)
+    heatmap = rng.random((40, 60)).astype(np.float32)
+    heatmap[3:8, 3:8] = 0.05
+    heatmap[5, 5] = np.float32(0.1)  # a peak of its own: above 0.1 in float64, not in float32
+    heatmap[:, :3] = np.nan
+    for threshold in (0.1, 0.5, 0.9):
+        wide = lesion_candidates(heatmap.astype(np.float64), 16.0, threshold)
+        assert lesion_candidates(heatmap, 16.0, threshold) == wide
+
+
 @pytest.mark.parametrize("min_distance", [1, 2, 3, 5])
 def test_candidate_suppression_by_buckets_equals_comparing_every_pair(min_distance: int) -> None:
     from tasks.scoring.aggregate import _suppress_near

@@ -268,14 +268,17 @@ def lesion_candidates(
     (row, col) covers level-0 [col*ds, (col+1)*ds) x [row*ds, (row+1)*ds), so candidates are
     reported at pixel centres: x = (col + 0.5) * ds, y = (row + 0.5) * ds.
     """
-    hm = np.asarray(heatmap, dtype=np.float64)
+    hm = np.asarray(heatmap)
+    if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy of them
+        hm = hm.astype(np.float64)
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, got {downsample}")
     if min_distance < 1:
         raise ValueError(f"min_distance must be >= 1, got {min_distance}")
-    above = np.isfinite(hm) & (hm > threshold)
+    # A float64 scalar: compared at full precision, cast in the ufunc's buffers, not by a copy.
+    above = np.isfinite(hm) & (hm > np.float64(threshold))
     if not above.any():
         return []
     masked = np.where(above, hm, -np.inf)
