@@ -473,6 +473,9 @@ def benchmark_detectors_command(
     ] = None,
     size: str = typer.Option("small", help="site size: tiny, small or medium"),
     epochs: int = typer.Option(3, help="training epochs, the same for every family"),
+    own_budget: bool = typer.Option(
+        False, help="train each family at its own default epochs instead of --epochs"
+    ),
     seed: int = typer.Option(0, help="seed of the site and of every family"),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto"),
     score: str = typer.Option(
@@ -484,7 +487,8 @@ def benchmark_detectors_command(
     from flows.commands.benchmark import benchmark_detectors, format_table
 
     try:
-        rows = benchmark_detectors(family, size, epochs, seed, device=device, score=score)
+        budget = None if own_budget else epochs
+        rows = benchmark_detectors(family, size, budget, seed, device=device, score=score)
     except (KeyError, ValueError) as exc:
         console.print(f"[red]{exc}[/]", soft_wrap=True)
         raise typer.Exit(2) from exc

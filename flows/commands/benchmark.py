@@ -257,12 +257,19 @@ def benchmark_families() -> list[str]:
 
 
 def budget_overrides(
-    family: str, *, epochs: int, tile_size: int, seed: int, device: str, score: str = "residual"
+    family: str,
+    *,
+    epochs: int | None,
+    tile_size: int,
+    seed: int,
+    device: str,
+    score: str = "residual",
 ) -> dict[str, object]:
     """The same budget for every family: the config fields it has among these.
 
-    `score` reaches the families with a latent space (their `score` field: residual, latent
-    or combined); the others have no such field and ignore it.
+    `epochs` None keeps each family's own default epochs. `score` reaches the families with a
+    latent space (their `score` field: residual, latent or combined); the others have no such
+    field and ignore it.
     """
     from tasks.detectors import detector_class
 
@@ -274,7 +281,7 @@ def budget_overrides(
         "device": device,
         "score": score,
     }
-    return {k: v for k, v in wanted.items() if k in names}
+    return {k: v for k, v in wanted.items() if k in names and v is not None}
 
 
 def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
@@ -302,7 +309,7 @@ def run_family(
     family: str,
     data: BenchmarkData,
     *,
-    epochs: int,
+    epochs: int | None,
     tile_size: int,
     seed: int,
     device: str,
@@ -360,7 +367,7 @@ def run_family(
 def benchmark_detectors(
     families: Sequence[str] | None = None,
     size: str | SiteSize = "small",
-    epochs_budget: int = 3,
+    epochs_budget: int | None = 3,
     seed: int = 0,
     *,
     tile_size: int = 64,
@@ -371,7 +378,9 @@ def benchmark_detectors(
 ) -> list[BenchmarkRow]:
     """Train every family (or `families`) on one hard synthetic site with the same budget.
 
-    `score` picks how the families with a latent space score (residual, latent, combined).
+    `epochs_budget` None trains each family at its own default epochs (its configured budget)
+    instead of one shared number. `score` picks how the families with a latent space score
+    (residual, latent, combined).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
@@ -386,7 +395,7 @@ def benchmark_detectors(
             f"unknown detector family {', '.join(unknown)}; available: "
             f"{', '.join(available_families())}"
         )
-    if epochs_budget < 1:
+    if epochs_budget is not None and epochs_budget < 1:
         raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -435,7 +444,11 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
 
 
 def print_table(
-    rows: Sequence[BenchmarkRow], data: BenchmarkData, *, size: str | SiteSize, epochs: int
+    rows: Sequence[BenchmarkRow],
+    data: BenchmarkData,
+    *,
+    size: str | SiteSize,
+    epochs: int | None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -446,7 +459,8 @@ def print_table(
     title = (
         f"hard synthetic site ({size if isinstance(size, str) else 'custom'}): "
         f"{len(data.train)} train / {len(data.val)} val normal tiles, test {positives} lesion "
-        f"+ {negatives} normal tiles on {len(test.slide_names)} slides; {epochs} epochs each"
+        f"+ {negatives} normal tiles on {len(test.slide_names)} slides; "
+        + (f"{epochs} epochs each" if epochs is not None else "each family's own epochs")
     )
     table = Table(title=title)
     columns = ("family", "tile AUROC", "slide AUC", "FROC", "pixel AUROC", "seconds", "direction")
