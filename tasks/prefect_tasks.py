@@ -23,7 +23,7 @@ from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
 from tasks.exports.render import ScoredRun, render_exports
 from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
 from tasks.normalise.stain import make_normaliser, normaliser_from_dict
-from tasks.scoring.heatmap import SlideScore, score_slide
+from tasks.scoring.heatmap import SlideScore, load_heatmap, score_slide
 from tasks.site import SiteConfig, SiteLayout
 from tasks.slides.discover import SlideSource, discover
 from tasks.slides.register import register_slide, slide_frame, write_quarantine
@@ -482,7 +482,7 @@ def export_task(
                 "model %s has no calibration.json: slides are scored, not called", model
             )
             threshold, source = math.nan, "none"
-            value_range = heatmap_value_range([np.load(s.heatmap) for s in scores])
+            value_range = heatmap_value_range([load_heatmap(s.heatmap) for s in scores])
         else:
             threshold, value_range = calibration.threshold, calibration.heatmap_value_range
             source = f"the model's calibration, target FPR {calibration.target_fpr:g}"

@@ -235,8 +235,10 @@ def slide_scores_frame(scores: Iterable[Any]) -> pl.DataFrame:
 def _heatmap_shape(path: str | None) -> tuple[int | None, int | None]:
     if not path:
         return None, None
+    from tasks.scoring.heatmap import heatmap_file_shape  # torch: only when there are heatmaps
+
     try:
-        shape = np.load(path, mmap_mode="r").shape
+        shape = heatmap_file_shape(path)
     except (OSError, ValueError):
         return None, None  # unreadable: the contract's "heatmap file is readable" rule says so
     return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (None, None)
@@ -754,7 +756,7 @@ def validate_outputs(
         records = [
             _slide_score_record(folder, slide_id, tiling.heatmap_downsample)
             for slide_id in sorted(
-                {p.name.removesuffix(".heatmap.npy") for p in folder.glob("*.heatmap.npy")}
+                {p.name.split(".heatmap.")[0] for p in folder.glob("*.heatmap.*")}
             )
         ]
         stages.append(
@@ -790,10 +792,14 @@ def _latest_models(heatmaps: Path) -> dict[str, Path]:
 
 def _slide_score_record(folder: Path, slide_id: str, downsample: int) -> dict[str, Any]:
     """A SlideScore rebuilt from the files scoring left (its record is not kept on disk)."""
-    heatmap = folder / f"{slide_id}.heatmap.npy"
+    from tasks.scoring.heatmap import load_heatmap
+
+    heatmap = folder / f"{slide_id}.heatmap.tif"
+    if not heatmap.exists() and (folder / f"{slide_id}.heatmap.npy").exists():
+        heatmap = folder / f"{slide_id}.heatmap.npy"  # a run from before the TIFF heatmaps
     tile_scores = folder / f"{slide_id}.tiles.parquet"
     try:
-        values = np.load(heatmap)
+        values = load_heatmap(heatmap)
     except (OSError, ValueError):  # the slide-scores contract reports the unreadable heatmap
         values = np.full(1, np.nan)
     finite = values[np.isfinite(values)]

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tasks.scoring.heatmap import load_heatmap
 from tasks.slides.identity import is_safe_slide_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
@@ -47,7 +48,7 @@ def test_every_case_is_handled_as_documented(corpus_run: dict) -> None:
         elif case.expect == "scored":
             assert row["status"] == "ok" and row["mpp_source"] == "metadata", (case.name, row)
             assert math.isfinite(scored[case.slide_id]["score"]), case.name
-            heat = np.load(heatmaps / f"{case.slide_id}.heatmap.npy")
+            heat = load_heatmap(heatmaps / f"{case.slide_id}.heatmap.tif")
             assert heat.shape == (-(-row["height"] // 16), -(-row["width"] // 16)), case.name
             assert np.isfinite(heat).any(), case.name
             assert not (quarantine / f"{case.slide_id}.json").exists(), case.name

@@ -11,6 +11,8 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tasks.scoring.heatmap import load_heatmap
+
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
 
@@ -69,11 +71,11 @@ def test_heatmaps_match_slide_aspect(pathology_run) -> None:
     summary = pathology_run["summary"]
     out = Path(summary["outputs"])
     slides = pl.read_parquet(out / "slides.parquet")
-    heatmaps = sorted(out.glob("heatmaps/ae_l2-*/*.heatmap.npy"))
+    heatmaps = sorted(out.glob("heatmaps/ae_l2-*/*.heatmap.tif"))
     assert len(heatmaps) == 7  # 6 test slides + 1 held-out normal
     for path in heatmaps:
         row = slides.filter(pl.col("slide_id") == path.name.split(".")[0]).row(0, named=True)
-        heat = np.load(path)
+        heat = load_heatmap(path)
         assert heat.shape == (-(-row["height"] // 16), -(-row["width"] // 16))
         assert np.isfinite(heat).any()
     overlays = sorted((out / "exports" / "ae_l2").glob("*.png"))

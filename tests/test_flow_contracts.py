@@ -223,7 +223,7 @@ def test_quarantine_the_other_slides_train_score_and_evaluate(quarantine_run) ->
     fit = json.loads((Path(result["model_dir"]) / "fit_report.json").read_text())
     assert fit["train_tiles"] == kept_tiles > 0
     # Every val and test slide was scored, evaluated and exported.
-    scored = sorted(p.name.split(".")[0] for p in layout.root.glob("heatmaps/*/*.heatmap.npy"))
+    scored = sorted(p.name.split(".")[0] for p in layout.root.glob("heatmaps/*/*.heatmap.tif"))
     expected = slides.filter(pl.col("split").is_in(["val", "test"]))["slide_id"].sort()
     assert scored == expected.to_list() and len(scored) == 5
     assert {r["slide_id"] for r in result["table"]} == set(

@@ -30,6 +30,24 @@ def _cli():
     return app
 
 
+def test_heatmaps_and_records_from_runs_before_the_tiff_only_layout_still_load(
+    tmp_path: Path,
+) -> None:
+    from tasks.exports.render import _slide_score
+    from tasks.scoring.heatmap import heatmap_file_shape, load_heatmap
+
+    heat = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    npy = tmp_path / "s1.heatmap.npy"
+    np.save(npy, heat)
+    assert np.array_equal(load_heatmap(npy), heat) and heatmap_file_shape(npy) == (5, 7)
+    geometry = HeatmapGeometry("s1", 16, level0_width=7 * 16, level0_height=5 * 16, mpp=0.25)
+    tif = write_heatmap_tiff(tmp_path / "s1.heatmap.tif", heat, geometry)
+    assert np.array_equal(load_heatmap(tif), heat) and heatmap_file_shape(tif) == (5, 7)
+    old = {"slide_id": "s1", "tiles": 3, "slide_score": 0.9, "heatmap": str(npy)}
+    old |= {"tile_scores": "s1.tiles.parquet", "heatmap_downsample": 16}
+    assert _slide_score({**old, "heatmap_tiff": str(tif)}).heatmap == str(npy)
+
+
 def test_heatmap_tiff_round_trip_with_geometry_and_pyramid(tmp_path: Path) -> None:
     import pyvips
 
@@ -149,8 +167,9 @@ def test_score_calls_new_slides_at_the_models_calibrated_threshold(trained, scor
         row = slides.filter(pl.col("slide_id") == line.slide_id).row(0, named=True)
         assert (geometry.level0_width, geometry.level0_height) == (row["width"], row["height"])
         assert geometry.mpp == pytest.approx(row["mpp"]) and geometry.downsample == 16
-        npy = next(s.heatmap for s in run.scores if s.slide_id == line.slide_id)
-        assert np.array_equal(heat, np.load(npy), equal_nan=True)
+        # The export points at the one heatmap file scoring wrote.
+        written = next(s.heatmap for s in run.scores if s.slide_id == line.slide_id)
+        assert line.heatmap_tiff == written
         assert np.nanmax(heat) == pytest.approx(line.score)
         assert Path(line.overlay).exists() and Path(line.asap_xml).exists()
     # The same slides under their labelled names scored the same in the nightly run.

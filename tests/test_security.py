@@ -65,7 +65,7 @@ def test_every_name_becomes_a_safe_id_that_stays_in_its_folder(name: str, tmp_pa
     assert is_safe_slide_id(slide_id) and check_slide_id(slide_id) == slide_id
     assert len(slide_id) <= MAX_ID_LENGTH and ":" not in slide_id
     assert safe_slide_id(name) == slide_id  # deterministic: reruns find their own outputs
-    for suffix in (".parquet", ".done.json", ".json", ".png", ".heatmap.npy"):
+    for suffix in (".parquet", ".done.json", ".json", ".png", ".heatmap.tif"):
         path_under(tmp_path, f"{slide_id}{suffix}")  # raises if it left tmp_path
         key = join("s3://bucket/out/site/tiles", f"{slide_id}{suffix}")
         segments = key.removeprefix("s3://").split("/")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from data_contracts import ContractError, Grid
 from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
+from tasks.scoring.heatmap import HeatmapGeometry, write_heatmap_tiff
 from tasks.site import TilingConfig
 from tasks.tiling.grid import tile_origins
 from tasks.validation import (
@@ -280,13 +281,15 @@ def _write_scores(folder: Path, slide_id: str, tiles: pl.DataFrame, shape=None) 
         "slide_id", "tile_id", pl.lit(rng.random()).alias("score")
     )
     scores.write_parquet(folder / f"{slide_id}.tiles.parquet")
-    heatmap = np.full(shape or (H, W), 0.5, dtype=np.float32)  # downsample 1
-    np.save(folder / f"{slide_id}.heatmap.npy", heatmap)
+    rows, cols = shape or (H, W)
+    heatmap = np.full((rows, cols), 0.5, dtype=np.float32)  # downsample 1
+    geometry = HeatmapGeometry(slide_id, 1, level0_width=cols, level0_height=rows, mpp=None)
+    path = write_heatmap_tiff(folder / f"{slide_id}.heatmap.tif", heatmap, geometry)
     return {
         "slide_id": slide_id,
         "tiles": scores.height,
         "slide_score": 0.5,
-        "heatmap": str(folder / f"{slide_id}.heatmap.npy"),
+        "heatmap": str(path),
         "tile_scores": str(folder / f"{slide_id}.tiles.parquet"),
         "heatmap_downsample": 1,
     }
@@ -295,7 +298,7 @@ def _write_scores(folder: Path, slide_id: str, tiles: pl.DataFrame, shape=None) 
 def test_slide_scores_frame_reads_heatmap_shapes(tmp_path: Path) -> None:
     records = [
         _write_scores(tmp_path, "bad_001", _all_tiles()),
-        {**_write_scores(tmp_path, "good_002", _all_tiles()), "heatmap": str(tmp_path / "no.npy")},
+        {**_write_scores(tmp_path, "good_002", _all_tiles()), "heatmap": str(tmp_path / "no.tif")},
     ]
     frame = slide_scores_frame(records)
     assert frame.row(0, named=True)["heatmap_rows"] == H

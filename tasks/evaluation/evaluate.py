@@ -21,6 +21,7 @@ from tasks.evaluation.froc import FrocResult, froc, lesion_candidates
 from tasks.evaluation.metrics import f1_max, image_auroc, pixel_auroc, threshold_at_fpr
 from tasks.evaluation.pro import ProCurve, pro_curve, pro_score
 from tasks.scoring.aggregate import cross_validated_forest, feature_table
+from tasks.scoring.heatmap import load_heatmap
 from tasks.slides.ground_truth import ground_truth_mask
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def evaluate_site(
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
-    `scores` maps slide_id -> (slide score, heatmap .npy path), for val and test slides.
+    `scores` maps slide_id -> (slide score, heatmap file: `load_heatmap`), for val and test slides.
     `threshold` is recalibrated on this site's val slides; `model_threshold`, the one the model
     was calibrated with at its own site, adds the calls it makes here (`model_sensitivity`,
     `model_specificity`): what a model moved to another site without recalibration would do.
@@ -78,7 +79,7 @@ def evaluate_site(
     rows = slides.filter(pl.col("slide_id").is_in(list(scores)))
     val_ids = rows.filter(pl.col("split") == "val")["slide_id"].to_list()
     threshold = slide_threshold([scores[s][0] for s in val_ids], target_fpr)
-    value_range = heatmap_value_range([np.load(scores[s][1]) for s in val_ids])
+    value_range = heatmap_value_range([load_heatmap(scores[s][1]) for s in val_ids])
     test = rows.filter(pl.col("split") == "test").sort("slide_id")
     table = test.select("slide_id", "split", "label", "category").with_columns(
         pl.Series("score", [scores[s][0] for s in test["slide_id"]], dtype=pl.Float64)
@@ -110,7 +111,7 @@ def evaluate_site(
 
     evaluation = Evaluation(table, metrics, threshold, value_range=value_range)
     annotated = test.filter(pl.col("label") != "unknown")
-    heatmaps = {r["slide_id"]: np.load(scores[r["slide_id"]][1]) for r in annotated.to_dicts()}
+    heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in annotated.to_dicts()}
     _pixel_metrics(evaluation, annotated, heatmaps, heatmap_downsample, domain, itc_um)
     _forest_metrics(evaluation, annotated, heatmaps)
     return evaluation

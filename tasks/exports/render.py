@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from tasks.exports.geojson import export_slide_geojson
 from tasks.exports.overlay import COLOUR_MAP, heatmap_overlay
 from tasks.exports.report import write_html_report
 from tasks.scoring.aggregate import Candidate, heatmap_regions, lesion_candidates
-from tasks.scoring.heatmap import SlideScore
+from tasks.scoring.heatmap import SlideScore, load_heatmap
 from tasks.slides.ground_truth import ground_truth_mask
 
 SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
@@ -175,7 +175,7 @@ def _render_slide(
     candidates: Sequence[Candidate] | None,
 ) -> SlideExport:
     sid, ds = score.slide_id, score.heatmap_downsample
-    heatmap = np.load(score.heatmap)
+    heatmap = load_heatmap(score.heatmap)
     truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], ds)
     png = heatmap_overlay(
         row["uri"],
@@ -215,7 +215,7 @@ def _render_slide(
         score=score.slide_score,
         predicted=bool(score.slide_score > threshold) if calibrated else None,
         candidates=count,
-        heatmap_tiff=score.heatmap_tiff,
+        heatmap_tiff=score.heatmap,
         overlay=str(png),
         **files,
     )
@@ -282,6 +282,13 @@ def find_scored_run(folder: str | Path) -> Path:
     )
 
 
+def _slide_score(record: dict[str, Any]) -> SlideScore:
+    """A SlideScore from scored.json; older runs also recorded a `heatmap_tiff` beside a
+    `.npy` heatmap, which `load_heatmap` still reads."""
+    names = {f.name for f in fields(SlideScore)}
+    return SlideScore(**{k: v for k, v in record.items() if k in names})
+
+
 def load_scored_run(path: str | Path) -> ScoredRun:
     """A run saved by `save_scored_run`; raises naming the file when it is not one."""
     path = find_scored_run(path)
@@ -290,7 +297,7 @@ def load_scored_run(path: str | Path) -> ScoredRun:
         return ScoredRun(
             **{
                 **record,
-                "scores": tuple(SlideScore(**s) for s in record["scores"]),
+                "scores": tuple(_slide_score(s) for s in record["scores"]),
                 "value_range": tuple(record["value_range"]),
                 "candidate_slides": tuple(record["candidate_slides"]),
                 "style": ExportStyle(**record["style"]),

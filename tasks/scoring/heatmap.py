@@ -3,10 +3,11 @@
 Memory is bounded by one batch of tiles plus the heatmap itself (a slide at
 1/`heatmap_downsample` scale), never the slide. Overlapping tiles are averaged.
 
-Each heatmap is saved twice: `<slide>.heatmap.npy`, the working copy evaluation and the data
-contracts read, and `<slide>.heatmap.tif`, a tiled pyramidal float32 TIFF that carries its
-geometry (downsample, level-0 size, MPP) so it can be opened and placed over its slide
-elsewhere (QuPath, libvips, `read_heatmap_tiff`).
+Each heatmap is saved once, as `<slide>.heatmap.tif`: a tiled, zlib-compressed, pyramidal
+float32 TIFF that carries its geometry (downsample, level-0 size, MPP), so it can be opened and
+placed over its slide elsewhere (QuPath, libvips) and read back here (`load_heatmap`). Glass is
+NaN and compresses to almost nothing; a raw `.npy` of a whole slide's heatmap at downsample 16
+is ~300 MB. Runs from before this (`.heatmap.npy`) still load.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ class SlideScore:
     slide_id: str
     tiles: int
     slide_score: float
-    heatmap: str  # .npy, float32, NaN where no tile was scored
+    heatmap: str  # .heatmap.tif (write_heatmap_tiff), float32, NaN where no tile was scored
     tile_scores: str  # .parquet: tile_id, score
     heatmap_downsample: int
-    heatmap_tiff: str = ""  # the same heatmap as a pyramidal TIFF with its geometry
 
 
 def heatmap_shape(width: int, height: int, downsample: int) -> tuple[int, int]:
@@ -104,8 +104,6 @@ def score_slide(
             on_batch(rows.height)
     heatmap = accumulator.heatmap()
     out_dir.mkdir(parents=True, exist_ok=True)
-    heatmap_path = out_dir / f"{slide_id}.heatmap.npy"
-    np.save(heatmap_path, heatmap)
     geometry = HeatmapGeometry(
         slide_id=slide_id,
         downsample=heatmap_downsample,
@@ -126,10 +124,9 @@ def score_slide(
         slide_id=slide_id,
         tiles=len(scores),
         slide_score=float(finite.max()) if finite.size else float("nan"),
-        heatmap=str(heatmap_path),
+        heatmap=str(tiff_path),
         tile_scores=str(scores_path),
         heatmap_downsample=heatmap_downsample,
-        heatmap_tiff=str(tiff_path),
     )
 
 
@@ -232,7 +229,7 @@ def read_heatmap_tiff(path: str | Path, level: int = 0) -> tuple[np.ndarray, Hea
     """
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with tifffile.TiffFile(path) as tif:  # not a TIFF: TiffFileError, a ValueError
         page = tif.pages.first
         try:
             meta = json.loads(page.description)
@@ -257,3 +254,21 @@ def read_heatmap_tiff(path: str | Path, level: int = 0) -> tuple[np.ndarray, Hea
         mpp=meta["mpp"],
     )
     return values, geometry
+
+
+def load_heatmap(path: str | Path) -> np.ndarray:
+    """A saved heatmap, (rows, cols) float32: a heatmap TIFF, or an older run's `.npy`."""
+    if str(path).endswith(".npy"):
+        return np.load(path)
+    return read_heatmap_tiff(path)[0]
+
+
+def heatmap_file_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of a saved heatmap without reading its values; OSError or ValueError when the
+    file is missing or not one."""
+    if str(path).endswith(".npy"):
+        return tuple(np.load(path, mmap_mode="r").shape)
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tuple(tif.series[0].levels[0].shape)
