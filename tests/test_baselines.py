@@ -9,6 +9,7 @@ probability), as issue 7 asks: >= 0.9 for the supervised classifier, >= 0.8 for 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,17 @@ def test_fit_on_normal_tiles_alone_is_refused(family: str, method: str, small_la
     tiles, _ = small_labelled
     with pytest.raises(LabelsRequiredError, match=method):
         tiny(family).fit(tiles[:40], tiles[40:])
+
+
+def test_few_tumour_tiles_draw_a_warning(small_labelled):
+    tiles, labels = small_labelled  # 10 tumour tiles
+    quick = {"epochs": 1, "hard_negative_epochs": 0}
+    with pytest.warns(UserWarning, match="only 10 tumour tiles"):
+        tiny("supervised_cnn", **quick).fit_labelled(tiles, labels, tiles, labels)
+    half = np.arange(80) % 2 == 0  # 40 tumour tiles: enough, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tiny("supervised_cnn", **quick).fit_labelled(tiles, half, tiles, half)
 
 
 def test_one_class_training_data_is_refused(small_labelled):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from tasks.detectors.supervised_cnn.labelled import (
 )
 from tasks.detectors.supervised_cnn.torch_model import NORMS
 from tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
+
+# Fewer annotated tumour tiles than this draws a warning: too few to learn tumour from.
+FEW_TUMOUR_TILES = 32
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,15 @@ class SupervisedCNNDetector(PatchClassifierDetector):
                 f"supervised_cnn needs tumour and normal training tiles, got {n_pos} tumour and "
                 f"{len(labels) - n_pos} normal; lower the label-fraction threshold or add "
                 "annotated tumour slides"
+            )
+        if n_pos < FEW_TUMOUR_TILES:
+            warnings.warn(
+                f"supervised_cnn has only {n_pos} tumour tiles to learn from: with this few it "
+                "can learn the wrong thing (4 tiles gave tile AUROC 0.17 on the tiny hard "
+                "synthetic site); annotate more tumour slides or compare with an unsupervised "
+                "family",
+                UserWarning,
+                stacklevel=2,
             )
         if checkpoint_dir is None and resume_from is not None:
             checkpoint_dir = resume_from
