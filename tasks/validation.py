@@ -338,17 +338,23 @@ def check_manifests(
 
 
 def declared_score_range(family: str) -> tuple[float, float]:
-    """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown.
-
-    A run name such as `batch-supervised_cnn` (batch scoring's heatmap folders) counts as the
-    family it ends with.
-    """
+    """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown."""
     from tasks.detectors import available_families, detector_class
 
-    for known in available_families():
-        if family == known or family.endswith(f"-{known}"):
-            return detector_class(known).score_range
-    return (0.0, math.inf)
+    if family not in available_families():
+        return (0.0, math.inf)
+    return detector_class(family).score_range
+
+
+def family_of_run(run: str) -> str:
+    """The detector family a heatmap run is named after: `ae_l2` for the nightly's `ae_l2`,
+    `supervised_cnn` for batch scoring's `batch-supervised_cnn`; the name itself if none."""
+    from tasks.detectors import available_families
+
+    return next(
+        (f for f in available_families() if run == f or run.endswith(f"-{f}")),
+        run,
+    )
 
 
 def check_scores(
@@ -747,7 +753,7 @@ def validate_outputs(
                 read_frames(score_files, TILE_SCORES_SCHEMA),
                 tiles.filter(pl.col("slide_id").is_in(scored)),
                 label=f"tile_scores-{family}",
-                score_range=declared_score_range(family),
+                score_range=declared_score_range(family_of_run(family)),
             )
         )
         if tiling is None:

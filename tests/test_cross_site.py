@@ -24,7 +24,6 @@ contrast 0.1: 0.084. With Macenko, flips + rot90 + HED jitter 0.05: 0.729 -> 0.7
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -99,9 +98,8 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
         with (site / "site.yaml").open("a") as handle:
             handle.write(SITE_YAML)
     home = state_dir / "cross-site-home"
-    saved = os.environ.get("VADFLOW_HOME")
-    os.environ["VADFLOW_HOME"] = str(home)  # the CLI resolves champions in this home's MLflow
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VADFLOW_HOME", str(home))  # the CLI resolves champions in this home's MLflow
         summary = nightly(
             str(home_site),
             output_root=str(home / "outputs"),
@@ -110,11 +108,6 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
         result = CliRunner().invoke(
             app, ["evaluate", str(away_site), "--model", "champion@xs-home", "--home", str(home)]
         )
-    finally:
-        if saved is None:
-            os.environ.pop("VADFLOW_HOME", None)
-        else:
-            os.environ["VADFLOW_HOME"] = saved
     assert result.exit_code == 0, result.output
     print(result.output)
     trained = summary["families"]["ae_l2"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from PIL import Image
@@ -29,6 +30,7 @@ from tasks.detectors.backbones import (
     save_backbone_weights,
 )
 from tasks.detectors.patch_knn import k_center_greedy, nearest_distances
+from tasks.slides.tiles import load_tiles
 from tasks.synth.industrial import make_industrial_site
 
 SMALL = {"batch_size": 32, "base_channels": 8, "device": "cpu"}
@@ -279,7 +281,10 @@ def test_patch_knn_finds_hard_lesions_that_colour_cannot(tmp_path: Path):
     keep = (test.label_fraction >= 0.5) | (test.label_fraction == 0)
     labels = test.label_fraction[keep] >= 0.5
     assert labels.sum() >= 50 and (~labels).sum() >= 200
-    mean_colour = test.tiles[keep].reshape(keep.sum(), -1, 3).mean(axis=1)
+    test_rows = pl.concat([data.manifests[s] for s in test.slide_names])
+    uris = dict(data.slides.select("slide_id", "uri").iter_rows())
+    pixels = load_tiles(test_rows.filter(pl.Series(keep)), uris)
+    mean_colour = pixels.reshape(keep.sum(), -1, 3).mean(axis=1)
     colour = max(roc_auc_score(labels, mean_colour[:, c]) for c in range(3))
 
     row = run_family("patch_knn", data, epochs=1, tile_size=64, seed=0, device="cpu")

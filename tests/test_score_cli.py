@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -103,20 +102,14 @@ def trained(prefect_harness, state_dir: Path):
     for path in sorted((site / "testing" / "images").glob("*.tif")):
         shutil.copy(path, new / path.name)
     home = state_dir / "score-cli-home"
-    saved = os.environ.get("VADFLOW_HOME")
-    os.environ["VADFLOW_HOME"] = str(home)  # the CLI resolves champions in this home's MLflow
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VADFLOW_HOME", str(home))  # the CLI resolves champions in this home's MLflow
         summary = nightly(
             str(site),
             output_root=str(home / "outputs"),
             detector_overrides={"ae_l2": {"epochs": 2, "base_channels": 8}},
         )
         yield {"site": site, "new": new, "home": home, "summary": summary}
-    finally:
-        if saved is None:
-            os.environ.pop("VADFLOW_HOME", None)
-        else:
-            os.environ["VADFLOW_HOME"] = saved
 
 
 def _score(trained: dict, model: str):

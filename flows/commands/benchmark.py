@@ -67,13 +67,12 @@ SIZES: dict[str, SiteSize] = {
 
 @dataclass
 class TileSet:
-    """The test slides' tiles, in manifest order, with what tile AUROC needs about each."""
+    """The test slides' tiles, in manifest order, with what tile AUROC needs about each. No
+    pixels: scoring reads them from the slides, as the nightly flow does."""
 
-    tiles: np.ndarray  # (N, T, T, 3) uint8
     label_fraction: np.ndarray  # (N,) float, share of the tile inside a lesion
     slide: np.ndarray  # (N,) int, index into `slide_names`
     slide_names: list[str]
-    slide_tumour: list[bool]
 
 
 @dataclass(frozen=True)
@@ -174,13 +173,10 @@ def load_benchmark_tiles(
 
     test_rows = tiles_of("test")
     names = sorted(set(test_rows["slide_id"]))
-    labels = dict(zip(slides["slide_id"], slides["label"], strict=True))
     test = TileSet(
-        tiles=load_tiles(test_rows, uris),
         label_fraction=test_rows["label_fraction"].to_numpy(),
         slide=np.array([names.index(s) for s in test_rows["slide_id"]]),
         slide_names=names,
-        slide_tumour=[labels[n] == "anomalous" for n in names],
     )
     return BenchmarkData(
         train=load_tiles(tiles_of("train", "normal"), uris),

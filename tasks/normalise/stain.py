@@ -95,24 +95,21 @@ class Reinhard(StainNormaliser):
     mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
-    @staticmethod
-    def lab_stats(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lab = rgb2lab(tissue_pixels(tiles)[None])[0]  # (N, 3)
-        return lab.mean(axis=0), lab.std(axis=0) + 1e-6
-
     def fit(self, tiles: np.ndarray) -> Reinhard:
-        mean, std = self.lab_stats(tiles)
+        mean, std = self.source(tiles)
         self.mean, self.std = mean.tolist(), std.tolist()
         return self
 
     def source(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.lab_stats(tiles)
+        """Mean and standard deviation of the tissue pixels in LAB."""
+        lab = rgb2lab(tissue_pixels(tiles)[None])[0]  # (N, 3)
+        return lab.mean(axis=0), lab.std(axis=0) + 1e-6
 
     def transform(
         self, tiles: np.ndarray, source: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
         """Match the source's LAB tissue statistics (default: those of `tiles`) to the reference."""
-        src_mean, src_std = source if source is not None else self.lab_stats(tiles)
+        src_mean, src_std = source if source is not None else self.source(tiles)
         lab = rgb2lab(tiles.astype(np.float32) / 255.0)  # (B, H, W, 3)
         glass = tiles.mean(axis=-1) / 255.0 >= BACKGROUND_LUMINANCE
         lab = (lab - src_mean) / src_std * np.asarray(self.std) + np.asarray(self.mean)

@@ -17,7 +17,6 @@ deterministic, so a resumed run's manifests equal an uninterrupted run's row for
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import traceback
 from collections.abc import Callable, Iterable
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from PIL import Image
 
 from tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
 from tasks.site import TilingConfig
@@ -161,7 +159,7 @@ def tile_slide(
         overlay_ds = overlay.overlay_downsample(width, height, geometry.extent)
         thumb = slide.thumbnail(overlay_ds)  # (H, W, 3) uint8
     mask_png = join(masks_dir, f"{slide_id}.png")
-    storage_for(mask_png, storage).write_bytes(mask_png, _png_bytes(mask))
+    storage_for(mask_png, storage).write_bytes(mask_png, overlay.png_bytes(mask.astype(bool)))
 
     xs, ys = tile_origins(width, height, geometry.extent, geometry.step)
     tissue = coverage(mask, xs, ys, geometry.extent, ds)
@@ -263,12 +261,6 @@ def tile_frame(
         schema_overrides={"mpp": pl.Float64, "tile_id": pl.String},
     )
     return conform(frame, TILE_SCHEMA)
-
-
-def _png_bytes(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(bool)).save(buffer, format="PNG", compress_level=1)  # 1-bit
-    return buffer.getvalue()
 
 
 def finished_tiling(

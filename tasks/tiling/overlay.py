@@ -93,7 +93,7 @@ def draw_tissue_overlay(
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG file content."""
+    """(H, W, 3) uint8 or (H, W) bool (a 1-bit mask) -> PNG file content."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
