@@ -163,35 +163,17 @@ def demo(
     state = configure_state(home)
     data = state.home / "data"
     if domain == "pathology":
+        from tasks.synth.pathology import make_pathology_site
+
         site_dir = data / "demo-pathology"
         if not (site_dir / "site.yaml").exists():
-            synth_pathology(
-                data,
-                name="demo-pathology",
-                seed=seed,
-                train_normal=4,
-                test_normal=3,
-                test_tumor=3,
-                width=4096,
-                height=3072,
-                mpp=0.25,
-            )
-            # Synthetic lesions are 20-80 um; Camelyon16's 275 um ITC rule would ignore them all.
-            with (site_dir / "site.yaml").open("a") as handle:
-                handle.write("froc_itc_um: 10\n")
+            make_pathology_site(data, "demo-pathology", seed=seed)
     elif domain == "industrial":
+        from tasks.synth.industrial import make_industrial_site
+
         site_dir = data / "demo-industrial"
         if not (site_dir / "site.yaml").exists():
-            synth_industrial(
-                data,
-                name="demo-industrial",
-                category="fabric",
-                train=40,
-                test_good=10,
-                per_defect=6,
-                image_size=128,
-                seed=seed,
-            )
+            make_industrial_site(data, "demo-industrial", seed=seed)
     else:
         raise typer.BadParameter("domain must be 'pathology' or 'industrial'")
     started = time.monotonic()

@@ -70,6 +70,7 @@ SHIFTED_STAIN = Stain(haematoxylin=(0.50, 0.78, 0.38), eosin=(0.16, 0.93, 0.20),
 
 STRIP_ROWS = 256  # rows rendered at once; part of the seed schedule, so changing it changes pixels
 TISSUE_EDGE_PX = 24.0  # width of the soft tissue border, level-0 px
+SYNTH_ITC_UM = 10.0  # the FROC's isolated-cell rule that fits the lesions drawn here
 LESION_EDGE_PX = 60.0  # width over which lesion texture blends in (at most half a radius)
 NUCLEUS_RADIUS_UM = 1.0
 NORMAL_NUCLEI_PER_PX = 1.0 / 450.0
@@ -167,8 +168,12 @@ def make_pathology_site(
     site = prepare_synthetic_site(
         Path(out_dir) / name, ("training", "testing", "lesion_annotations", "ground_truth")
     )
+    # Synthetic lesions start at ~10 um; Camelyon16's 275 um isolated-cell rule would leave
+    # every one of them out of the FROC, so the site says which rule fits its lesions.
     (site / "site.yaml").write_text(
-        yaml.safe_dump({"name": name, "domain": "pathology"}, sort_keys=False)
+        yaml.safe_dump(
+            {"name": name, "domain": "pathology", "froc_itc_um": SYNTH_ITC_UM}, sort_keys=False
+        )
     )
     # (role, index) -> slide; spawn keys keep the roles' random streams independent.
     jobs: list[tuple[Path, bool, np.random.SeedSequence]] = []
