@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint benchmark clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing vadflow into $(VENV) (a few minutes the first time; log in $(VENV)/install.log)"
 	@$(PY) -m pip install -e '.[dev]' > $(VENV)/install.log 2>&1 \

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from tasks.scoring.aggregate import _suppress_near, lesion_candidates
+from vadflow.tasks.scoring.aggregate import _suppress_near, lesion_candidates
 
 
 def noisy_heatmap(rows: int, cols: int, seed: int = 0) -> np.ndarray:

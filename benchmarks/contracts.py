@@ -22,8 +22,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import polars as pl
 
-from data_contracts import Grid, validate_tile_manifest
-from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
+from vadflow.data_contracts import Grid, validate_tile_manifest
+from vadflow.tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
 
 EXTENT = 128  # level-0 px: 64 px tiles at 0.5 um/px on a 0.25 um/px slide
 COLUMNS = 100  # tiles per row of the grid

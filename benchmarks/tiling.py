@@ -148,9 +148,9 @@ def peak_rss_mb() -> float:
 
 
 def _mask_manifest_child(path: str, out: str, queue) -> None:
-    from tasks.site import TilingConfig
-    from tasks.slides.reader import Slide
-    from tasks.tiling.grid import mask_downsample, tile_slide
+    from vadflow.tasks.site import TilingConfig
+    from vadflow.tasks.slides.reader import Slide
+    from vadflow.tasks.tiling.grid import mask_downsample, tile_slide
 
     tiling = TilingConfig(tile_size=TILE, target_mpp=TARGET_MPP)
     rss_imports = peak_rss_mb()
@@ -212,7 +212,7 @@ def raw_decode(path: Path, tiles) -> float:
 
 def dataset_reads(path: Path, tiles, cache_dir: Path | None = None, epochs: int = 1) -> list:
     """Seconds per epoch of `TileDataset.read_batch` in batches of 64 (slide opened before)."""
-    from tasks.slides.tiles import TileDataset
+    from vadflow.tasks.slides.tiles import TileDataset
 
     dataset = TileDataset(tiles, {tiles["slide_id"][0]: str(path)}, cache_dir=cache_dir)
     dataset._slide(0)  # open the handle outside the clock, as raw_decode does
@@ -229,9 +229,9 @@ def normalised_reads(path: Path, tiles, method: str) -> tuple[float, float]:
     """(seconds reading + normalising, seconds normalising alone) for one epoch in batches of 64,
     as scoring does it: the slide's stain estimated once, then each batch read and transformed
     to the fitted reference."""
-    from tasks.normalise.stain import make_normaliser
-    from tasks.prefect_tasks import STAIN_SOURCE_TILES
-    from tasks.slides.tiles import TileDataset
+    from vadflow.tasks.normalise.stain import make_normaliser
+    from vadflow.tasks.prefect_tasks import STAIN_SOURCE_TILES
+    from vadflow.tasks.slides.tiles import TileDataset
 
     dataset = TileDataset(tiles, {tiles["slide_id"][0]: str(path)})
     normaliser = make_normaliser(method).fit(dataset.read_batch(range(min(64, len(dataset)))))
@@ -254,7 +254,7 @@ def dataloader_reads(path: Path, tiles, workers: int = 2) -> float:
     """Seconds for a second epoch through persistent workers (start-up, slide opening excluded)."""
     from torch.utils.data import DataLoader
 
-    from tasks.slides.tiles import TileDataset
+    from vadflow.tasks.slides.tiles import TileDataset
 
     dataset = TileDataset(tiles, {tiles["slide_id"][0]: str(path)})
     loader = DataLoader(
@@ -293,7 +293,7 @@ def jpeg_bytes(path: Path, tiles) -> float:
 
 def naive(path: Path, size: int, sample: int, seed: int = 0) -> dict:
     """Read full-resolution tiles and test each for tissue; time a sample, extrapolate."""
-    from tasks.tiling.mask import MIN_SATURATION, feature_map
+    from vadflow.tasks.tiling.mask import MIN_SATURATION, feature_map
 
     extent = round(TILE * TARGET_MPP / MPP0)
     per_row = size // extent

@@ -1,8 +1,8 @@
 """Data contracts: great-expectations suites for manifests, scores and metrics, and a runner
 that reports failures by suite, expectation, column, example rows and slide."""
 
-from data_contracts.grid import Grid, Grids
-from data_contracts.runner import (
+from vadflow.data_contracts.grid import Grid, Grids
+from vadflow.data_contracts.runner import (
     SUITES,
     ContractError,
     ContractResult,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from data_contracts.rules import (
+from vadflow.data_contracts.rules import (
     Rule,
     Where,
     at_least,

@@ -28,8 +28,8 @@ import polars.selectors as cs
 if TYPE_CHECKING:
     import great_expectations as gx
 
-    from data_contracts.grid import Grids
-    from data_contracts.rules import Rule
+    from vadflow.data_contracts.grid import Grids
+    from vadflow.data_contracts.rules import Rule
 
 MAX_EXAMPLES = 5
 _LOCK = threading.Lock()  # the shared GX context is not documented as thread-safe
@@ -37,11 +37,11 @@ _LOCK = threading.Lock()  # the shared GX context is not documented as thread-sa
 # suite name -> (module, function returning its rules); the function's arguments are the
 # suite's parameters, and each parameter set is compiled once.
 SUITES: dict[str, tuple[str, str]] = {
-    "slide_manifest": ("data_contracts.slide_manifest", "slide_manifest_rules"),
-    "tile_manifest": ("data_contracts.tile_manifest", "tile_manifest_rules"),
-    "tile_scores": ("data_contracts.tile_scores", "tile_scores_rules"),
-    "slide_scores": ("data_contracts.slide_scores", "slide_scores_rules"),
-    "metrics": ("data_contracts.metrics", "metrics_rules"),
+    "slide_manifest": ("vadflow.data_contracts.slide_manifest", "slide_manifest_rules"),
+    "tile_manifest": ("vadflow.data_contracts.tile_manifest", "tile_manifest_rules"),
+    "tile_scores": ("vadflow.data_contracts.tile_scores", "tile_scores_rules"),
+    "slide_scores": ("vadflow.data_contracts.slide_scores", "slide_scores_rules"),
+    "metrics": ("vadflow.data_contracts.metrics", "metrics_rules"),
 }
 # Columns that identify a row, shown first in example rows when the frame has them.
 ROW_KEYS = ("record", "metric", "slide_id", "tile_id")
@@ -413,7 +413,7 @@ def validate_tile_manifest(
     """Validate a tile manifest against the ``tile_manifest`` suite, using its slide manifest
     for bounds, labels and splits. ``grids`` (one Grid, or slide_id -> Grid) turns on the
     tiling-grid rules; without it they are skipped and the result carries a note."""
-    from data_contracts.tile_manifest import validation_frame
+    from vadflow.data_contracts.tile_manifest import validation_frame
 
     frame = validation_frame(tiles, slides, grids)
     notes = []
@@ -429,7 +429,7 @@ def validate_tile_scores(
 ) -> ContractResult:
     """Validate tile scores (slide_id, tile_id, score) against the tile manifest: finite, in
     the detector's ``score_range``, exactly one per manifest tile of every scored slide."""
-    from data_contracts.tile_scores import validation_frame
+    from vadflow.data_contracts.tile_scores import validation_frame
 
     lo, hi = (float(v) for v in score_range)
     if lo > hi:
@@ -445,7 +445,7 @@ def validate_slide_scores(
     """Validate one row per scored slide (slide_id, tiles, slide_score, heatmap_downsample,
     heatmap_rows, heatmap_cols) against the slide manifest; ``expected_slides`` are the slides
     that were sent to scoring, each of which must have a row."""
-    from data_contracts.slide_scores import validation_frame
+    from vadflow.data_contracts.slide_scores import validation_frame
 
     return run_suite("slide_scores", validation_frame(slide_scores, slides, expected_slides))
 
@@ -454,6 +454,6 @@ def validate_metrics(
     metrics: Mapping[str, float] | pl.DataFrame, record: str = "metrics"
 ) -> ContractResult:
     """Validate a metrics record (name -> value) or a long frame (record, metric, value)."""
-    from data_contracts.metrics import validation_frame
+    from vadflow.data_contracts.metrics import validation_frame
 
     return run_suite("metrics", validation_frame(metrics, record))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from data_contracts.rules import (
+from vadflow.data_contracts.rules import (
     Rule,
     Where,
     between,
@@ -18,7 +18,7 @@ from data_contracts.rules import (
     null,
     schema,
 )
-from tasks.manifests import (
+from vadflow.tasks.manifests import (
     LABELS,
     MPP_SOURCES,
     SCHEMA_VERSION,

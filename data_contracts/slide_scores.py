@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from data_contracts.rules import (
+from vadflow.data_contracts.rules import (
     Rule,
     Where,
     between,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from data_contracts.grid import Grid, Grids
-from data_contracts.rules import (
+from vadflow.data_contracts.grid import Grid, Grids
+from vadflow.data_contracts.rules import (
     Rule,
     Where,
     at_least,
@@ -23,7 +23,7 @@ from data_contracts.rules import (
     schema,
     unique,
 )
-from tasks.manifests import SCHEMA_VERSION, SPLITS, TILE_SCHEMA
+from vadflow.tasks.manifests import SCHEMA_VERSION, SPLITS, TILE_SCHEMA
 
 SUITE_NAME = "tile_manifest"
 JOIN_KEYS = ("site", "slide_id")

@@ -13,7 +13,16 @@ import math
 
 import polars as pl
 
-from data_contracts.rules import Rule, Where, between, finite, in_set, not_null, schema, unique
+from vadflow.data_contracts.rules import (
+    Rule,
+    Where,
+    between,
+    finite,
+    in_set,
+    not_null,
+    schema,
+    unique,
+)
 
 SUITE_NAME = "tile_scores"
 COLUMNS = ("slide_id", "tile_id", "score")  # <slide>.tiles.parquet, tasks/scoring/heatmap.py

@@ -20,7 +20,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
-from deployments.sites import ENTRYPOINTS, LOCAL_POOL, SiteFile
+from vadflow.deployments.sites import ENTRYPOINTS, LOCAL_POOL, SiteFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_POOL_TYPE = "process"

@@ -13,8 +13,8 @@ from pathlib import Path
 import prefect
 import yaml
 
-from deployments.deploy import deployment_tags
-from deployments.sites import ENTRYPOINTS, SiteFile
+from vadflow.deployments.deploy import deployment_tags
+from vadflow.deployments.sites import ENTRYPOINTS, SiteFile
 
 HEADER = """\
 # Generated from deployments/sites/*.yaml by `vadflow deploy --write-prefect-yaml`; edit the

@@ -15,7 +15,7 @@ import yaml
 from prefect.client.schemas.schedules import CronSchedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.site import SiteConfig
+from vadflow.tasks.site import SiteConfig
 
 SITES_DIR = Path(__file__).parent / "sites"
 LOCAL_POOL = "vadflow-process"  # created on first deploy; any other pool must exist
@@ -80,7 +80,7 @@ class SiteFile(SiteConfig):
     @field_validator("families")
     @classmethod
     def _known_families(cls, value: list[str]) -> list[str]:
-        from tasks.detectors import available_families
+        from vadflow.tasks.detectors import available_families
 
         known = available_families()
         unknown = [f for f in value if f not in known]

@@ -14,13 +14,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.ingest import ingest
-from flows.nightly import resolve_site, state_home
-from tasks.evaluation.calibration import read_calibration
-from tasks.exports.render import SCORED_RUN_FILE
-from tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
-from tasks.site import SiteConfig, SiteLayout
-from tasks.tracking.mlflow_runs import resolve_tracking_uri
+from vadflow.flows.ingest import ingest
+from vadflow.flows.nightly import resolve_site, state_home
+from vadflow.tasks.evaluation.calibration import read_calibration
+from vadflow.tasks.exports.render import SCORED_RUN_FILE
+from vadflow.tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
+from vadflow.tasks.site import SiteConfig, SiteLayout
+from vadflow.tasks.tracking.mlflow_runs import resolve_tracking_uri
 
 
 @flow(name="batch-score", log_prints=True)

@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.commands.score import export as export_command
-from flows.commands.score import score as score_command
-from flows.commands.tracking import compare as compare_command
-from flows.commands.tracking import tracking_app
-from flows.commands.validate import validate as validate_command
-from flows.env import StatePaths, configure_state
+from vadflow.flows.commands.score import export as export_command
+from vadflow.flows.commands.score import score as score_command
+from vadflow.flows.commands.tracking import compare as compare_command
+from vadflow.flows.commands.tracking import tracking_app
+from vadflow.flows.commands.validate import validate as validate_command
+from vadflow.flows.env import StatePaths, configure_state
 
 app = typer.Typer(
     help="Unsupervised anomaly detection on whole slides and inspection images.\n\n"
@@ -52,7 +52,7 @@ def _progress() -> Progress:
 
 
 def _check_synth_mode(mode: str) -> None:
-    from tasks.synth.pathology import MODES
+    from vadflow.tasks.synth.pathology import MODES
 
     if mode not in MODES:
         console.print(f"[red]unknown --mode {mode!r}[/]: choose one of {', '.join(MODES)}")
@@ -78,7 +78,7 @@ def synth_pathology(
     ),
 ) -> None:
     """Pyramidal JPEG TIFF slides with tissue, planted lesions and ASAP XML annotations."""
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     _check_synth_mode(mode)
     total = train_normal + test_normal + test_tumor + train_tumor
@@ -116,7 +116,7 @@ def synth_industrial(
     ),
 ) -> None:
     """MVTec AD-layout folders: train/good, test/<defect>, ground_truth masks."""
-    from tasks.synth.industrial import make_industrial_site
+    from vadflow.tasks.synth.industrial import make_industrial_site
 
     _check_synth_mode(mode)
     with _progress() as bar:
@@ -163,13 +163,13 @@ def demo(
     state = configure_state(home)
     data = state.home / "data"
     if domain == "pathology":
-        from tasks.synth.pathology import make_pathology_site
+        from vadflow.tasks.synth.pathology import make_pathology_site
 
         site_dir = data / "demo-pathology"
         if not (site_dir / "site.yaml").exists():
             make_pathology_site(data, "demo-pathology", seed=seed)
     elif domain == "industrial":
-        from tasks.synth.industrial import make_industrial_site
+        from vadflow.tasks.synth.industrial import make_industrial_site
 
         site_dir = data / "demo-industrial"
         if not (site_dir / "site.yaml").exists():
@@ -185,7 +185,7 @@ def demo(
 def _run_flow(
     state: StatePaths, site_dir: Path, families: list[str] | None, epochs: int | None
 ) -> dict[str, Any]:
-    from tasks.site import load_site
+    from vadflow.tasks.site import load_site
 
     site = load_site(site_dir)  # fail fast, before Prefect starts, on a bad site folder
     overrides = {f: {"epochs": epochs} for f in (families or site.families)} if epochs else None
@@ -193,7 +193,7 @@ def _run_flow(
         f"running the nightly flow on [bold]{site.name}[/] ({site.domain}); "
         "Prefect's local API takes ~25 s to start the first time"
     )
-    from flows.nightly import nightly
+    from vadflow.flows.nightly import nightly
 
     with console.status("nightly flow running (progress is logged below)"):
         return nightly(
@@ -279,7 +279,7 @@ def evaluate(
     beside these, with the drop (home - away), and logged as a cross-site run in MLflow.
     """
     state = configure_state(home)
-    from flows.batch_score import batch_score
+    from vadflow.flows.batch_score import batch_score
 
     result = batch_score(str(site_dir), model=model, family=family, output_root=str(state.outputs))
     home_site = model.partition("@")[2] if model.startswith("champion@") else ""
@@ -305,8 +305,8 @@ def _print_cross_site(result: dict[str, Any], home_site: str, state: StatePaths)
 
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking.cross_site import report_cross_site
-    from tasks.tracking.mlflow_runs import (
+    from vadflow.tasks.tracking.cross_site import report_cross_site
+    from vadflow.tasks.tracking.mlflow_runs import (
         default_spool_dir,
         experiment_name,
         resolve_tracking_uri,
@@ -362,7 +362,7 @@ SitesOption = Annotated[
 @sites_app.command("check")
 def sites_check(sites: SitesOption = None) -> None:
     """Validate every site file; exit 1 naming each bad file and field."""
-    from deployments.sites import SITES_DIR, check_site_files
+    from vadflow.deployments.sites import SITES_DIR, check_site_files
 
     good, errors = check_site_files(sites or SITES_DIR)
     for site in good:
@@ -388,7 +388,7 @@ def deploy(
     import os
 
     configure_state(None)
-    from deployments.sites import SITES_DIR, check_site_files
+    from vadflow.deployments.sites import SITES_DIR, check_site_files
 
     good, errors = check_site_files(sites or SITES_DIR)
     if errors:
@@ -396,8 +396,8 @@ def deploy(
             console.print(f"[red]error[/] {error}", soft_wrap=True)
         raise typer.Exit(1)
     if write_prefect_yaml:
-        from deployments.deploy import REPO_ROOT
-        from deployments.prefect_yaml import write_prefect_yaml
+        from vadflow.deployments.deploy import REPO_ROOT
+        from vadflow.deployments.prefect_yaml import write_prefect_yaml
 
         console.print(f"wrote {write_prefect_yaml(good, REPO_ROOT / 'prefect.yaml')}")
     if not os.environ.get("PREFECT_API_URL"):
@@ -406,7 +406,7 @@ def deploy(
             "runs need a server and a worker (`prefect server start`, `prefect worker start "
             "--pool vadflow-process`) pointed at the same place"
         )
-    from deployments.deploy import deploy_site
+    from vadflow.deployments.deploy import deploy_site
 
     for site in good:
         if only and site.name not in only:
@@ -427,8 +427,8 @@ def batch(
     configure_state(None)
     from prefect.deployments import run_deployment
 
-    from deployments.deploy import deploy_site
-    from deployments.sites import SITES_DIR, PoolSpec, load_site_file
+    from vadflow.deployments.deploy import deploy_site
+    from vadflow.deployments.sites import SITES_DIR, PoolSpec, load_site_file
 
     site_file = load_site_file((sites or SITES_DIR) / f"{site}.yaml")
     one_off = site_file.model_copy(
@@ -466,7 +466,7 @@ def benchmark_detectors_command(
     markdown: Path | None = typer.Option(None, help="also write the table as Markdown here"),
 ) -> None:
     """Train every family on one hard synthetic site, same budget; print the honest table."""
-    from flows.commands.benchmark import benchmark_detectors, format_table
+    from vadflow.flows.commands.benchmark import benchmark_detectors, format_table
 
     try:
         budget = None if own_budget else epochs

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from tasks.prefect_tasks import (
+from vadflow.tasks.prefect_tasks import (
     discover_task,
     register_task,
     tile_site_task,
     validate_manifests_task,
 )
-from tasks.site import SiteConfig, SiteLayout
-from tasks.tiling.grid import TilingResult
-from tasks.validation import BoundaryCheck
+from vadflow.tasks.site import SiteConfig, SiteLayout
+from vadflow.tasks.tiling.grid import TilingResult
+from vadflow.tasks.validation import BoundaryCheck
 
 
 @dataclass(frozen=True)

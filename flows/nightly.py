@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.ingest import ingest
-from tasks.prefect_tasks import (
+from vadflow.flows.ingest import ingest
+from vadflow.tasks.prefect_tasks import (
     evaluate_task,
     export_task,
     finish_tracking_task,
@@ -28,15 +28,15 @@ from tasks.prefect_tasks import (
     validate_metrics_task,
     validate_scores_task,
 )
-from tasks.site import SiteConfig, SiteLayout, load_site
-from tasks.tracking.mlflow_runs import (
+from vadflow.tasks.site import SiteConfig, SiteLayout, load_site
+from vadflow.tasks.tracking.mlflow_runs import (
     default_artifact_root,
     default_spool_dir,
     manifest_hashes,
     resolve_tracking_uri,
     run_tags,
 )
-from tasks.validation import report_folder
+from vadflow.tasks.validation import report_folder
 
 
 def resolve_site(site: SiteConfig | None, site_dir: str | None) -> SiteConfig:

@@ -17,29 +17,29 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
-from tasks.evaluation.evaluate import evaluate_site, heatmap_value_range
-from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
-from tasks.exports.render import ScoredRun, render_exports
-from tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
-from tasks.normalise.stain import make_normaliser, normaliser_from_dict
-from tasks.scoring.heatmap import SlideScore, load_heatmap, score_slide
-from tasks.site import SiteConfig, SiteLayout
-from tasks.slides.discover import SlideSource, discover
-from tasks.slides.register import register_slide, slide_frame, write_quarantine
-from tasks.slides.tiles import load_tiles, sample_tiles
-from tasks.tiling.grid import TilingResult
-from tasks.tiling.runners import tile_site
-from tasks.tracking.nightly import (
+from vadflow.tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
+from vadflow.tasks.evaluation.evaluate import evaluate_site, heatmap_value_range
+from vadflow.tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
+from vadflow.tasks.exports.render import ScoredRun, render_exports
+from vadflow.tasks.manifests import TILE_SCHEMA, empty_frame, write_parquet_atomic
+from vadflow.tasks.normalise.stain import make_normaliser, normaliser_from_dict
+from vadflow.tasks.scoring.heatmap import SlideScore, load_heatmap, score_slide
+from vadflow.tasks.site import SiteConfig, SiteLayout
+from vadflow.tasks.slides.discover import SlideSource, discover
+from vadflow.tasks.slides.register import register_slide, slide_frame, write_quarantine
+from vadflow.tasks.slides.tiles import load_tiles, sample_tiles
+from vadflow.tasks.tiling.grid import TilingResult
+from vadflow.tasks.tiling.runners import tile_site
+from vadflow.tasks.tracking.nightly import (
     EXAMPLE_FILE,
     PromotionPolicy,
     finish_nightly,
     start_nightly,
     track_family,
 )
-from tasks.tracking.registry import download_champion, evaluation_set_hash
-from tasks.tracking.spool import TrackingSession
-from tasks.validation import (
+from vadflow.tasks.tracking.registry import download_champion, evaluation_set_hash
+from vadflow.tasks.tracking.spool import TrackingSession
+from vadflow.tasks.validation import (
     BoundaryCheck,
     check_manifests,
     check_metrics,
@@ -274,7 +274,7 @@ def train_task(
     A diverged run (NaN/inf) keeps its best weights and is reported as diverged: it is scored
     and logged so the failure is visible, and the champion gate never promotes it.
     """
-    from tasks.detectors import DivergedError, create_detector, detector_class
+    from vadflow.tasks.detectors import DivergedError, create_detector, detector_class
 
     logger = get_run_logger()
     supervision = detector_class(family).supervision
@@ -369,7 +369,7 @@ def score_task(
     model_dir: str, slide_row: dict, tiles_path: str, out_dir: str, heatmap_downsample: int
 ) -> SlideScore:
     """Score one slide with a saved model and the stain reference it was trained with."""
-    from tasks.detectors import load_detector
+    from vadflow.tasks.detectors import load_detector
 
     detector = load_detector(Path(model_dir))
     normaliser = load_stain_normaliser(Path(model_dir))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.slides.storage import StorageOptions, is_remote, join
+from vadflow.tasks.slides.storage import StorageOptions, is_remote, join
 
 SITE_FILE = "site.yaml"
 
@@ -53,7 +53,7 @@ class TilingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_preset(self) -> TilingConfig:
-        from tasks.tiling.mask import mask_preset
+        from vadflow.tasks.tiling.mask import mask_preset
 
         if self.mask_preset is not None:
             mask_preset(self.mask_preset)  # raises, naming the known presets

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from data_contracts import (
+from vadflow.data_contracts import (
     ContractError,
     ContractResult,
     Grid,
@@ -41,7 +41,7 @@ from data_contracts import (
     validate_tile_manifest,
     validate_tile_scores,
 )
-from tasks.manifests import TILE_SCHEMA, write_parquet_atomic
+from vadflow.tasks.manifests import TILE_SCHEMA, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def tile_grids(slides: pl.DataFrame, tiling: Any) -> dict[str, Grid]:
     Uses tasks.tiling.grid.working_geometry itself, so the contract checks the grid the tiler
     lays (its step depends on the MPP, not on the pyramid level, so any level will do).
     """
-    from tasks.tiling.grid import working_geometry
+    from vadflow.tasks.tiling.grid import working_geometry
 
     class _AnyLevel:
         def best_level_for_downsample(self, downsample: float) -> int:
@@ -235,7 +235,9 @@ def slide_scores_frame(scores: Iterable[Any]) -> pl.DataFrame:
 def _heatmap_shape(path: str | None) -> tuple[int | None, int | None]:
     if not path:
         return None, None
-    from tasks.scoring.heatmap import heatmap_file_shape  # torch: only when there are heatmaps
+    from vadflow.tasks.scoring.heatmap import (
+        heatmap_file_shape,  # torch: only when there are heatmaps
+    )
 
     try:
         shape = heatmap_file_shape(path)
@@ -339,7 +341,7 @@ def check_manifests(
 
 def declared_score_range(family: str) -> tuple[float, float]:
     """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown."""
-    from tasks.detectors import available_families, detector_class
+    from vadflow.tasks.detectors import available_families, detector_class
 
     if family not in available_families():
         return (0.0, math.inf)
@@ -349,7 +351,7 @@ def declared_score_range(family: str) -> tuple[float, float]:
 def family_of_run(run: str) -> str:
     """The detector family a heatmap run is named after: `ae_l2` for the nightly's `ae_l2`,
     `supervised_cnn` for batch scoring's `batch-supervised_cnn`; the name itself if none."""
-    from tasks.detectors import available_families
+    from vadflow.tasks.detectors import available_families
 
     return next(
         (f for f in available_families() if run == f or run.endswith(f"-{f}")),
@@ -798,7 +800,7 @@ def _latest_models(heatmaps: Path) -> dict[str, Path]:
 
 def _slide_score_record(folder: Path, slide_id: str, downsample: int) -> dict[str, Any]:
     """A SlideScore rebuilt from the files scoring left (its record is not kept on disk)."""
-    from tasks.scoring.heatmap import load_heatmap
+    from vadflow.tasks.scoring.heatmap import load_heatmap
 
     heatmap = folder / f"{slide_id}.heatmap.tif"
     if not heatmap.exists() and (folder / f"{slide_id}.heatmap.npy").exists():

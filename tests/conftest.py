@@ -31,7 +31,7 @@ tempfile.tempdir = str(TMP)  # Prefect's harness database lands here too
 # Torch's OpenMP threads spin-wait between small ops; on 2 busy cores that costs 10-50x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from flows.env import configure_state  # noqa: E402
+from vadflow.flows.env import configure_state  # noqa: E402
 
 configure_state(STATE / "home")
 os.environ["PREFECT_HOME"] = str(STATE / "home" / "prefect")

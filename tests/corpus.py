@@ -58,7 +58,7 @@ class Case:
 
 def tissue(width: int = CORPUS_SIZE[0], height: int = CORPUS_SIZE[1], seed: int = 11) -> np.ndarray:
     """A small synthetic H&E image, (height, width, 3) uint8, rendered by the site generator."""
-    from tasks.synth.pathology import write_synthetic_slide
+    from vadflow.tasks.synth.pathology import write_synthetic_slide
 
     scratch = Path(tempfile.mkdtemp(prefix="corpus-"))
     try:
@@ -204,7 +204,7 @@ def malformed_xml(site: Path, pixels: np.ndarray) -> None:
 
 
 def _ids() -> dict[str, str]:
-    from tasks.slides.identity import safe_slide_id
+    from vadflow.tasks.slides.identity import safe_slide_id
 
     return {
         "traversal": safe_slide_id(TRAVERSAL_NAME.removesuffix(".tif")),
@@ -285,8 +285,8 @@ def corpus_run(prefect_harness, state_dir: Path) -> dict:
 
     Fake credentials sit in the environment for the whole run (for the security tests).
     """
-    from flows.nightly import nightly
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     site = make_pathology_site(
         state_dir / "data",

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tasks.evaluation.metrics import image_auroc
-from tasks.scoring.aggregate import (
+from vadflow.tasks.evaluation.metrics import image_auroc
+from vadflow.tasks.scoring.aggregate import (
     cross_validated_forest,
     feature_table,
     heatmap_max,

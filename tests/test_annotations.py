@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.slides.annotations import (
+from vadflow.tasks.slides.annotations import (
     Polygon,
     rasterize_annotations,
     read_asap_xml,

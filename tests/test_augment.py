@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.detectors import Trainer, TrainSettings, create_detector
-from tasks.detectors.augment import (
+from vadflow.tasks.detectors import Trainer, TrainSettings, create_detector
+from vadflow.tasks.detectors.augment import (
     Augmentation,
     brightness_contrast,
     hed_jitter,
@@ -20,8 +20,8 @@ from tasks.detectors.augment import (
     rgb_to_hed,
     rgb_to_hsv,
 )
-from tasks.detectors.base import to_tensor
-from tasks.site import AugmentationConfig
+from vadflow.tasks.detectors.base import to_tensor
+from vadflow.tasks.site import AugmentationConfig
 
 STRONG = Augmentation(
     flips=True, rot90=True, hed_jitter=0.2, hsv_jitter=0.2, brightness=0.2, contrast=0.5
@@ -99,7 +99,7 @@ def test_zero_strength_is_the_identity_and_colour_spaces_round_trip() -> None:
     # The conversions the jitters go through lose nothing (above HED's one-step OD floor).
     lit = batch.clamp(1.0 / 255.0, 1.0)
     assert torch.allclose(hed_to_rgb(rgb_to_hed(lit)), lit, atol=1e-5)
-    from tasks.detectors.augment import hsv_to_rgb
+    from vadflow.tasks.detectors.augment import hsv_to_rgb
 
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(batch)), batch, atol=1e-5)
 

@@ -14,8 +14,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.scoring.heatmap import load_heatmap
-from tasks.slides.identity import is_safe_slide_id
+from vadflow.tasks.scoring.heatmap import load_heatmap
+from vadflow.tasks.slides.identity import is_safe_slide_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 pytest_plugins = ["tests.corpus"]

@@ -18,20 +18,25 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tasks.detectors import available_families, create_detector, detector_class, load_detector
-from tasks.detectors.mil import aggregate_bags, bag_offsets, top_k_per_bag
-from tasks.detectors.supervised_cnn import (
+from vadflow.tasks.detectors import (
+    available_families,
+    create_detector,
+    detector_class,
+    load_detector,
+)
+from vadflow.tasks.detectors.mil import aggregate_bags, bag_offsets, top_k_per_bag
+from vadflow.tasks.detectors.supervised_cnn import (
     LabelsRequiredError,
     epoch_index,
     mine_hard_negatives,
     sigmoid,
     tile_logits,
 )
-from tasks.slides.ground_truth import ground_truth_mask
-from tasks.slides.reader import Slide
-from tasks.synth.pathology import make_pathology_site
-from tasks.tiling import mask as masking
-from tasks.tiling.grid import coverage, tile_origins
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.synth.pathology import make_pathology_site
+from vadflow.tasks.tiling import mask as masking
+from vadflow.tasks.tiling.grid import coverage, tile_origins
 
 TILE = 64  # px, read at level 1: 0.5 um/px on slides drawn at 0.25 um/px
 LEVEL = 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluation.camelyon import (
+from vadflow.tasks.evaluation.camelyon import (
     CAMELYON_DOWNSAMPLE,
     CAMELYON_MPP,
     evaluation_mask,
@@ -15,8 +15,8 @@ from tasks.evaluation.camelyon import (
     read_camelyon_csv,
     write_camelyon_csv,
 )
-from tasks.evaluation.froc import froc
-from tasks.slides.annotations import write_asap_xml
+from vadflow.tasks.evaluation.froc import froc
+from vadflow.tasks.slides.annotations import write_asap_xml
 
 PIXEL_UM = CAMELYON_MPP * CAMELYON_DOWNSAMPLE  # 7.776 um per level-5 pixel
 # Growth is distance < 75 / (2 * 7.776) = 4.82 px: a gap of g pixels closes when

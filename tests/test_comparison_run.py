@@ -39,8 +39,8 @@ OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def comparison_run(prefect_harness, state_dir: Path) -> dict:
-    from flows.nightly import nightly
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     site = make_pathology_site(
         state_dir / "data",
@@ -65,7 +65,7 @@ def comparison_run(prefect_harness, state_dir: Path) -> dict:
 
 def vadflow(run: dict, *args: str) -> Result:
     """`vadflow <args>` through the real CLI app, 100 columns wide so no header wraps."""
-    from flows.cli import app
+    from vadflow.flows.cli import app
 
     home = ["--tracking-uri", run["tracking"], "--home", str(run["home"])]
     result = CliRunner().invoke(app, [*args, *home], env={"COLUMNS": "100"})

@@ -11,7 +11,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 import polars as pl
 import pytest
 
-from data_contracts import (
+from vadflow.data_contracts import (
     SUITES,
     ContractError,
     ContractResult,
@@ -26,7 +26,7 @@ from data_contracts import (
     validate_tile_manifest,
     validate_tile_scores,
 )
-from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
+from vadflow.tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
 
 SITE = "site-a"
 
@@ -373,7 +373,7 @@ def test_tile_score_range_is_a_parameter() -> None:
 
 def test_each_family_is_held_to_its_declared_score_range() -> None:
     """Classifier logits are negative on normal tiles; a distance never is."""
-    from tasks.validation import declared_score_range, family_of_run
+    from vadflow.tasks.validation import declared_score_range, family_of_run
 
     logits = _score(_scores(), "tumor_001:0:0", -24.0)
     assert declared_score_range("supervised_cnn") == declared_score_range("mil")

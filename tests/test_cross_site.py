@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.evaluation.cross_site import metric_drops, site_tiles, transfer
-from tasks.synth.pathology import SHIFTED_STAIN, make_pathology_site
+from vadflow.tasks.evaluation.cross_site import metric_drops, site_tiles, transfer
+from vadflow.tasks.synth.pathology import SHIFTED_STAIN, make_pathology_site
 
 FAMILY = "ae_l2"  # a residual autoencoder: reconstructs colour, so a stain shift shows
 OVERRIDES = {"seed": 0, "epochs": 8}
@@ -86,9 +86,9 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import app
-    from flows.nightly import nightly
-    from tasks.tracking.mlflow_runs import experiment_name, local_tracking_uri
+    from vadflow.flows.cli import app
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.tracking.mlflow_runs import experiment_name, local_tracking_uri
 
     data = state_dir / "cross-site-data"
     kw = dict(n_train_normal=2, n_test_normal=1, n_test_tumor=1, width=1536, height=1024)

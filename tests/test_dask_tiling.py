@@ -11,11 +11,11 @@ import pytest
 import pyvips
 from polars.testing import assert_frame_equal
 
-from tasks.site import ParallelConfig, SiteConfig, TilingConfig
-from tasks.slides.discover import SlideSource
-from tasks.slides.register import register_slide
-from tasks.tiling.grid import tile_slides
-from tasks.tiling.runners import task_runner_for, tile_site, tiling_executor
+from vadflow.tasks.site import ParallelConfig, SiteConfig, TilingConfig
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.tiling.grid import tile_slides
+from vadflow.tasks.tiling.runners import task_runner_for, tile_site, tiling_executor
 
 TILING = TilingConfig(tile_size=32)
 
@@ -60,7 +60,7 @@ def test_local_process_pool_equals_serial(site_rows, serial, tmp_path: Path) -> 
     results = tile_site(site_rows, site, tmp_path / "t", tmp_path / "m")
     assert_frame_equal(_manifest(results), serial)
     # Nothing left to do: no pool is started, the results come from the done markers.
-    with mock.patch("tasks.tiling.runners.tiling_executor", side_effect=AssertionError):
+    with mock.patch("vadflow.tasks.tiling.runners.tiling_executor", side_effect=AssertionError):
         again = tile_site(site_rows, site, tmp_path / "t", tmp_path / "m")
     assert again == results
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from deployments.deploy import DeploymentConfigError, check_job_variables
-from deployments.prefect_yaml import render_prefect_yaml
-from deployments.sites import SITES_DIR, check_site_files, load_site_file
-from flows.cli import app
+from vadflow.deployments.deploy import DeploymentConfigError, check_job_variables
+from vadflow.deployments.prefect_yaml import render_prefect_yaml
+from vadflow.deployments.sites import SITES_DIR, check_site_files, load_site_file
+from vadflow.flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = """\
@@ -163,8 +163,8 @@ def test_deploy_two_sites_and_run_one_on_a_process_worker(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from deployments.deploy import deploy_site
-    from tasks.synth.industrial import make_industrial_site
+    from vadflow.deployments.deploy import deploy_site
+    from vadflow.tasks.synth.industrial import make_industrial_site
 
     site_dir = make_industrial_site(
         tmp_path / "data", "line-src", n_train=12, n_test_good=4, n_test_per_defect=2, seed=1

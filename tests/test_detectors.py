@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tasks.detectors import (
+from vadflow.tasks.detectors import (
     DivergedError,
     FitReport,
     available_families,

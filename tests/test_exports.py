@@ -14,25 +14,25 @@ import pytest
 from matplotlib import colormaps
 from PIL import Image
 
-from tasks.evaluation.froc import froc
-from tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
-from tasks.evaluation.pro import pro_curve
-from tasks.exports.asap import (
+from vadflow.tasks.evaluation.froc import froc
+from vadflow.tasks.evaluation.plots import plot_froc, plot_pro, plot_roc
+from vadflow.tasks.evaluation.pro import pro_curve
+from vadflow.tasks.exports.asap import (
     read_candidates_asap,
     region_polygons,
     write_candidates_asap,
     write_regions_asap,
 )
-from tasks.exports.geojson import (
+from vadflow.tasks.exports.geojson import (
     candidates_geojson,
     export_slide_geojson,
     regions_geojson,
     write_geojson,
 )
-from tasks.exports.overlay import BAR_STRIP_PX, heatmap_overlay, with_colour_bar
-from tasks.exports.report import write_html_report
-from tasks.scoring.aggregate import heatmap_regions, lesion_candidates
-from tasks.slides.annotations import rasterize_annotations, read_asap_xml
+from vadflow.tasks.exports.overlay import BAR_STRIP_PX, heatmap_overlay, with_colour_bar
+from vadflow.tasks.exports.report import write_html_report
+from vadflow.tasks.scoring.aggregate import heatmap_regions, lesion_candidates
+from vadflow.tasks.slides.annotations import rasterize_annotations, read_asap_xml
 
 
 def _heatmap() -> np.ndarray:

@@ -27,11 +27,11 @@ import pyvips
 import torch
 from polars.testing import assert_frame_equal
 
-from tasks.site import TilingConfig
-from tasks.slides.discover import SlideSource
-from tasks.slides.register import register_slide
-from tasks.slides.storage import StorageError, StorageOptions, read_parquet, storage_for
-from tasks.tiling.grid import tile_slides
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.slides.storage import StorageError, StorageOptions, read_parquet, storage_for
+from vadflow.tasks.tiling.grid import tile_slides
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -79,7 +79,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(1)
-from tasks.detectors import create_detector
+from vadflow.tasks.detectors import create_detector
 
 mode, folder = sys.argv[1], Path(sys.argv[2])
 rng = np.random.default_rng(0)
@@ -367,9 +367,9 @@ DISK_CHILD = """
 import json, resource, signal, sys
 from pathlib import Path
 import polars as pl
-from tasks.manifests import write_parquet_atomic
-from tasks.site import TilingConfig
-from tasks.tiling.grid import tile_slides
+from vadflow.tasks.manifests import write_parquet_atomic
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.tiling.grid import tile_slides
 
 rows = json.loads(Path(sys.argv[1]).read_text())
 out, limit = Path(sys.argv[2]), int(sys.argv[3])

@@ -18,9 +18,14 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from flows.commands.benchmark import SiteSize, build_hard_site, load_benchmark_tiles, run_family
-from tasks.detectors import create_detector, load_detector
-from tasks.detectors.backbones import (
+from vadflow.flows.commands.benchmark import (
+    SiteSize,
+    build_hard_site,
+    load_benchmark_tiles,
+    run_family,
+)
+from vadflow.tasks.detectors import create_detector, load_detector
+from vadflow.tasks.detectors.backbones import (
     FilterBank,
     PatchFeatures,
     SmallCNN,
@@ -29,9 +34,9 @@ from tasks.detectors.backbones import (
     rotation_loss,
     save_backbone_weights,
 )
-from tasks.detectors.patch_knn import k_center_greedy, nearest_distances
-from tasks.slides.tiles import load_tiles
-from tasks.synth.industrial import make_industrial_site
+from vadflow.tasks.detectors.patch_knn import k_center_greedy, nearest_distances
+from vadflow.tasks.slides.tiles import load_tiles
+from vadflow.tasks.synth.industrial import make_industrial_site
 
 SMALL = {"batch_size": 32, "base_channels": 8, "device": "cpu"}
 # Four normal training slides (one held out for validation), three normal and three tumour test

@@ -11,15 +11,15 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.scoring.heatmap import load_heatmap
+from vadflow.tasks.scoring.heatmap import load_heatmap
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
 
 @pytest.fixture(scope="module")
 def pathology_run(prefect_harness, state_dir: Path) -> dict:
-    from flows.nightly import nightly
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     site = make_pathology_site(
         state_dir / "data",
@@ -110,8 +110,8 @@ def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) ->
 
 @pytest.fixture(scope="module")
 def industrial_run(prefect_harness, state_dir: Path) -> dict:
-    from flows.nightly import nightly
-    from tasks.synth.industrial import make_industrial_site
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.industrial import make_industrial_site
 
     site = make_industrial_site(
         state_dir / "data", "tiny-line", n_train=24, n_test_good=8, n_test_per_defect=4, seed=3
@@ -129,10 +129,10 @@ def test_same_flow_runs_on_an_mvtec_folder(industrial_run) -> None:
 
 def test_exports_and_report_recompute_to_the_logged_metrics(pathology_run) -> None:
     """FROC and slide AUC recomputed from the files people open match the flow's metrics."""
-    from tasks.evaluation.camelyon import evaluation_mask, read_camelyon_csv
-    from tasks.evaluation.froc import froc
-    from tasks.evaluation.metrics import image_auroc
-    from tasks.slides.ground_truth import ground_truth_mask
+    from vadflow.tasks.evaluation.camelyon import evaluation_mask, read_camelyon_csv
+    from vadflow.tasks.evaluation.froc import froc
+    from vadflow.tasks.evaluation.metrics import image_auroc
+    from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
     summary = pathology_run["summary"]
     out = Path(summary["outputs"])

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_contracts import ContractError
+from vadflow.data_contracts import ContractError
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -30,9 +30,9 @@ DUPLICATE = "expect_column_values_to_be_unique"  # tile_id
 
 def _tiled_site(state_dir: Path, name: str, extra_yaml: str) -> dict:
     """A tiny synthetic site, registered and tiled once by the flow's own ingest stages."""
-    from flows.ingest import ingest
-    from tasks.site import SiteLayout, load_site
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.ingest import ingest
+    from vadflow.tasks.site import SiteLayout, load_site
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     site_dir = make_pathology_site(
         state_dir / "data",
@@ -109,7 +109,7 @@ def _task_runs(flow_run_id) -> list:
 
 @pytest.fixture(scope="module")
 def strict_run(prefect_harness, state_dir: Path) -> dict:
-    from flows.nightly import nightly
+    from vadflow.flows.nightly import nightly
 
     tiled = _tiled_site(state_dir, "contracts-strict", "")
     assert tiled["site"].contracts == "strict"  # the default, not set in site.yaml
@@ -172,7 +172,7 @@ def test_strict_contract_failure_stops_before_training(strict_run) -> None:
 
 @pytest.fixture(scope="module")
 def quarantine_run(prefect_harness, state_dir: Path) -> dict:
-    from flows.nightly import nightly
+    from vadflow.flows.nightly import nightly
 
     tiled = _tiled_site(state_dir, "contracts-quarantine", "contracts: quarantine\n")
     bad = _corrupt_a_train_slide(tiled["layout"])

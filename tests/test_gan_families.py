@@ -12,14 +12,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from tasks.detectors import DivergedError, create_detector
-from tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors import DivergedError, create_detector
+from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
     GeneratorCollapse,
     gradient_penalty,
     latent_search,
 )
-from tasks.detectors.training import NonFiniteStep
+from vadflow.tasks.detectors.training import NonFiniteStep
 
 SIZE = 32
 STROMA = np.array([0.92, 0.74, 0.82])

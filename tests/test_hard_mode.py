@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from flows.commands.benchmark import (
+from vadflow.flows.commands.benchmark import (
     SiteSize,
     benchmark_detectors,
     benchmark_families,
@@ -25,9 +25,9 @@ from flows.commands.benchmark import (
     run_family,
     tile_auroc,
 )
-from tasks.detectors import available_families, detector_class
-from tasks.synth.industrial import make_industrial_site
-from tasks.synth.pathology import (
+from vadflow.tasks.detectors import available_families, detector_class
+from vadflow.tasks.synth.industrial import make_industrial_site
+from vadflow.tasks.synth.pathology import (
     _lesion_field,
     _plan_slide_hard,
     _tissue_field,
@@ -89,8 +89,8 @@ def _cut_tiles(
     `mask_path`) and tissue masks (N, T, T) bool. The whole slide is read at the working
     resolution at once, so this is for small (synthetic) slides only.
     """
-    from tasks.slides.ground_truth import ground_truth_mask
-    from tasks.slides.reader import Slide, resize_rgb
+    from vadflow.tasks.slides.ground_truth import ground_truth_mask
+    from vadflow.tasks.slides.reader import Slide, resize_rgb
 
     with Slide(slide_path) as slide:
         downsample = working_mpp / (slide.mpp or working_mpp)
@@ -338,7 +338,7 @@ def test_benchmark_tiles_are_labelled_from_the_ground_truth(tiny_site: Path, tmp
 def test_benchmark_reports_every_family_and_flags_failures(
     tiny_site: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
-    from tasks.detectors.padim import PadimDetector
+    from vadflow.tasks.detectors.padim import PadimDetector
 
     def broken_fit(self, train, val, **kwargs):
         raise RuntimeError("boom")
@@ -378,7 +378,7 @@ def test_benchmark_runs_every_family_and_skips_labelled_ones_without_labels(
 
 
 def test_the_shared_budget_or_each_familys_own():
-    from flows.commands.benchmark import budget_overrides
+    from vadflow.flows.commands.benchmark import budget_overrides
 
     shared = budget_overrides("supervised_cnn", epochs=3, tile_size=64, seed=1, device="cpu")
     assert shared == {"epochs": 3, "tile_size": 64, "seed": 1, "device": "cpu"}
@@ -396,8 +396,8 @@ def test_benchmark_refuses_unknown_families_and_sizes():
 def test_synth_cli_writes_hard_sites_and_refuses_unknown_modes(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.cli import app
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     runner = CliRunner()
     args = ["--width", "1024", "--height", "1024", "--train-normal", "1", "--test-normal", "0"]

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from tasks.evaluation.camelyon import EvaluationMask
-from tasks.evaluation.froc import FP_RATES, froc, label_lesions, lesion_candidates
-from tasks.evaluation.metrics import (
+from vadflow.tasks.evaluation.camelyon import EvaluationMask
+from vadflow.tasks.evaluation.froc import FP_RATES, froc, label_lesions, lesion_candidates
+from vadflow.tasks.evaluation.metrics import (
     UndefinedMetricWarning,
     f1_max,
     image_auroc,
@@ -18,7 +18,7 @@ from tasks.evaluation.metrics import (
     roc_points,
     threshold_at_fpr,
 )
-from tasks.evaluation.pro import area_to, mvtec_metrics, pro_curve, pro_score
+from vadflow.tasks.evaluation.pro import area_to, mvtec_metrics, pro_curve, pro_score
 
 LABELS = [False, False, False, True, True]
 
@@ -126,7 +126,7 @@ def test_lesion_candidates_of_a_float32_heatmap_equal_its_float64_copy() -> None
 
 @pytest.mark.parametrize("min_distance", [1, 2, 3, 5])
 def test_candidate_suppression_by_buckets_equals_comparing_every_pair(min_distance: int) -> None:
-    from tasks.scoring.aggregate import _suppress_near
+    from vadflow.tasks.scoring.aggregate import _suppress_near
 
     rng = np.random.default_rng(min_distance)
     rows = rng.uniform(0, 60, 3000).round(1)  # centres of mass land between cells

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking.registry import (
+from vadflow.tasks.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     DECISION_TAG,
@@ -206,10 +206,10 @@ def test_register_needs_a_logged_model(client) -> None:
 def test_registered_champion_round_trips_through_mlflow(mlflow_server, tiny_detector) -> None:
     """Logged, registered and promoted on a real server, the model loads through `models:/`
     and scores exactly as the detector object it came from."""
-    from tasks.detectors import load_detector
-    from tasks.tracking.mlflow_runs import experiment_id_by_name, start_run
-    from tasks.tracking.pyfunc import log_detector_model
     from tests.mlflow_server import use_tracking_uri
+    from vadflow.tasks.detectors import load_detector
+    from vadflow.tasks.tracking.mlflow_runs import experiment_id_by_name, start_run
+    from vadflow.tasks.tracking.pyfunc import log_detector_model
 
     uri = mlflow_server.uri
     client = MlflowClient(uri, registry_uri=uri)

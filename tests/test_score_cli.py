@@ -17,14 +17,14 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from tasks.scoring.heatmap import HeatmapGeometry, read_heatmap_tiff, write_heatmap_tiff
+from vadflow.tasks.scoring.heatmap import HeatmapGeometry, read_heatmap_tiff, write_heatmap_tiff
 
 SITE = "score-cli"
 flow_test = [pytest.mark.slow, pytest.mark.flow]
 
 
 def _cli():
-    from flows.cli import app
+    from vadflow.flows.cli import app
 
     return app
 
@@ -32,8 +32,8 @@ def _cli():
 def test_heatmaps_and_records_from_runs_before_the_tiff_only_layout_still_load(
     tmp_path: Path,
 ) -> None:
-    from tasks.exports.render import _slide_score
-    from tasks.scoring.heatmap import heatmap_file_shape, load_heatmap
+    from vadflow.tasks.exports.render import _slide_score
+    from vadflow.tasks.scoring.heatmap import heatmap_file_shape, load_heatmap
 
     heat = np.random.default_rng(0).random((5, 7)).astype(np.float32)
     npy = tmp_path / "s1.heatmap.npy"
@@ -86,8 +86,8 @@ def test_heatmap_tiff_round_trip_with_geometry_and_pyramid(tmp_path: Path) -> No
 def trained(prefect_harness, state_dir: Path):
     """The nightly flow on a tiny site (the model, its calibration, the champion alias), and a
     folder of 'new' slides: the site's test slides, with no layout, labels or annotations."""
-    from flows.nightly import nightly
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     data = state_dir / "data"
     site = make_pathology_site(
@@ -113,7 +113,7 @@ def trained(prefect_harness, state_dir: Path):
 
 
 def _score(trained: dict, model: str):
-    from tasks.exports.render import load_scored_run
+    from vadflow.tasks.exports.render import load_scored_run
 
     home = trained["home"]
     result = CliRunner().invoke(
@@ -218,7 +218,7 @@ def test_export_redraws_without_rescoring(trained, scored) -> None:
         _cli(), ["export", str(run.heatmap_dir), "--colour-map", "viridis", "--alpha", "0.3"]
     )
     assert styled.exit_code == 0, styled.output
-    from tasks.exports.render import load_scored_run
+    from vadflow.tasks.exports.render import load_scored_run
 
     restyled = load_scored_run(run.heatmap_dir)
     assert restyled.style.colour_map == "viridis" and restyled.style.alpha == 0.3
@@ -253,7 +253,7 @@ def test_export_redraws_without_rescoring(trained, scored) -> None:
 @pytest.mark.flow
 def test_evaluate_shares_the_scoring_path_and_its_run_can_be_redrawn(trained) -> None:
     """`vadflow evaluate` on the training site: metrics, and the same calibration as nightly."""
-    from tasks.exports.render import load_scored_run
+    from vadflow.tasks.exports.render import load_scored_run
 
     model_dir = trained["summary"]["families"]["ae_l2"]["model_dir"]
     result = CliRunner().invoke(
@@ -280,7 +280,7 @@ def test_evaluate_shares_the_scoring_path_and_its_run_can_be_redrawn(trained) ->
 @pytest.mark.flow
 def test_export_reproduces_the_nightly_runs_evaluated_candidates(trained) -> None:
     """Re-rendering a nightly run recomputes evaluation's candidates exactly (FROC inputs)."""
-    from tasks.exports.render import load_scored_run
+    from vadflow.tasks.exports.render import load_scored_run
 
     outputs = Path(trained["summary"]["outputs"])
     nightly = next((outputs / "heatmaps").glob("ae_l2-*"))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.scoring.heatmap import HeatmapAccumulator, heatmap_shape
+from vadflow.tasks.scoring.heatmap import HeatmapAccumulator, heatmap_shape
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tasks.slides.identity import (
+from vadflow.tasks.slides.identity import (
     MAX_ID_LENGTH,
     PSEUDONYM_KEY_ENV,
     PseudonymKeyError,
@@ -26,7 +26,7 @@ from tasks.slides.identity import (
     pseudonymise,
     safe_slide_id,
 )
-from tasks.slides.storage import join
+from vadflow.tasks.slides.storage import join
 
 pytest_plugins = ["tests.corpus"]
 
@@ -81,9 +81,9 @@ def test_safe_names_are_kept_and_unsafe_ones_never_collide() -> None:
 
 
 def test_unsafe_ids_are_refused_where_paths_are_built(tmp_path: Path) -> None:
-    from tasks.site import TilingConfig
-    from tasks.slides.register import write_quarantine
-    from tasks.tiling.grid import tile_slide_safely
+    from vadflow.tasks.site import TilingConfig
+    from vadflow.tasks.slides.register import write_quarantine
+    from vadflow.tasks.tiling.grid import tile_slide_safely
 
     for bad in ("../escape", "a/b", "..", ""):
         with pytest.raises(UnsafeSlideIdError, match="not a safe file name"):
@@ -105,9 +105,9 @@ def test_unsafe_ids_are_refused_where_paths_are_built(tmp_path: Path) -> None:
 
 
 def test_discover_rejects_links_out_of_the_site_and_sanitises_ids(tmp_path: Path) -> None:
-    from tasks.slides.discover import discover
-    from tasks.slides.register import register_slide
     from tests.corpus import write_pyramid
+    from vadflow.tasks.slides.discover import discover
+    from vadflow.tasks.slides.register import register_slide
 
     pixels = np.full((256, 256, 3), 200, np.uint8)
     site = tmp_path / "site"
@@ -131,9 +131,9 @@ def test_s3_keys_with_dot_segments_are_rejected(
 ) -> None:
     from moto.server import ThreadedMotoServer
 
-    from tasks.slides.discover import discover
-    from tasks.slides.storage import StorageOptions, storage_for
     from tests.corpus import write_pyramid
+    from vadflow.tasks.slides.discover import discover
+    from vadflow.tasks.slides.storage import StorageOptions, storage_for
 
     for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():
         monkeypatch.setenv(name, value)
@@ -160,8 +160,8 @@ def test_s3_keys_with_dot_segments_are_rejected(
 
 
 def test_exact_copies_keep_one_and_differing_copies_are_all_rejected(tmp_path: Path) -> None:
-    from tasks.slides.discover import discover
     from tests.corpus import write_pyramid
+    from vadflow.tasks.slides.discover import discover
 
     pixels = np.full((64, 64, 3), 200, np.uint8)
     images = tmp_path / "testing" / "images"
@@ -283,8 +283,8 @@ def test_no_flow_parameter_or_site_field_carries_a_credential() -> None:
     import inspect
     import re
 
-    from flows.nightly import nightly
-    from tasks.site import SiteConfig
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.site import SiteConfig
 
     credential = re.compile(r"secret|password|passwd|token|access_key|credential|api_key", re.I)
 
@@ -336,8 +336,8 @@ def test_pseudonym_key_comes_from_env_or_a_secret_block(
 
 
 def test_discover_with_a_key_hides_every_file_name(tmp_path: Path) -> None:
-    from tasks.slides.discover import discover
     from tests.corpus import write_pyramid
+    from vadflow.tasks.slides.discover import discover
 
     pixels = np.full((64, 64, 3), 200, np.uint8)
     for name in ("Doe_Jane", "Roe_Rich", "Poe_Edgar", "Moe_Sam"):
@@ -392,8 +392,8 @@ def _svs_like(path: Path, *, label: bool, tiled_macro: bool = False) -> Path:
 
 @pytest.mark.parametrize("tiled_macro", [False, True], ids=["strip-macro", "tiled-macro"])
 def test_label_and_macro_are_never_levels_nor_exported(tmp_path: Path, tiled_macro: bool):
-    from tasks.exports.overlay import heatmap_overlay
-    from tasks.slides.reader import Slide
+    from vadflow.tasks.exports.overlay import heatmap_overlay
+    from vadflow.tasks.slides.reader import Slide
 
     with_label = _svs_like(tmp_path / "with.svs", label=True, tiled_macro=tiled_macro)
     without = _svs_like(tmp_path / "without.svs", label=False)

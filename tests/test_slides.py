@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import pyvips
 
-from tasks.slides.discover import NoSlidesError, discover
-from tasks.slides.reader import Slide, SlideOpenError
-from tasks.slides.register import register_slide, slide_frame
+from vadflow.tasks.slides.discover import NoSlidesError, discover
+from vadflow.tasks.slides.reader import Slide, SlideOpenError
+from vadflow.tasks.slides.register import register_slide, slide_frame
 
 
 def _pyramid(path: Path, array: np.ndarray, mpp: float | None = 0.25) -> Path:
@@ -173,7 +173,7 @@ def test_aperio_svs_levels_mpp_and_no_label_or_macro(tmp_path: Path, backend: st
 
 
 def test_aperio_svs_with_absurd_mpp_is_quarantined(tmp_path: Path) -> None:
-    from tasks.slides.discover import SlideSource
+    from vadflow.tasks.slides.discover import SlideSource
 
     path = _aperio_svs(tmp_path / "odd.svs", mpp=0.001)
     source = SlideSource("odd", str(path), "normal", "normal", "train", None)
@@ -241,7 +241,7 @@ def test_grey_with_alpha_is_flattened_on_white(tmp_path: Path) -> None:
 
 
 def test_truncated_and_non_image_files_are_quarantined(tmp_path: Path) -> None:
-    from tasks.slides.discover import SlideSource
+    from vadflow.tasks.slides.discover import SlideSource
 
     whole = _pyramid(tmp_path / "whole.tif", _tissue(1024, 1024))
     data = whole.read_bytes()
@@ -256,7 +256,7 @@ def test_truncated_and_non_image_files_are_quarantined(tmp_path: Path) -> None:
 
 
 def test_mpp_sources_and_bounds(tmp_path: Path) -> None:
-    from tasks.slides.discover import SlideSource
+    from vadflow.tasks.slides.discover import SlideSource
 
     def row(path: Path, domain: str = "pathology", **kwargs):
         source = SlideSource(path.stem, str(path), "normal", "normal", "test", None)
@@ -280,7 +280,7 @@ def test_mpp_sources_and_bounds(tmp_path: Path) -> None:
 def test_site_config_rejects_implausible_override() -> None:
     from pydantic import ValidationError
 
-    from tasks.site import SiteConfig
+    from vadflow.tasks.site import SiteConfig
 
     with pytest.raises(ValidationError, match="outside mpp_bounds"):
         SiteConfig(name="s", domain="pathology", source="/x", mpp_override=50.0)
@@ -322,7 +322,7 @@ def two_slides(tmp_path_factory: pytest.TempPathFactory):
 def test_dataset_batches_keep_the_asked_order_and_one_handle_per_slide(two_slides) -> None:
     import pickle
 
-    from tasks.slides.tiles import TileDataset, load_tiles
+    from vadflow.tasks.slides.tiles import TileDataset, load_tiles
 
     frame, uris, expected = two_slides
     dataset = TileDataset(frame, uris)
@@ -338,7 +338,7 @@ def test_dataloader_with_spawned_workers_reads_every_tile_once(two_slides) -> No
     import torch
     from torch.utils.data import DataLoader
 
-    from tasks.slides.tiles import TileDataset
+    from vadflow.tasks.slides.tiles import TileDataset
 
     frame, uris, expected = two_slides
     loader = DataLoader(
@@ -353,7 +353,7 @@ def test_dataloader_with_spawned_workers_reads_every_tile_once(two_slides) -> No
 
 
 def test_tile_cache_fills_once_and_serves_the_same_pixels(two_slides, tmp_path: Path) -> None:
-    from tasks.slides.tiles import TileDataset
+    from vadflow.tasks.slides.tiles import TileDataset
 
     frame, uris, expected = two_slides
     first = TileDataset(frame, uris, cache_dir=tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.color import rgb2lab
 
-from tasks.normalise.stain import (
+from vadflow.tasks.normalise.stain import (
     Macenko,
     Reinhard,
     macenko_stains,
@@ -119,13 +119,13 @@ def test_scoring_a_slide_applies_the_models_stain_reference_per_slide(tmp_path) 
     import polars as pl
     import pyvips
 
-    from tasks.detectors import create_detector
-    from tasks.prefect_tasks import STAIN_FILE, STAIN_SOURCE_TILES, score_task
-    from tasks.site import TilingConfig
-    from tasks.slides.discover import SlideSource
-    from tasks.slides.register import register_slide
-    from tasks.slides.tiles import load_tiles, sample_tiles
-    from tasks.tiling.grid import tile_slide
+    from vadflow.tasks.detectors import create_detector
+    from vadflow.tasks.prefect_tasks import STAIN_FILE, STAIN_SOURCE_TILES, score_task
+    from vadflow.tasks.site import TilingConfig
+    from vadflow.tasks.slides.discover import SlideSource
+    from vadflow.tasks.slides.register import register_slide
+    from vadflow.tasks.slides.tiles import load_tiles, sample_tiles
+    from vadflow.tasks.tiling.grid import tile_slide
 
     # A 16 x 8 mosaic of 128 px tiles, its lower half stained twice as strongly: two batches
     # of 64 tiles that per-batch estimation would normalise apart.

@@ -11,11 +11,11 @@ import pytest
 import pyvips
 from polars.testing import assert_frame_equal
 
-from tasks.site import SiteLayout, TilingConfig
-from tasks.slides.discover import NoSlidesError, discover
-from tasks.slides.reader import Slide
-from tasks.slides.register import register_slide, write_quarantine
-from tasks.slides.storage import (
+from vadflow.tasks.site import SiteLayout, TilingConfig
+from vadflow.tasks.slides.discover import NoSlidesError, discover
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.slides.register import register_slide, write_quarantine
+from vadflow.tasks.slides.storage import (
     LocalStorage,
     StorageError,
     StorageOptions,
@@ -24,7 +24,7 @@ from tasks.slides.storage import (
     s3_client,
     storage_for,
 )
-from tasks.tiling.grid import finished_tiling, tile_slides
+from vadflow.tasks.tiling.grid import finished_tiling, tile_slides
 
 BUCKET = "vadflow-test"
 
@@ -81,7 +81,7 @@ def _camelyon_site(root: Path) -> Path:
     _slide(root / "testing" / "images" / "test_001.tif")
     (root / "testing" / "reference.csv").write_text("test_001,Tumor,Macro\n")
     (root / "lesion_annotations").mkdir()
-    from tasks.slides.annotations import write_asap_xml
+    from vadflow.tasks.slides.annotations import write_asap_xml
 
     square = np.array([[400, 300], [1000, 300], [1000, 900], [400, 900]], float)
     write_asap_xml(root / "lesion_annotations" / "test_001.xml", [square])
@@ -175,7 +175,7 @@ def test_missing_bucket_and_dead_endpoint_name_the_uri(s3: StorageOptions, tmp_p
 
 
 def test_site_file_names_an_s3_source_and_endpoint(tmp_path: Path) -> None:
-    from tasks.site import load_site
+    from vadflow.tasks.site import load_site
 
     (tmp_path / "site.yaml").write_text(
         "domain: pathology\nsource: s3://slides/site-a\n"

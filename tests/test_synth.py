@@ -12,10 +12,10 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from tasks.site import load_site
-from tasks.slides.annotations import rasterize_annotations, read_asap_xml
-from tasks.synth.industrial import make_industrial_site
-from tasks.synth.pathology import make_pathology_site, write_synthetic_slide
+from vadflow.tasks.site import load_site
+from vadflow.tasks.slides.annotations import rasterize_annotations, read_asap_xml
+from vadflow.tasks.synth.industrial import make_industrial_site
+from vadflow.tasks.synth.pathology import make_pathology_site, write_synthetic_slide
 
 WIDTH, HEIGHT = 1536, 1024
 
@@ -55,6 +55,7 @@ def test_pathology_layout_and_reference(site: Path) -> None:
     assert yaml.safe_load((site / "site.yaml").read_text()) == {
         "name": "tiny-site",
         "domain": "pathology",
+        "froc_itc_um": 10.0,  # the isolated-cell rule that fits synthetic lesions
     }
     assert load_site(site).domain == "pathology"
     assert [p.name for p in (site / "training" / "normal").iterdir()] == ["normal_000.tif"]

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.detectors import create_detector, load_detector
-from tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
-from tasks.evaluation.evaluate import heatmap_value_range
-from tasks.evaluation.metrics import threshold_at_fpr
-from tasks.synth.industrial import make_industrial_site
+from vadflow.tasks.detectors import create_detector, load_detector
+from vadflow.tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
+from vadflow.tasks.evaluation.evaluate import heatmap_value_range
+from vadflow.tasks.evaluation.metrics import threshold_at_fpr
+from vadflow.tasks.synth.industrial import make_industrial_site
 
 pytestmark = [pytest.mark.slow]  # trains a model (~25 s on 2 busy cores)
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from tasks.site import TilingConfig
-from tasks.slides.discover import SlideSource
-from tasks.slides.reader import LevelInfo
-from tasks.slides.register import register_slide
-from tasks.tiling.grid import (
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.reader import LevelInfo
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.tiling.grid import (
     coverage,
     finished_tiling,
     tile_origins,
@@ -26,7 +26,7 @@ from tasks.tiling.grid import (
     tile_slides,
     working_geometry,
 )
-from tasks.tiling.mask import (
+from vadflow.tasks.tiling.mask import (
     MASK_PRESETS,
     MaskPreset,
     mask_downsample,
@@ -273,7 +273,7 @@ def test_no_tissue_reason_says_what_the_mask_found_and_what_to_change(tmp_path: 
 
 
 def test_tiles_carry_lesion_fraction_from_asap_xml(tmp_path: Path) -> None:
-    from tasks.slides.annotations import write_asap_xml
+    from vadflow.tasks.slides.annotations import write_asap_xml
 
     path = _slide_file(tmp_path / "t.tif", np.full((2048, 2048, 3), (190, 100, 165), np.uint8))
     square = np.array([[0, 0], [1024, 0], [1024, 1024], [0, 1024]], float)

@@ -15,10 +15,10 @@ import polars as pl
 import pyvips
 from polars.testing import assert_frame_equal
 
-from tasks.site import TilingConfig
-from tasks.slides.discover import SlideSource
-from tasks.slides.register import register_slide
-from tasks.tiling.grid import tile_slides
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.tiling.grid import tile_slides
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SLIDES = 6
@@ -27,8 +27,8 @@ N_SLIDES = 6
 # parent can kill it part way through (the pause is the test's, not the library's).
 CHILD = """
 import json, sys, time
-from tasks.site import TilingConfig
-from tasks.tiling.grid import tile_slides
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.tiling.grid import tile_slides
 rows = json.loads(open(sys.argv[1]).read())
 tiling = TilingConfig.model_validate_json(sys.argv[2])
 tile_slides(rows, tiling, "pathology", sys.argv[3], sys.argv[4],

@@ -11,12 +11,12 @@ import pytest
 import pyvips
 from PIL import Image
 
-from tasks.site import TilingConfig
-from tasks.slides.discover import SlideSource
-from tasks.slides.reader import Slide
-from tasks.slides.register import register_slide
-from tasks.tiling.grid import finished_tiling, tile_origins, tile_slide
-from tasks.tiling.overlay import (
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.tiling.grid import finished_tiling, tile_origins, tile_slide
+from vadflow.tasks.tiling.overlay import (
     ALPHA,
     COLOURS,
     GREEN,

@@ -16,9 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks.site import TilingConfig
-from tasks.tracking.compare import compare_runs, write_comparison
-from tasks.tracking.mlflow_runs import (
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.tracking.compare import compare_runs, write_comparison
+from vadflow.tasks.tracking.mlflow_runs import (
     curve_metrics,
     default_artifact_root,
     experiment_name,
@@ -27,9 +27,14 @@ from tasks.tracking.mlflow_runs import (
     resolve_tracking_uri,
     run_tags,
 )
-from tasks.tracking.nightly import PromotionPolicy, finish_nightly, start_nightly, track_family
-from tasks.tracking.spool import TrackingSession
-from tasks.tracking.system_metrics import SystemMetrics, collectors
+from vadflow.tasks.tracking.nightly import (
+    PromotionPolicy,
+    finish_nightly,
+    start_nightly,
+    track_family,
+)
+from vadflow.tasks.tracking.spool import TrackingSession
+from vadflow.tasks.tracking.system_metrics import SystemMetrics, collectors
 
 pytest_plugins = ["tests.mlflow_server"]
 
@@ -281,7 +286,7 @@ def _night(session, site: str, version: str, aurocs: dict[str, float]) -> str:
 def test_compare_across_families_and_nights(
     mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.commands.tracking import compare
+    from vadflow.flows.commands.tracking import compare
 
     site = f"cmp-{uuid.uuid4().hex[:6]}"
     with TrackingSession(mlflow_server.uri, tmp_path / "spool") as session:

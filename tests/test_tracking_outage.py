@@ -17,8 +17,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks.tracking.mlflow_runs import experiment_name, run_tags
-from tasks.tracking.spool import (
+from vadflow.tasks.tracking.mlflow_runs import experiment_name, run_tags
+from vadflow.tasks.tracking.spool import (
     LOCAL_PREFIX,
     TrackingSession,
     is_unreachable,
@@ -167,7 +167,7 @@ def test_offline_session_spools_everything_and_sync_replays_it_once(
     assert ops[0] == "open" and ops[-1] == "close"
     assert ops.count("create_run") == 2 and "log_model" in ops
     assert pending_operations(spool) == session.spooled
-    from flows.commands.tracking import tracking_app
+    from vadflow.flows.commands.tracking import tracking_app
 
     status = CliRunner().invoke(tracking_app, ["status", "--spool", str(spool)])
     assert status.exit_code == 0 and f"{session.spooled} operation(s) waiting" in status.output
@@ -210,8 +210,8 @@ def test_server_stopped_mid_run_then_sync_restores_the_history(
 ) -> None:
     """A real `mlflow server`: log, stop it mid-run, keep logging (spooled), start it again,
     `vadflow tracking sync`; the server's metric history equals the trainer's own record."""
-    from flows.commands.tracking import tracking_app
     from tests.mlflow_server import MlflowServer, use_tracking_uri
+    from vadflow.flows.commands.tracking import tracking_app
 
     server = MlflowServer(tmp_path / "server").start()
     spool = tmp_path / "spool"
@@ -299,8 +299,8 @@ def test_nightly_logging_finishes_with_the_server_down(
 ) -> None:
     """The nightly's own calls (`start_nightly`, `track_family`, `finish_nightly`) complete
     with no server; after sync the family run, its model and the champion are there."""
-    from tasks.site import TilingConfig
-    from tasks.tracking.nightly import (
+    from vadflow.tasks.site import TilingConfig
+    from vadflow.tasks.tracking.nightly import (
         PromotionPolicy,
         finish_nightly,
         start_nightly,

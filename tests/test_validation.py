@@ -15,12 +15,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from data_contracts import ContractError, Grid
-from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
-from tasks.scoring.heatmap import HeatmapGeometry, write_heatmap_tiff
-from tasks.site import TilingConfig
-from tasks.tiling.grid import tile_origins
-from tasks.validation import (
+from vadflow.data_contracts import ContractError, Grid
+from vadflow.tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA, conform
+from vadflow.tasks.scoring.heatmap import HeatmapGeometry, write_heatmap_tiff
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.tiling.grid import tile_origins
+from vadflow.tasks.validation import (
     QuarantinedSlide,
     check_manifests,
     check_metrics,
@@ -401,7 +401,7 @@ def _make_outputs(home: Path) -> Path:
 
 
 def test_validate_outputs_runs_every_contract(tmp_path: Path) -> None:
-    from tasks.site import load_site
+    from vadflow.tasks.site import load_site
 
     site_dir = _make_outputs(tmp_path)
     outcome = validate_outputs(tmp_path / "outputs" / SITE, load_site(site_dir), run="check")
@@ -419,7 +419,7 @@ def test_validate_outputs_runs_every_contract(tmp_path: Path) -> None:
 
 
 def _cli() -> typer.Typer:
-    from flows.commands.validate import validate
+    from vadflow.flows.commands.validate import validate
 
     app = typer.Typer()
     app.command()(validate)

@@ -107,7 +107,7 @@ def build_hard_site(
     out_dir: Path, size: str | SiteSize = "small", seed: int = 0, name: str = "hard-site"
 ) -> Path:
     """Write a hard-mode Camelyon16-shaped site and return its folder."""
-    from tasks.synth.pathology import make_pathology_site
+    from vadflow.tasks.synth.pathology import make_pathology_site
 
     geometry = _size(size)
     return make_pathology_site(
@@ -134,11 +134,11 @@ def load_benchmark_tiles(
     """
     import polars as pl
 
-    from tasks.site import load_site
-    from tasks.slides.discover import discover
-    from tasks.slides.register import register_slide, slide_frame
-    from tasks.slides.tiles import load_tiles
-    from tasks.tiling.grid import tile_slide
+    from vadflow.tasks.site import load_site
+    from vadflow.tasks.slides.discover import discover
+    from vadflow.tasks.slides.register import register_slide, slide_frame
+    from vadflow.tasks.slides.tiles import load_tiles
+    from vadflow.tasks.tiling.grid import tile_slide
 
     site = load_site(site_dir)
     site = site.model_copy(
@@ -192,7 +192,7 @@ def load_benchmark_tiles(
 
 def tile_auroc(test: TileSet, tile_scores: np.ndarray) -> float:
     """Tiles at least TILE_POSITIVE lesion against lesion-free tiles; NaN if undefined."""
-    from tasks.evaluation.metrics import image_auroc
+    from vadflow.tasks.evaluation.metrics import image_auroc
 
     scores = np.asarray(tile_scores, dtype=np.float64)
     keep = (test.label_fraction >= TILE_POSITIVE) | (test.label_fraction == 0)
@@ -210,8 +210,8 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
     """
     import polars as pl
 
-    from tasks.evaluation.evaluate import evaluate_site
-    from tasks.scoring.heatmap import score_slide
+    from vadflow.tasks.evaluation.evaluate import evaluate_site
+    from vadflow.tasks.scoring.heatmap import score_slide
 
     site = data.site
     scores, tile_scores = {}, []
@@ -244,7 +244,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
 
 def benchmark_families() -> list[str]:
     """Every registered family: the unsupervised ones first, then the labelled baselines."""
-    from tasks.detectors import available_families, detector_class
+    from vadflow.tasks.detectors import available_families, detector_class
 
     def labelled(family: str) -> bool:
         return getattr(detector_class(family), "supervision", "none") != "none"
@@ -267,7 +267,7 @@ def budget_overrides(
     latent space (their `score` field: residual, latent or combined); the others have no such
     field and ignore it.
     """
-    from tasks.detectors import detector_class
+    from vadflow.tasks.detectors import detector_class
 
     names = {f.name for f in fields(detector_class(family).config_cls)}
     wanted = {
@@ -285,7 +285,7 @@ def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
 
     Labels are read by the nightly flow's own functions; LookupError when the site has none.
     """
-    from tasks.prefect_tasks import labelled_training_tiles, training_bags
+    from vadflow.tasks.prefect_tasks import labelled_training_tiles, training_bags
 
     if supervision == "none":
         detector.fit(data.train, data.val)
@@ -312,7 +312,7 @@ def run_family(
     score: str = "residual",
 ) -> BenchmarkRow:
     """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
-    from tasks.detectors import create_detector, detector_class
+    from vadflow.tasks.detectors import create_detector, detector_class
 
     started = time.perf_counter()
     nan = float("nan")
@@ -382,7 +382,7 @@ def benchmark_detectors(
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
     temporary folder, removed afterwards, when None).
     """
-    from tasks.detectors import available_families
+    from vadflow.tasks.detectors import available_families
 
     chosen = list(families) if families else benchmark_families()
     unknown = sorted(set(chosen) - set(available_families()))

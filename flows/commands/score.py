@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_state
+from vadflow.flows.env import configure_state
 
 console = Console()
 
@@ -54,15 +54,15 @@ def score(
         )
         raise typer.Exit(2)
     state = configure_state(home)
-    from tasks.exports.render import load_scored_run
-    from tasks.site import load_site
+    from vadflow.tasks.exports.render import load_scored_run
+    from vadflow.tasks.site import load_site
 
     try:
         load_site(site_dir)  # fail fast, before Prefect starts, on a bad site folder
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]cannot read site {site_dir}:[/] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
-    from flows.batch_score import batch_score
+    from vadflow.flows.batch_score import batch_score
 
     try:
         result = batch_score(
@@ -110,7 +110,7 @@ def export(
     ),
 ) -> None:
     """Redraw a scored run's overlays, GeoJSON, ASAP XML and report, without rescoring."""
-    from tasks.exports.render import ExportStyle, load_scored_run, render_exports
+    from vadflow.tasks.exports.render import ExportStyle, load_scored_run, render_exports
 
     try:
         run = load_scored_run(scored)

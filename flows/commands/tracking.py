@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_state
+from vadflow.flows.env import configure_state
 
 console = Console()
 
@@ -70,15 +70,15 @@ def compare(
     state = configure_state(home)
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking.compare import (
+    from vadflow.tasks.tracking.compare import (
         COMPARE_METRICS,
         HEADLINE_METRICS,
         METRIC_LABELS,
         compare_runs,
         latest_parent_run,
     )
-    from tasks.tracking.compare import log_comparison as log_to_run
-    from tasks.tracking.mlflow_runs import resolve_tracking_uri
+    from vadflow.tasks.tracking.compare import log_comparison as log_to_run
+    from vadflow.tasks.tracking.mlflow_runs import resolve_tracking_uri
 
     asked = metric or list(HEADLINE_METRICS)
     compared = list(dict.fromkeys([*COMPARE_METRICS, *asked]))  # what the CSV and plot carry
@@ -135,8 +135,8 @@ def status(
 ) -> None:
     """Say how much logging is waiting in the spool for `vadflow tracking sync`."""
     state = configure_state(home)
-    from tasks.tracking.mlflow_runs import default_spool_dir
-    from tasks.tracking.spool import pending_operations
+    from vadflow.tasks.tracking.mlflow_runs import default_spool_dir
+    from vadflow.tasks.tracking.spool import pending_operations
 
     folder = spool or default_spool_dir(state.home)
     waiting = pending_operations(folder)
@@ -159,8 +159,8 @@ def sync(
 ) -> None:
     """Replay logging spooled while the tracking server was unreachable; safe to rerun."""
     state = configure_state(home)
-    from tasks.tracking.mlflow_runs import default_spool_dir, resolve_tracking_uri
-    from tasks.tracking.spool import sync as replay
+    from vadflow.tasks.tracking.mlflow_runs import default_spool_dir, resolve_tracking_uri
+    from vadflow.tasks.tracking.spool import sync as replay
 
     uri = resolve_tracking_uri(tracking_uri, state.home)
     folder = spool or default_spool_dir(state.home)
@@ -186,7 +186,7 @@ def sync(
 
 def _site_name(site: str) -> str:
     if Path(site).is_dir():
-        from tasks.site import load_site
+        from vadflow.tasks.site import load_site
 
         return load_site(site).name
     return site

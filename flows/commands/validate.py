@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_state
+from vadflow.flows.env import configure_state
 
 console = Console()
 
@@ -34,8 +34,8 @@ def validate(
 ) -> None:
     """Run every data contract on a site's existing outputs and say what broke."""
     state = configure_state(home)
-    from tasks.site import SiteLayout, load_site
-    from tasks.validation import validate_outputs
+    from vadflow.tasks.site import SiteLayout, load_site
+    from vadflow.tasks.validation import validate_outputs
 
     try:
         site = load_site(site_dir)

@@ -7,7 +7,7 @@ Importing this package imports every family subpackage (each folder here with an
 import importlib
 import pkgutil
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     Detector,
     DivergedError,
     FitReport,
@@ -23,7 +23,7 @@ from tasks.detectors.base import (
     to_tensor,
     top_fraction_mean,
 )
-from tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.ispkg:

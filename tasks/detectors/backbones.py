@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.detectors.base import EpochCallback, FitReport, autocast_for, to_tensor
-from tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.base import EpochCallback, FitReport, autocast_for, to_tensor
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both")
@@ -601,7 +601,7 @@ def patch_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly map (b, 1, H, W) and tile score (b,) from a model giving patch scores
     (b, 1, h, w): upsampled to the tile, smoothed, tile score = mean of the top fraction."""
-    from tasks.detectors.base import gaussian_smooth, top_fraction_mean
+    from vadflow.tasks.detectors.base import gaussian_smooth, top_fraction_mean
 
     with autocast_for(device):
         patch_map = model(batch)

@@ -49,16 +49,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.backbones import upsample_map
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.backbones import upsample_map
+from vadflow.tasks.detectors.base import (
     Detector,
     FitReport,
     gaussian_smooth,
     to_tensor,
     top_fraction_mean,
 )
-from tasks.detectors.patch_knn.coreset import k_center_greedy
-from tasks.detectors.patch_knn.torch_model import nearest_distances
+from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
+from vadflow.tasks.detectors.patch_knn.torch_model import nearest_distances
 
 SCORE_OPTIONS = ("residual", "latent", "combined")
 DENSITY_PREFIX = "latent_density."

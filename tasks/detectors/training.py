@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.augment import Augmentation
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.augment import Augmentation
+from vadflow.tasks.detectors.base import (
     DivergedError,
     EpochCallback,
     FitReport,

@@ -30,8 +30,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label, regionprops
 
-from tasks.scoring.aggregate import Candidate
-from tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.scoring.aggregate import Candidate
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 CAMELYON_MPP = 0.243  # level-0 um/px the official script assumes for every slide
 CAMELYON_DOWNSAMPLE = 32  # level 5

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from tasks.evaluation.metrics import image_auroc
-from tasks.normalise.stain import make_normaliser
-from tasks.site import load_site
-from tasks.slides.discover import discover
-from tasks.slides.register import register_slide
-from tasks.slides.tiles import load_tiles
-from tasks.tiling.grid import tile_slide
+from vadflow.tasks.evaluation.metrics import image_auroc
+from vadflow.tasks.normalise.stain import make_normaliser
+from vadflow.tasks.site import load_site
+from vadflow.tasks.slides.discover import discover
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.slides.tiles import load_tiles
+from vadflow.tasks.tiling.grid import tile_slide
 
 INTERIOR_FRACTION = 0.9
 LESION_FRACTION = 0.25  # a test tile is a lesion tile from here; partly covered ones are left out
@@ -102,7 +102,7 @@ def transfer(
     A tenth of home's training tiles is held out: the detector validates on it and the
     threshold is its (1 - TARGET_FPR) quantile, as the pipeline calibrates on held-out normals.
     """
-    from tasks.detectors import create_detector
+    from vadflow.tasks.detectors import create_detector
 
     normaliser = make_normaliser(normalisation).fit(home.train)
     detector = create_detector(family, **(overrides or {}))

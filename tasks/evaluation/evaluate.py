@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from tasks.evaluation.camelyon import DILATION_UM, ITC_MAJOR_AXIS_UM, evaluation_mask
-from tasks.evaluation.froc import FrocResult, froc, lesion_candidates
-from tasks.evaluation.metrics import f1_max, image_auroc, pixel_auroc, threshold_at_fpr
-from tasks.evaluation.pro import ProCurve, pro_curve, pro_score
-from tasks.scoring.aggregate import cross_validated_forest, feature_table
-from tasks.scoring.heatmap import load_heatmap
-from tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.evaluation.camelyon import DILATION_UM, ITC_MAJOR_AXIS_UM, evaluation_mask
+from vadflow.tasks.evaluation.froc import FrocResult, froc, lesion_candidates
+from vadflow.tasks.evaluation.metrics import f1_max, image_auroc, pixel_auroc, threshold_at_fpr
+from vadflow.tasks.evaluation.pro import ProCurve, pro_curve, pro_score
+from vadflow.tasks.scoring.aggregate import cross_validated_forest, feature_table
+from vadflow.tasks.scoring.heatmap import load_heatmap
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 log = logging.getLogger(__name__)
 FROC_DOWNSAMPLE = 32  # the official evaluation mask is at level 5 (32x)

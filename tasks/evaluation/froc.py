@@ -35,8 +35,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from tasks.evaluation.camelyon import EvaluationMask
-from tasks.scoring.aggregate import Candidate, lesion_candidates
+from vadflow.tasks.evaluation.camelyon import EvaluationMask
+from vadflow.tasks.scoring.aggregate import Candidate, lesion_candidates
 
 __all__ = [
     "FP_RATES",

@@ -13,9 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from tasks.evaluation.froc import FrocResult
-from tasks.evaluation.metrics import image_auroc, roc_points
-from tasks.evaluation.pro import ProCurve, area_to
+from vadflow.tasks.evaluation.froc import FrocResult
+from vadflow.tasks.evaluation.metrics import image_auroc, roc_points
+from vadflow.tasks.evaluation.pro import ProCurve, area_to
 
 _SIZE_IN = (5.0, 4.5)
 _DPI = 120

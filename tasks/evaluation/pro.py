@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-from tasks.evaluation.metrics import (
+from vadflow.tasks.evaluation.metrics import (
     UndefinedMetricWarning,
     f1_max,
     image_auroc,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import points_in_poly
 
-from tasks.scoring.aggregate import Candidate, Region
-from tasks.slides.annotations import Polygon, read_asap_xml, write_asap_xml
+from vadflow.tasks.scoring.aggregate import Candidate, Region
+from vadflow.tasks.slides.annotations import Polygon, read_asap_xml, write_asap_xml
 
 CANDIDATE_GROUP = "Candidates"
 REGION_GROUP = "Tumor"

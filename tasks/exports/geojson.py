@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.scoring.aggregate import Candidate, Region, heatmap_regions
+from vadflow.tasks.scoring.aggregate import Candidate, Region, heatmap_regions
 
 TUMOUR_CLASS = "Tumor"  # QuPath's built-in class name
 TUMOUR_RGB = (200, 0, 0)

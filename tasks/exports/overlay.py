@@ -9,7 +9,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
-from tasks.slides.reader import Slide
+from vadflow.tasks.slides.reader import Slide
 
 TARGET_EDGE_PX = 1024  # long edge of the overlay: readable, and small enough to open anywhere
 COLOUR_MAP = "inferno"

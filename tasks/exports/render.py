@@ -25,14 +25,14 @@ import numpy as np
 import polars as pl
 from matplotlib import colormaps
 
-from tasks.evaluation.camelyon import write_camelyon_csv
-from tasks.exports.asap import write_candidates_asap
-from tasks.exports.geojson import export_slide_geojson
-from tasks.exports.overlay import COLOUR_MAP, heatmap_overlay
-from tasks.exports.report import write_html_report
-from tasks.scoring.aggregate import Candidate, heatmap_regions, lesion_candidates
-from tasks.scoring.heatmap import SlideScore, load_heatmap
-from tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.evaluation.camelyon import write_camelyon_csv
+from vadflow.tasks.exports.asap import write_candidates_asap
+from vadflow.tasks.exports.geojson import export_slide_geojson
+from vadflow.tasks.exports.overlay import COLOUR_MAP, heatmap_overlay
+from vadflow.tasks.exports.report import write_html_report
+from vadflow.tasks.scoring.aggregate import Candidate, heatmap_regions, lesion_candidates
+from vadflow.tasks.scoring.heatmap import SlideScore, load_heatmap
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
 

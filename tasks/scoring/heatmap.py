@@ -24,9 +24,9 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from tasks.manifests import write_parquet_atomic
-from tasks.slides.reader import Slide
-from tasks.slides.tiles import iter_tile_batches
+from vadflow.tasks.manifests import write_parquet_atomic
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.slides.tiles import iter_tile_batches
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import io
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from tasks.slides.identity import MAX_ID_LENGTH, pseudonymise, safe_slide_id
-from tasks.slides.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
-from tasks.slides.storage import StorageOptions, is_remote, storage_for
+from vadflow.tasks.slides.identity import MAX_ID_LENGTH, pseudonymise, safe_slide_id
+from vadflow.tasks.slides.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from vadflow.tasks.slides.storage import StorageOptions, is_remote, storage_for
 
 SKIP_DIRS = {"ground_truth", "lesion_annotations", "masks"}
 _IMAGE_LIKE = frozenset(SLIDE_SUFFIXES) | frozenset(IMAGE_SUFFIXES)

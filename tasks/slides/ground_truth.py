@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from tasks.slides.annotations import rasterize_annotations, read_asap_xml
+from vadflow.tasks.slides.annotations import rasterize_annotations, read_asap_xml
 
 
 def ground_truth_mask(

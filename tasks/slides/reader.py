@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from tasks.slides.storage import StorageOptions, is_remote, local_path
+from vadflow.tasks.slides.storage import StorageOptions, is_remote, local_path
 
 SLIDE_SUFFIXES = (
     ".tif",

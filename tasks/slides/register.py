@@ -17,12 +17,12 @@ from typing import Any
 
 import polars as pl
 
-from tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, conform
-from tasks.slides.annotations import read_asap_xml
-from tasks.slides.discover import SlideSource
-from tasks.slides.identity import check_slide_id
-from tasks.slides.reader import TIFF_FORMATS, Slide, tiff_damage
-from tasks.slides.storage import (
+from vadflow.tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, conform
+from vadflow.tasks.slides.annotations import read_asap_xml
+from vadflow.tasks.slides.discover import SlideSource
+from vadflow.tasks.slides.identity import check_slide_id
+from vadflow.tasks.slides.reader import TIFF_FORMATS, Slide, tiff_damage
+from vadflow.tasks.slides.storage import (
     StorageOptions,
     is_remote,
     join,

@@ -24,8 +24,8 @@ import numpy as np
 import polars as pl
 from torch.utils.data import Dataset
 
-from tasks.slides.reader import Slide
-from tasks.slides.storage import StorageOptions
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.slides.storage import StorageOptions
 
 TILE_COLUMNS = ("x", "y", "extent", "level", "size")
 

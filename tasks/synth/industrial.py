@@ -24,7 +24,7 @@ import pyvips
 import yaml
 from scipy import ndimage
 
-from tasks.synth.pathology import prepare_synthetic_site
+from vadflow.tasks.synth.pathology import prepare_synthetic_site
 
 DEFECTS = ("scratch", "stain")
 HARD_DEFECTS = ("scratch", "smudge")

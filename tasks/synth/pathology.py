@@ -43,7 +43,7 @@ import yaml
 from scipy import ndimage
 from skimage import measure
 
-from tasks.slides.annotations import write_asap_xml
+from vadflow.tasks.slides.annotations import write_asap_xml
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
-from tasks.site import TilingConfig
-from tasks.slides.ground_truth import ground_truth_mask
-from tasks.slides.identity import check_slide_id
-from tasks.slides.reader import Slide
-from tasks.slides.storage import (
+from vadflow.tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
+from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.slides.identity import check_slide_id
+from vadflow.tasks.slides.reader import Slide
+from vadflow.tasks.slides.storage import (
     StorageOptions,
     is_remote,
     join,
@@ -40,8 +40,8 @@ from tasks.slides.storage import (
     storage_for,
     write_parquet,
 )
-from tasks.tiling import mask as masking
-from tasks.tiling import overlay
+from vadflow.tasks.tiling import mask as masking
+from vadflow.tasks.tiling import overlay
 
 # Part of every fingerprint: bump when the masking or grid code changes what it writes.
 TILING_VERSION = 3  # 3: the tissue-percentage overlay PNG

@@ -25,7 +25,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from tasks.slides.reader import LevelInfo
+from vadflow.tasks.slides.reader import LevelInfo
 
 MIN_SATURATION = 0.08  # glass with a colour cast stays below this
 # Mask pixels above which a coarser level (still inside the MPP range) is preferred: ~2.8k^2,

@@ -23,8 +23,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from tasks.site import ParallelConfig, SiteConfig
-from tasks.tiling.grid import TilingResult, finished_tiling, tile_slides
+from vadflow.tasks.site import ParallelConfig, SiteConfig
+from vadflow.tasks.tiling.grid import TilingResult, finished_tiling, tile_slides
 
 
 def cpu_count() -> int:

@@ -15,14 +15,14 @@ import polars as pl
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking.mlflow_runs import (
+from vadflow.tasks.tracking.mlflow_runs import (
     TAG_FAMILY,
     TAG_PARENT,
     TAG_RUN_KIND,
     experiment_name,
 )
-from tasks.tracking.plots import comparison_plot
-from tasks.tracking.registry import CHALLENGER, CHAMPION, registered_model_name
+from vadflow.tasks.tracking.plots import comparison_plot
+from vadflow.tasks.tracking.registry import CHALLENGER, CHAMPION, registered_model_name
 
 COMPARE_METRICS = (
     "slide_auroc",

@@ -16,10 +16,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from tasks.evaluation.cross_site import MetricDrop, metric_drops
-from tasks.tracking.mlflow_runs import TAG_RUN_KIND, experiment_name, run_tags
-from tasks.tracking.registry import champion_version, registered_model_name
-from tasks.tracking.spool import TrackingSession
+from vadflow.tasks.evaluation.cross_site import MetricDrop, metric_drops
+from vadflow.tasks.tracking.mlflow_runs import TAG_RUN_KIND, experiment_name, run_tags
+from vadflow.tasks.tracking.registry import champion_version, registered_model_name
+from vadflow.tasks.tracking.spool import TrackingSession
 
 CROSS_SITE_KIND = "cross-site"
 TAG_HOME_SITE = "vadflow.home_site"

@@ -6,6 +6,6 @@ nothing is unpickled: the detector's weights are read with `weights_only=True` b
 
 from mlflow.models import set_model
 
-from tasks.tracking.pyfunc import DetectorModel
+from vadflow.tasks.tracking.pyfunc import DetectorModel
 
 set_model(DetectorModel())

@@ -238,7 +238,7 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 def log_model(tracking_uri: str, run_id: str, detector_dir: Path, example: np.ndarray) -> str:
     """Log a trained detector as a pyfunc model that loads back and scores tiles."""
-    from tasks.tracking.pyfunc import log_detector_model
+    from vadflow.tasks.tracking.pyfunc import log_detector_model
 
     return log_detector_model(MlflowClient(tracking_uri), run_id, detector_dir, example)
 

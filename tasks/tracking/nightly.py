@@ -18,10 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks.tracking.compare import compare_runs, log_comparison
-from tasks.tracking.mlflow_runs import curve_metrics, experiment_name, family_params, run_tags
-from tasks.tracking.registry import PromotionDecision
-from tasks.tracking.spool import TrackingSession, is_unreachable
+from vadflow.tasks.tracking.compare import compare_runs, log_comparison
+from vadflow.tasks.tracking.mlflow_runs import (
+    curve_metrics,
+    experiment_name,
+    family_params,
+    run_tags,
+)
+from vadflow.tasks.tracking.registry import PromotionDecision
+from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
 
 logger = logging.getLogger(__name__)
 

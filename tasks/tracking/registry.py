@@ -21,7 +21,7 @@ import polars as pl
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking.pyfunc import MODEL_NAME, OP_KEY_TAG, find_logged_models
+from vadflow.tasks.tracking.pyfunc import MODEL_NAME, OP_KEY_TAG, find_logged_models
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -95,7 +95,7 @@ def register_model(
     if not logged:
         raise LookupError(
             f"run {run_id} has no logged model named {MODEL_NAME!r}; log the detector with "
-            "tasks.tracking.pyfunc.log_detector_model before registering it"
+            "vadflow.tasks.tracking.pyfunc.log_detector_model before registering it"
         )
     model_id = logged[0].model_id
     version_tags = {"site": site, "family": family, **(tags or {})}
@@ -320,6 +320,6 @@ def detector_folder(model_dir: Path) -> Path:
     if not relative or not (model_dir / relative / "config.json").is_file():
         raise FileNotFoundError(
             f"{model_dir} holds no detector folder: was it logged with "
-            "tasks.tracking.pyfunc.log_detector_model?"
+            "vadflow.tasks.tracking.pyfunc.log_detector_model?"
         )
     return model_dir / relative

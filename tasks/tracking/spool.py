@@ -42,7 +42,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking.mlflow_runs import (
+from vadflow.tasks.tracking.mlflow_runs import (
     BATCH_LIMIT,
     TAG_PARENT,
     default_spool_dir,
@@ -52,8 +52,8 @@ from tasks.tracking.mlflow_runs import (
     param_strings,
     resolve_tracking_uri,
 )
-from tasks.tracking.pyfunc import MODEL_NAME, log_detector_model
-from tasks.tracking.registry import PromotionDecision, promote, register_model
+from vadflow.tasks.tracking.pyfunc import MODEL_NAME, log_detector_model
+from vadflow.tasks.tracking.registry import PromotionDecision, promote, register_model
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlflow.entities import Metric
 
-from tasks.tracking.mlflow_runs import now_ms
+from vadflow.tasks.tracking.mlflow_runs import now_ms
 
 logger = logging.getLogger(__name__)
 

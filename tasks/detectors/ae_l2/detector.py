@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
@@ -24,8 +24,8 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
-from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
-from tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)

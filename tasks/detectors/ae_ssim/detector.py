@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
-from tasks.detectors.ae_ssim.ssim import ssim_dissimilarity
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.ae_ssim.ssim import ssim_dissimilarity
+from vadflow.tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
@@ -28,7 +28,7 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
-from tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.detectors.anogan.torch_model import AnoGANModel
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.anogan.torch_model import AnoGANModel
+from vadflow.tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
@@ -23,7 +23,7 @@ from tasks.detectors.base import (
     gaussian_smooth,
     register,
 )
-from tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
     discriminator_loss,
@@ -32,7 +32,7 @@ from tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     latent_search,
 )
-from tasks.detectors.training import TrainSettings
+from vadflow.tasks.detectors.training import TrainSettings
 
 # Adam as in DCGAN (Radford et al. 2016, sec. 4): beta1 = 0.5 steadies the adversarial game.
 DCGAN_BETAS = (0.5, 0.999)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
@@ -25,8 +25,8 @@ from tasks.detectors.base import (
     gaussian_smooth,
     register,
 )
-from tasks.detectors.fanogan.torch_model import FAnoGANModel
-from tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
+from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
     frozen,
@@ -34,8 +34,8 @@ from tasks.detectors.gan_parts import (
     gradient_penalty,
     per_tile_mean,
 )
-from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
-from tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 # Adam as in WGAN-GP (Gulrajani et al. 2017, algorithm 1): no momentum, beta2 = 0.9.
 WGAN_BETAS = (0.0, 0.9)

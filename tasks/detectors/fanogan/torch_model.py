@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.detectors.gan_parts import ConvEncoder, DCGANDiscriminator, DCGANGenerator
+from vadflow.tasks.detectors.gan_parts import ConvEncoder, DCGANDiscriminator, DCGANGenerator
 
 
 class FAnoGANModel(nn.Module):

@@ -1,6 +1,6 @@
 """mil: top-k multiple-instance learning from slide labels only (Campanella et al. 2019)."""
 
-from tasks.detectors.mil.detector import (
+from vadflow.tasks.detectors.mil.detector import (
     MILConfig,
     MILDetector,
     MILTrainer,

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     register,
 )
-from tasks.detectors.supervised_cnn.labelled import (
+from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
     PatchClassifierDetector,
@@ -41,8 +41,8 @@ from tasks.detectors.supervised_cnn.labelled import (
     sigmoid,
     tile_logits,
 )
-from tasks.detectors.supervised_cnn.torch_model import NORMS
-from tasks.detectors.training import TrainSettings
+from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
+from vadflow.tasks.detectors.training import TrainSettings
 
 AGGREGATES = ("max", "mean_topk")
 

@@ -21,21 +21,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.detectors.backbones import (
+from vadflow.tasks.detectors.backbones import (
     PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
     patch_scores,
 )
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
     check_tile_size,
     register,
 )
-from tasks.detectors.padim.torch_model import PadimModel
+from vadflow.tasks.detectors.padim.torch_model import PadimModel
 
 
 @dataclass(frozen=True)

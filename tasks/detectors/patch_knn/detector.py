@@ -26,21 +26,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.detectors.backbones import (
+from vadflow.tasks.detectors.backbones import (
     PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
     patch_scores,
 )
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
     register,
 )
-from tasks.detectors.patch_knn.coreset import k_center_greedy
-from tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
+from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
 
 
 @dataclass(frozen=True)

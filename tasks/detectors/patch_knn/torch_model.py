@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from tasks.detectors.backbones import PatchFeatures
+from vadflow.tasks.detectors.backbones import PatchFeatures
 
 
 def nearest_distances(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.detectors.base import register
-from tasks.detectors.spatial_vae.torch_model import SpatialVAE
-from tasks.detectors.vae.detector import VAEConfigBase, VAEDetector
-from tasks.detectors.vae.torch_model import GaussianVAE
+from vadflow.tasks.detectors.base import register
+from vadflow.tasks.detectors.spatial_vae.torch_model import SpatialVAE
+from vadflow.tasks.detectors.vae.detector import VAEConfigBase, VAEDetector
+from vadflow.tasks.detectors.vae.torch_model import GaussianVAE
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
-from tasks.detectors.vae.torch_model import LOGVAR_MAX, LOGVAR_MIN, GaussianVAE
+from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.vae.torch_model import LOGVAR_MAX, LOGVAR_MIN, GaussianVAE
 
 
 class SpatialVAE(GaussianVAE):

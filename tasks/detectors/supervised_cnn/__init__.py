@@ -1,6 +1,6 @@
 """supervised_cnn: tumour-vs-normal patch classifier with hard-negative mining (labelled tiles)."""
 
-from tasks.detectors.supervised_cnn.detector import (
+from vadflow.tasks.detectors.supervised_cnn.detector import (
     HardNegativeRound,
     PatchTrainer,
     SupervisedCNNConfig,
@@ -8,14 +8,14 @@ from tasks.detectors.supervised_cnn.detector import (
     epoch_index,
     mine_hard_negatives,
 )
-from tasks.detectors.supervised_cnn.labelled import (
+from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
     sigmoid,
     tile_logits,
     tile_probabilities,
 )
-from tasks.detectors.supervised_cnn.torch_model import PatchClassifier
+from vadflow.tasks.detectors.supervised_cnn.torch_model import PatchClassifier
 
 __all__ = [
     "HardNegativeRound",

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     DivergedError,
     EpochCallback,
     FitReport,
     register,
 )
-from tasks.detectors.supervised_cnn.labelled import (
+from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
     PatchClassifierDetector,
@@ -39,8 +39,8 @@ from tasks.detectors.supervised_cnn.labelled import (
     check_labelled,
     tile_logits,
 )
-from tasks.detectors.supervised_cnn.torch_model import NORMS
-from tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
+from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
+from vadflow.tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
 
 # Fewer annotated tumour tiles than this draws a warning: too few to learn tumour from.
 FEW_TUMOUR_TILES = 32

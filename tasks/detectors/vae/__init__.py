@@ -1,13 +1,13 @@
 """vae: dense-bottleneck variational autoencoder; residual or reconstruction-probability map."""
 
-from tasks.detectors.vae.detector import (
+from vadflow.tasks.detectors.vae.detector import (
     KLWarmupTrainer,
     VAEConfig,
     VAEConfigBase,
     VAEDetector,
 )
-from tasks.detectors.vae.loss import ELBOLoss, gaussian_nll, kl_to_standard_normal
-from tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
+from vadflow.tasks.detectors.vae.loss import ELBOLoss, gaussian_nll, kl_to_standard_normal
+from vadflow.tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
 
 __all__ = [
     "DenseVAE",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
@@ -26,10 +26,10 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
-from tasks.detectors.latent_density import LatentScoredDetector, check_score_option
-from tasks.detectors.training import Trainer, TrainSettings
-from tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
-from tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
+from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
+from vadflow.tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
 
 SCORE_MODES = ("residual", "recon_prob")
 

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
 
 # exp(logvar) must neither overflow nor vanish in bf16/fp32; the posterior never needs a
 # variance outside [e^-12, e^8] for inputs in [0, 1].

@@ -1,6 +1,10 @@
 """vaegan: AnoVAEGAN, a spatial VAE with an adversarially trained decoder (Baur et al. 2018)."""
 
-from tasks.detectors.vaegan.detector import AnoVAEGANConfig, AnoVAEGANDetector, VAEGANTrainer
-from tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
+from vadflow.tasks.detectors.vaegan.detector import (
+    AnoVAEGANConfig,
+    AnoVAEGANDetector,
+    VAEGANTrainer,
+)
+from vadflow.tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
 
 __all__ = ["AnoVAEGANConfig", "AnoVAEGANDetector", "AnoVAEGANModel", "SpatialVAE", "VAEGANTrainer"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.detectors.base import (
+from vadflow.tasks.detectors.base import (
     Detector,
     EpochCallback,
     FitReport,
@@ -26,7 +26,7 @@ from tasks.detectors.base import (
     register,
     top_fraction_mean,
 )
-from tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
     GanTrainer,
     discriminator_loss,
@@ -34,8 +34,8 @@ from tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     per_tile_mean,
 )
-from tasks.detectors.training import TrainSettings
-from tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
+from vadflow.tasks.detectors.training import TrainSettings
+from vadflow.tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
 
 DCGAN_BETAS = (0.5, 0.999)
 
