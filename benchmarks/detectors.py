@@ -51,7 +51,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vadflow.tasks.detectors import available_families, create_detector, detector_class  # noqa: E402
+from vadflow.tasks.detectors.registry import (  # noqa: E402
+    available_families,
+    create_detector,
+    detector_class,
+)
 
 DEFECTS = ("dense", "scratch", "patch")
 COMPARED = ("anogan", "fanogan")

@@ -77,17 +77,6 @@ class SiteFile(SiteConfig):
     concurrency_limit: int = Field(1, ge=1)
     tags: list[str] = Field(default_factory=list)
 
-    @field_validator("families")
-    @classmethod
-    def _known_families(cls, value: list[str]) -> list[str]:
-        from vadflow.tasks.detectors import available_families
-
-        known = available_families()
-        unknown = [f for f in value if f not in known]
-        if unknown:
-            raise ValueError(f"unknown detector families {unknown}; known: {', '.join(known)}")
-        return value
-
     @field_validator("source")
     @classmethod
     def _source_exists(cls, value: str) -> str:

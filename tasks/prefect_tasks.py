@@ -274,7 +274,8 @@ def train_task(
     A diverged run (NaN/inf) keeps its best weights and is reported as diverged: it is scored
     and logged so the failure is visible, and the champion gate never promotes it.
     """
-    from vadflow.tasks.detectors import DivergedError, create_detector, detector_class
+    from vadflow.tasks.detectors.base import DivergedError
+    from vadflow.tasks.detectors.registry import create_detector, detector_class
 
     logger = get_run_logger()
     supervision = detector_class(family).supervision
@@ -369,7 +370,7 @@ def score_task(
     model_dir: str, slide_row: dict, tiles_path: str, out_dir: str, heatmap_downsample: int
 ) -> SlideScore:
     """Score one slide with a saved model and the stain reference it was trained with."""
-    from vadflow.tasks.detectors import load_detector
+    from vadflow.tasks.detectors.registry import load_detector
 
     detector = load_detector(Path(model_dir))
     normaliser = load_stain_normaliser(Path(model_dir))

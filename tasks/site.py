@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vadflow.tasks.detectors.registry import check_family
 from vadflow.tasks.slides.storage import StorageOptions, is_remote, join
 
 SITE_FILE = "site.yaml"
@@ -181,6 +182,13 @@ class SiteConfig(BaseModel):
         description="Camelyon16 ignores lesions with a shorter major axis (isolated tumour cells)",
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_families(self) -> SiteConfig:
+        # Names only (no family is imported): a typo fails here, in milliseconds.
+        for family in (*self.families, *self.detectors):
+            check_family(family)
+        return self
 
     @model_validator(mode="after")
     def _plausible_mpp(self) -> SiteConfig:

@@ -341,7 +341,7 @@ def check_manifests(
 
 def declared_score_range(family: str) -> tuple[float, float]:
     """The tile-score range `family` declares (Detector.score_range); [0, inf) if unknown."""
-    from vadflow.tasks.detectors import available_families, detector_class
+    from vadflow.tasks.detectors.registry import available_families, detector_class
 
     if family not in available_families():
         return (0.0, math.inf)
@@ -351,7 +351,7 @@ def declared_score_range(family: str) -> tuple[float, float]:
 def family_of_run(run: str) -> str:
     """The detector family a heatmap run is named after: `ae_l2` for the nightly's `ae_l2`,
     `supervised_cnn` for batch scoring's `batch-supervised_cnn`; the name itself if none."""
-    from vadflow.tasks.detectors import available_families
+    from vadflow.tasks.detectors.registry import available_families
 
     return next(
         (f for f in available_families() if run == f or run.endswith(f"-{f}")),

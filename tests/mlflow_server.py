@@ -212,7 +212,7 @@ class TinyDetector:
 @pytest.fixture(scope="session")
 def tiny_detector(tmp_path_factory: pytest.TempPathFactory) -> TinyDetector:
     """An `ae_l2` detector fitted for one epoch on random 32 px tiles, saved to a folder."""
-    from vadflow.tasks.detectors import create_detector
+    from vadflow.tasks.detectors.registry import create_detector
 
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from vadflow.tasks.detectors import Trainer, TrainSettings, create_detector
 from vadflow.tasks.detectors.augment import (
     Augmentation,
     brightness_contrast,
@@ -21,6 +20,8 @@ from vadflow.tasks.detectors.augment import (
     rgb_to_hsv,
 )
 from vadflow.tasks.detectors.base import to_tensor
+from vadflow.tasks.detectors.registry import create_detector
+from vadflow.tasks.detectors.training import Trainer, TrainSettings
 from vadflow.tasks.site import AugmentationConfig
 
 STRONG = Augmentation(

@@ -18,13 +18,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from vadflow.tasks.detectors import (
+from vadflow.tasks.detectors.mil import aggregate_bags, bag_offsets, top_k_per_bag
+from vadflow.tasks.detectors.registry import (
     available_families,
     create_detector,
     detector_class,
     load_detector,
 )
-from vadflow.tasks.detectors.mil import aggregate_bags, bag_offsets, top_k_per_bag
 from vadflow.tasks.detectors.supervised_cnn import (
     LabelsRequiredError,
     epoch_index,

@@ -55,7 +55,7 @@ def test_committed_site_files_are_valid_and_prefect_yaml_is_current() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("[ae_l2]", "[ae_l2, no_such_family]"), "unknown detector families ['no_such_family']"),
+        (("[ae_l2]", "[ae_l2, no_such_family]"), "unknown detector family 'no_such_family'"),
         (('"0 3 * * *"', '"61 3 * * *"'), "bad cron expression"),
         (("Europe/Amsterdam", "Mars/Olympus"), "unknown timezone 'Mars/Olympus'"),
         (("domain: industrial", "domain: bakery"), "domain"),

@@ -12,16 +12,18 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from vadflow.tasks.detectors import (
+from vadflow.tasks.detectors.base import (
     DivergedError,
     FitReport,
+    gaussian_smooth,
+    to_tensor,
+    top_fraction_mean,
+)
+from vadflow.tasks.detectors.registry import (
     available_families,
     create_detector,
     detector_class,
-    gaussian_smooth,
     load_detector,
-    to_tensor,
-    top_fraction_mean,
 )
 
 # Small, fast settings; each family takes the ones its config has.
@@ -333,3 +335,33 @@ def test_resume_from_an_empty_folder_says_so(small_tiles: np.ndarray, tmp_path: 
 def test_fit_report_records_device_and_time(small_tiles: np.ndarray):
     report = fast_detector("ae_l2").fit(small_tiles[:32], small_tiles[32:])
     assert report.device == "cpu" and report.seconds > 0 and not report.diverged
+
+
+def test_family_names_import_no_family_and_no_torch() -> None:
+    """The CLI and site validation check a name before torch loads (a typo fails in ms)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vadflow.tasks.detectors.registry import family_names, check_family;"
+        "names = family_names(); check_family('patch_knn');"
+        "print(','.join(names), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names, torch_loaded = out.stdout.split()
+    assert "patch_knn" in names.split(",") and "components" not in names.split(",")
+    assert torch_loaded == "False"
+
+
+def test_a_site_naming_an_unknown_family_fails_validation(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from vadflow.tasks.detectors.registry import UnknownFamilyError, check_family, family_names
+    from vadflow.tasks.site import SiteConfig
+
+    assert set(family_names()) == set(available_families())
+    with pytest.raises(UnknownFamilyError, match="available: ae_l2"):
+        check_family("ae_l3")
+    for field in ({"families": ["ae_l3"]}, {"detectors": {"ae_l3": {"epochs": 1}}}):
+        with pytest.raises(ValidationError, match="unknown detector family 'ae_l3'"):
+            SiteConfig(name="s", domain="pathology", source=str(tmp_path), **field)

@@ -79,7 +79,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(1)
-from vadflow.tasks.detectors import create_detector
+from vadflow.tasks.detectors.registry import create_detector
 
 mode, folder = sys.argv[1], Path(sys.argv[2])
 rng = np.random.default_rng(0)

@@ -24,7 +24,6 @@ from vadflow.flows.commands.benchmark import (
     load_benchmark_tiles,
     run_family,
 )
-from vadflow.tasks.detectors import create_detector, load_detector
 from vadflow.tasks.detectors.backbones import (
     FilterBank,
     PatchFeatures,
@@ -35,6 +34,7 @@ from vadflow.tasks.detectors.backbones import (
     save_backbone_weights,
 )
 from vadflow.tasks.detectors.patch_knn import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.registry import create_detector, load_detector
 from vadflow.tasks.slides.tiles import load_tiles
 from vadflow.tasks.synth.industrial import make_industrial_site
 

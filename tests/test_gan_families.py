@@ -12,13 +12,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from vadflow.tasks.detectors import DivergedError, create_detector
+from vadflow.tasks.detectors.base import DivergedError
 from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
     GeneratorCollapse,
     gradient_penalty,
     latent_search,
 )
+from vadflow.tasks.detectors.registry import create_detector
 from vadflow.tasks.detectors.training import NonFiniteStep
 
 SIZE = 32

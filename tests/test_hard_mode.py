@@ -25,7 +25,7 @@ from vadflow.flows.commands.benchmark import (
     run_family,
     tile_auroc,
 )
-from vadflow.tasks.detectors import available_families, detector_class
+from vadflow.tasks.detectors.registry import available_families, detector_class
 from vadflow.tasks.synth.industrial import make_industrial_site
 from vadflow.tasks.synth.pathology import (
     _lesion_field,

@@ -207,7 +207,7 @@ def test_registered_champion_round_trips_through_mlflow(mlflow_server, tiny_dete
     """Logged, registered and promoted on a real server, the model loads through `models:/`
     and scores exactly as the detector object it came from."""
     from tests.mlflow_server import use_tracking_uri
-    from vadflow.tasks.detectors import load_detector
+    from vadflow.tasks.detectors.registry import load_detector
     from vadflow.tasks.tracking.mlflow_runs import experiment_id_by_name, start_run
     from vadflow.tasks.tracking.pyfunc import log_detector_model
 

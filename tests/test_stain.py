@@ -119,7 +119,7 @@ def test_scoring_a_slide_applies_the_models_stain_reference_per_slide(tmp_path) 
     import polars as pl
     import pyvips
 
-    from vadflow.tasks.detectors import create_detector
+    from vadflow.tasks.detectors.registry import create_detector
     from vadflow.tasks.prefect_tasks import STAIN_FILE, STAIN_SOURCE_TILES, score_task
     from vadflow.tasks.site import TilingConfig
     from vadflow.tasks.slides.discover import SlideSource

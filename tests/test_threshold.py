@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vadflow.tasks.detectors import create_detector, load_detector
+from vadflow.tasks.detectors.registry import create_detector, load_detector
 from vadflow.tasks.evaluation.calibration import Calibration, read_calibration, write_calibration
 from vadflow.tasks.evaluation.evaluate import heatmap_value_range
 from vadflow.tasks.evaluation.metrics import threshold_at_fpr

@@ -244,7 +244,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
 
 def benchmark_families() -> list[str]:
     """Every registered family: the unsupervised ones first, then the labelled baselines."""
-    from vadflow.tasks.detectors import available_families, detector_class
+    from vadflow.tasks.detectors.registry import available_families, detector_class
 
     def labelled(family: str) -> bool:
         return getattr(detector_class(family), "supervision", "none") != "none"
@@ -267,7 +267,7 @@ def budget_overrides(
     latent space (their `score` field: residual, latent or combined); the others have no such
     field and ignore it.
     """
-    from vadflow.tasks.detectors import detector_class
+    from vadflow.tasks.detectors.registry import detector_class
 
     names = {f.name for f in fields(detector_class(family).config_cls)}
     wanted = {
@@ -312,7 +312,7 @@ def run_family(
     score: str = "residual",
 ) -> BenchmarkRow:
     """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
-    from vadflow.tasks.detectors import create_detector, detector_class
+    from vadflow.tasks.detectors.registry import create_detector, detector_class
 
     started = time.perf_counter()
     nan = float("nan")
@@ -382,7 +382,7 @@ def benchmark_detectors(
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
     temporary folder, removed afterwards, when None).
     """
-    from vadflow.tasks.detectors import available_families
+    from vadflow.tasks.detectors.registry import available_families
 
     chosen = list(families) if families else benchmark_families()
     unknown = sorted(set(chosen) - set(available_families()))

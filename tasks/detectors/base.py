@@ -1,7 +1,8 @@
-"""The detector interface every family implements, and the registry that finds families by name.
+"""The detector interface every family implements.
 
 Flows, the CLI and tests never import a family directly: they call `create_detector("ae_l2")`
-or `load_detector(model_dir)`, so adding a family is one folder plus one `@register` line.
+or `load_detector(model_dir)` (`registry.py`), so adding a family is one folder plus one
+`@register` line.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class Detector(ABC):
     def load(cls, directory: Path, *, device: str | None = None) -> Detector:
         """Rebuild a saved detector; `device` overrides the saved config's device field."""
         directory = Path(directory)
-        fields = _read_config(directory)
+        fields = read_config(directory)
         family = fields.pop("family")
         if family != cls.family:
             raise ValueError(
@@ -271,7 +272,7 @@ def _chunks(images: np.ndarray | torch.Tensor, size: int) -> Iterator[np.ndarray
         yield images[start : start + size]
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: is this a saved model folder?")
@@ -279,53 +280,6 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if "family" not in fields:
         raise ValueError(f"{path} has no 'family' key, so the detector family is unknown")
     return fields
-
-
-_REGISTRY: dict[str, type[Detector]] = {}
-
-DetectorT = TypeVar("DetectorT", bound=type[Detector])
-
-
-def register(name: str) -> Callable[[DetectorT], DetectorT]:
-    """Class decorator: make a Detector subclass available as `create_detector(name)`."""
-
-    def decorator(cls: DetectorT) -> DetectorT:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(
-                f"detector family {name!r} is already registered by "
-                f"{existing.__module__}.{existing.__qualname__}"
-            )
-        cls.family = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def available_families() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def detector_class(name: str) -> type[Detector]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown detector family {name!r}; available: {', '.join(available_families())}"
-        ) from None
-
-
-def create_detector(name: str, **overrides: Any) -> Detector:
-    """A fresh detector of family `name`, its config defaults replaced by `overrides`."""
-    cls = detector_class(name)
-    return cls(make_config(cls.config_cls, name, overrides))
-
-
-def load_detector(directory: Path, *, device: str | None = None) -> Detector:
-    """Load any saved detector: the family named in its `config.json` picks the class."""
-    family = _read_config(Path(directory))["family"]
-    return detector_class(family).load(directory, device=device)
 
 
 def gaussian_smooth(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -102,7 +102,7 @@ def transfer(
     A tenth of home's training tiles is held out: the detector validates on it and the
     threshold is its (1 - TARGET_FPR) quantile, as the pipeline calibrates on held-out normals.
     """
-    from vadflow.tasks.detectors import create_detector
+    from vadflow.tasks.detectors.registry import create_detector
 
     normaliser = make_normaliser(normalisation).fit(home.train)
     detector = create_detector(family, **(overrides or {}))

@@ -35,7 +35,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from vadflow.tasks.detectors import load_detector
+        from vadflow.tasks.detectors.registry import load_detector
 
         self.detector = load_detector(Path(context.artifacts["detector"]))
 

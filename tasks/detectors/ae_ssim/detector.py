@@ -25,9 +25,9 @@ from vadflow.tasks.detectors.base import (
     autocast_for,
     check_tile_size,
     gaussian_smooth,
-    register,
     top_fraction_mean,
 )
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 

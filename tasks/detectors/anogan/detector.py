@@ -21,7 +21,6 @@ from vadflow.tasks.detectors.base import (
     FitReport,
     check_tile_size,
     gaussian_smooth,
-    register,
 )
 from vadflow.tasks.detectors.gan_parts import (
     CollapseGuard,
@@ -32,6 +31,7 @@ from vadflow.tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     latent_search,
 )
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.training import TrainSettings
 
 # Adam as in DCGAN (Radford et al. 2016, sec. 4): beta1 = 0.5 steadies the adversarial game.

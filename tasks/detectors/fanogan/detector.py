@@ -23,7 +23,6 @@ from vadflow.tasks.detectors.base import (
     autocast_for,
     check_tile_size,
     gaussian_smooth,
-    register,
 )
 from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
 from vadflow.tasks.detectors.gan_parts import (
@@ -35,6 +34,7 @@ from vadflow.tasks.detectors.gan_parts import (
     per_tile_mean,
 )
 from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 # Adam as in WGAN-GP (Gulrajani et al. 2017, algorithm 1): no momentum, beta2 = 0.9.

@@ -26,11 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.base import (
-    EpochCallback,
-    FitReport,
-    register,
-)
+from vadflow.tasks.detectors.base import EpochCallback, FitReport
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,

@@ -28,14 +28,9 @@ from vadflow.tasks.detectors.backbones import (
     new_features,
     patch_scores,
 )
-from vadflow.tasks.detectors.base import (
-    Detector,
-    EpochCallback,
-    FitReport,
-    check_tile_size,
-    register,
-)
+from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport, check_tile_size
 from vadflow.tasks.detectors.padim.torch_model import PadimModel
+from vadflow.tasks.detectors.registry import register
 
 
 @dataclass(frozen=True)

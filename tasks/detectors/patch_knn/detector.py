@@ -33,14 +33,10 @@ from vadflow.tasks.detectors.backbones import (
     new_features,
     patch_scores,
 )
-from vadflow.tasks.detectors.base import (
-    Detector,
-    EpochCallback,
-    FitReport,
-    register,
-)
+from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport
 from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
 from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+from vadflow.tasks.detectors.registry import register
 
 
 @dataclass(frozen=True)

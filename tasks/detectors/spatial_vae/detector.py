@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vadflow.tasks.detectors.base import register
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.spatial_vae.torch_model import SpatialVAE
 from vadflow.tasks.detectors.vae.detector import VAEConfigBase, VAEDetector
 from vadflow.tasks.detectors.vae.torch_model import GaussianVAE

@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vadflow.tasks.detectors.base import (
-    DivergedError,
-    EpochCallback,
-    FitReport,
-    register,
-)
+from vadflow.tasks.detectors.base import DivergedError, EpochCallback, FitReport
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,

@@ -23,10 +23,10 @@ from vadflow.tasks.detectors.base import (
     autocast_for,
     check_tile_size,
     gaussian_smooth,
-    register,
     top_fraction_mean,
 )
 from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
 from vadflow.tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE

@@ -23,7 +23,6 @@ from vadflow.tasks.detectors.base import (
     autocast_for,
     check_tile_size,
     gaussian_smooth,
-    register,
     top_fraction_mean,
 )
 from vadflow.tasks.detectors.gan_parts import (
@@ -34,6 +33,7 @@ from vadflow.tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     per_tile_mean,
 )
+from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.training import TrainSettings
 from vadflow.tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
 
