@@ -365,3 +365,17 @@ def test_a_site_naming_an_unknown_family_fails_validation(tmp_path) -> None:
     for field in ({"families": ["ae_l3"]}, {"detectors": {"ae_l3": {"epochs": 1}}}):
         with pytest.raises(ValidationError, match="unknown detector family 'ae_l3'"):
             SiteConfig(name="s", domain="pathology", source=str(tmp_path), **field)
+
+
+def test_family_settings_layers_site_file_then_flags() -> None:
+    from vadflow.tasks.detectors.settings import family_settings
+
+    settings = family_settings(
+        "ae_l2",
+        shared={"tile_size": 32, "no_such_shared_field": 1, "seed": None},
+        site={"epochs": 5, "batch_size": 8},
+        flags={"epochs": 2, "score": None},
+    )
+    assert settings == {"tile_size": 32, "epochs": 2, "batch_size": 8}
+    with pytest.raises(ValueError, match="detectors.ae_l2 has no field.*'epoch'.*valid fields"):
+        family_settings("ae_l2", site={"epoch": 5})
