@@ -1,9 +1,9 @@
 """The Parquet manifests every stage reads and writes: conforming a frame to its schema, and
 writing it atomically.
 
-The schemas themselves (``SLIDE_SCHEMA``, ``TILE_SCHEMA``, ``SCHEMA_VERSION`` and the allowed
-values) live with the contracts that check them, in ``data_contracts.schemas``, and are
-re-exported here for the stages that write manifests.
+The schemas themselves live with the contracts that check them, in ``data_contracts.schemas``
+(with the allowed labels, splits and statuses); ``SLIDE_SCHEMA``, ``TILE_SCHEMA`` and
+``SCHEMA_VERSION`` are re-exported here for the stages that write manifests.
 """
 
 from __future__ import annotations
@@ -12,23 +12,11 @@ from pathlib import Path
 
 import polars as pl
 
-from vadflow.data_contracts.schemas import (
-    LABELS,
-    MPP_SOURCES,
-    SCHEMA_VERSION,
-    SLIDE_SCHEMA,
-    SLIDE_STATUSES,
-    SPLITS,
-    TILE_SCHEMA,
-)
+from vadflow.data_contracts.schemas import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA
 
 __all__ = [
-    "LABELS",
-    "MPP_SOURCES",
     "SCHEMA_VERSION",
     "SLIDE_SCHEMA",
-    "SLIDE_STATUSES",
-    "SPLITS",
     "TILE_SCHEMA",
     "conform",
     "empty_frame",
