@@ -17,5 +17,9 @@ packages = ["vadflow"] + [
 setup(
     package_dir={"vadflow": "."},
     packages=packages,
-    package_data={"vadflow": ["deployments/sites/*.yaml"], "": ["*.html", "*.md.j2", "*.j2"]},
+    # Patterns are relative to each package's folder: templates/ (no __init__.py) needs its own.
+    package_data={
+        "vadflow": ["deployments/sites/*.yaml"],
+        "": ["*.html", "*.md.j2", "*.j2", "templates/*.j2"],
+    },
 )

@@ -3,8 +3,8 @@
 One ephemeral GX context (in memory, nothing written to disk) is created per process on first
 use and reused, because importing GX and creating a context take seconds while a validation
 takes a fraction of one. Each suite is compiled once per parameter set (e.g. a score range).
-great_expectations itself is imported lazily so that importing this module (e.g. for
-``ContractResult``) stays cheap.
+great_expectations itself is imported lazily so that importing this module stays cheap; the
+records it returns are in ``data_contracts.results``.
 
 Great-expectations decides pass or fail. For each failed expectation the rule's polars twin
 (``data_contracts.rules``) then finds the offending rows: a few become the example rows of the
@@ -18,12 +18,13 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import polars.selectors as cs
+
+from vadflow.data_contracts.results import ContractResult, ExpectationFailure, plain_values
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -45,179 +46,6 @@ SUITES: dict[str, tuple[str, str]] = {
 }
 # Columns that identify a row, shown first in example rows when the frame has them.
 ROW_KEYS = ("record", "metric", "slide_id", "tile_id")
-
-
-@dataclass(frozen=True)
-class ExpectationFailure:
-    """One failed expectation: which, on what column, how many rows, a few offending values,
-    a few offending rows, and how many failing rows each slide owns."""
-
-    expectation: str
-    column: str | None
-    unexpected_count: int
-    examples: list[Any]
-    detail: str = ""  # bounds, value set, row condition or description; "" when none
-    example_rows: list[dict[str, Any]] = field(default_factory=list)
-    slide_counts: dict[str, int] = field(default_factory=dict)  # empty: no slide to blame
-
-    @property
-    def slides(self) -> list[str]:
-        return sorted(self.slide_counts)
-
-    def describe(self) -> str:
-        """`expectation on 'column' [detail]`: the failing expectation in one line."""
-        detail = f" [{self.detail}]" if self.detail else ""
-        return f"{self.expectation} on '{self.column}'{detail}"
-
-
-@dataclass(frozen=True)
-class ContractResult:
-    """Outcome of one suite over one frame; ``failing_slides`` own the failing rows."""
-
-    suite: str
-    success: bool
-    evaluated: int
-    failures: list[ExpectationFailure]
-    rows: int
-    failing_slides: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # checks that could not run, and why
-    # The great-expectations validation result, for Data Docs; None once serialised.
-    gx_result: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def attributable(self) -> bool:
-        """True when every failure is pinned on slides: quarantining them would fix it."""
-        return not self.success and all(f.slide_counts for f in self.failures)
-
-    def slide_reasons(self) -> dict[str, str]:
-        """slide_id -> why it fails this contract (each failing expectation, with its count)."""
-        reasons: dict[str, list[str]] = {}
-        for f in self.failures:
-            for slide, count in f.slide_counts.items():
-                rows = "row" if count == 1 else "rows"
-                reasons.setdefault(slide, []).append(f"{f.describe()}: {count} {rows}")
-        return {s: f"contract '{self.suite}': " + "; ".join(r) for s, r in sorted(reasons.items())}
-
-    def message(self) -> str:
-        """Human-readable summary for logs and exceptions."""
-        notes = "".join(f"\n  note: {n}" for n in self.notes)
-        if self.success:
-            return (
-                f"contract '{self.suite}' passed: {self.evaluated} expectations on "
-                f"{self.rows} rows{notes}"
-            )
-        lines = [
-            f"contract '{self.suite}' failed: {len(self.failures)} of {self.evaluated} "
-            f"expectations on {self.rows} rows"
-        ]
-        for f in self.failures:
-            lines.append(f"  - {f.describe()}: {f.unexpected_count} unexpected, e.g. {f.examples}")
-            lines += [f"      row {row}" for row in f.example_rows[:3]]
-        if self.failing_slides:
-            shown = ", ".join(self.failing_slides[:20])
-            more = len(self.failing_slides) - 20
-            lines.append(
-                f"  slides with failing rows: {shown}{f' (+{more} more)' if more > 0 else ''}"
-            )
-        return "\n".join(lines) + notes
-
-    def to_markdown(self) -> str:
-        """A Markdown table of the failures, for a Prefect artifact or a report."""
-        status = "passed" if self.success else "FAILED"
-        head = (
-            f"### Contract `{self.suite}`: {status}\n\n"
-            f"{self.evaluated} expectations, {self.rows} rows, "
-            f"{len(self.failures)} failed.\n"
-        )
-        head += "".join(f"\n> note: {n}\n" for n in self.notes)
-        if not self.failures:
-            return head
-        rows = [
-            "| expectation | column | unexpected | examples | detail |",
-            "| --- | --- | ---: | --- | --- |",
-        ]
-        for f in self.failures:
-            cells = [f.expectation, f.column or "", str(f.unexpected_count), repr(f.examples)]
-            cells.append(f.detail)
-            rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-        tail = ""
-        if self.failing_slides:
-            tail = "\n\nSlides with failing rows: " + ", ".join(
-                f"`{s}`" for s in self.failing_slides
-            )
-        return head + "\n" + "\n".join(rows) + tail + "\n"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (without the GX result)."""
-        return {
-            "suite": self.suite,
-            "success": self.success,
-            "evaluated": self.evaluated,
-            "rows": self.rows,
-            "failures": [
-                {
-                    "expectation": f.expectation,
-                    "column": f.column,
-                    "unexpected_count": f.unexpected_count,
-                    "examples": _plain(f.examples),
-                    "detail": f.detail,
-                    "example_rows": _plain(f.example_rows),
-                    "slide_counts": f.slide_counts,
-                }
-                for f in self.failures
-            ],
-            "failing_slides": self.failing_slides,
-            "notes": self.notes,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ContractResult:
-        failures = [
-            ExpectationFailure(
-                expectation=f["expectation"],
-                column=f["column"],
-                unexpected_count=f["unexpected_count"],
-                examples=list(f["examples"]),
-                detail=f.get("detail", ""),
-                example_rows=list(f.get("example_rows", [])),
-                slide_counts=dict(f.get("slide_counts", {})),
-            )
-            for f in data["failures"]
-        ]
-        return cls(
-            suite=data["suite"],
-            success=data["success"],
-            evaluated=data["evaluated"],
-            failures=failures,
-            rows=data["rows"],
-            failing_slides=list(data.get("failing_slides", [])),
-            notes=list(data.get("notes", [])),
-        )
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-class ContractError(ValueError):
-    """A frame broke its contract; ``.result`` holds the details, ``.report`` the report file."""
-
-    def __init__(self, result: ContractResult, report: str | None = None, hint: str = "") -> None:
-        message = result.message()
-        if hint:
-            message += f"\n  {hint}"
-        if report:
-            message += f"\n  report: {report}"
-        super().__init__(message)
-        self.result = result
-        self.report = report
-
-
-def require(result: ContractResult) -> ContractResult:
-    """Pass a successful result through; raise ContractError otherwise."""
-    if not result.success:
-        raise ContractError(result)
-    return result
 
 
 @cache
@@ -277,19 +105,6 @@ def expectation_suite(name: str, *params: Any) -> gx.ExpectationSuite:
     return _compiled(name, tuple(params))[0]
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars and tuples of them -> plain Python, NaN -> None, for readable messages."""
-    if isinstance(value, tuple | list):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def _detail(kwargs: dict[str, Any], description: str | None) -> str:
     parts = []
     for key in ("min_value", "max_value", "value_set"):
@@ -328,7 +143,7 @@ def _failure(r: Any, rules: tuple[Rule, ...], frame: pl.DataFrame) -> Expectatio
     config = r.expectation_config
     kwargs = dict(config.kwargs)
     result = r.result or {}
-    examples = [_plain(v) for v in result.get("partial_unexpected_list", [])[:MAX_EXAMPLES]]
+    examples = [plain_values(v) for v in result.get("partial_unexpected_list", [])[:MAX_EXAMPLES]]
     count = int(result.get("unexpected_count") or 0)
     # An expectation that could not run (e.g. its column is missing) has no counts, only errors.
     errors = _exception_messages(r.exception_info)
@@ -341,7 +156,7 @@ def _failure(r: Any, rules: tuple[Rule, ...], frame: pl.DataFrame) -> Expectatio
     if broken is not None:
         bad = frame.filter(broken)
         shown = [c for c in (*ROW_KEYS, *rules[int(index)].columns) if c in frame.columns]
-        rows = _plain(bad.select(list(dict.fromkeys(shown))).head(MAX_EXAMPLES).to_dicts())
+        rows = plain_values(bad.select(list(dict.fromkeys(shown))).head(MAX_EXAMPLES).to_dicts())
         if "slide_id" in frame.columns:
             counts = bad.group_by("slide_id").len().drop_nulls("slide_id")
             slide_counts = dict(zip(counts["slide_id"].cast(pl.String), counts["len"], strict=True))

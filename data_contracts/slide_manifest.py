@@ -18,7 +18,7 @@ from vadflow.data_contracts.rules import (
     null,
     schema,
 )
-from vadflow.tasks.manifests import (
+from vadflow.data_contracts.schemas import (
     LABELS,
     MPP_SOURCES,
     SCHEMA_VERSION,
@@ -29,7 +29,7 @@ from vadflow.tasks.manifests import (
 
 SUITE_NAME = "slide_manifest"
 
-# slide_id is unique within a site (tasks/manifests.py), so uniqueness is on the pair.
+# slide_id is unique within a site (data_contracts/schemas.py), so uniqueness is on the pair.
 UNIQUE_KEY = ("site", "slide_id")
 NOT_NULL = (
     "schema_version",
@@ -60,7 +60,7 @@ IN_SET: dict[str, tuple[object, ...]] = {
 
 
 def slide_manifest_rules() -> list[Rule]:
-    """The rules for a slide manifest frame (tasks.manifests.SLIDE_SCHEMA)."""
+    """The rules for a slide manifest frame (data_contracts.schemas.SLIDE_SCHEMA)."""
     rules = schema(SLIDE_SCHEMA, "manifest schema column")
     rules.append(compound_unique(UNIQUE_KEY, "a slide is registered once per site"))
     rules += [not_null(c) for c in NOT_NULL]

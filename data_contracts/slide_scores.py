@@ -2,7 +2,7 @@
 matches the slide: (ceil(height / downsample), ceil(width / downsample)).
 
 The frame is one row per scored slide with the heatmap's shape already read
-(``tasks.validation.slide_scores_frame``): the contract itself never opens files.
+(``tasks.validation.frames.slide_scores_frame``): the contract itself never opens files.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The suite validates the tile manifest *joined* to its slide manifest (``validati
 because the most damaging errors, a tile past the slide's edge or a test tile in training, are
 only visible with the slide's row beside the tile. The grid check needs the slide's tiling grid
 (level-0 step and origin), which the manifest does not record: the caller passes it (see
-``tasks.validation.tile_grids``); without it the grid rules are left out and the result says so.
+``tasks.validation.frames.tile_grids``); without it the grid rules are left out and the result
+says so.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vadflow.data_contracts.rules import (
     schema,
     unique,
 )
-from vadflow.tasks.manifests import SCHEMA_VERSION, SPLITS, TILE_SCHEMA
+from vadflow.data_contracts.schemas import SCHEMA_VERSION, SPLITS, TILE_SCHEMA
 
 SUITE_NAME = "tile_manifest"
 JOIN_KEYS = ("site", "slide_id")

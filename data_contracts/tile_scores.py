@@ -23,9 +23,10 @@ from vadflow.data_contracts.rules import (
     schema,
     unique,
 )
+from vadflow.data_contracts.schemas import TILE_SCORES_SCHEMA
 
 SUITE_NAME = "tile_scores"
-COLUMNS = ("slide_id", "tile_id", "score")  # <slide>.tiles.parquet, tasks/scoring/heatmap.py
+COLUMNS = tuple(TILE_SCORES_SCHEMA)  # <slide>.tiles.parquet, written by scoring
 KEYS = ("slide_id", "tile_id")
 DEFAULT_RANGE = (0.0, math.inf)
 

@@ -363,6 +363,22 @@ def test_publish_markdown_without_mlflow(tmp_path: Path) -> None:
     assert seen[0]["markdown"] == markdown and "slide_manifest" in markdown
 
 
+def test_report_escapes_what_it_shows_in_html(tmp_path: Path) -> None:
+    """Labels and example values are data: the HTML report escapes them (the templates
+    autoescape by extension), the Markdown one shows them as they are."""
+    slides = _slides().with_columns(
+        uri=pl.when(pl.col("slide_id") == "bad_001")
+        .then(pl.lit(None, pl.String))
+        .otherwise(pl.col("uri"))
+    )
+    stage = check_stage("slide_manifest", slides, report_dir=tmp_path, label="<b>night</b>")
+    assert not stage.passed
+    index = (tmp_path / "index.html").read_text()
+    assert "&lt;b&gt;night&lt;/b&gt;" in index and "<b>night</b>" not in index
+    assert "href='#b_night_b'" in index and "expect_column_values_to_not_be_null" in index
+    assert "| <b>night</b> | strict |" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_report_folder_is_logged_to_mlflow(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
