@@ -140,3 +140,42 @@ def test_camelyon17_release_node_labels_from_stage_labels(tmp_path: Path) -> Non
         "patient_001_node_3": ("anomalous", "train", True),
         "patient_002_node_2": ("normal", "train", False),
     }
+
+
+def test_a_synthetic_site_in_the_camelyon16_release_layout(tmp_path: Path) -> None:
+    """Real slides, rearranged as the download is: every slide keeps its label and lesions."""
+    from vadflow.tasks.slides.annotations import rasterize_annotations
+    from vadflow.tasks.synth.pathology import make_pathology_site
+    from vadflow.tasks.synth.releases import as_camelyon16_release
+
+    site = make_pathology_site(
+        tmp_path / "synth",
+        "c16-synth",
+        n_train_normal=2,
+        n_train_tumor=1,
+        n_test_normal=1,
+        n_test_tumor=2,
+        width=1024,
+        height=768,
+        seed=3,
+    )
+    release = as_camelyon16_release(site, tmp_path / "CAMELYON16")
+    reference = (release / "testing" / "reference.csv").read_text().splitlines()
+    assert all(line.startswith("Test_") for line in reference) and len(reference) == 3
+    assert (release / "testing" / "lesion_annotations.zip").exists()
+    before = {s.slide_id: s for s in discover(site, "pathology", val_fraction=0)}
+    after = _by_id(release)
+    assert sorted(after) == [
+        "normal_001", "normal_002", "test_001", "test_002", "test_003", "tumor_001"
+    ]  # fmt: skip
+    originals = {"normal_001": "normal_000", "normal_002": "normal_001", "tumor_001": "tumor_000"}
+    originals |= {f"test_{i:03d}": f"test_{i - 1:03d}" for i in (1, 2, 3)}
+    for new, old in originals.items():
+        a, b = after[new], before[old]
+        assert (a.label, a.split) == (b.label, b.split), new
+        assert (a.annotation_uri is None) == (b.annotation_uri is None), new
+        if b.annotation_uri is not None:
+            lesions = [rasterize_annotations(read_asap_xml(local_path(s.annotation_uri)), 1024,
+                                             768, 16) for s in (a, b)]  # fmt: skip
+            np.testing.assert_array_equal(*lesions)
+    assert label_gaps(list(after.values())).lines() == []
