@@ -165,9 +165,8 @@ def test_a_synthetic_site_in_the_camelyon16_release_layout(tmp_path: Path) -> No
     assert (release / "testing" / "lesion_annotations.zip").exists()
     before = {s.slide_id: s for s in discover(site, "pathology", val_fraction=0)}
     after = _by_id(release)
-    assert sorted(after) == [
-        "normal_001", "normal_002", "test_001", "test_002", "test_003", "tumor_001"
-    ]  # fmt: skip
+    names = ["normal_001", "normal_002", "test_001", "test_002", "test_003", "tumor_001"]
+    assert sorted(after) == names
     originals = {"normal_001": "normal_000", "normal_002": "normal_001", "tumor_001": "tumor_000"}
     originals |= {f"test_{i:03d}": f"test_{i - 1:03d}" for i in (1, 2, 3)}
     for new, old in originals.items():
@@ -175,7 +174,7 @@ def test_a_synthetic_site_in_the_camelyon16_release_layout(tmp_path: Path) -> No
         assert (a.label, a.split) == (b.label, b.split), new
         assert (a.annotation_uri is None) == (b.annotation_uri is None), new
         if b.annotation_uri is not None:
-            lesions = [rasterize_annotations(read_asap_xml(local_path(s.annotation_uri)), 1024,
-                                             768, 16) for s in (a, b)]  # fmt: skip
+            polygons = [read_asap_xml(local_path(s.annotation_uri)) for s in (a, b)]
+            lesions = [rasterize_annotations(p, 1024, 768, 16) for p in polygons]
             np.testing.assert_array_equal(*lesions)
     assert label_gaps(list(after.values())).lines() == []
