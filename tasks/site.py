@@ -98,6 +98,12 @@ class ParallelConfig(BaseModel):
     dask_address: str | None = Field(
         None, description="scheduler address (tcp://host:8786); None starts a local cluster"
     )
+    min_megapixels: float = Field(
+        1000.0,
+        ge=0,
+        description="workers start only when the slides left to tile add up to this many level-0 "
+        "megapixels: a spawned worker spends seconds importing, more than a few small slides take",
+    )
 
 
 class PromotionConfig(BaseModel):

@@ -55,7 +55,7 @@ def test_local_process_pool_equals_serial(site_rows, serial, tmp_path: Path) -> 
         domain="pathology",
         source=str(tmp_path),
         tiling=TILING,
-        parallel={"backend": "process", "workers": 2},
+        parallel={"backend": "process", "workers": 2, "min_megapixels": 0},
     )
     results = tile_site(site_rows, site, tmp_path / "t", tmp_path / "m")
     assert_frame_equal(_manifest(results), serial)
@@ -63,6 +63,16 @@ def test_local_process_pool_equals_serial(site_rows, serial, tmp_path: Path) -> 
     with mock.patch("vadflow.tasks.tiling.runners.tiling_executor", side_effect=AssertionError):
         again = tile_site(site_rows, site, tmp_path / "t", tmp_path / "m")
     assert again == results
+
+
+def test_a_few_small_slides_are_tiled_without_starting_workers(site_rows, serial, tmp_path) -> None:
+    """Four 4-megapixel slides: spawning workers (seconds of imports each) would cost more."""
+    site = SiteConfig(
+        name="par", domain="pathology", source=str(tmp_path), tiling=TILING, parallel={}
+    )
+    with mock.patch("vadflow.tasks.tiling.runners.tiling_executor", side_effect=AssertionError):
+        results = tile_site(site_rows, site, tmp_path / "t", tmp_path / "m")
+    assert_frame_equal(_manifest(results), serial)
 
 
 def test_dask_cluster_of_two_workers_equals_serial(site_rows, serial, tmp_path: Path) -> None:

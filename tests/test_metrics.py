@@ -113,6 +113,29 @@ def test_lesion_candidates_region_suppressed_by_neighbour_still_counts() -> None
     assert [p for _, _, p in cands] == [0.9, 0.6]
 
 
+def test_lesion_candidates_capped_to_the_strongest_at_a_lesion_scale() -> None:
+    from vadflow.tasks.scoring.aggregate import candidate_spacing
+
+    rng = np.random.default_rng(1)
+    heatmap = rng.random((60, 80))  # noise: hundreds of local maxima
+    every = lesion_candidates(heatmap, 16.0, threshold=0.5)
+    capped = lesion_candidates(heatmap, 16.0, threshold=0.5, max_candidates=10)
+    assert len(every) > 100 and capped == every[:10]
+    # 100 um at 0.25 um/px and downsample 16 is 25 heatmap px: few candidates survive.
+    spacing = candidate_spacing(100.0, 0.25, 16.0)
+    assert spacing == 25 and candidate_spacing(0.5, 0.25, 16.0) == 1
+    assert candidate_spacing(64.0, None, 8.0) == 8  # no MPP: the radius is in level-0 px
+    sparse = lesion_candidates(heatmap, 16.0, threshold=0.5, min_distance=spacing)
+    assert 1 <= len(sparse) <= (60 // 25 + 1) * (80 // 25 + 1)
+    rows = [round(y / 16 - 0.5) for _, y, _ in sparse]
+    cols = [round(x / 16 - 0.5) for x, _, _ in sparse]
+    for i in range(len(sparse)):
+        for j in range(i):
+            assert max(abs(rows[i] - rows[j]), abs(cols[i] - cols[j])) >= spacing
+    with pytest.raises(ValueError, match="max_candidates"):
+        lesion_candidates(heatmap, 16.0, threshold=0.5, max_candidates=0)
+
+
 def test_lesion_candidates_of_a_float32_heatmap_equal_its_float64_copy() -> None:
     rng = np.random.default_rng(0)
     heatmap = rng.random((40, 60)).astype(np.float32)

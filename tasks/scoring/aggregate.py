@@ -255,8 +255,19 @@ def cross_validated_forest(
     return SlideForest(tuple(slide_ids), tuple(names), oof, folds, model)
 
 
+def candidate_spacing(suppress_um: float, mpp: float | None, downsample: float) -> int:
+    """Heatmap pixels between two candidates for a suppression radius in microns (at least 1);
+    without an MPP (industrial images) the radius is read as level-0 pixels."""
+    level0_px = suppress_um / mpp if mpp else suppress_um
+    return max(1, math.ceil(level0_px / downsample))
+
+
 def lesion_candidates(
-    heatmap: np.ndarray, downsample: float, threshold: float, min_distance: int = 2
+    heatmap: np.ndarray,
+    downsample: float,
+    threshold: float,
+    min_distance: int = 2,
+    max_candidates: int | None = None,
 ) -> list[Candidate]:
     """Lesion candidates (x, y, p) from a slide heatmap, strongest first.
 
@@ -264,9 +275,11 @@ def lesion_candidates(
     "local" means the largest value within ``min_distance`` heatmap pixels (Chebyshev). A flat
     plateau gives one candidate at its centre, and every 8-connected region above threshold
     gives at least its own maximum even when a stronger neighbouring region suppresses it.
-    Candidates closer than ``min_distance`` to a stronger one are dropped. Heatmap pixel
-    (row, col) covers level-0 [col*ds, (col+1)*ds) x [row*ds, (row+1)*ds), so candidates are
-    reported at pixel centres: x = (col + 0.5) * ds, y = (row + 0.5) * ds.
+    Candidates closer than ``min_distance`` to a stronger one are dropped, and only the
+    ``max_candidates`` strongest are kept (None: all). Heatmap pixel (row, col) covers level-0
+    [col*ds, (col+1)*ds) x [row*ds, (row+1)*ds), so candidates are reported at pixel centres:
+    x = (col + 0.5) * ds, y = (row + 0.5) * ds. Use ``candidate_spacing`` to turn a lesion
+    scale in microns into ``min_distance``.
     """
     hm = np.asarray(heatmap)
     if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy of them
@@ -277,6 +290,8 @@ def lesion_candidates(
         raise ValueError(f"downsample must be positive, got {downsample}")
     if min_distance < 1:
         raise ValueError(f"min_distance must be >= 1, got {min_distance}")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")
     # A float64 scalar: compared at full precision, cast in the ufunc's buffers, not by a copy.
     above = np.isfinite(hm) & (hm > np.float64(threshold))
     if not above.any():
@@ -306,10 +321,8 @@ def lesion_candidates(
 
     # Greedy suppression, strongest first, so equal peaks a pixel or two apart count once.
     points.sort(key=lambda t: -t[2])
-    return [
-        ((c + 0.5) * downsample, (r + 0.5) * downsample, p)
-        for r, c, p in _suppress_near(points, min_distance)
-    ]
+    kept = _suppress_near(points, min_distance)[:max_candidates]
+    return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
 
 
 def _suppress_near(

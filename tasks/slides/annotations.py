@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from skimage.draw import polygon as fill_polygon
+
+from vadflow.tasks.slides.storage import split_member
 
 POSITIVE_GROUPS = frozenset({"tumor", "tumour", "_0", "_1"})
 HOLE_GROUPS = frozenset({"_2"})
@@ -94,11 +97,17 @@ def read_asap_xml(path: str | Path) -> list[Polygon]:
     Raises ValueError naming the file and the fault for anything that is not ASAP XML, so a bad
     annotation is caught at registration instead of turning into an empty ground truth.
     """
-    path = Path(path)
+    archive, member = split_member(path)
     try:
-        root = ET.parse(path).getroot()
+        if member is None:
+            root = ET.parse(Path(path)).getroot()
+        else:  # Camelyon16 ships its test annotations as lesion_annotations.zip
+            with zipfile.ZipFile(archive) as bundle, bundle.open(member) as handle:
+                root = ET.parse(handle).getroot()
     except ET.ParseError as exc:
         raise ValueError(f"{path}: not well-formed XML ({exc})") from exc
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: cannot read it from the archive ({exc})") from exc
     if root.tag != "ASAP_Annotations":
         raise ValueError(f"{path}: root element is <{root.tag}>, expected <ASAP_Annotations>")
     out: list[Polygon] = []

@@ -1,10 +1,15 @@
 """Find a site's slides (or images) and what is known about each before opening it.
 
-Two layouts are understood: Camelyon16-style pathology folders (`training/normal`,
-`training/tumor`, `testing/images` + `testing/reference.csv`, `lesion_annotations/*.xml`) and
-MVTec AD-style industrial folders (`<category>/train/good`, `<category>/test/<defect>`,
+Layouts understood: the Camelyon16 release as downloaded (`training/normal`, `training/tumor`,
+`training/lesion_annotations/*.xml`, `testing/images`, `testing/reference.csv` without a header,
+`testing/lesion_annotations/*.xml` or `testing/lesion_annotations.zip`), the Camelyon17 release
+(`training/center_N/patient_NNN_node_N.tif`, `training/stage_labels.csv`,
+`training/lesion_annotations/`), this project's own synthetic sites (the same, with one
+top-level `lesion_annotations/`), and MVTec AD-style industrial folders
+(`<category>/train/good`, `<category>/test/<defect>`,
 `<category>/ground_truth/<defect>/<name>_mask.png`). Anything else found under the source is a
-test slide with an unknown label.
+test slide with an unknown label; `label_gaps` lists such slides, and anomalous slides without
+an annotation, so a run can say what its metrics leave out.
 
 The source is a local folder or an `s3://bucket/prefix`: the layout rules run on the listing's
 relative paths, so both behave the same. URIs of S3 slides stay `s3://...`; readers download them
@@ -23,14 +28,33 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from vadflow.tasks.slides.identity import MAX_ID_LENGTH, pseudonymise, safe_slide_id
 from vadflow.tasks.slides.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
-from vadflow.tasks.slides.storage import StorageOptions, is_remote, storage_for
+from vadflow.tasks.slides.storage import (
+    ARCHIVE_MEMBER,
+    StorageOptions,
+    is_remote,
+    local_path,
+    storage_for,
+)
 
-SKIP_DIRS = {"ground_truth", "lesion_annotations", "masks"}
+ANNOTATION_DIR = "lesion_annotations"
+ANNOTATION_ARCHIVE = "lesion_annotations.zip"
+SKIP_DIRS = {"ground_truth", ANNOTATION_DIR, "masks"}
+LABEL_FILES = frozenset({"reference.csv", "stage_labels.csv"})
+# reference.csv (Camelyon16) and stage_labels.csv (Camelyon17) values -> label
+STAGE_LABELS = {
+    "tumor": "tumor",
+    "normal": "normal",
+    "negative": "normal",
+    "itc": "tumor",
+    "micro": "tumor",
+    "macro": "tumor",
+}
 _IMAGE_LIKE = frozenset(SLIDE_SUFFIXES) | frozenset(IMAGE_SUFFIXES)
 # A listing: relative path parts -> URI (a resolved local path, or s3://...).
 Listing = dict[tuple[str, ...], str]
@@ -121,12 +145,8 @@ def _suffix(name: str) -> str:
 def _discover_pathology(
     listing: Listing, source: str | Path, storage: StorageOptions | None
 ) -> list[SlideSource]:
-    reference = _read_reference(listing, source, storage)
-    annotations = {
-        _stem(rel[-1]): uri
-        for rel, uri in listing.items()
-        if len(rel) == 2 and rel[0] == "lesion_annotations" and _suffix(rel[-1]) == ".xml"
-    }
+    labels = _read_labels(listing, storage)
+    annotations = _annotations(listing, storage)
     out = []
     for rel, uri in sorted(listing.items()):
         if _suffix(rel[-1]) not in SLIDE_SUFFIXES:
@@ -136,30 +156,90 @@ def _discover_pathology(
             continue
         parts = {p.lower() for p in rel[:-1]}
         split = "train" if parts & {"training", "train"} else "test"
-        if stem in annotations or "tumor" in parts or reference.get(stem) == "tumor":
+        key = stem.lower()  # reference.csv says Test_001 for test_001.tif
+        if key in annotations or "tumor" in parts or labels.get(key) == "tumor":
             label, category = "anomalous", "tumor"
-        elif "normal" in parts or reference.get(stem) == "normal":
+        elif "normal" in parts or labels.get(key) == "normal":
             label, category = "normal", "normal"
         else:
             label, category = "unknown", "unknown"
         slide_id = safe_slide_id(stem)
-        out.append(SlideSource(slide_id, uri, label, category, split, annotations.get(stem)))
+        out.append(SlideSource(slide_id, uri, label, category, split, annotations.get(key)))
     return out
 
 
-def _read_reference(
-    listing: Listing, source: str | Path, storage: StorageOptions | None
-) -> dict[str, str]:
-    """Camelyon16's `reference.csv`: image name -> 'tumor' | 'normal'."""
+def _annotations(listing: Listing, storage: StorageOptions | None) -> dict[str, str]:
+    """Lower-cased slide stem -> its ASAP XML, from every `lesion_annotations/` folder
+    (the site's own, Camelyon16's `training/` and `testing/` ones) and from any
+    `lesion_annotations.zip` (how Camelyon16 ships its test annotations), read in place."""
+    found: dict[str, str] = {}
+    for rel, uri in sorted(listing.items()):
+        name = rel[-1]
+        if len(rel) >= 2 and rel[-2].lower() == ANNOTATION_DIR and _suffix(name) == ".xml":
+            found.setdefault(_stem(name).lower(), uri)
+        elif name.lower() == ANNOTATION_ARCHIVE:
+            with zipfile.ZipFile(local_path(uri, storage)) as bundle:
+                members = bundle.namelist()
+            for member in members:
+                inner = PurePosixPath(member)
+                if _suffix(inner.name) == ".xml" and not inner.name.startswith("."):
+                    found.setdefault(inner.stem.lower(), f"{uri}{ARCHIVE_MEMBER}{member}")
+    return found
+
+
+def _read_labels(listing: Listing, storage: StorageOptions | None) -> dict[str, str]:
+    """Lower-cased slide stem -> 'tumor' | 'normal', from the label files of both releases.
+
+    Camelyon16's `testing/reference.csv` (no header: `Test_001,Tumor,Macro,Primary`,
+    `Test_002,Normal,None,None`; this project's own sites write `image,label` rows) and
+    Camelyon17's `stage_labels.csv` (`patient_004_node_4.tif,macro`: negative is normal;
+    itc, micro and macro are tumour; the per-patient `.zip` rows are pN stages, not slides).
+    """
     labels: dict[str, str] = {}
     for rel, uri in sorted(listing.items()):
-        if rel[-1] != "reference.csv":
+        if rel[-1].lower() not in LABEL_FILES:
             continue
         text = storage_for(uri, storage).read_bytes(uri).decode("utf-8-sig")
         for row in csv.reader(io.StringIO(text)):
-            if len(row) >= 2 and row[1].strip().lower() in ("tumor", "normal"):
-                labels[_stem(row[0].strip())] = row[1].strip().lower()
+            if len(row) < 2 or _suffix(row[0].strip()) == ".zip":
+                continue
+            value = STAGE_LABELS.get(row[1].strip().lower())
+            if value is not None:
+                labels[_stem(row[0].strip()).lower()] = value
     return labels
+
+
+@dataclass(frozen=True)
+class LabelGaps:
+    """What the layout could not say: test slides with no label, and anomalous slides with no
+    annotation (their lesions cannot be located, so pixel metrics and FROC leave them out)."""
+
+    unlabelled_test: tuple[str, ...]
+    anomalous_without_annotation: tuple[str, ...]
+
+    def lines(self, noun: str = "slides") -> list[str]:
+        """One line per gap, with the count and the names (at most ten named)."""
+        out = []
+        for ids, what in (
+            (self.unlabelled_test, f"test {noun} without a label (no metric counts them)"),
+            (self.anomalous_without_annotation, f"anomalous {noun} without an annotation"),
+        ):
+            if ids:
+                named = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+                out.append(f"{len(ids)} {what}: {named}")
+        return out
+
+
+def label_gaps(sources: list[SlideSource]) -> LabelGaps:
+    usable = [s for s in sources if s.reject is None]
+    return LabelGaps(
+        unlabelled_test=tuple(
+            s.slide_id for s in usable if s.split == "test" and s.label == "unknown"
+        ),
+        anomalous_without_annotation=tuple(
+            s.slide_id for s in usable if s.label == "anomalous" and s.annotation_uri is None
+        ),
+    )
 
 
 def _discover_industrial(listing: Listing) -> list[SlideSource]:

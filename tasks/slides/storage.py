@@ -294,9 +294,23 @@ def storage_for(uri: str | Path, options: StorageOptions | None = None) -> Stora
     return S3Storage(options) if is_remote(uri) else LocalStorage()
 
 
+ARCHIVE_MEMBER = "!/"  # `<archive.zip>!/<member>`: a file inside a zip (annotations ship zipped)
+
+
+def split_member(uri: str | Path) -> tuple[str, str | None]:
+    """`a.zip!/b.xml` -> (`a.zip`, `b.xml`); a plain URI -> (uri, None)."""
+    container, sep, member = str(uri).partition(ARCHIVE_MEMBER)
+    return (container, member) if sep else (container, None)
+
+
 def local_path(uri: str | Path, options: StorageOptions | None = None) -> Path:
-    """A local file holding `uri`'s content: the path itself, or a cached S3 download."""
-    return storage_for(uri, options).local_path(str(uri))
+    """A local file holding `uri`'s content: the path itself, or a cached S3 download.
+
+    For a zip member (`<archive>!/<member>`) the archive is made local and the member kept.
+    """
+    container, member = split_member(uri)
+    local = storage_for(container, options).local_path(container)
+    return Path(f"{local}{ARCHIVE_MEMBER}{member}") if member is not None else local
 
 
 def write_parquet(

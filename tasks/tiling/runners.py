@@ -6,7 +6,7 @@ Two ways in, for the two ways of orchestrating it:
 - `tile_site(rows, site, ...)`, or `tiling_executor(site)` for the plain function
   `tasks.tiling.grid.tile_slides`: one Prefect task tiles the whole site; the workers run plain
   Python and need no Prefect API, and no pool is started when fewer than two slides need work
-  (the usual nightly rerun).
+  (the usual nightly rerun) or the work is too small to pay for starting one.
 - `task_runner_for(site)`: a Prefect task runner (`ProcessPoolTaskRunner`, or prefect-dask's
   `DaskTaskRunner` on a cluster) for a flow that maps one Prefect task per slide.
 
@@ -111,18 +111,22 @@ def tile_site(
 ) -> list[TilingResult]:
     """Tile a site's usable slides with its parallel settings; finished slides are skipped.
 
-    Workers (processes or a Dask cluster) start only when two or more slides need tiling, and
-    never more than those slides.
+    Workers (processes or a Dask cluster) start only when two or more slides need tiling and they
+    add up to `parallel.min_megapixels` (a handful of small slides tiles faster here than a
+    spawned worker imports), and never more workers than those slides.
     """
     storage = site.storage.options()
-    todo = sum(
-        finished_tiling(row, site.tiling, tiles_dir, storage, site.domain) is None for row in rows
-    )
+    todo = [
+        row
+        for row in rows
+        if finished_tiling(row, site.tiling, tiles_dir, storage, site.domain) is None
+    ]
     parallel = site.parallel
-    if todo < 2 or parallel.backend == "serial":
+    megapixels = sum((row.get("width") or 0) * (row.get("height") or 0) for row in todo) / 1e6
+    if len(todo) < 2 or parallel.backend == "serial" or megapixels < parallel.min_megapixels:
         executor = nullcontext(None)
     else:
-        workers = min(worker_count(parallel), todo)
+        workers = min(worker_count(parallel), len(todo))
         executor = tiling_executor(parallel.model_copy(update={"workers": workers}))
     with executor as pool:
         return tile_slides(

@@ -1,0 +1,180 @@
+"""Public datasets read as they are released: Camelyon16 and Camelyon17 folder layouts.
+
+Each layout is built with its real folder and file names (and the releases' label files as
+they are written, header or not); the slide files are placeholders, since discovery reads only
+names, label files and annotations.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.corpus import write_pyramid
+from vadflow.tasks.slides.annotations import read_asap_xml, write_asap_xml
+from vadflow.tasks.slides.discover import discover, label_gaps
+from vadflow.tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.slides.register import register_slide
+from vadflow.tasks.slides.storage import local_path
+
+SQUARE = np.array([[100, 100], [300, 100], [300, 300], [100, 300]], dtype=np.float64)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"placeholder for " + path.name.encode())
+
+
+def camelyon16(root: Path, zipped: bool) -> Path:
+    """`training/{normal,tumor}`, `training/lesion_annotations`, `testing/images`, the header-less
+    `testing/reference.csv`, and the test annotations as a folder or as the zip they ship in."""
+    for n in (1, 2):
+        _touch(root / "training" / "normal" / f"normal_{n:03d}.tif")
+        _touch(root / "training" / "tumor" / f"tumor_{n:03d}.tif")
+        write_asap_xml(root / "training" / "lesion_annotations" / f"tumor_{n:03d}.xml", [SQUARE])
+    reference = {1: "Tumor,Macro,Primary", 2: "Normal,None,None", 3: "Tumor,Micro,Primary"}
+    for n in reference:
+        _touch(root / "testing" / "images" / f"test_{n:03d}.tif")
+    (root / "testing" / "reference.csv").write_text(
+        "".join(f"Test_{n:03d},{row}\n" for n, row in reference.items())
+    )
+    folder = root / "testing" / "lesion_annotations"
+    for n in (1, 3):
+        write_asap_xml(folder / f"test_{n:03d}.xml", [SQUARE * n])
+    if zipped:  # as downloaded: testing/lesion_annotations.zip, the folder not yet unpacked
+        with zipfile.ZipFile(root / "testing" / "lesion_annotations.zip", "w") as bundle:
+            for xml in sorted(folder.iterdir()):
+                bundle.write(xml, f"lesion_annotations/{xml.name}")
+                xml.unlink()
+        folder.rmdir()
+    return root
+
+
+def camelyon17(root: Path) -> Path:
+    """`training/center_N/patient_NNN_node_N.tif`, `training/stage_labels.csv` (with its header and
+    per-patient pN rows), `training/lesion_annotations/patient_NNN_node_N.xml`."""
+    stages = {
+        ("000", 0, 0): "negative",
+        ("000", 0, 1): "itc",
+        ("001", 1, 0): "macro",
+        ("001", 1, 3): "micro",
+        ("002", 1, 2): "negative",
+    }
+    rows = ["patient,stage", "patient_000.zip,pN0(i+)", "patient_001.zip,pN1"]
+    for (patient, center, node), stage in stages.items():
+        name = f"patient_{patient}_node_{node}"
+        _touch(root / "training" / f"center_{center}" / f"{name}.tif")
+        rows.append(f"{name}.tif,{stage}")
+        if stage != "negative":
+            write_asap_xml(root / "training" / "lesion_annotations" / f"{name}.xml", [SQUARE])
+    (root / "training" / "stage_labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _by_id(root: Path) -> dict:
+    return {s.slide_id: s for s in discover(root, "pathology", val_fraction=0)}
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["folder", "zip"])
+def test_camelyon16_release_every_slide_labelled_and_annotated(tmp_path: Path, zipped) -> None:
+    found = _by_id(camelyon16(tmp_path / "camelyon16", zipped))
+    expected = {
+        "normal_001": ("normal", "train", False),
+        "normal_002": ("normal", "train", False),
+        "tumor_001": ("anomalous", "train", True),
+        "tumor_002": ("anomalous", "train", True),
+        "test_001": ("anomalous", "test", True),
+        "test_002": ("normal", "test", False),
+        "test_003": ("anomalous", "test", True),
+    }
+    assert {k: (s.label, s.split, s.annotation_uri is not None) for k, s in found.items()} == (
+        expected
+    )
+    # Each annotation is the slide's own, read in place (from inside the zip where zipped).
+    test_003 = read_asap_xml(local_path(found["test_003"].annotation_uri))
+    np.testing.assert_array_equal(test_003[0].coords, SQUARE * 3)
+    assert ("lesion_annotations.zip!/" in found["test_001"].annotation_uri) is zipped
+    # ... and rasterised as ground truth by the same path tiling and evaluation use.
+    truth = ground_truth_mask(found["test_001"].annotation_uri, 1000, 1000, 10)
+    assert truth[10:30, 10:30].all() and truth.sum() == 400
+    gaps = label_gaps(list(found.values()))
+    assert gaps.lines() == []
+
+
+def test_registration_checks_an_annotation_inside_the_zip(tmp_path: Path) -> None:
+    """A broken XML inside the zip is a quarantine reason at registration, like a loose one."""
+    root = camelyon16(tmp_path / "c16", zipped=True)
+    archive = root / "testing" / "lesion_annotations.zip"
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr("lesion_annotations/test_002.xml", "<ASAP_Annotations><broken")
+    write_pyramid(root / "testing" / "images" / "test_002.tif", np.full((64, 64, 3), 200, np.uint8))
+    test_002 = _by_id(root)["test_002"]
+    assert test_002.annotation_uri.endswith("!/lesion_annotations/test_002.xml")
+    row = register_slide(test_002, "c16", "pathology", None, (0.05, 20.0))
+    assert row["status"] == "quarantined"
+    assert "test_002.xml" in row["reason"] and "not well-formed XML" in row["reason"]
+
+
+def test_gaps_are_counted_and_named(tmp_path: Path) -> None:
+    root = camelyon16(tmp_path / "c16", zipped=False)
+    _touch(root / "testing" / "images" / "test_004.tif")  # not in reference.csv
+    (root / "training" / "lesion_annotations" / "tumor_002.xml").unlink()
+    gaps = label_gaps(list(_by_id(root).values()))
+    assert gaps.unlabelled_test == ("test_004",)
+    assert gaps.anomalous_without_annotation == ("tumor_002",)
+    assert gaps.lines() == [
+        "1 test slides without a label (no metric counts them): test_004",
+        "1 anomalous slides without an annotation: tumor_002",
+    ]
+
+
+def test_camelyon17_release_node_labels_from_stage_labels(tmp_path: Path) -> None:
+    found = _by_id(camelyon17(tmp_path / "camelyon17"))
+    assert {k: (s.label, s.split, s.annotation_uri is not None) for k, s in found.items()} == {
+        "patient_000_node_0": ("normal", "train", False),
+        "patient_000_node_1": ("anomalous", "train", True),
+        "patient_001_node_0": ("anomalous", "train", True),
+        "patient_001_node_3": ("anomalous", "train", True),
+        "patient_002_node_2": ("normal", "train", False),
+    }
+
+
+def test_a_synthetic_site_in_the_camelyon16_release_layout(tmp_path: Path) -> None:
+    """Real slides, rearranged as the download is: every slide keeps its label and lesions."""
+    from vadflow.tasks.slides.annotations import rasterize_annotations
+    from vadflow.tasks.synth.pathology import make_pathology_site
+    from vadflow.tasks.synth.releases import as_camelyon16_release
+
+    site = make_pathology_site(
+        tmp_path / "synth",
+        "c16-synth",
+        n_train_normal=2,
+        n_train_tumor=1,
+        n_test_normal=1,
+        n_test_tumor=2,
+        width=1024,
+        height=768,
+        seed=3,
+    )
+    release = as_camelyon16_release(site, tmp_path / "CAMELYON16")
+    reference = (release / "testing" / "reference.csv").read_text().splitlines()
+    assert all(line.startswith("Test_") for line in reference) and len(reference) == 3
+    assert (release / "testing" / "lesion_annotations.zip").exists()
+    before = {s.slide_id: s for s in discover(site, "pathology", val_fraction=0)}
+    after = _by_id(release)
+    names = ["normal_001", "normal_002", "test_001", "test_002", "test_003", "tumor_001"]
+    assert sorted(after) == names
+    originals = {"normal_001": "normal_000", "normal_002": "normal_001", "tumor_001": "tumor_000"}
+    originals |= {f"test_{i:03d}": f"test_{i - 1:03d}" for i in (1, 2, 3)}
+    for new, old in originals.items():
+        a, b = after[new], before[old]
+        assert (a.label, a.split) == (b.label, b.split), new
+        assert (a.annotation_uri is None) == (b.annotation_uri is None), new
+        if b.annotation_uri is not None:
+            polygons = [read_asap_xml(local_path(s.annotation_uri)) for s in (a, b)]
+            lesions = [rasterize_annotations(p, 1024, 768, 16) for p in polygons]
+            np.testing.assert_array_equal(*lesions)
+    assert label_gaps(list(after.values())).lines() == []
