@@ -27,8 +27,8 @@ from vadflow.tasks.detectors.base import (
     gaussian_smooth,
     top_fraction_mean,
 )
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from vadflow.tasks.detectors.base import (
     check_tile_size,
     gaussian_smooth,
 )
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
     GanTrainer,
     discriminator_loss,
@@ -31,8 +31,8 @@ from vadflow.tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     latent_search,
 )
+from vadflow.tasks.detectors.components.training import TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import TrainSettings
 
 # Adam as in DCGAN (Radford et al. 2016, sec. 4): beta1 = 0.5 steadies the adversarial game.
 DCGAN_BETAS = (0.5, 0.999)

@@ -24,8 +24,7 @@ from vadflow.tasks.detectors.base import (
     check_tile_size,
     gaussian_smooth,
 )
-from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
     GanTrainer,
     frozen,
@@ -33,9 +32,13 @@ from vadflow.tasks.detectors.gan_parts import (
     gradient_penalty,
     per_tile_mean,
 )
-from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.components.latent_density import (
+    LatentScoredDetector,
+    check_score_option,
+)
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 # Adam as in WGAN-GP (Gulrajani et al. 2017, algorithm 1): no momentum, beta2 = 0.9.
 WGAN_BETAS = (0.0, 0.9)

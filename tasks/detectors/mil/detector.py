@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vadflow.tasks.detectors.base import EpochCallback, FitReport
+from vadflow.tasks.detectors.components.training import TrainSettings
 from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
@@ -39,7 +40,6 @@ from vadflow.tasks.detectors.supervised_cnn.labelled import (
     tile_logits,
 )
 from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
-from vadflow.tasks.detectors.training import TrainSettings
 
 AGGREGATES = ("max", "mean_topk")
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vadflow.tasks.detectors.backbones import (
+from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport, check_tile_size
+from vadflow.tasks.detectors.components.backbones import (
     PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
     patch_scores,
 )
-from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport, check_tile_size
 from vadflow.tasks.detectors.padim.torch_model import PadimModel
 from vadflow.tasks.detectors.registry import register
 

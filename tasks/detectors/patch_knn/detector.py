@@ -26,16 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vadflow.tasks.detectors.backbones import (
+from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport
+from vadflow.tasks.detectors.components.backbones import (
     PatchScoreConfig,
     combine_reports,
     fit_patch_features,
     new_features,
     patch_scores,
 )
-from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport
-from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
-from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+from vadflow.tasks.detectors.components.memory_bank import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel
 from vadflow.tasks.detectors.registry import register
 
 

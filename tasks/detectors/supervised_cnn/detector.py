@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vadflow.tasks.detectors.base import DivergedError, EpochCallback, FitReport
+from vadflow.tasks.detectors.components.training import CHECKPOINT_FILE, TrainSettings
 from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
@@ -36,7 +37,6 @@ from vadflow.tasks.detectors.supervised_cnn.labelled import (
     tile_logits,
 )
 from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
-from vadflow.tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
 
 # Fewer annotated tumour tiles than this draws a warning: too few to learn tumour from.
 FEW_TUMOUR_TILES = 32

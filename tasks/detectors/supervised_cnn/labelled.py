@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.base import Detector, autocast_for, to_tensor
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.supervised_cnn.torch_model import PatchClassifier
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 class PatchClassifierDetector(Detector):

@@ -25,9 +25,12 @@ from vadflow.tasks.detectors.base import (
     gaussian_smooth,
     top_fraction_mean,
 )
-from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.components.latent_density import (
+    LatentScoredDetector,
+    check_score_option,
+)
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
 from vadflow.tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
 

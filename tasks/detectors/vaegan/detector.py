@@ -25,7 +25,7 @@ from vadflow.tasks.detectors.base import (
     gaussian_smooth,
     top_fraction_mean,
 )
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
     GanTrainer,
     discriminator_loss,
@@ -33,8 +33,8 @@ from vadflow.tasks.detectors.gan_parts import (
     generator_nonsaturating_loss,
     per_tile_mean,
 )
+from vadflow.tasks.detectors.components.training import TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import TrainSettings
 from vadflow.tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
 
 DCGAN_BETAS = (0.5, 0.999)

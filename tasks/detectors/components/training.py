@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.augment import Augmentation
 from vadflow.tasks.detectors.base import (
     DivergedError,
     EpochCallback,
@@ -38,6 +37,7 @@ from vadflow.tasks.detectors.base import (
     autocast_for,
     to_tensor,
 )
+from vadflow.tasks.detectors.components.augment import Augmentation
 
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1

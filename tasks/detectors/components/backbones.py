@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.base import EpochCallback, FitReport, autocast_for, to_tensor
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 
 PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.base import autocast_for
-from vadflow.tasks.detectors.training import NonFiniteStep, Trainer, TrainSettings
+from vadflow.tasks.detectors.components.training import NonFiniteStep, Trainer, TrainSettings
 
 # DCGAN's networks start (generator) and end (discriminator) at a 4 x 4 grid.
 FIRST_GRID = 4

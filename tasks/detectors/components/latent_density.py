@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.backbones import upsample_map
 from vadflow.tasks.detectors.base import (
     Detector,
     FitReport,
@@ -57,8 +56,8 @@ from vadflow.tasks.detectors.base import (
     to_tensor,
     top_fraction_mean,
 )
-from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
-from vadflow.tasks.detectors.patch_knn.torch_model import nearest_distances
+from vadflow.tasks.detectors.components.backbones import upsample_map
+from vadflow.tasks.detectors.components.memory_bank import k_center_greedy, nearest_distances
 
 SCORE_OPTIONS = ("residual", "latent", "combined")
 DENSITY_PREFIX = "latent_density."
