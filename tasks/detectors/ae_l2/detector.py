@@ -7,13 +7,14 @@ fails on what it never saw; the squared residual is the anomaly map.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
-from vadflow.tasks.detectors.base import autocast_for
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
 from vadflow.tasks.detectors.components.anomaly_maps import map_and_score
 from vadflow.tasks.detectors.components.latent_density import (
     LatentScoredConfig,
@@ -30,6 +31,20 @@ class AEL2Config(LatentScoredConfig):
 
     latent_channels: int = 16
     bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / bottleneck = 2^k
+
+
+def seeded_autoencoder(config: Any) -> ConvAutoencoder:
+    """The autoencoder a config's `tile_size`, `base_channels`, `latent_channels` and
+    `bottleneck` describe, initialised from its `seed` (ae_l2 and ae_ssim build the same one)."""
+    return build_seeded(
+        config.seed,
+        lambda: ConvAutoencoder(
+            tile_size=config.tile_size,
+            base_channels=config.base_channels,
+            latent_channels=config.latent_channels,
+            bottleneck=config.bottleneck,
+        ),
+    )
 
 
 def reconstruction_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -63,16 +78,7 @@ class AEL2Detector(LatentScoredDetector):
     def __init__(self, config: AEL2Config | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = ConvAutoencoder(
-                tile_size=cfg.tile_size,
-                base_channels=cfg.base_channels,
-                latent_channels=cfg.latent_channels,
-                bottleneck=cfg.bottleneck,
-            )
-        self.model.to(self.device)
+        self.model = seeded_autoencoder(cfg).to(self.device)
         self.init_density(cfg.latent_channels)
 
     def make_trainer(self) -> Trainer:

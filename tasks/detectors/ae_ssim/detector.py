@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.ae_l2.detector import seeded_autoencoder
 from vadflow.tasks.detectors.ae_ssim.ssim import ssim_dissimilarity
 from vadflow.tasks.detectors.base import autocast_for
 from vadflow.tasks.detectors.components.anomaly_maps import AutoencoderConfig, map_and_score
@@ -82,17 +82,7 @@ class AESSIMDetector(TrainedDetector):
 
     def __init__(self, config: AESSIMConfig | None = None) -> None:
         super().__init__(config)
-        cfg = self.config
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = ConvAutoencoder(
-                tile_size=cfg.tile_size,
-                base_channels=cfg.base_channels,
-                latent_channels=cfg.latent_channels,
-                bottleneck=cfg.bottleneck,
-            )
-        self.model.to(self.device)
+        self.model = seeded_autoencoder(self.config).to(self.device)
 
     def make_trainer(self) -> Trainer:
         settings = TrainSettings.from_config(self.config)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vadflow.tasks.detectors.anogan.torch_model import AnoGANModel
+from vadflow.tasks.detectors.base import build_seeded
 from vadflow.tasks.detectors.components.anomaly_maps import residual_map
 from vadflow.tasks.detectors.components.gan_parts import (
     GanTrainer,
@@ -97,10 +98,9 @@ class AnoGANDetector(TrainedDetector):
     def __init__(self, config: AnoGANConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = AnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
-        self.model.to(self.device)
+        self.model = build_seeded(
+            cfg.seed, lambda: AnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
+        ).to(self.device)
 
     def make_trainer(self) -> DCGANTrainer:
         cfg = self.config

@@ -57,6 +57,7 @@ from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    build_seeded,
     to_tensor,
 )
 from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
@@ -455,9 +456,7 @@ def save_backbone_weights(backbone: SmallCNN, path: str | Path) -> Path:
 def new_features(config: BackboneConfig) -> PatchFeatures:
     """The config's patch features, the CNN randomly initialised from the config's seed
     without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        cnn = SmallCNN(config.base_channels)
+    cnn = build_seeded(config.seed, lambda: SmallCNN(config.base_channels))
     return PatchFeatures(config.features, cnn, config.feature_pool, config.filter_window)
 
 

@@ -21,6 +21,7 @@ from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    build_seeded,
     check_tile_size,
 )
 from vadflow.tasks.detectors.components.anomaly_maps import residual_map
@@ -217,10 +218,9 @@ class FAnoGANDetector(LatentScoredDetector):
     def __init__(self, config: FAnoGANConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = FAnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
-        self.model.to(self.device)
+        self.model = build_seeded(
+            cfg.seed, lambda: FAnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
+        ).to(self.device)
         self.init_density(cfg.latent_dim)
 
     def fit(

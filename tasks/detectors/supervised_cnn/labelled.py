@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vadflow.tasks.detectors.base import Detector, autocast_for, to_tensor
+from vadflow.tasks.detectors.base import Detector, autocast_for, build_seeded, to_tensor
 from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig, TrainSettings
 from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS, PatchClassifier
 
@@ -63,10 +63,9 @@ class PatchClassifierDetector(Detector):
     def __init__(self, config: PatchClassifierConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
-        self.model.to(self.device)
+        self.model = build_seeded(
+            cfg.seed, lambda: PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
+        ).to(self.device)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.base import autocast_for
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
 from vadflow.tasks.detectors.components.anomaly_maps import map_and_score
 from vadflow.tasks.detectors.components.latent_density import (
     LatentScoredConfig,
@@ -110,11 +110,7 @@ class VAEDetector(LatentScoredDetector):
 
     def __init__(self, config: VAEConfigBase | None = None) -> None:
         super().__init__(config)
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            self.model = self._build_model()
-        self.model.to(self.device)
+        self.model = build_seeded(self.config.seed, self._build_model).to(self.device)
         self.init_density(self.model.latent_shape[0])
 
     def _build_model(self) -> GaussianVAE:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.base import autocast_for
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
 from vadflow.tasks.detectors.components.anomaly_maps import check_fraction, map_and_score
 from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
@@ -147,12 +147,12 @@ class AnoVAEGANDetector(TrainedDetector):
     def __init__(self, config: AnoVAEGANConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = AnoVAEGANModel(
+        self.model = build_seeded(
+            cfg.seed,
+            lambda: AnoVAEGANModel(
                 cfg.tile_size, cfg.base_channels, cfg.latent_channels, cfg.bottleneck
-            )
-        self.model.to(self.device)
+            ),
+        ).to(self.device)
 
     def make_trainer(self) -> VAEGANTrainer:
         cfg = self.config
