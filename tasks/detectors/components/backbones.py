@@ -1,4 +1,7 @@
-"""Patch features for the feature-based families (patch_knn, padim).
+"""Patch features for the feature-based families (patch_knn, padim), and what they share
+around them: their config (`BackboneConfig`, `PatchScoreConfig`) and their `fit` and scoring
+(`PatchFeatureDetector`: get the features ready, fit the family's model of normal patches,
+turn patch scores into an anomaly map and a tile score).
 
 Nothing is downloaded. A patch feature, on a grid at 1/4 of the tile, comes from one or both of:
 

@@ -2,7 +2,7 @@
 
 Families hand over a module and a loss; the loop owns what must behave the same everywhere:
 device choice, bf16 autocast on CUDA, seeding, training-batch augmentation (flips, quarter
-turns, stain and colour jitter: `tasks/detectors/augment.py`), Adam, gradient clipping,
+turns, stain and colour jitter: `components/augment.py`), Adam, gradient clipping,
 early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard,
 resumable checkpoints and the contamination-robust trimmed loss. A family with an unusual step
 (several optimisers, as GANs need) subclasses `Trainer` and overrides `configure_optimizers` and
