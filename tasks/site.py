@@ -36,7 +36,7 @@ class TilingConfig(BaseModel):
     )
     mask_preset: str | None = Field(
         None,
-        description="named masking settings (tasks/tiling/mask.py MASK_PRESETS); "
+        description="named masking settings (tasks/tiling/presets.py MASK_PRESETS); "
         "None: 'he' for pathology, 'object-dark' for industrial",
     )
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)
@@ -54,7 +54,9 @@ class TilingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_preset(self) -> TilingConfig:
-        from vadflow.tasks.tiling.mask import mask_preset
+        # The presets are data (tiling/presets.py imports nothing from tiling), so a site file
+        # is checked without loading the masking code or its image libraries.
+        from vadflow.tasks.tiling.presets import mask_preset
 
         if self.mask_preset is not None:
             mask_preset(self.mask_preset)  # raises, naming the known presets

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vadflow.tasks.detectors.augment import (
+from vadflow.tasks.detectors.base import to_tensor
+from vadflow.tasks.detectors.components.augment import (
     Augmentation,
     brightness_contrast,
     hed_jitter,
@@ -19,9 +20,8 @@ from vadflow.tasks.detectors.augment import (
     rgb_to_hed,
     rgb_to_hsv,
 )
-from vadflow.tasks.detectors.base import to_tensor
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import create_detector
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 from vadflow.tasks.site import AugmentationConfig
 
 STRONG = Augmentation(
@@ -100,7 +100,7 @@ def test_zero_strength_is_the_identity_and_colour_spaces_round_trip() -> None:
     # The conversions the jitters go through lose nothing (above HED's one-step OD floor).
     lit = batch.clamp(1.0 / 255.0, 1.0)
     assert torch.allclose(hed_to_rgb(rgb_to_hed(lit)), lit, atol=1e-5)
-    from vadflow.tasks.detectors.augment import hsv_to_rgb
+    from vadflow.tasks.detectors.components.augment import hsv_to_rgb
 
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(batch)), batch, atol=1e-5)
 

@@ -22,9 +22,9 @@ from torch import nn
 from vadflow.tasks.detectors.ae_l2.detector import reconstruction_loss
 from vadflow.tasks.detectors.ae_ssim import local_ssim, ssim_dissimilarity
 from vadflow.tasks.detectors.ae_ssim.ssim import blur_matrix
+from vadflow.tasks.detectors.components.training import NonFiniteStep, Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import create_detector
 from vadflow.tasks.detectors.spatial_vae import SpatialVAE
-from vadflow.tasks.detectors.training import NonFiniteStep, Trainer, TrainSettings
 from vadflow.tasks.detectors.vae import DenseVAE, ELBOLoss, KLWarmupTrainer, kl_to_standard_normal
 
 DEFECTS = ("dense", "scratch", "patch")

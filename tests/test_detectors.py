@@ -379,3 +379,114 @@ def test_family_settings_layers_site_file_then_flags() -> None:
     assert settings == {"tile_size": 32, "epochs": 2, "batch_size": 8}
     with pytest.raises(ValueError, match="detectors.ae_l2 has no field.*'epoch'.*valid fields"):
         family_settings("ae_l2", site={"epoch": 5})
+
+
+# -- one settings model ------------------------------------------------------------------------
+
+# The fields each family's config.json holds besides TrainingConfig's, as before the configs
+# shared a base: a model saved then must load now, and a new key must be a decision, not a
+# side effect of editing a base class.
+OWN_FIELDS = {
+    "ae_l2": (
+        "base_channels bottleneck latent_channels latent_top_fraction map_smoothing_sigma "
+        "robust_trim_fraction robust_warmup_epochs score score_top_fraction tile_size"
+    ),
+    "ae_ssim": (
+        "base_channels bottleneck latent_channels map_smoothing_sigma robust_trim_fraction "
+        "robust_warmup_epochs score_top_fraction ssim_channels ssim_sigma ssim_window "
+        "tile_size"
+    ),
+    "anogan": (
+        "base_channels collapse_min_ratio collapse_patience feature_weight latent_dim "
+        "latent_lr latent_steps map_smoothing_sigma tile_size val_search_steps val_tiles"
+    ),
+    "fanogan": (
+        "base_channels collapse_min_ratio collapse_patience encoder_epochs encoder_lr "
+        "gp_weight kappa latent_dim map_smoothing_sigma n_critic score tile_size "
+        "val_search_lr val_search_steps val_tiles"
+    ),
+    "mil": (
+        "base_channels dropout norm passes slide_aggregate stages tile_size top_k warmup_epochs"
+    ),
+    "padim": (
+        "backbone_weights base_channels feature_pool features filter_window "
+        "map_smoothing_sigma n_features pretext ridge score_top_fraction shrinkage "
+        "temperature tile_size"
+    ),
+    "patch_knn": (
+        "backbone_weights base_channels coreset_size feature_pool features filter_window knn "
+        "map_smoothing_sigma max_bank_patches pretext projection_dim score_top_fraction "
+        "temperature"
+    ),
+    "spatial_vae": (
+        "base_channels beta bottleneck kl_warmup_epochs latent_channels latent_top_fraction "
+        "map_smoothing_sigma n_samples recon_sigma robust_trim_fraction robust_warmup_epochs "
+        "score score_mode score_top_fraction tile_size"
+    ),
+    "supervised_cnn": (
+        "base_channels dropout hard_negative_epochs hard_negative_fraction "
+        "hard_negative_lr_scale hard_negative_repeats negatives_per_epoch norm "
+        "positive_fraction stages tile_size"
+    ),
+    "vae": (
+        "base_channels beta bottleneck kl_warmup_epochs latent_dim latent_top_fraction "
+        "map_smoothing_sigma n_samples recon_sigma robust_trim_fraction robust_warmup_epochs "
+        "score score_mode score_top_fraction tile_size"
+    ),
+    "vaegan": (
+        "adversarial_weight base_channels bottleneck collapse_min_ratio collapse_patience "
+        "discriminator_lr kl_weight latent_channels map_smoothing_sigma score_top_fraction "
+        "tile_size"
+    ),
+}
+
+
+def test_the_pinned_field_lists_cover_every_family() -> None:
+    assert set(OWN_FIELDS) == set(available_families())
+
+
+@pytest.mark.parametrize("family", sorted(OWN_FIELDS))
+def test_every_family_config_extends_the_shared_training_config(family: str, tmp_path) -> None:
+    from vadflow.tasks.detectors.components.training import TrainingConfig
+
+    config_cls = detector_class(family).config_cls
+    assert issubclass(config_cls, TrainingConfig)
+    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert shared == {
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "patience",
+        "min_delta",
+        "grad_clip",
+        "seed",
+        "augment",
+        "device",
+    }
+    # Saved keys are what they were: the shared fields plus the family's own.
+    path = create_detector(family, device="cpu").save(tmp_path / family)
+    saved = json.loads((path / "config.json").read_text())
+    assert set(saved) == {"family"} | shared | set(OWN_FIELDS[family].split())
+    # Every class between the family's config and the base re-declares an inherited field only
+    # to give it another default.
+    for cls in config_cls.__mro__:
+        if not issubclass(cls, TrainingConfig) or cls is TrainingConfig:
+            continue
+        for name in cls.__dict__.get("__annotations__", {}):
+            inherited = _inherited_default(cls, name)
+            if inherited is not _NOT_INHERITED:
+                own = cls.__dataclass_fields__[name].default
+                assert own != inherited, f"{cls.__name__}.{name} repeats the default {own!r}"
+
+
+_NOT_INHERITED = object()
+
+
+def _inherited_default(cls: type, name: str) -> object:
+    """The default of field `name` in the nearest base of `cls` that has it."""
+    for base in cls.__mro__[1:]:
+        fields = getattr(base, "__dataclass_fields__", {})
+        if name in fields:
+            return fields[name].default
+    return _NOT_INHERITED

@@ -24,7 +24,7 @@ from vadflow.flows.commands.benchmark import (
     load_benchmark_tiles,
     run_family,
 )
-from vadflow.tasks.detectors.backbones import (
+from vadflow.tasks.detectors.components.backbones import (
     FilterBank,
     PatchFeatures,
     SmallCNN,

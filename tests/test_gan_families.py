@@ -13,14 +13,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from vadflow.tasks.detectors.base import DivergedError
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
     GeneratorCollapse,
     gradient_penalty,
     latent_search,
 )
+from vadflow.tasks.detectors.components.training import NonFiniteStep
 from vadflow.tasks.detectors.registry import create_detector
-from vadflow.tasks.detectors.training import NonFiniteStep
 
 SIZE = 32
 STROMA = np.array([0.92, 0.74, 0.82])

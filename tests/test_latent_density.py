@@ -1,4 +1,5 @@
-"""Latent-density scores (tasks/detectors/latent_density.py) for ae_l2, vae, spatial_vae, fanogan.
+"""Latent-density scores (tasks/detectors/components/latent_density.py): ae_l2, vae, spatial_vae,
+fanogan.
 
 The density on its own (whitening, nearest normal code, streaming fit, OAS against
 scikit-learn), then the families: the `score` option, one fit scored in every mode, save/load
@@ -20,7 +21,11 @@ from sklearn.covariance import OAS
 from sklearn.metrics import roc_auc_score
 from test_detectors import PINK, _discs
 
-from vadflow.tasks.detectors.latent_density import DENSITY_PREFIX, LatentDensity, oas_shrinkage
+from vadflow.tasks.detectors.components.latent_density import (
+    DENSITY_PREFIX,
+    LatentDensity,
+    oas_shrinkage,
+)
 from vadflow.tasks.detectors.registry import create_detector, load_detector
 
 # One epoch on 32 px tiles: enough to exercise fitting, saving and scoring.

@@ -139,6 +139,16 @@ def to_tensor(
 
 
 ConfigT = TypeVar("ConfigT")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def build_seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
+    """`build()` with torch's RNG seeded to `seed`, the caller's RNG state restored afterwards:
+    a family's initial weights depend on its config's seed alone, and building a detector does
+    not move anyone else's random numbers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def make_config(config_cls: type[ConfigT], family: str, fields: dict[str, Any]) -> ConfigT:

@@ -4,9 +4,8 @@ Glass is bright and grey (low saturation); stained tissue is coloured. Otsu pick
 a floor on the threshold keeps an all-glass slide from being split into "tissue" noise.
 Industrial parts are rarely coloured: their presets threshold darkness (or brightness) instead.
 
-Masking settings are data: `MASK_PRESETS` maps a name (what a site file says in
-`tiling.mask_preset`) to a frozen `MaskPreset`. Sizes are in um^2 where the slide has an MPP and in
-mask pixels where it does not.
+Masking settings are data: `MASK_PRESETS` (`presets.py`, re-exported here) maps a name (what a
+site file says in `tiling.mask_preset`) to a frozen `MaskPreset`.
 
 The mask is computed at a level chosen from the slide's MPP (`mask_downsample`): a pyramid level
 between `mask_mpp` and `mask_mpp_max` (8-16 um/px by default) when one exists, read as is, and the
@@ -17,8 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -27,72 +24,16 @@ from skimage.morphology import remove_small_holes, remove_small_objects
 
 from vadflow.tasks.slides.reader import LevelInfo
 
-MIN_SATURATION = 0.08  # glass with a colour cast stays below this
+# The preset names stay importable from here, where tiling's callers have always found them.
+from vadflow.tasks.tiling.presets import DEFAULT_PRESET as DEFAULT_PRESET
+from vadflow.tasks.tiling.presets import MASK_PRESETS as MASK_PRESETS
+from vadflow.tasks.tiling.presets import MIN_SATURATION as MIN_SATURATION
+from vadflow.tasks.tiling.presets import Feature, MaskPreset
+from vadflow.tasks.tiling.presets import mask_preset as mask_preset
+
 # Mask pixels above which a coarser level (still inside the MPP range) is preferred: ~2.8k^2,
 # so a 25 x 25 mm slide is masked at 16 um/px and mask time stays flat as slides grow.
 MASK_PIXEL_BUDGET = 8_000_000
-
-Feature = Literal["saturation", "darkness", "brightness"]
-
-
-@dataclass(frozen=True)
-class MaskPreset:
-    """Masking settings as data, so a site can pick them by name."""
-
-    feature: Feature = "saturation"  # HSV saturation (stains), 1 - luma, or luma
-    min_value: float = MIN_SATURATION  # floor under Otsu's threshold, feature units in [0, 1]
-    closing_px: int = 1  # binary closing radius, mask pixels (bridges stain gaps)
-    min_object_um2: float = 20_000.0  # specks smaller than this are dropped (slides with MPP)
-    min_object_px: int = 16  # the same, in mask pixels, for images without MPP
-    fill_holes: bool = True
-    max_hole_um2: float | None = None  # None fills every hole; else only holes up to this size
-    description: str = ""
-
-    @property
-    def min_saturation(self) -> float:  # the name earlier code used
-        return self.min_value
-
-
-MASK_PRESETS: dict[str, MaskPreset] = {
-    "he": MaskPreset(description="H&E: coloured tissue on bright glass"),
-    "he-faint": MaskPreset(
-        min_value=0.04,
-        min_object_um2=10_000.0,
-        description="pale or under-stained H&E, frozen sections, thin fatty tissue",
-    ),
-    "he-keep-lumens": MaskPreset(
-        max_hole_um2=250_000.0,
-        description="H&E, but large holes (vessels, lumens, fat) stay background",
-    ),
-    "ihc": MaskPreset(
-        min_value=0.05,
-        closing_px=2,
-        description="IHC (DAB + hematoxylin): weaker colour than H&E",
-    ),
-    "object-dark": MaskPreset(
-        feature="darkness",
-        min_value=0.05,
-        min_object_px=64,
-        description="industrial: a part darker than a light background",
-    ),
-    "object-bright": MaskPreset(
-        feature="brightness",
-        min_value=0.05,
-        min_object_px=64,
-        description="industrial: a part lighter than a dark background",
-    ),
-}
-DEFAULT_PRESET = {"pathology": "he", "industrial": "object-dark"}
-
-
-def mask_preset(name: str) -> MaskPreset:
-    """The preset called `name`; an unknown name lists the known ones."""
-    try:
-        return MASK_PRESETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown mask preset {name!r}: use one of {', '.join(sorted(MASK_PRESETS))}"
-        ) from None
 
 
 def feature_map(rgb: np.ndarray, feature: Feature) -> np.ndarray:

@@ -7,64 +7,44 @@ fails on what it never saw; the squared residual is the anomaly map.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
-from vadflow.tasks.detectors.base import (
-    EpochCallback,
-    FitReport,
-    autocast_for,
-    check_tile_size,
-    gaussian_smooth,
-    top_fraction_mean,
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
+from vadflow.tasks.detectors.components.anomaly_maps import map_and_score
+from vadflow.tasks.detectors.components.latent_density import (
+    LatentScoredConfig,
+    LatentScoredDetector,
 )
-from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)
-class AEL2Config:
-    """Hyperparameters of ae_l2; saved as config.json beside the weights."""
+class AEL2Config(LatentScoredConfig):
+    """Hyperparameters of ae_l2 (training, map and score fields from LatentScoredConfig);
+    saved as config.json beside the weights."""
 
-    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
-    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
     latent_channels: int = 16
     bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / bottleneck = 2^k
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5
-    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips in training
-    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
-    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
-    device: str = "auto"
-    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
-    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
-    # "residual", "latent" (distance of each bottleneck cell's code to the nearest normal
-    # code) or "combined" (both, standardised on the validation tiles); see latent_density.py.
-    score: str = "residual"
-    latent_top_fraction: float = 1.0  # latent tile score = mean of this top fraction of its map
 
-    def __post_init__(self) -> None:
-        check_score_option(self.score)
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if not 0.0 <= self.latent_top_fraction <= 1.0:
-            raise ValueError(
-                f"latent_top_fraction must be in [0, 1], got {self.latent_top_fraction}"
-            )
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
+
+def seeded_autoencoder(config: Any) -> ConvAutoencoder:
+    """The autoencoder a config's `tile_size`, `base_channels`, `latent_channels` and
+    `bottleneck` describe, initialised from its `seed` (ae_l2 and ae_ssim build the same one)."""
+    return build_seeded(
+        config.seed,
+        lambda: ConvAutoencoder(
+            tile_size=config.tile_size,
+            base_channels=config.base_channels,
+            latent_channels=config.latent_channels,
+            bottleneck=config.bottleneck,
+        ),
+    )
 
 
 def reconstruction_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -98,43 +78,12 @@ class AEL2Detector(LatentScoredDetector):
     def __init__(self, config: AEL2Config | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = ConvAutoencoder(
-                tile_size=cfg.tile_size,
-                base_channels=cfg.base_channels,
-                latent_channels=cfg.latent_channels,
-                bottleneck=cfg.bottleneck,
-            )
-        self.model.to(self.device)
+        self.model = seeded_autoencoder(cfg).to(self.device)
         self.init_density(cfg.latent_channels)
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        *,
-        on_epoch: EpochCallback | None = None,
-        checkpoint_dir: Path | None = None,
-        checkpoint_every: int = 1,
-        resume_from: Path | None = None,
-    ) -> FitReport:
-        """Train on normal tiles (see `Trainer.fit` for checkpoints, resume and early
-        stopping), then fit the latent density on `train` and its standardisation on `val`."""
-        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
-        trainer = Trainer(
-            self.model, reconstruction_loss, TrainSettings.from_config(self.config), self.device
-        )
-        report = trainer.fit(
-            train,
-            val,
-            on_epoch=on_epoch,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-        )
-        return self.fit_density(train, val, report)
+    def make_trainer(self) -> Trainer:
+        settings = TrainSettings.from_config(self.config)
+        return Trainer(self.model, reconstruction_loss, settings, self.device)
 
     def _codes(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast_for(self.device):
@@ -145,6 +94,5 @@ class AEL2Detector(LatentScoredDetector):
         with autocast_for(self.device):
             recon = self.model(batch)  # (b, 3, H, W)
         residual = (recon.float() - batch) ** 2  # (b, 3, H, W)
-        anomaly_map = residual.mean(dim=1, keepdim=True)  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)
+        cfg = self.config
+        return map_and_score(residual, cfg.map_smoothing_sigma, cfg.score_top_fraction)

@@ -10,55 +10,33 @@ the model care about local structure, and the map then shows structure that is m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.ae_l2.torch_model import ConvAutoencoder
+from vadflow.tasks.detectors.ae_l2.detector import seeded_autoencoder
 from vadflow.tasks.detectors.ae_ssim.ssim import ssim_dissimilarity
-from vadflow.tasks.detectors.base import (
-    Detector,
-    EpochCallback,
-    FitReport,
-    autocast_for,
-    check_tile_size,
-    gaussian_smooth,
-    top_fraction_mean,
-)
+from vadflow.tasks.detectors.base import autocast_for
+from vadflow.tasks.detectors.components.anomaly_maps import AutoencoderConfig, map_and_score
+from vadflow.tasks.detectors.components.training import TrainedDetector, Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)
-class AESSIMConfig:
-    """Hyperparameters of ae_ssim; saved as config.json beside the weights."""
+class AESSIMConfig(AutoencoderConfig):
+    """Hyperparameters of ae_ssim (training, map and score fields from AutoencoderConfig);
+    saved as config.json beside the weights."""
 
-    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
-    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
     latent_channels: int = 16
     bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / bottleneck = 2^k
     ssim_window: int = 11  # px, odd; Bergmann et al. use 11
     ssim_sigma: float = 1.5  # Gaussian weighting of the window, px
     ssim_channels: str = "gray"  # "gray" (luma, as Bergmann et al.) or "rgb" (per channel)
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5
-    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips in training
-    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
-    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
-    device: str = "auto"
     # The SSIM window already averages over ~7 px, so no extra blur by default.
     map_smoothing_sigma: float = 0.0
-    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.ssim_channels not in ("gray", "rgb"):
             raise ValueError(f"ssim_channels must be 'gray' or 'rgb', got {self.ssim_channels!r}")
         if self.ssim_window < 3 or self.ssim_window % 2 == 0:
@@ -69,10 +47,6 @@ class AESSIMConfig:
             )
         if self.ssim_sigma <= 0:
             raise ValueError(f"ssim_sigma must be > 0, got {self.ssim_sigma}")
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
 
 class SSIMLoss:
@@ -91,7 +65,7 @@ class SSIMLoss:
 
 
 @register("ae_ssim")
-class AESSIMDetector(Detector):
+class AESSIMDetector(TrainedDetector):
     """Autoencoder + 1 - local SSIM.
 
     Anomaly map: 1 - SSIM between tile and reconstruction (per channel and averaged, or on luma).
@@ -108,41 +82,11 @@ class AESSIMDetector(Detector):
 
     def __init__(self, config: AESSIMConfig | None = None) -> None:
         super().__init__(config)
-        cfg = self.config
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = ConvAutoencoder(
-                tile_size=cfg.tile_size,
-                base_channels=cfg.base_channels,
-                latent_channels=cfg.latent_channels,
-                bottleneck=cfg.bottleneck,
-            )
-        self.model.to(self.device)
+        self.model = seeded_autoencoder(self.config).to(self.device)
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        *,
-        on_epoch: EpochCallback | None = None,
-        checkpoint_dir: Path | None = None,
-        checkpoint_every: int = 1,
-        resume_from: Path | None = None,
-    ) -> FitReport:
-        """Train on normal tiles; see `Trainer.fit` for checkpoints, resume and early stopping."""
-        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
-        trainer = Trainer(
-            self.model, SSIMLoss(self.config), TrainSettings.from_config(self.config), self.device
-        )
-        return trainer.fit(
-            train,
-            val,
-            on_epoch=on_epoch,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-        )
+    def make_trainer(self) -> Trainer:
+        settings = TrainSettings.from_config(self.config)
+        return Trainer(self.model, SSIMLoss(self.config), settings, self.device)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -155,5 +99,4 @@ class AESSIMDetector(Detector):
             window=cfg.ssim_window,
             sigma=cfg.ssim_sigma,
         )  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, cfg.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, cfg.score_top_fraction)
+        return map_and_score(anomaly_map, cfg.map_smoothing_sigma, cfg.score_top_fraction)

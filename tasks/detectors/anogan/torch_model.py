@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vadflow.tasks.detectors.gan_parts import DCGANDiscriminator, DCGANGenerator
+from vadflow.tasks.detectors.components.gan_parts import DCGANDiscriminator, DCGANGenerator
 
 
 class AnoGANModel(nn.Module):

@@ -21,21 +21,25 @@ from vadflow.tasks.detectors.base import (
     EpochCallback,
     FitReport,
     autocast_for,
+    build_seeded,
     check_tile_size,
-    gaussian_smooth,
 )
-from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.components.anomaly_maps import residual_map
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
     GanTrainer,
+    LatentGanConfig,
     frozen,
-    gan_stages,
     gradient_penalty,
     per_tile_mean,
 )
-from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.components.latent_density import (
+    LatentScoredDetector,
+    check_score_option,
+)
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.fanogan.torch_model import FAnoGANModel
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 
 # Adam as in WGAN-GP (Gulrajani et al. 2017, algorithm 1): no momentum, beta2 = 0.9.
 WGAN_BETAS = (0.0, 0.9)
@@ -44,47 +48,32 @@ ENCODER_PHASE_DIR = "encoder"
 
 
 @dataclass(frozen=True)
-class FAnoGANConfig:
-    """Hyperparameters of fanogan; saved as config.json beside the weights."""
+class FAnoGANConfig(LatentGanConfig):
+    """Hyperparameters of fanogan (training, GAN and validation fields from LatentGanConfig;
+    `epochs` and `lr` are the GAN phase's); saved as config.json beside the weights."""
 
-    tile_size: int = 64  # 4 x a power of two: 32, 64, 128 or 256 px
-    latent_dim: int = 64
-    base_channels: int = 32
-    epochs: int = 30  # GAN phase
-    encoder_epochs: int | None = None  # encoder phase; None = the same as `epochs`
-    batch_size: int = 64
     lr: float = 1e-4  # generator and critic (WGAN-GP's value)
+    encoder_epochs: int | None = None  # encoder phase; None = the same as `epochs`
     encoder_lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10
-    min_delta: float = 0.0
-    grad_clip: float = 10.0  # loose: only there to stop a runaway step
-    seed: int = 0
-    augment: bool = True  # random flips in training
-    device: str = "auto"
     n_critic: int = 5  # critic updates per generator update
     gp_weight: float = 10.0  # lambda of the gradient penalty
     kappa: float = 1.0  # weight of the critic-feature residual in izi_f and in the score
-    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
-    collapse_min_ratio: float = 0.02
-    collapse_patience: int = 25
-    # GAN-phase validation (early stopping): residual after a short latent search.
-    val_search_steps: int = 20
-    val_search_lr: float = 0.05
-    val_tiles: int = 64
+    val_search_lr: float = 0.05  # the GAN phase's validation latent search
     # "residual" (izi_f), "latent" (distance of the encoder's z to the nearest normal tile's)
     # or "combined" (both, standardised on the validation tiles); see latent_density.py.
     score: str = "residual"
 
     def __post_init__(self) -> None:
-        gan_stages(self.tile_size)
+        super().__post_init__()
         check_score_option(self.score)
         if self.n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
         if self.encoder_epochs is not None and self.encoder_epochs < 1:
             raise ValueError(f"encoder_epochs must be >= 1 or None, got {self.encoder_epochs}")
-        if self.kappa < 0 or self.gp_weight < 0 or self.map_smoothing_sigma < 0:
-            raise ValueError("kappa, gp_weight and map_smoothing_sigma must be >= 0")
+        if self.kappa < 0 or self.gp_weight < 0:
+            raise ValueError(
+                f"kappa and gp_weight must be >= 0, got {self.kappa}, {self.gp_weight}"
+            )
 
 
 class WGANGPTrainer(GanTrainer):
@@ -229,10 +218,9 @@ class FAnoGANDetector(LatentScoredDetector):
     def __init__(self, config: FAnoGANConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = FAnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
-        self.model.to(self.device)
+        self.model = build_seeded(
+            cfg.seed, lambda: FAnoGANModel(cfg.tile_size, cfg.latent_dim, cfg.base_channels)
+        ).to(self.device)
         self.init_density(cfg.latent_dim)
 
     def fit(
@@ -255,8 +243,13 @@ class FAnoGANDetector(LatentScoredDetector):
         """
         check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         cfg = self.config
-        gan_report = self._fit_gan(
-            train, val, on_epoch, checkpoint_dir, checkpoint_every, resume_from
+        gan_report = self.make_trainer().fit(
+            train,
+            val,
+            on_epoch=on_epoch,
+            checkpoint_dir=_phase_dir(checkpoint_dir, GAN_PHASE_DIR),
+            checkpoint_every=checkpoint_every,
+            resume_from=_phase_dir(resume_from, GAN_PHASE_DIR),
         )
 
         def shifted(epoch: int, train_loss: float, val_loss: float) -> None:
@@ -294,34 +287,18 @@ class FAnoGANDetector(LatentScoredDetector):
         )
         return self.fit_density(train, val, report)
 
-    def _fit_gan(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        on_epoch: EpochCallback | None,
-        checkpoint_dir: Path | None,
-        checkpoint_every: int,
-        resume_from: Path | None,
-    ) -> FitReport:
+    def make_trainer(self) -> WGANGPTrainer:
+        """The GAN phase's trainer; the encoder phase's is built in `fit`."""
         cfg = self.config
-        trainer = WGANGPTrainer(
+        return WGANGPTrainer.for_config(
             _GanPhase(self.model),
-            TrainSettings.from_config(cfg),
+            cfg,
             self.device,
-            guard=CollapseGuard(cfg.collapse_min_ratio, cfg.collapse_patience),
             val_search_steps=cfg.val_search_steps,
             val_search_lr=cfg.val_search_lr,
             val_tiles=cfg.val_tiles,
             n_critic=cfg.n_critic,
             gp_weight=cfg.gp_weight,
-        )
-        return trainer.fit(
-            train,
-            val,
-            on_epoch=on_epoch,
-            checkpoint_dir=_phase_dir(checkpoint_dir, GAN_PHASE_DIR),
-            checkpoint_every=checkpoint_every,
-            resume_from=_phase_dir(resume_from, GAN_PHASE_DIR),
         )
 
     def _codes(self, batch: torch.Tensor) -> torch.Tensor:
@@ -333,8 +310,7 @@ class FAnoGANDetector(LatentScoredDetector):
         with autocast_for(self.device):
             score, recon = izif(self.model, batch, self.config.kappa)  # (b,), (b, 3, H, W)
         residual = (batch - recon.float()) ** 2  # (b, 3, H, W)
-        anomaly_map = residual.mean(dim=1, keepdim=True)  # (b, 1, H, W)
-        return gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma), score
+        return residual_map(residual, self.config.map_smoothing_sigma), score
 
 
 def _phase_dir(root: Path | None, phase: str) -> Path | None:

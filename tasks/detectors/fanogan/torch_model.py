@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.gan_parts import ConvEncoder, DCGANDiscriminator, DCGANGenerator
+from vadflow.tasks.detectors.components.gan_parts import (
+    ConvEncoder,
+    DCGANDiscriminator,
+    DCGANGenerator,
+)
 
 
 class FAnoGANModel(nn.Module):

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from vadflow.tasks.detectors.base import EpochCallback, FitReport
+from vadflow.tasks.detectors.components.training import TrainSettings
 from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
+    PatchClassifierConfig,
     PatchClassifierDetector,
     as_labels,
     balanced_weights,
@@ -38,21 +40,16 @@ from vadflow.tasks.detectors.supervised_cnn.labelled import (
     sigmoid,
     tile_logits,
 )
-from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
-from vadflow.tasks.detectors.training import TrainSettings
 
 AGGREGATES = ("max", "mean_topk")
 
 
 @dataclass(frozen=True)
-class MILConfig:
-    """Hyperparameters of mil; saved as config.json beside the weights."""
+class MILConfig(PatchClassifierConfig):
+    """Hyperparameters of mil (training and network fields from PatchClassifierConfig;
+    `batch_size` is also the per-epoch scoring pass's); saved as config.json beside the
+    weights."""
 
-    tile_size: int = 64  # tiles of another size are refused
-    base_channels: int = 16  # width of the first stage, doubling per stage (max 256)
-    stages: int = 4  # conv stages, each halving the tile
-    norm: str = "none"  # "none" or "group" (see PatchClassifier)
-    dropout: float = 0.2
     # Tiles per slide trained on each epoch. The paper used 1 with an ImageNet-pretrained
     # ResNet and thousands of slides; a network trained from scratch on a few slides needs a
     # few more, so that some lesion tiles are among the picks before the ranking means much
@@ -64,17 +61,11 @@ class MILConfig:
     warmup_epochs: int = 2
     slide_aggregate: str = "max"  # slide probability: "max" tile, or "mean_topk" of the top_k
     epochs: int = 20
-    batch_size: int = 64  # for training and for the per-epoch scoring pass
     lr: float = 2e-3
-    weight_decay: float = 1e-4
     patience: int = 8  # epochs without a better validation slide loss before stopping
-    min_delta: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips and transposes in training
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.top_k < 1 or self.passes < 1:
             raise ValueError(f"top_k and passes must be >= 1, got {self.top_k}, {self.passes}")
         if self.warmup_epochs < 0:
@@ -83,10 +74,6 @@ class MILConfig:
             raise ValueError(
                 f"slide_aggregate must be one of {AGGREGATES}, got {self.slide_aggregate!r}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 def bag_offsets(sizes: Sequence[int]) -> np.ndarray:

@@ -15,20 +15,17 @@ top 10 % 0.81, so padim keeps PaDiM's maximum).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vadflow.tasks.detectors.backbones import (
+from vadflow.tasks.detectors.base import EpochCallback, FitReport, check_tile_size
+from vadflow.tasks.detectors.components.backbones import (
+    PatchFeatureDetector,
     PatchScoreConfig,
-    combine_reports,
-    fit_patch_features,
     new_features,
-    patch_scores,
 )
-from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport, check_tile_size
 from vadflow.tasks.detectors.padim.torch_model import PadimModel
 from vadflow.tasks.detectors.registry import register
 
@@ -56,7 +53,7 @@ class PadimConfig(PatchScoreConfig):
 
 
 @register("padim")
-class PadimDetector(Detector):
+class PadimDetector(PatchFeatureDetector):
     """One Gaussian per patch position over random feature channels; Mahalanobis anomaly map."""
 
     config_cls = PadimConfig
@@ -78,14 +75,15 @@ class PadimDetector(Detector):
         on_epoch: EpochCallback | None = None,
     ) -> FitReport:
         """Pretext-train (or load) the backbone, then fit the per-position Gaussians."""
-        cfg = self.config
         check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         if len(train) < 2:
             raise ValueError(f"padim needs at least 2 training tiles, got {len(train)}")
-        started = time.perf_counter()
-        pretext, features = fit_patch_features(
-            self.model.features, cfg, train, val, self.device, self.family, on_epoch=on_epoch
-        )  # (N, C, h, w)
+        return super().fit(train, val, on_epoch=on_epoch)
+
+    def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
+        """Fit one Gaussian per feature-grid position; returns the mean Mahalanobis distance of
+        (up to 256) training tiles' patches to their positions' Gaussians."""
+        cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         d = self.model.channels.numel()
         channels = torch.randperm(features.shape[1], generator=generator)[:d].sort().values
@@ -101,18 +99,4 @@ class PadimDetector(Detector):
         self.model.channels.copy_(channels)
         self.model.mean.copy_(mean.float())
         self.model.precision.copy_(precision.float())
-        self.model.eval()
-        # The single pass's "losses": mean Mahalanobis distance of training and validation
-        # patches to their positions' Gaussians.
-        train_stat = float(self.score(train[:256]).anomaly_map.mean())
-        val_stat = float(self.score(val).anomaly_map.mean())
-        return combine_reports(
-            pretext,
-            time.perf_counter() - started,
-            self.device,
-            (train_stat, val_stat),
-            on_epoch if pretext.epochs == 0 else None,
-        )
-
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return patch_scores(self.model, batch, self.device, self.config)
+        return float(self.score(train[:256]).anomaly_map.mean())

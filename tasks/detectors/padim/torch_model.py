@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.backbones import PatchFeatures
+from vadflow.tasks.detectors.components.backbones import PatchFeatures
 
 
 class PadimModel(nn.Module):

@@ -20,22 +20,18 @@ reproduce it.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vadflow.tasks.detectors.backbones import (
+from vadflow.tasks.detectors.components.backbones import (
+    PatchFeatureDetector,
     PatchScoreConfig,
-    combine_reports,
-    fit_patch_features,
     new_features,
-    patch_scores,
 )
-from vadflow.tasks.detectors.base import Detector, EpochCallback, FitReport
-from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
-from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel, nearest_distances
+from vadflow.tasks.detectors.components.memory_bank import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel
 from vadflow.tasks.detectors.registry import register
 
 
@@ -58,7 +54,7 @@ class PatchKNNConfig(PatchScoreConfig):
 
 
 @register("patch_knn")
-class PatchKNNDetector(Detector):
+class PatchKNNDetector(PatchFeatureDetector):
     """Memory bank of normal patch features; anomaly = distance to the nearest normal patch."""
 
     config_cls = PatchKNNConfig
@@ -71,19 +67,10 @@ class PatchKNNDetector(Detector):
         self.model = PatchKNNModel(new_features(cfg), cfg.knn)
         self.model.to(self.device)
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        *,
-        on_epoch: EpochCallback | None = None,
-    ) -> FitReport:
-        """Pretext-train (or load) the backbone, then build the coreset memory bank."""
+    def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
+        """Build the coreset memory bank from the training patches; returns how far normal
+        patches the coreset left out lie from it."""
         cfg = self.config
-        started = time.perf_counter()
-        pretext, features = fit_patch_features(
-            self.model.features, cfg, train, val, self.device, self.family, on_epoch=on_epoch
-        )  # (N, C, h, w)
         patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (N*h*w, C)
         generator = torch.Generator().manual_seed(cfg.seed)
         if len(patches) > cfg.max_bank_patches:
@@ -96,26 +83,11 @@ class PatchKNNDetector(Detector):
             projection_dim=cfg.projection_dim,
             seed=cfg.seed,
         )
-        bank = patches[picked.cpu()]
-        self.model.set_bank(bank)
-        self.model.eval()
-        # The single pass's "losses": how far normal patches lie from the bank, for the
-        # training patches the coreset left out and for the validation tiles.
+        self.model.set_bank(patches[picked.cpu()])
         sample = patches[torch.randperm(len(patches), generator=generator)[:4096]]
-        train_stat = float(nearest_distances(sample.to(self.device), self.model.memory_bank).mean())
-        val_stat = float(self.score(val).anomaly_map.mean())
-        return combine_reports(
-            pretext,
-            time.perf_counter() - started,
-            self.device,
-            (train_stat, val_stat),
-            on_epoch if pretext.epochs == 0 else None,
-        )
+        return float(nearest_distances(sample.to(self.device), self.model.memory_bank).mean())
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         # The bank's size is only known from the file: size the buffer before loading.
         self.model.set_bank(torch.empty_like(state["memory_bank"]))
         super().load_state_dict(state)
-
-    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return patch_scores(self.model, batch, self.device, self.config)

@@ -7,23 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.backbones import PatchFeatures
-
-
-def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192
-) -> torch.Tensor:
-    """Euclidean distance of each query (M, C) to its nearest bank row (K, C), or the mean over
-    its `k` nearest: (M,) float32. Computed in float32 in chunks, so memory stays M/chunk-bound.
-    """
-    bank = bank.float()
-    bank_sq = (bank * bank).sum(dim=1)  # (K,)
-    out = []
-    for part in queries.float().split(chunk):
-        squared = (part * part).sum(dim=1, keepdim=True) - 2 * part @ bank.T + bank_sq  # (m, K)
-        nearest = squared.topk(min(k, bank.shape[0]), dim=1, largest=False).values  # (m, k)
-        out.append(nearest.clamp_min(0).sqrt().mean(dim=1))
-    return torch.cat(out)
+from vadflow.tasks.detectors.components.backbones import PatchFeatures
+from vadflow.tasks.detectors.components.memory_bank import nearest_distances
 
 
 class PatchKNNModel(nn.Module):

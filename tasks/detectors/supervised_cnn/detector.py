@@ -26,49 +26,37 @@ import numpy as np
 import torch
 
 from vadflow.tasks.detectors.base import DivergedError, EpochCallback, FitReport
+from vadflow.tasks.detectors.components.training import CHECKPOINT_FILE, TrainSettings
 from vadflow.tasks.detectors.registry import register
 from vadflow.tasks.detectors.supervised_cnn.labelled import (
     LabelledTrainer,
     LabelsRequiredError,
+    PatchClassifierConfig,
     PatchClassifierDetector,
     balanced_weights,
     check_labelled,
     tile_logits,
 )
-from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS
-from vadflow.tasks.detectors.training import CHECKPOINT_FILE, TrainSettings
 
 # Fewer annotated tumour tiles than this draws a warning: too few to learn tumour from.
 FEW_TUMOUR_TILES = 32
 
 
 @dataclass(frozen=True)
-class SupervisedCNNConfig:
-    """Hyperparameters of supervised_cnn; saved as config.json beside the weights."""
+class SupervisedCNNConfig(PatchClassifierConfig):
+    """Hyperparameters of supervised_cnn (training and network fields from
+    PatchClassifierConfig; `epochs` is round one's); saved as config.json beside the weights."""
 
-    tile_size: int = 64  # tiles of another size are refused
-    base_channels: int = 16  # width of the first stage, doubling per stage (max 256)
-    stages: int = 4  # conv stages, each halving the tile
-    norm: str = "none"  # "none" or "group" (see PatchClassifier)
-    dropout: float = 0.2  # before the linear head
     positive_fraction: float = 0.5  # share of tumour tiles in an epoch (oversampled)
     negatives_per_epoch: int = 0  # normal tiles drawn afresh each epoch; 0 = all of them
     epochs: int = 10  # round one
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 5
-    min_delta: float = 0.0  # relative val-loss improvement that resets patience
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips and transposes in training
     hard_negative_fraction: float = 0.1  # share of normal tiles mined after round one; 0 = none
     hard_negative_repeats: int = 3  # extra copies of each mined tile per round-two epoch
     hard_negative_epochs: int = 3  # round two (fine-tuning); 0 = no round two
     hard_negative_lr_scale: float = 0.3  # round two's lr = lr * this
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.positive_fraction < 1.0:
             raise ValueError(f"positive_fraction must be in (0, 1), got {self.positive_fraction}")
         if not 0.0 <= self.hard_negative_fraction <= 1.0:
@@ -84,10 +72,6 @@ class SupervisedCNNConfig:
             raise ValueError(
                 f"hard_negative_lr_scale must be > 0, got {self.hard_negative_lr_scale}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.negatives_per_epoch < 0:
             raise ValueError(f"negatives_per_epoch must be >= 0, got {self.negatives_per_epoch}")
 

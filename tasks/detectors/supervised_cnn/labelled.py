@@ -11,15 +11,38 @@ NaN/inf guard, checkpoints and resume) is `Trainer`'s, unchanged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vadflow.tasks.detectors.base import Detector, autocast_for, to_tensor
-from vadflow.tasks.detectors.supervised_cnn.torch_model import PatchClassifier
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.base import Detector, autocast_for, build_seeded, to_tensor
+from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig, TrainSettings
+from vadflow.tasks.detectors.supervised_cnn.torch_model import NORMS, PatchClassifier
+
+
+@dataclass(frozen=True)
+class PatchClassifierConfig(TrainingConfig):
+    """The fields supervised_cnn and mil share: the training fields (their defaults for a
+    classifier; `augment` is random flips and transposes, `LabelledTrainer.augment`) and the
+    PatchClassifier's shape."""
+
+    tile_size: int = 64  # tiles of another size are refused
+    base_channels: int = 16  # width of the first stage, doubling per stage (max 256)
+    stages: int = 4  # conv stages, each halving the tile
+    norm: str = "none"  # "none" or "group" (see PatchClassifier)
+    dropout: float = 0.2  # before the linear head
+    weight_decay: float = 1e-4
+    min_delta: float = 0.0  # relative val-loss improvement that resets patience
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 class PatchClassifierDetector(Detector):
@@ -35,13 +58,14 @@ class PatchClassifierDetector(Detector):
     model: PatchClassifier
     score_range = (-math.inf, math.inf)  # logits
 
-    def __init__(self, config: object | None = None) -> None:
+    config: PatchClassifierConfig
+
+    def __init__(self, config: PatchClassifierConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
-        self.model.to(self.device)
+        self.model = build_seeded(
+            cfg.seed, lambda: PatchClassifier(cfg.base_channels, cfg.stages, cfg.dropout, cfg.norm)
+        ).to(self.device)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device):

@@ -11,23 +11,18 @@ unstable the reconstruction is where the encoder is unsure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.base import (
-    EpochCallback,
-    FitReport,
-    autocast_for,
-    check_tile_size,
-    gaussian_smooth,
-    top_fraction_mean,
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
+from vadflow.tasks.detectors.components.anomaly_maps import map_and_score
+from vadflow.tasks.detectors.components.latent_density import (
+    LatentScoredConfig,
+    LatentScoredDetector,
 )
-from vadflow.tasks.detectors.latent_density import LatentScoredDetector, check_score_option
+from vadflow.tasks.detectors.components.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
 from vadflow.tasks.detectors.vae.loss import ELBOLoss, gaussian_nll
 from vadflow.tasks.detectors.vae.torch_model import DenseVAE, GaussianVAE
 
@@ -35,39 +30,19 @@ SCORE_MODES = ("residual", "recon_prob")
 
 
 @dataclass(frozen=True)
-class VAEConfigBase:
-    """Fields shared by the vae and spatial_vae configs (each adds its bottleneck's shape)."""
+class VAEConfigBase(LatentScoredConfig):
+    """Fields shared by the vae and spatial_vae configs (each adds its bottleneck's shape);
+    training, map and score fields come from LatentScoredConfig. `seed` also seeds the
+    recon_prob samples, so scores are reproducible."""
 
-    tile_size: int = 64  # 32, 64, 128 or 256 px; tiles of another size are refused
-    base_channels: int = 32  # encoder width at the first stage, doubling per stage (max 256)
     beta: float = 1.0  # KL weight (beta-VAE); < 1 sharper reconstructions, > 1 smoother latent
     kl_warmup_epochs: int = 5  # KL weight ramps linearly from 0 over this many epochs
     recon_sigma: float = 0.1  # std of the Gaussian decoder, in [0, 1] pixel units
     score_mode: str = "residual"  # "residual" (of the mean reconstruction) or "recon_prob"
     n_samples: int = 8  # posterior samples per tile for score_mode="recon_prob"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5
-    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
-    grad_clip: float = 1.0
-    seed: int = 0  # also seeds the recon_prob samples, so scores are reproducible
-    augment: bool = True  # random flips in training
-    robust_trim_fraction: float = 0.0  # >0: trimmed loss for contaminated training sets
-    robust_warmup_epochs: int = 2  # plain epochs before the trim starts
-    device: str = "auto"
-    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the map; 0 = none
-    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
-    # "residual" (the score_mode's reconstruction score), "latent" (distance of the posterior
-    # mean to the nearest normal one) or "combined" (both, standardised on the validation
-    # tiles); see latent_density.py.
-    score: str = "residual"
-    # spatial latents (spatial_vae): latent tile score = mean of this top fraction of its map
-    latent_top_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        check_score_option(self.score)
+        super().__post_init__()
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if self.n_samples < 1:
@@ -78,14 +53,6 @@ class VAEConfigBase:
             )
         if self.kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if not 0.0 <= self.latent_top_fraction <= 1.0:
-            raise ValueError(
-                f"latent_top_fraction must be in [0, 1], got {self.latent_top_fraction}"
-            )
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
 
 @dataclass(frozen=True)
@@ -143,11 +110,7 @@ class VAEDetector(LatentScoredDetector):
 
     def __init__(self, config: VAEConfigBase | None = None) -> None:
         super().__init__(config)
-        # Seeded construction without touching the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            self.model = self._build_model()
-        self.model.to(self.device)
+        self.model = build_seeded(self.config.seed, self._build_model).to(self.device)
         self.init_density(self.model.latent_shape[0])
 
     def _build_model(self) -> GaussianVAE:
@@ -160,36 +123,15 @@ class VAEDetector(LatentScoredDetector):
             bottleneck=cfg.bottleneck,
         )
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        *,
-        on_epoch: EpochCallback | None = None,
-        checkpoint_dir: Path | None = None,
-        checkpoint_every: int = 1,
-        resume_from: Path | None = None,
-    ) -> FitReport:
-        """Train on normal tiles (see `Trainer.fit` for checkpoints, resume and early
-        stopping), then fit the latent density on `train` and its standardisation on `val`."""
+    def make_trainer(self) -> Trainer:
         cfg = self.config
-        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
-        trainer = KLWarmupTrainer(
+        return KLWarmupTrainer(
             self.model,
             ELBOLoss(beta=cfg.beta, recon_sigma=cfg.recon_sigma),
             TrainSettings.from_config(cfg),
             self.device,
             warmup_epochs=cfg.kl_warmup_epochs,
         )
-        report = trainer.fit(
-            train,
-            val,
-            on_epoch=on_epoch,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-        )
-        return self.fit_density(train, val, report)
 
     def _codes(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast_for(self.device):
@@ -210,9 +152,7 @@ class VAEDetector(LatentScoredDetector):
                     recon = self.model.decode(mu.float() + std * noise)  # (b, 3, H, W)
                     per_value += gaussian_nll(batch, recon, cfg.recon_sigma)
                 per_value /= cfg.n_samples
-        anomaly_map = per_value.mean(dim=1, keepdim=True)  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, cfg.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, cfg.score_top_fraction)
+        return map_and_score(per_value, cfg.map_smoothing_sigma, cfg.score_top_fraction)
 
     def _score_noise(self) -> torch.Tensor:
         """(n_samples, *latent_shape) standard-normal draws, the same on every call."""

@@ -10,67 +10,45 @@ often the anomaly. Scoring is a single pass, like an autoencoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.base import (
-    Detector,
-    EpochCallback,
-    FitReport,
-    autocast_for,
-    check_tile_size,
-    gaussian_smooth,
-    top_fraction_mean,
-)
-from vadflow.tasks.detectors.gan_parts import (
+from vadflow.tasks.detectors.base import autocast_for, build_seeded
+from vadflow.tasks.detectors.components.anomaly_maps import check_fraction, map_and_score
+from vadflow.tasks.detectors.components.gan_parts import (
     CollapseGuard,
+    GanConfig,
     GanTrainer,
     discriminator_loss,
     frozen,
     generator_nonsaturating_loss,
     per_tile_mean,
 )
+from vadflow.tasks.detectors.components.training import TrainedDetector, TrainSettings
 from vadflow.tasks.detectors.registry import register
-from vadflow.tasks.detectors.training import TrainSettings
 from vadflow.tasks.detectors.vaegan.torch_model import AnoVAEGANModel, SpatialVAE
 
 DCGAN_BETAS = (0.5, 0.999)
 
 
 @dataclass(frozen=True)
-class AnoVAEGANConfig:
-    """Hyperparameters of vaegan; saved as config.json beside the weights."""
+class AnoVAEGANConfig(GanConfig):
+    """Hyperparameters of vaegan (training, GAN and map fields from GanConfig; `lr` is the
+    encoder's and decoder's); saved as config.json beside the weights."""
 
-    tile_size: int = 64  # 4 x a power of two (the discriminator's grid) and bottleneck x 2^k
-    base_channels: int = 32
     latent_channels: int = 16
-    bottleneck: int = 8  # latent grid is bottleneck x bottleneck
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3  # encoder and decoder
+    bottleneck: int = 8  # latent grid is bottleneck x bottleneck; tile_size / it = 2^k
     discriminator_lr: float = 2e-4
-    weight_decay: float = 0.0
-    patience: int = 5
-    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips in training
-    device: str = "auto"
     kl_weight: float = 1.0  # beta on the KL term (per value, like the L1 term)
     adversarial_weight: float = 0.01  # on -log D(x_hat), against an L1 term of ~0.03
-    map_smoothing_sigma: float = 1.0  # Gaussian sigma in px on the residual map; 0 = none
     score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
-    collapse_min_ratio: float = 0.02
-    collapse_patience: int = 25
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if min(self.kl_weight, self.adversarial_weight, self.map_smoothing_sigma) < 0:
-            raise ValueError("kl_weight, adversarial_weight and map_smoothing_sigma must be >= 0")
+        super().__post_init__()
+        check_fraction("score_top_fraction", self.score_top_fraction)
+        if min(self.kl_weight, self.adversarial_weight) < 0:
+            raise ValueError("kl_weight and adversarial_weight must be >= 0")
 
 
 def vae_objective(
@@ -154,7 +132,7 @@ class VAEGANTrainer(GanTrainer):
 
 
 @register("vaegan")
-class AnoVAEGANDetector(Detector):
+class AnoVAEGANDetector(TrainedDetector):
     """Spatial VAE-GAN + per-pixel L1 residual of the posterior-mean reconstruction.
 
     Anomaly map: |x - x_hat| averaged over RGB, blurred with `map_smoothing_sigma`; x_hat is
@@ -169,51 +147,27 @@ class AnoVAEGANDetector(Detector):
     def __init__(self, config: AnoVAEGANConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.model = AnoVAEGANModel(
+        self.model = build_seeded(
+            cfg.seed,
+            lambda: AnoVAEGANModel(
                 cfg.tile_size, cfg.base_channels, cfg.latent_channels, cfg.bottleneck
-            )
-        self.model.to(self.device)
+            ),
+        ).to(self.device)
 
-    def fit(
-        self,
-        train: np.ndarray,
-        val: np.ndarray,
-        *,
-        on_epoch: EpochCallback | None = None,
-        checkpoint_dir: Path | None = None,
-        checkpoint_every: int = 1,
-        resume_from: Path | None = None,
-    ) -> FitReport:
-        """Train on normal tiles; `Trainer.fit` documents checkpoints, resume, early stopping.
-
-        Raises DivergedError (best weights restored) on NaN/inf or collapsed reconstructions.
-        """
-        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
+    def make_trainer(self) -> VAEGANTrainer:
         cfg = self.config
-        trainer = VAEGANTrainer(
+        return VAEGANTrainer.for_config(
             self.model,
-            TrainSettings.from_config(cfg),
+            cfg,
             self.device,
-            guard=CollapseGuard(cfg.collapse_min_ratio, cfg.collapse_patience),
             kl_weight=cfg.kl_weight,
             adversarial_weight=cfg.adversarial_weight,
             discriminator_lr=cfg.discriminator_lr,
-        )
-        return trainer.fit(
-            train,
-            val,
-            on_epoch=on_epoch,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
         )
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device):
             recon, _, _ = self.model.vae(batch, sample=False)  # (b, 3, H, W)
         residual = (batch - recon.float()).abs()  # (b, 3, H, W)
-        anomaly_map = residual.mean(dim=1, keepdim=True)  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, self.config.score_top_fraction)
+        cfg = self.config
+        return map_and_score(residual, cfg.map_smoothing_sigma, cfg.score_top_fraction)

@@ -7,7 +7,12 @@ import math
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.gan_parts import DCGANDiscriminator, down_block, stage_widths, up_block
+from vadflow.tasks.detectors.components.gan_parts import (
+    DCGANDiscriminator,
+    down_block,
+    stage_widths,
+    up_block,
+)
 
 
 class SpatialVAE(nn.Module):

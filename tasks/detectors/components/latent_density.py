@@ -44,21 +44,21 @@ import contextlib
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.backbones import upsample_map
-from vadflow.tasks.detectors.base import (
-    Detector,
-    FitReport,
-    gaussian_smooth,
-    to_tensor,
-    top_fraction_mean,
+from vadflow.tasks.detectors.base import FitReport, to_tensor
+from vadflow.tasks.detectors.components.anomaly_maps import (
+    AutoencoderConfig,
+    check_fraction,
+    map_and_score,
 )
-from vadflow.tasks.detectors.patch_knn.coreset import k_center_greedy
-from vadflow.tasks.detectors.patch_knn.torch_model import nearest_distances
+from vadflow.tasks.detectors.components.backbones import upsample_map
+from vadflow.tasks.detectors.components.memory_bank import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.components.training import TrainedDetector
 
 SCORE_OPTIONS = ("residual", "latent", "combined")
 DENSITY_PREFIX = "latent_density."
@@ -68,6 +68,22 @@ def check_score_option(score: str) -> None:
     """Refuse an unknown `score` config value, naming the valid ones."""
     if score not in SCORE_OPTIONS:
         raise ValueError(f"score must be one of {SCORE_OPTIONS}, got {score!r}")
+
+
+@dataclass(frozen=True)
+class LatentScoredConfig(AutoencoderConfig):
+    """The autoencoder fields plus the choice of score (ae_l2, vae, spatial_vae)."""
+
+    # "residual" (the family's reconstruction score), "latent" (distance of the tile's code to
+    # the nearest normal code) or "combined" (both, standardised on the validation tiles).
+    score: str = "residual"
+    # Spatial latents: latent tile score = mean of this top fraction of the latent map.
+    latent_top_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_score_option(self.score)
+        check_fraction("latent_top_fraction", self.latent_top_fraction)
 
 
 def oas_shrinkage(covariance: torch.Tensor, n: int) -> float:
@@ -223,12 +239,13 @@ class LatentDensity(nn.Module):
         return (scores.float() - centre) / scale
 
 
-class LatentScoredDetector(Detector):
+class LatentScoredDetector(TrainedDetector):
     """A family whose encoder gives a latent code: residual, latent-density or combined scores.
 
     Subclasses implement `_residual_batch` (their reconstruction map and tile score) and
-    `_codes` (the encoder's code for a batch), build `self.density` with `init_density` in
-    `__init__`, and end `fit` with `return self.fit_density(train, val, report)`. It is fitted
+    `_codes` (the encoder's code for a batch), and build `self.density` with `init_density` in
+    `__init__`; `after_fit` fits the density once the weights are trained (a family with its
+    own `fit` ends it with `return self.fit_density(train, val, report)`). It is fitted
     whatever `score` says, so one trained model can be rescored in every mode; its tensors
     are saved beside the model's under `latent_density.`.
     """
@@ -258,9 +275,10 @@ class LatentScoredDetector(Detector):
         size = batch.shape[-2:]
         if distance.ndim == 1:  # dense: one code per tile
             return distance[:, None, None, None].expand(-1, 1, *size).contiguous(), distance
-        anomaly_map = upsample_map(distance, size)  # (b, 1, H, W)
-        anomaly_map = gaussian_smooth(anomaly_map, self.config.map_smoothing_sigma)
-        return anomaly_map, top_fraction_mean(anomaly_map, self.config.latent_top_fraction)
+        cfg = self.config
+        return map_and_score(
+            upsample_map(distance, size), cfg.map_smoothing_sigma, cfg.latent_top_fraction
+        )  # (b, 1, H, W), (b,)
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self.config.score
@@ -280,6 +298,9 @@ class LatentScoredDetector(Detector):
             latent_score, "latent"
         )
         return anomaly_map, tile_score
+
+    def after_fit(self, train: np.ndarray, val: np.ndarray, report: FitReport) -> FitReport:
+        return self.fit_density(train, val, report)
 
     def fit_density(self, train: np.ndarray, val: np.ndarray, report: FitReport) -> FitReport:
         """Fit the density on the codes of `train` and the score standardisation on `val`
@@ -346,6 +367,7 @@ __all__ = [
     "DENSITY_PREFIX",
     "SCORE_OPTIONS",
     "LatentDensity",
+    "LatentScoredConfig",
     "LatentScoredDetector",
     "check_score_option",
     "oas_shrinkage",

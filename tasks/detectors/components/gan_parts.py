@@ -1,5 +1,6 @@
-"""Pieces the GAN families (anogan, fanogan, vaegan) share: DCGAN-style networks, the WGAN-GP
-gradient penalty, batched latent search, a collapse guard and a `Trainer` subclass for GANs.
+"""Pieces the GAN families (anogan, fanogan, vaegan) share: their config bases, DCGAN-style
+networks, the WGAN-GP gradient penalty, batched latent search, a collapse guard and a `Trainer`
+subclass for GANs (`GanTrainer.for_config` builds any of them from a family config).
 
 Nothing here is a detector; the family folders combine these into one. The training loop
 itself (epochs, early stopping, best-weight restore, checkpoints, resume, the NaN guard) stays in
@@ -13,6 +14,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -20,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from vadflow.tasks.detectors.base import autocast_for
-from vadflow.tasks.detectors.training import NonFiniteStep, Trainer, TrainSettings
+from vadflow.tasks.detectors.components.anomaly_maps import SmoothedMapConfig
+from vadflow.tasks.detectors.components.training import NonFiniteStep, Trainer, TrainSettings
 
 # DCGAN's networks start (generator) and end (discriminator) at a 4 x 4 grid.
 FIRST_GRID = 4
@@ -37,6 +40,44 @@ def gan_stages(tile_size: int) -> int:
 def stage_widths(tile_size: int, base_channels: int, max_channels: int = 256) -> list[int]:
     """Channel width per stage, finest first: base, 2 base, 4 base, ... capped at max."""
     return [min(base_channels * 2**i, max_channels) for i in range(gan_stages(tile_size))]
+
+
+@dataclass(frozen=True)
+class GanConfig(SmoothedMapConfig):
+    """The fields every GAN family's config shares: the training and map-blur fields, the tile
+    and network width, and the collapse guard's settings (`CollapseGuard`)."""
+
+    tile_size: int = 64  # 4 x a power of two (the discriminator's grid): 32, 64, 128 or 256 px
+    base_channels: int = 32  # discriminator width at the first stage, doubling per stage
+    # Collapse guard: generated per-pixel variance below this fraction of the real batch's ...
+    collapse_min_ratio: float = 0.02
+    collapse_patience: int = 25  # ... for this many consecutive steps stops the run
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        gan_stages(self.tile_size)
+
+
+@dataclass(frozen=True)
+class LatentGanConfig(GanConfig):
+    """GanConfig for a generator drawing from a latent prior (anogan, fanogan), validated by how
+    well a short latent search covers held-out normal tiles (`GanTrainer`)."""
+
+    latent_dim: int = 64
+    patience: int = 10  # epochs without better validation coverage before stopping
+    min_delta: float = 0.0
+    grad_clip: float = 10.0  # loose: only there to stop a runaway step
+    # Validation (early stopping): residual after a short latent search on the first val tiles.
+    val_search_steps: int = 20
+    val_tiles: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_search_steps < 0 or self.val_tiles < 1:
+            raise ValueError(
+                f"val_search_steps must be >= 0 and val_tiles >= 1, got "
+                f"{self.val_search_steps}, {self.val_tiles}"
+            )
 
 
 def _groups(channels: int) -> int:
@@ -382,6 +423,15 @@ class GanTrainer(Trainer):
         self.val_search_lr = val_search_lr
         self.val_tiles = val_tiles
         super().__init__(module, _unused_loss, settings, device)
+
+    @classmethod
+    def for_config(
+        cls, module: nn.Module, config: GanConfig, device: torch.device, **options: Any
+    ) -> Self:
+        """This trainer with the loop settings and collapse guard of a family's `config`;
+        `options` are the trainer's own keyword arguments."""
+        guard = CollapseGuard(config.collapse_min_ratio, config.collapse_patience)
+        return cls(module, TrainSettings.from_config(config), device, guard=guard, **options)
 
     def optimise(
         self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: nn.Module, what: str

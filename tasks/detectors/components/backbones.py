@@ -1,4 +1,7 @@
-"""Patch features for the feature-based families (patch_knn, padim).
+"""Patch features for the feature-based families (patch_knn, padim), and what they share
+around them: their config (`BackboneConfig`, `PatchScoreConfig`) and their `fit` and scoring
+(`PatchFeatureDetector`: get the features ready, fit the family's model of normal patches,
+turn patch scores into an anomaly map and a tile score).
 
 Nothing is downloaded. A patch feature, on a grid at 1/4 of the tile, comes from one or both of:
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +55,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vadflow.tasks.detectors.base import EpochCallback, FitReport, autocast_for, to_tensor
-from vadflow.tasks.detectors.training import Trainer, TrainSettings
+from vadflow.tasks.detectors.base import (
+    Detector,
+    EpochCallback,
+    FitReport,
+    autocast_for,
+    build_seeded,
+    to_tensor,
+)
+from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
+from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig, TrainSettings
 
 PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both")
@@ -66,10 +78,11 @@ DEFAULT_FILTER_WINDOW = 48
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(TrainingConfig):
     """The backbone and pretext fields every feature-based family shares.
 
-    `epochs` etc. drive the pretext training loop (`TrainSettings.from_config` reads them).
+    The training fields (`TrainingConfig`) drive the pretext training loop; their defaults
+    here are the pretext's.
     """
 
     features: str = "filters"  # "filters", "cnn" or "both" (see backbones.py)
@@ -77,20 +90,14 @@ class BackboneConfig:
     pretext: str = "none"  # CNN only: "none" (random weights), "rotation" or "contrastive"
     backbone_weights: str | None = None  # CNN only: local SmallCNN state_dict; skips the pretext
     epochs: int = 8  # pretext epochs
-    batch_size: int = 64
-    lr: float = 1e-3
     weight_decay: float = 1e-5
     patience: int = 3
-    min_delta: float = 1e-3
-    grad_clip: float = 1.0
-    seed: int = 0
-    augment: bool = True  # random flips in pretext training
     temperature: float = 0.2  # contrastive softmax temperature
     feature_pool: int = 3  # local average pooling of CNN patch features, odd, 1 = none
     filter_window: int = DEFAULT_FILTER_WINDOW  # px the filter responses are averaged over
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.features not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {self.features!r}")
         if self.pretext not in PRETEXTS:
@@ -115,19 +122,11 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class PatchScoreConfig(BackboneConfig):
+class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     """BackboneConfig plus how a family's patch scores become an anomaly map and a tile score
-    (`patch_scores`)."""
+    (`patch_scores`; the fields and their checks are ScoreMapConfig's)."""
 
     map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
-    score_top_fraction: float = 0.1  # tile score = mean of this top fraction; 0 = max
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.score_top_fraction <= 1.0:
-            raise ValueError(f"score_top_fraction must be in [0, 1], got {self.score_top_fraction}")
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -460,9 +459,7 @@ def save_backbone_weights(backbone: SmallCNN, path: str | Path) -> Path:
 def new_features(config: BackboneConfig) -> PatchFeatures:
     """The config's patch features, the CNN randomly initialised from the config's seed
     without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        cnn = SmallCNN(config.base_channels)
+    cnn = build_seeded(config.seed, lambda: SmallCNN(config.base_channels))
     return PatchFeatures(config.features, cnn, config.feature_pool, config.filter_window)
 
 
@@ -601,13 +598,61 @@ def patch_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly map (b, 1, H, W) and tile score (b,) from a model giving patch scores
     (b, 1, h, w): upsampled to the tile, smoothed, tile score = mean of the top fraction."""
-    from vadflow.tasks.detectors.base import gaussian_smooth, top_fraction_mean
-
     with autocast_for(device):
         patch_map = model(batch)
-    anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])
-    anomaly_map = gaussian_smooth(anomaly_map, config.map_smoothing_sigma)
-    return anomaly_map, top_fraction_mean(anomaly_map, config.score_top_fraction)
+    anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
+    return map_and_score(anomaly_map, config.map_smoothing_sigma, config.score_top_fraction)
+
+
+class PatchFeatureDetector(Detector):
+    """A family that models the patch features of normal tiles (patch_knn, padim): the one
+    `fit` and `_score_batch` they share.
+
+    Subclasses build `self.model`, a module with a `features` (`PatchFeatures`) submodule whose
+    forward gives patch scores (b, 1, h, w), and implement `fit_normal_patches`.
+    """
+
+    config: PatchScoreConfig
+
+    @abstractmethod
+    def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
+        """Fit the family's model of normal patches on the standardised features (N, C, h, w)
+        of the `train` tiles; returns a training statistic for the report (e.g. the mean
+        distance of training patches to the fitted model)."""
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+    ) -> FitReport:
+        """Pretext-train (or load) the backbone, standardise the features, fit the normal-patch
+        model. With no pretext, the report has one epoch: the training statistic and the mean
+        anomaly map of the validation tiles."""
+        started = time.perf_counter()
+        pretext, features = fit_patch_features(
+            self.model.features,
+            self.config,
+            train,
+            val,
+            self.device,
+            self.family,
+            on_epoch=on_epoch,
+        )  # (N, C, h, w)
+        train_stat = self.fit_normal_patches(features, train)
+        self.model.eval()
+        val_stat = float(self.score(val).anomaly_map.mean())
+        return combine_reports(
+            pretext,
+            time.perf_counter() - started,
+            self.device,
+            (train_stat, val_stat),
+            on_epoch if pretext.epochs == 0 else None,
+        )
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return patch_scores(self.model, batch, self.device, self.config)
 
 
 def check_finite(features: torch.Tensor, family: str) -> None:
@@ -624,6 +669,7 @@ __all__ = [
     "BackboneConfig",
     "PatchScoreConfig",
     "FilterBank",
+    "PatchFeatureDetector",
     "PatchFeatures",
     "SmallCNN",
     "check_finite",

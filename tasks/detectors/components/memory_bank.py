@@ -1,4 +1,9 @@
-"""Greedy coreset subsampling (k-center greedy), as PatchCore reduces its memory bank."""
+"""Memory banks of normal feature vectors: k-center greedy coreset subsampling, as PatchCore
+reduces its bank, and the nearest-neighbour distance to a bank.
+
+patch_knn keeps a bank of normal patch features; the latent density (`latent_density.py`) a
+bank of whitened normal latent codes.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,22 @@ def k_center_greedy(
             distance = (squared - 2 * points @ points[index] + squared[index]).clamp_min_(0)
             torch.minimum(nearest, distance, out=nearest)
     return picked
+
+
+def nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192
+) -> torch.Tensor:
+    """Euclidean distance of each query (M, C) to its nearest bank row (K, C), or the mean over
+    its `k` nearest: (M,) float32. Computed in float32 in chunks, so memory stays M/chunk-bound.
+    """
+    bank = bank.float()
+    bank_sq = (bank * bank).sum(dim=1)  # (K,)
+    out = []
+    for part in queries.float().split(chunk):
+        squared = (part * part).sum(dim=1, keepdim=True) - 2 * part @ bank.T + bank_sq  # (m, K)
+        nearest = squared.topk(min(k, bank.shape[0]), dim=1, largest=False).values  # (m, k)
+        out.append(nearest.clamp_min(0).sqrt().mean(dim=1))
+    return torch.cat(out)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Families hand over a module and a loss; the loop owns what must behave the same everywhere:
 device choice, bf16 autocast on CUDA, seeding, training-batch augmentation (flips, quarter
-turns, stain and colour jitter: `tasks/detectors/augment.py`), Adam, gradient clipping,
+turns, stain and colour jitter: `components/augment.py`), Adam, gradient clipping,
 early stopping on the normal-only validation loss, best-weight restore, the NaN/inf guard,
 resumable checkpoints and the contamination-robust trimmed loss. A family with an unusual step
 (several optimisers, as GANs need) subclasses `Trainer` and overrides `configure_optimizers` and
@@ -12,6 +12,11 @@ The loss contract: a loss function takes (module, batch) and returns either per-
 shape (b,), or one scalar. The loop reduces per-sample losses itself (a mean, or a trimmed mean
 in robust mode), so only per-sample losses can be trimmed; a scalar loss with robust mode on is
 refused at the first step (TypeError) rather than silently trained untrimmed.
+
+Every family's config extends `TrainingConfig`, the loop fields they all share; `TrainSettings`
+is what the loop reads from it (`TrainSettings.from_config`). `TrainedDetector` is the `fit` of
+every family trained by this loop alone: check the tiles, run the family's trainer (with
+checkpoints and resume), then whatever the family fits on top (`after_fit`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 import math
 import os
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vadflow.tasks.detectors.augment import Augmentation
 from vadflow.tasks.detectors.base import (
+    Detector,
     DivergedError,
     EpochCallback,
     FitReport,
     autocast_for,
+    check_tile_size,
     to_tensor,
 )
+from vadflow.tasks.detectors.components.augment import Augmentation
 
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
@@ -49,6 +57,31 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class NonFiniteStep(ArithmeticError):
     """Raised inside a step when a loss or gradient norm is NaN/inf; the loop turns it into a
     DivergedError after restoring the best weights."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The training fields every family's config shares; each family's config extends it.
+
+    A family with another default for one of these re-declares just that field. The defaults
+    are the ones most families use; saved `config.json` files hold every field by name.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5  # epochs without a better validation loss before stopping
+    min_delta: float = 1e-3  # relative val-loss improvement that resets patience
+    grad_clip: float = 1.0
+    seed: int = 0
+    # True (random flips), False, or augmentation settings by field name (the site's
+    # `augmentation` block; `augment.py`); applied to training batches only.
+    augment: bool | Mapping[str, Any] = True
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+
+    def __post_init__(self) -> None:
+        """Checks of subclasses chain here; the loop fields are checked by TrainSettings."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +120,7 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> TrainSettings:
+        """The loop settings of a family config: its fields named like this class's."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
@@ -396,6 +430,47 @@ class Trainer:
             val_loss=list(payload["val_loss"]),
             seconds=payload["seconds"],
         )
+
+
+class TrainedDetector(Detector):
+    """A family trained by the shared loop on normal tiles: the one `fit` they all run.
+
+    Subclasses build their trainer in `make_trainer` (a `Trainer`, or a subclass for GANs and
+    KL warm-ups) and may fit more after the loop in `after_fit` (the latent density does).
+    Their config needs a `tile_size`: tiles of another size are refused before training.
+    """
+
+    @abstractmethod
+    def make_trainer(self) -> Trainer:
+        """The trainer of this family's module, with `TrainSettings.from_config(self.config)`."""
+
+    def after_fit(self, train: np.ndarray, val: np.ndarray, report: FitReport) -> FitReport:
+        """Fit anything beyond the trained weights; returns the (possibly amended) report."""
+        return report
+
+    def fit(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: Path | None = None,
+    ) -> FitReport:
+        """Train on normal tiles, then `after_fit`; `Trainer.fit` documents checkpoints, resume
+        and early stopping. Raises DivergedError (best weights restored) on NaN/inf, and for
+        the GAN families on generator collapse."""
+        check_tile_size(self.family, self.config.tile_size, train=train, val=val)
+        report = self.make_trainer().fit(
+            train,
+            val,
+            on_epoch=on_epoch,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+        )
+        return self.after_fit(train, val, report)
 
 
 @dataclass
