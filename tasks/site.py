@@ -45,7 +45,9 @@ class TilingConfig(BaseModel):
     )
     heatmap_downsample: int = Field(16, ge=1, description="heatmap pixel = this many level-0 px")
     foreground_mask: bool = Field(
-        True, description="industrial only: False tiles the whole image, ignoring background"
+        False,
+        description="industrial only: True tiles only the object found on a plain background; "
+        "False (the MVTec AD protocol) scores every pixel of the image",
     )
 
     @property
