@@ -66,8 +66,9 @@ IN_SET: dict[str, tuple[object, ...]] = {
 }
 # (slide-manifest bound, tile end): the tile must end on or inside the slide.
 BOUNDS = (("width", "x_end"), ("height", "y_end"))
-# (coordinate, its offset from the slide's grid): the offset must be 0.
-GRID = (("x", "x_grid_offset"), ("y", "y_grid_offset"))
+# (coordinate, its offset from the slide's grid, the slide's extent on that axis): the offset must
+# be 0, except for the last column or row, which ends flush with the slide's edge.
+GRID = (("x", "x_grid_offset", "width"), ("y", "y_grid_offset", "height"))
 
 
 def tile_manifest_rules(with_grid: bool = True) -> list[Rule]:
@@ -106,9 +107,10 @@ def tile_manifest_rules(with_grid: bool = True) -> list[Rule]:
             in_set(
                 offset,
                 [0],
-                description=f"tile on its slide's grid: ({axis} - origin) % grid_step == 0",
+                description=f"tile on its slide's grid: ({axis} - origin) % grid_step == 0, "
+                "or flush with the slide's far edge",
             )
-            for axis, offset in GRID
+            for axis, offset, _ in GRID
         ]
     return rules
 
@@ -187,11 +189,13 @@ def _with_grid(frame: pl.DataFrame, grids: Grids) -> pl.DataFrame:
                 for c in ("grid_step", "grid_origin_x", "grid_origin_y")
             ]
         )
-    for axis, offset in GRID:
+    for axis, offset, bound in GRID:
         if axis in frame.columns:
             origin = pl.col(f"grid_origin_{axis}")
+            on_grid = (pl.col(axis) - origin) % pl.col("grid_step")
+            flush = (pl.col(axis) + pl.col("extent")) == pl.col(bound)
             frame = frame.with_columns(
-                ((pl.col(axis) - origin) % pl.col("grid_step")).alias(offset)
+                pl.when(flush).then(pl.lit(0, pl.Int64)).otherwise(on_grid).alias(offset)
             )
         else:
             frame = frame.with_columns(pl.lit(None, pl.Int64).alias(offset))

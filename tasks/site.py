@@ -45,7 +45,9 @@ class TilingConfig(BaseModel):
     )
     heatmap_downsample: int = Field(16, ge=1, description="heatmap pixel = this many level-0 px")
     foreground_mask: bool = Field(
-        True, description="industrial only: False tiles the whole image, ignoring background"
+        False,
+        description="industrial only: True tiles only the object found on a plain background; "
+        "False (the MVTec AD protocol) scores every pixel of the image",
     )
 
     @property
@@ -108,6 +110,22 @@ class ParallelConfig(BaseModel):
     )
 
 
+class CandidatesConfig(BaseModel):
+    """Lesion candidates a person reads: one per lesion-sized neighbourhood, the strongest few."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suppress_um: float = Field(
+        100.0,
+        gt=0,
+        description="a weaker candidate closer than this to a stronger one is the same lesion "
+        "(um; level-0 px for images without an MPP)",
+    )
+    max_per_slide: int = Field(
+        100, ge=1, description="the strongest this many per slide (FROC reads up to 8 false ones)"
+    )
+
+
 class PromotionConfig(BaseModel):
     """The champion gate: which evaluation metric decides, and by how much it must improve."""
 
@@ -167,6 +185,7 @@ class SiteConfig(BaseModel):
     target_fpr: float = Field(0.05, gt=0, lt=1, description="threshold = normal quantile 1-fpr")
     max_train_tiles: int = Field(4000, ge=16)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     contracts: Literal["strict", "quarantine"] = Field(
         "strict", description="on a contract failure: stop the run, or quarantine the slides"
     )

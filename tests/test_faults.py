@@ -34,7 +34,7 @@ from vadflow.tasks.slides.storage import StorageError, StorageOptions, read_parq
 from vadflow.tasks.tiling.grid import tile_slides
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+CHILD_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # imports vadflow as we do
 
 
 def _slide(path: Path, seed: int, size: int = 2048) -> Path:

@@ -44,7 +44,7 @@ from vadflow.tasks.tiling import mask as masking
 from vadflow.tasks.tiling import overlay
 
 # Part of every fingerprint: bump when the masking or grid code changes what it writes.
-TILING_VERSION = 3  # 3: the tissue-percentage overlay PNG
+TILING_VERSION = 4  # 3: the tissue-percentage overlay PNG; 4: last row and column flush
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,26 @@ def working_geometry(slide: Slide, mpp0: float | None, tiling: TilingConfig) -> 
     return Geometry(level=level, size=tiling.tile_size, extent=extent, step=step, mpp=mpp)
 
 
-def tile_origins(width: int, height: int, extent: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of every whole tile on the grid, row-major.
+def grid_starts(length: int, extent: int, step: int) -> np.ndarray:
+    """Tile starts along one axis: every `step` from 0, plus one tile flush with the far edge
+    when the grid leaves a strip there, so every pixel is in a tile. None when the image is
+    shorter than one tile (no tile is padded with invented pixels)."""
+    if length < extent:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.arange(0, length - extent + 1, step, dtype=np.int64)
+    if starts[-1] + extent < length:  # the strip the grid misses: a last tile, shifted inward
+        starts = np.append(starts, np.int64(length - extent))
+    return starts
 
-    Only tiles that fit inside the slide are cut, so no tile is padded with invented pixels.
+
+def tile_origins(width: int, height: int, extent: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners of the tiles covering the whole slide, row-major.
+
+    Tiles lie on the grid (multiples of `step` from the origin), except the last column and row,
+    which end flush with the right and bottom edges where the grid does not reach them: a
+    224 px image in 64 px tiles is cut at 0, 64, 128 and 160, so no strip goes unscored.
     """
-    xs = np.arange(0, max(width - extent, -1) + 1, step, dtype=np.int64)
-    ys = np.arange(0, max(height - extent, -1) + 1, step, dtype=np.int64)
-    gx, gy = np.meshgrid(xs, ys)
+    gx, gy = np.meshgrid(grid_starts(width, extent, step), grid_starts(height, extent, step))
     return gx.ravel(), gy.ravel()
 
 
