@@ -137,7 +137,7 @@ class PromotionConfig(BaseModel):
 
 
 class AugmentationConfig(BaseModel):
-    """Training-time augmentation (`tasks/detectors/components/augment.py`); never applied when scoring.
+    """Training-time augmentation (`tasks/detectors/components/augment.py`), never when scoring.
 
     The defaults are flips only, what every family did before the other kinds existed. On the
     stain-shift test (tests/test_cross_site.py) HED jitter up to 0.2 did not shrink ae_l2's
