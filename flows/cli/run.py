@@ -82,13 +82,15 @@ def run_nightly(
     )
     from vadflow.flows.nightly import nightly
 
+    # Command-line flags reach every family that has the field (tasks/detectors/settings.py).
+    flags = {"flags": {"epochs": epochs}} if epochs else {}
     with prefect_api(), console.status("nightly flow running (progress is logged below)"):
         summary = nightly(
             str(site_dir),
             output_root=str(state.outputs),
             tracking_uri=state.tracking_uri,
             families=families,
-            flags={"epochs": epochs} if epochs else None,
+            **flags,
         )
     print_summary(summary, state, domain=site.domain, froc_itc_um=site.froc_itc_um)
     return summary
