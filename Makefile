@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# `make demo DEMO_ARGS="--domain industrial"` for the industrial line.
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/vadflow demo
+	$(VENV)/bin/vadflow demo $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -22,9 +22,10 @@ normal texture and score the same normal and defective tiles: tile AUROC and sco
 each, and how many times faster f-AnoGAN scores (AnoGAN searches the latent space per tile,
 f-AnoGAN encodes in one pass; issue 5's target is >= 100x at >= equal AUROC).
 
-Tiles come from the generated H&E-like texture of tests/test_detectors.py, so AUROCs here and
-in the tests are on the same kind of data. Families that need labels (`supervision` other than
-"none": supervised_cnn, mil) cannot train on normal tiles alone and are listed as skipped.
+Tiles come from the generated H&E-like texture of `vadflow.tasks.synth.texture`, the one the
+detector tests use, so AUROCs here and in the tests are on the same kind of data. Families
+that need labels (`supervision` other than "none": supervised_cnn, mil) cannot train on normal
+tiles alone and are listed as skipped.
 Each family runs with its own default config except tile size, epochs and batch size, so
 figures compare the shipped defaults. Not part of the test run.
 """
@@ -44,18 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from vadflow.tasks.benchmark import configured_detector
+from vadflow.tasks.detectors.registry import available_families, detector_class
+from vadflow.tasks.synth.texture import texture_batch
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `tasks` and `tests` resolve
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from vadflow.tasks.detectors.registry import (  # noqa: E402
-    available_families,
-    create_detector,
-    detector_class,
-)
 
 DEFECTS = ("dense", "scratch", "patch")
 COMPARED = ("anogan", "fanogan")
@@ -93,19 +90,6 @@ QUICK = Plan(
 )
 
 
-def texture(seed: int, n: int, size: int, defect: str | None = None) -> np.ndarray:
-    """n generated uint8 (n, size, size, 3) tiles, normal or with a planted `defect`.
-
-    Made a few tiles at a time: the generator holds float64 (n, nuclei, size, size) arrays,
-    ~3 GB for 128 tiles of 128 px at once.
-    """
-    from tests.test_detectors import texture_tiles
-
-    rng = np.random.default_rng(seed)
-    chunks = [texture_tiles(rng, min(8, n - i), size, defect)[0] for i in range(0, n, 8)]
-    return np.concatenate(chunks)
-
-
 def prepare_data(directory: Path, plan: Plan, sizes: tuple[int, ...]) -> None:
     """Write every tile set the children use as .npy files, once.
 
@@ -113,22 +97,18 @@ def prepare_data(directory: Path, plan: Plan, sizes: tuple[int, ...]) -> None:
     and not the texture generator's.
     """
     for size in sizes:
-        np.save(directory / f"train-{size}.npy", texture(0, plan.train_tiles, size))
-        np.save(directory / f"val-{size}.npy", texture(1, plan.batch_size, size))
-        np.save(directory / f"fresh-{size}.npy", texture(2, plan.score_tiles, size))
+        np.save(directory / f"train-{size}.npy", texture_batch(0, plan.train_tiles, size))
+        np.save(directory / f"val-{size}.npy", texture_batch(1, plan.batch_size, size))
+        np.save(directory / f"fresh-{size}.npy", texture_batch(2, plan.score_tiles, size))
     size, n = plan.compare_size, plan.compare_test_tiles
     per_kind = max(1, n // len(DEFECTS))
-    defective = [texture(13 + i, per_kind, size, kind) for i, kind in enumerate(DEFECTS)]
-    np.save(directory / "compare-train.npy", texture(10, plan.compare_train_tiles, size))
-    np.save(directory / "compare-val.npy", texture(11, max(plan.batch_size, 32), size))
-    np.save(directory / "compare-test.npy", np.concatenate([texture(12, n, size), *defective]))
+    defective = [texture_batch(13 + i, per_kind, size, kind) for i, kind in enumerate(DEFECTS)]
+    np.save(directory / "compare-train.npy", texture_batch(10, plan.compare_train_tiles, size))
+    np.save(directory / "compare-val.npy", texture_batch(11, max(plan.batch_size, 32), size))
+    np.save(
+        directory / "compare-test.npy", np.concatenate([texture_batch(12, n, size), *defective])
+    )
     np.save(directory / "compare-labels.npy", np.r_[np.zeros(n), np.ones(per_kind * len(DEFECTS))])
-
-
-def build(family: str, **overrides: Any) -> Any:
-    """A detector of `family` with those overrides its config has (families differ in fields)."""
-    fields = {f.name for f in dataclasses.fields(detector_class(family).config_cls)}
-    return create_detector(family, **{k: v for k, v in overrides.items() if k in fields})
 
 
 def peak_rss_mib() -> float:
@@ -172,11 +152,11 @@ def measure_throughput(
         "augment": True,
     }
     # Warm-up: one epoch on a fresh detector, discarded.
-    build(family, epochs=1, **common).fit(train[: plan.batch_size * 2], val)
+    configured_detector(family, epochs=1, **common).fit(train[: plan.batch_size * 2], val)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    detector = build(family, epochs=plan.epochs, **common)
+    detector = configured_detector(family, epochs=plan.epochs, **common)
     _sync(device)
     started = time.perf_counter()
     report = detector.fit(train, val)
@@ -238,7 +218,7 @@ def measure_comparison(family: str, device: str, plan: Plan, data: Path) -> dict
     tiles = np.load(data / "compare-test.npy")
     labels = np.load(data / "compare-labels.npy")
 
-    detector = build(
+    detector = configured_detector(
         family,
         tile_size=size,
         epochs=plan.compare_epochs,

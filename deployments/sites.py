@@ -102,7 +102,10 @@ def load_site_file(path: str | Path) -> SiteFile:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SiteFileError(f"{path.name}: not valid YAML ({_first_line(exc)})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise SiteFileError(f"{path}:{where} not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise SiteFileError(f"{path.name}: expected a mapping of settings at the top level")
     data.setdefault("name", path.stem)

@@ -244,7 +244,7 @@ def load_site(site_dir: str | Path, name: str | None = None) -> SiteConfig:
         raise FileNotFoundError(f"site folder {site_dir} does not exist: give a folder of slides")
     path = site_dir / SITE_FILE
     if path.exists():
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_mapping(path)
     else:
         data = {"domain": _guess_domain(site_dir)}
         if data["domain"] == "industrial":
@@ -258,6 +258,26 @@ def load_site(site_dir: str | Path, name: str | None = None) -> SiteConfig:
     elif not is_remote(source):
         data["source"] = str((site_dir / Path(source).expanduser()).resolve())
     return SiteConfig.model_validate(data)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file of settings as a dict ({} when empty); ValueError naming the file, line and
+    column of a syntax error, or saying the top level is not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path}:{where}: not valid YAML ({problem}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of settings (key: value lines) at the top level, "
+            f"got a {type(data).__name__}"
+        )
+    return data
 
 
 def _guess_domain(site_dir: Path) -> Literal["pathology", "industrial"]:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
-from test_detectors import texture_tiles
 from torch import nn
 
 from vadflow.tasks.detectors.ae_l2.detector import reconstruction_loss
@@ -26,6 +25,7 @@ from vadflow.tasks.detectors.components.training import NonFiniteStep, Trainer, 
 from vadflow.tasks.detectors.registry import create_detector
 from vadflow.tasks.detectors.spatial_vae import SpatialVAE
 from vadflow.tasks.detectors.vae import DenseVAE, ELBOLoss, KLWarmupTrainer, kl_to_standard_normal
+from vadflow.tasks.synth.texture import texture_tiles
 
 DEFECTS = ("dense", "scratch", "patch")
 

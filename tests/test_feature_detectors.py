@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from vadflow.flows.commands.benchmark import (
+from vadflow.tasks.benchmark import (
     SiteSize,
     build_hard_site,
     load_benchmark_tiles,

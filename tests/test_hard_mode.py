@@ -1,5 +1,5 @@
 """Hard synthetic mode: lesions at the host's stain, normal tissue with hard parts, and the
-honest results table (flows/commands/benchmark.py) built on it."""
+honest results table (tasks/benchmark/) built on it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from vadflow.flows.commands.benchmark import (
+from vadflow.tasks.benchmark import (
     SiteSize,
     benchmark_detectors,
     benchmark_families,
@@ -378,11 +378,11 @@ def test_benchmark_runs_every_family_and_skips_labelled_ones_without_labels(
 
 
 def test_the_shared_budget_or_each_familys_own():
-    from vadflow.flows.commands.benchmark import budget_overrides
+    from vadflow.tasks.benchmark import benchmark_settings
 
-    shared = budget_overrides("supervised_cnn", epochs=3, tile_size=64, seed=1, device="cpu")
+    shared = benchmark_settings("supervised_cnn", epochs=3, tile_size=64, seed=1, device="cpu")
     assert shared == {"epochs": 3, "tile_size": 64, "seed": 1, "device": "cpu"}
-    own = budget_overrides("supervised_cnn", epochs=None, tile_size=64, seed=1, device="cpu")
+    own = benchmark_settings("supervised_cnn", epochs=None, tile_size=64, seed=1, device="cpu")
     assert own == {"tile_size": 64, "seed": 1, "device": "cpu"}  # the config's epochs stay
 
 
@@ -412,7 +412,7 @@ def test_synth_cli_writes_hard_sites_and_refuses_unknown_modes(tmp_path: Path):
     assert written == (hard / "testing" / "images" / "test_000.tif").read_bytes()
     assert written != (easy / "testing" / "images" / "test_000.tif").read_bytes()
     refused = runner.invoke(app, ["synth", "industrial", str(tmp_path), "--mode", "bogus"])
-    assert refused.exit_code == 2 and "unknown --mode 'bogus'" in refused.output
+    assert refused.exit_code == 2 and "'bogus' is not one of 'easy', 'hard'" in refused.output
 
 
 @pytest.mark.slow

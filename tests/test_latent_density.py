@@ -19,7 +19,6 @@ import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.covariance import OAS
 from sklearn.metrics import roc_auc_score
-from test_detectors import PINK, _discs
 
 from vadflow.tasks.detectors.components.latent_density import (
     DENSITY_PREFIX,
@@ -27,6 +26,8 @@ from vadflow.tasks.detectors.components.latent_density import (
     oas_shrinkage,
 )
 from vadflow.tasks.detectors.registry import create_detector, load_detector
+from vadflow.tasks.synth.texture import PINK
+from vadflow.tasks.synth.texture import soft_discs as _discs
 
 # One epoch on 32 px tiles: enough to exercise fitting, saving and scoring.
 TINY = {"tile_size": 32, "base_channels": 8, "epochs": 1, "batch_size": 16, "device": "cpu"}

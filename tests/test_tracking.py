@@ -286,7 +286,7 @@ def _night(session, site: str, version: str, aurocs: dict[str, float]) -> str:
 def test_compare_across_families_and_nights(
     mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vadflow.flows.commands.tracking import compare
+    from vadflow.flows.cli import app
 
     site = f"cmp-{uuid.uuid4().hex[:6]}"
     with TrackingSession(mlflow_server.uri, tmp_path / "spool") as session:
@@ -305,11 +305,6 @@ def test_compare_across_families_and_nights(
         compare_runs(client, "no-such-site")
 
     # `vadflow compare <site>` prints the table and logs it to the newest nightly run.
-    import typer
-
-    app = typer.Typer()
-    app.command()(compare)
-    app.command("unused")(lambda: None)  # two commands, so typer keeps the command name
     monkeypatch.setenv("VADFLOW_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(
         app,

@@ -167,7 +167,7 @@ def test_offline_session_spools_everything_and_sync_replays_it_once(
     assert ops[0] == "open" and ops[-1] == "close"
     assert ops.count("create_run") == 2 and "log_model" in ops
     assert pending_operations(spool) == session.spooled
-    from vadflow.flows.commands.tracking import tracking_app
+    from vadflow.flows.cli.tracking import tracking_app
 
     status = CliRunner().invoke(tracking_app, ["status", "--spool", str(spool)])
     assert status.exit_code == 0 and f"{session.spooled} operation(s) waiting" in status.output
@@ -211,7 +211,7 @@ def test_server_stopped_mid_run_then_sync_restores_the_history(
     """A real `mlflow server`: log, stop it mid-run, keep logging (spooled), start it again,
     `vadflow tracking sync`; the server's metric history equals the trainer's own record."""
     from tests.mlflow_server import MlflowServer, use_tracking_uri
-    from vadflow.flows.commands.tracking import tracking_app
+    from vadflow.flows.cli.tracking import tracking_app
 
     server = MlflowServer(tmp_path / "server").start()
     spool = tmp_path / "spool"

@@ -1,4 +1,4 @@
-"""`vadflow compare SITE` and `vadflow tracking sync`: the MLflow side of the command line.
+"""`vadflow compare SITE` and `vadflow tracking status|sync`: the MLflow side of the command line.
 
 `compare` prints each family's slide AUC, FROC, pixel AUROC and PRO (or the metrics asked for)
 across the site's nightly runs, with the model version and which one is champion, and logs the
@@ -14,35 +14,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from vadflow.flows.env import configure_state
-
-console = Console()
+from vadflow.flows.cli.options import HomeOption, TrackingOption, console
+from vadflow.flows.cli.startup import fail
 
 tracking_app = typer.Typer(
     help="MLflow tracking: replay logging spooled while the tracking server was down.",
     no_args_is_help=True,
 )
-
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home",
-        help="state folder for Prefect, MLflow and outputs (default ./.vadflow or $VADFLOW_HOME)",
-    ),
-]
-TrackingOption = Annotated[
-    str | None,
-    typer.Option(
-        "--tracking-uri",
-        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else SQLite under --home)",
-    ),
+SpoolOption = Annotated[
+    Path | None, typer.Option("--spool", help="spool folder (default <home>/mlflow/spool)")
 ]
 
 
-def compare(
+def compare_command(
     site: Annotated[str, typer.Argument(help="site name (or site folder) to compare runs of")],
     log: Annotated[
         bool, typer.Option("--log/--no-log", help="log table and plot to the parent run")
@@ -67,6 +53,9 @@ def compare(
 
     Prints one row per family and night; the logged CSV and plot carry every compared metric.
     """
+    from vadflow.flows.env import configure_state
+
+    name = _site_name(site)
     state = configure_state(home)
     from mlflow.tracking import MlflowClient
 
@@ -82,17 +71,14 @@ def compare(
 
     asked = metric or list(HEADLINE_METRICS)
     compared = list(dict.fromkeys([*COMPARE_METRICS, *asked]))  # what the CSV and plot carry
-    name = _site_name(site)
     uri = resolve_tracking_uri(tracking_uri, state.home)
     client = MlflowClient(uri, registry_uri=uri)
     try:
         frame = compare_runs(client, name, compared)
     except LookupError as exc:
-        console.print(f"[red]{exc}[/]", soft_wrap=True)
-        raise typer.Exit(2) from exc
+        raise fail(str(exc)) from None
     if frame.height == 0:
-        console.print(f"[yellow]site {name} has no family runs yet at {uri}[/]", soft_wrap=True)
-        raise typer.Exit(2)
+        raise fail(f"site {name} has no family runs yet at {uri}")
     shown = [m for m in asked if frame[m].drop_nulls().len() > 0]
     if metric and (missing := [m for m in asked if m not in shown]):
         console.print(
@@ -127,13 +113,10 @@ def compare(
 
 
 @tracking_app.command("status")
-def status(
-    home: HomeOption = None,
-    spool: Annotated[
-        Path | None, typer.Option("--spool", help="spool folder (default <home>/mlflow/spool)")
-    ] = None,
-) -> None:
+def tracking_status_command(home: HomeOption = None, spool: SpoolOption = None) -> None:
     """Say how much logging is waiting in the spool for `vadflow tracking sync`."""
+    from vadflow.flows.env import configure_state
+
     state = configure_state(home)
     from vadflow.tasks.tracking.mlflow_runs import default_spool_dir
     from vadflow.tasks.tracking.spool import pending_operations
@@ -150,14 +133,12 @@ def status(
 
 
 @tracking_app.command("sync")
-def sync(
-    home: HomeOption = None,
-    tracking_uri: TrackingOption = None,
-    spool: Annotated[
-        Path | None, typer.Option("--spool", help="spool folder (default <home>/mlflow/spool)")
-    ] = None,
+def tracking_sync_command(
+    home: HomeOption = None, tracking_uri: TrackingOption = None, spool: SpoolOption = None
 ) -> None:
     """Replay logging spooled while the tracking server was unreachable; safe to rerun."""
+    from vadflow.flows.env import configure_state
+
     state = configure_state(home)
     from vadflow.tasks.tracking.mlflow_runs import default_spool_dir, resolve_tracking_uri
     from vadflow.tasks.tracking.spool import sync as replay
@@ -167,8 +148,7 @@ def sync(
     try:
         report = replay(folder, uri)
     except RuntimeError as exc:  # another sync holds the lock
-        console.print(f"[red]{exc}[/]", soft_wrap=True)
-        raise typer.Exit(1) from exc
+        raise fail(str(exc), code=1) from None
     console.print(
         f"replayed {report.applied} operation(s) from {folder} to {uri}; "
         f"{report.skipped} already sent; {report.remaining} left",
@@ -185,10 +165,11 @@ def sync(
 
 
 def _site_name(site: str) -> str:
+    """A site name as given, or the name in a site folder's configuration."""
     if Path(site).is_dir():
-        from vadflow.tasks.site import load_site
+        from vadflow.flows.cli.startup import checked_site
 
-        return load_site(site).name
+        return checked_site(Path(site)).name
     return site
 
 

@@ -7,48 +7,27 @@ Read-only on the outputs: nothing is quarantined or rewritten; the report goes t
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from vadflow.flows.cli.options import HomeOption, SiteDirArgument, console
+from vadflow.flows.cli.startup import checked_site, fail
 from vadflow.flows.env import configure_state
 
-console = Console()
 
-
-def validate(
-    site_dir: Annotated[
-        Path, typer.Argument(help="site folder (with site.yaml, or a known layout)")
-    ],
-    home: Annotated[
-        Path | None,
-        typer.Option(
-            "--home",
-            help="state folder for Prefect, MLflow and outputs (default ./.vadflow or "
-            "$VADFLOW_HOME)",
-        ),
-    ] = None,
-) -> None:
+def validate_command(site_dir: SiteDirArgument, home: HomeOption = None) -> None:
     """Run every data contract on a site's existing outputs and say what broke."""
+    site = checked_site(site_dir)
     state = configure_state(home)
-    from vadflow.tasks.site import SiteLayout, load_site
+    from vadflow.tasks.site import SiteLayout
     from vadflow.tasks.validation import validate_outputs
 
-    try:
-        site = load_site(site_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]cannot read site {site_dir}:[/] {exc}")
-        raise typer.Exit(2) from exc
     root = SiteLayout(state.outputs, site.name).root
-    console.print(f"validating the outputs of [bold]{site.name}[/] under {root}")
+    console.print(f"validating the outputs of [bold]{site.name}[/] under {root}", soft_wrap=True)
     try:
         outcome = validate_outputs(root, site)
     except FileNotFoundError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from exc
+        raise fail(str(exc)) from None
 
     table = Table(title=f"data contracts: {site.name}")
     for column in ("check", "rows", "expectations", "failed", "outcome"):

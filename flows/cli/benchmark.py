@@ -1,0 +1,48 @@
+"""`vadflow benchmark-detectors`: the honest results table (the work is `tasks/benchmark/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vadflow.flows.cli.options import Device, FamiliesOption, Score, Size, console, family_values
+from vadflow.flows.cli.startup import fail
+
+
+def benchmark_detectors_command(
+    family: FamiliesOption = None,
+    size: Annotated[Size, typer.Option(help="size of the hard synthetic site")] = "small",
+    epochs: Annotated[
+        int, typer.Option(min=1, help="training epochs, the same for every family")
+    ] = 3,
+    own_budget: Annotated[
+        bool, typer.Option(help="train each family at its own default epochs instead of --epochs")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="seed of the site and of every family")] = 0,
+    device: Annotated[Device, typer.Option(help="where to train and score")] = "auto",
+    score: Annotated[
+        Score, typer.Option(help="how the families with a latent space score")
+    ] = "residual",
+    markdown: Annotated[
+        Path | None, typer.Option(help="also write the table as Markdown here")
+    ] = None,
+) -> None:
+    """Train every family on one hard synthetic site, same budget; print the honest table."""
+    from vadflow.tasks.benchmark import benchmark_detectors, format_table
+
+    try:
+        rows = benchmark_detectors(
+            family_values(family),
+            size,
+            None if own_budget else epochs,
+            seed,
+            device=device,
+            score=score,
+        )
+    except (KeyError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if markdown is not None:
+        markdown.write_text(format_table(rows) + "\n")
+        console.print(f"wrote {markdown}", soft_wrap=True)

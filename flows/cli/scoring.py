@@ -1,0 +1,148 @@
+"""`vadflow score`, `vadflow evaluate` and `vadflow export`: use a trained model, redraw exports.
+
+`score` runs the batch-scoring flow (`flows/batch_score.py`) without metrics: new slides need
+no labels, and each is called at the threshold the model was calibrated with. `evaluate` runs it
+with metrics on a labelled site (and, with `--model champion@<site>`, as a cross-site
+evaluation). `export` redraws a scored run's exports from its `scored.json` (another colour
+map, alpha or threshold) with plain functions: nothing is rescored and no Prefect run starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vadflow.flows.cli.options import FamilyOption, HomeOption, ModelOption, console
+from vadflow.flows.cli.results import (
+    print_cross_site,
+    print_evaluation,
+    print_problems,
+    print_scored_run,
+    result_site,
+    scored_record,
+)
+from vadflow.flows.cli.startup import checked_site, fail, prefect_api
+
+
+def score_command(
+    site_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="site folder, or any folder of slides (without a known layout every slide is "
+            "scored, its label unknown)",
+            exists=True,
+        ),
+    ],
+    model: ModelOption = "champion",
+    family: FamilyOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Score slides with an existing model, no training and no metrics; print each call."""
+    if site_dir.is_file():
+        raise fail(
+            f"{site_dir} is a file: give the folder holding it (every slide in that folder is "
+            "scored)"
+        )
+    checked_site(site_dir)  # before Prefect starts
+    from vadflow.flows.batch_score import batch_score
+    from vadflow.flows.env import configure_state
+    from vadflow.tasks.exports.render import load_scored_run
+
+    state = configure_state(home)
+    try:
+        with prefect_api():
+            result = batch_score(
+                str(site_dir),
+                model=model,
+                family=family.value if family else None,
+                output_root=str(state.outputs),
+                metrics=False,
+            )
+    except (LookupError, ValueError, FileNotFoundError) as exc:  # model cannot be resolved
+        raise fail(f"scoring failed: {exc}", code=1) from None
+    print_problems(result)
+    record = scored_record(result)
+    if record is None:
+        raise fail(f"no slide of {site_dir} could be scored", code=1)
+    run = load_scored_run(record)
+    print_scored_run(run)
+    console.print(
+        f"redraw (colour map, alpha, threshold) without rescoring: "
+        f"vadflow export {run.heatmap_dir} --colour-map viridis --alpha 0.4",
+        soft_wrap=True,
+    )
+
+
+def evaluate_command(
+    site_dir: Annotated[
+        Path,
+        typer.Argument(help="the site to score (its folder)", exists=True, file_okay=False),
+    ],
+    model: ModelOption = "champion",
+    family: FamilyOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Score a site with an existing model, no training, and print its metrics.
+
+    With `--model champion@<other site>` the champion's metrics at its home site are printed
+    beside these, with the drop (home - away), and logged as a cross-site run in MLflow.
+    """
+    site = checked_site(site_dir)
+    from vadflow.flows.batch_score import batch_score
+    from vadflow.flows.env import configure_state
+
+    state = configure_state(home)
+    with prefect_api():
+        result = batch_score(
+            str(site_dir),
+            model=model,
+            family=family.value if family else None,
+            output_root=str(state.outputs),
+        )
+    home_site = model.partition("@")[2] if model.startswith("champion@") else ""
+    if (
+        home_site
+        and home_site != result_site(result)
+        and print_cross_site(result, home_site, state)
+    ):
+        return
+    print_evaluation(result, model, domain=site.domain, froc_itc_um=site.froc_itc_um)
+
+
+def export_command(
+    scored: Annotated[
+        Path,
+        typer.Argument(
+            help="a scored run: its heatmap folder (holding scored.json), the scored.json "
+            "itself, or a site's output folder (its newest run)"
+        ),
+    ],
+    colour_map: Annotated[
+        str, typer.Option("--colour-map", help="matplotlib colour map of the overlays")
+    ] = "inferno",
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="heatmap opacity over the slide, 0 to 1")
+    ] = 0.5,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="threshold for regions and predictions (default: the run's calibrated one); "
+            "metrics in the report stay as computed",
+        ),
+    ] = None,
+) -> None:
+    """Redraw a scored run's overlays, GeoJSON, ASAP XML and report, without rescoring."""
+    from vadflow.tasks.exports.render import ExportStyle, load_scored_run, render_exports
+
+    try:
+        run = load_scored_run(scored)
+        style = ExportStyle(colour_map=colour_map, alpha=alpha)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        rendered = render_exports(run, style, threshold)
+    except (FileNotFoundError, ValueError) as exc:  # a slide or heatmap moved since scoring
+        raise fail(f"cannot redraw {scored}: {exc}", code=1) from None
+    print_scored_run(rendered)

@@ -1,1 +1,0 @@
-"""`vadflow` sub-commands that live outside flows/cli.py (registered there)."""

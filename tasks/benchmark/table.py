@@ -1,0 +1,75 @@
+"""The results table: Markdown for the README and issue notes, a rich table for the terminal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from vadflow.tasks.benchmark.families import BenchmarkRow
+from vadflow.tasks.benchmark.hard_site import SiteSize
+from vadflow.tasks.benchmark.tiles import TILE_POSITIVE, BenchmarkData
+
+
+def format_table(rows: Sequence[BenchmarkRow]) -> str:
+    """The results as a Markdown table (for the README and issue notes)."""
+
+    def num(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+    lines = [
+        "| family | tile AUROC | slide AUC | FROC | pixel AUROC | seconds | direction |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        direction = f"{row.direction}: {row.error}" if row.error else row.direction
+        lines.append(
+            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | {num(row.froc)} | "
+            f"{num(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
+        )
+    return "\n".join(lines)
+
+
+def print_table(
+    rows: Sequence[BenchmarkRow],
+    data: BenchmarkData,
+    *,
+    size: str | SiteSize,
+    epochs: int | None,
+) -> None:
+    """The table on the terminal, titled with the site's size, tile counts and the budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    test = data.test
+    positives = int((test.label_fraction >= TILE_POSITIVE).sum())
+    negatives = int((test.label_fraction == 0).sum())
+    title = (
+        f"hard synthetic site ({size if isinstance(size, str) else 'custom'}): "
+        f"{len(data.train)} train / {len(data.val)} val normal tiles, test {positives} lesion "
+        f"+ {negatives} normal tiles on {len(test.slide_names)} slides; "
+        + (f"{epochs} epochs each" if epochs is not None else "each family's own epochs")
+    )
+    table = Table(title=title)
+    columns = ("family", "tile AUROC", "slide AUC", "FROC", "pixel AUROC", "seconds", "direction")
+    for column in columns:
+        # Family names never wrap or cut ("supervised_cnn (combined)"); the rest may wrap.
+        table.add_column(
+            column,
+            justify="left" if column in ("family", "direction") else "right",
+            no_wrap=column == "family",
+        )
+    for row in rows:
+        cells = [
+            "n/a" if math.isnan(v) else f"{v:.3f}"
+            for v in (row.tile_auroc, row.slide_auc, row.froc, row.pixel_auroc)
+        ]
+        if row.direction == "inverted":
+            direction = "[red]inverted[/]"
+        elif row.direction == "failed":
+            direction = f"[red]failed[/] {row.error}"
+        elif row.direction == "skipped":
+            direction = f"skipped: {row.error}"
+        else:
+            direction = "ok"
+        table.add_row(row.family, *cells, f"{row.seconds:.1f}", direction)
+    Console().print(table)

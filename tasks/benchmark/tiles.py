@@ -1,0 +1,113 @@
+"""The benchmark site's tiles, cut as the nightly flow cuts them, and tile AUROC over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TILE_POSITIVE = 0.5  # a tile counts as lesion for tile AUROC at this label fraction or more
+
+
+@dataclass
+class TileSet:
+    """The test slides' tiles, in manifest order, with what tile AUROC needs about each. No
+    pixels: scoring reads them from the slides, as the nightly flow does."""
+
+    label_fraction: np.ndarray  # (N,) float, share of the tile inside a lesion
+    slide: np.ndarray  # (N,) int, index into `slide_names`
+    slide_names: list[str]
+
+
+@dataclass(frozen=True)
+class BenchmarkData:
+    """A tiled site: normal train/val tiles, the test tiles, and what scoring slides needs."""
+
+    train: np.ndarray  # (N, T, T, 3) uint8 normal tiles
+    val: np.ndarray  # (M, T, T, 3) uint8 normal tiles
+    test: TileSet
+    site: Any = None  # SiteConfig
+    slides: Any = None  # pl.DataFrame: the slide manifest (val and test slides)
+    manifests: dict[str, Any] = field(default_factory=dict)  # slide_id -> tile manifest
+    slides_path: str = ""  # every slide's manifest row, as the nightly flow writes it
+    tile_paths: list[str] = field(default_factory=list)  # train and val slides' tile manifests
+
+
+def load_benchmark_tiles(
+    site_dir: Path, tile_size: int = 64, work_dir: Path | None = None
+) -> BenchmarkData:
+    """Tile the site as the pipeline does and read train, val and test tiles.
+
+    Tiling is `tasks.tiling.grid.tile_slide` with the site's own settings (but `tile_size`),
+    so the benchmark sees exactly the tiles a nightly run trains and scores on.
+    """
+    import polars as pl
+
+    from vadflow.tasks.site import load_site
+    from vadflow.tasks.slides.discover import discover
+    from vadflow.tasks.slides.register import register_slide, slide_frame
+    from vadflow.tasks.slides.tiles import load_tiles
+    from vadflow.tasks.tiling.grid import tile_slide
+
+    site = load_site(site_dir)
+    site = site.model_copy(
+        update={"tiling": site.tiling.model_copy(update={"tile_size": tile_size})}
+    )
+    work = Path(work_dir) if work_dir is not None else Path(site_dir) / "_benchmark"
+    rows, manifests, tile_paths = [], {}, []
+    for source in discover(site.source, site.domain, site.val_fraction):
+        row = register_slide(source, site.name, site.domain, site.mpp_override)
+        if row["status"] != "ok":
+            raise ValueError(f"benchmark site slide {row['slide_id']}: {row['reason']}")
+        result = tile_slide(row, site.tiling, site.domain, work / "tiles", work / "masks")
+        if result.status != "ok":
+            raise ValueError(f"benchmark site slide {row['slide_id']}: {result.reason}")
+        rows.append(row)
+        manifests[row["slide_id"]] = pl.read_parquet(result.manifest)
+        if row["split"] in ("train", "val"):
+            tile_paths.append(result.manifest)
+    slides = slide_frame(rows)
+    slides_path = work / "slides.parquet"
+    slides.write_parquet(slides_path)
+    uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
+
+    def tiles_of(split: str, label: str | None = None) -> pl.DataFrame:
+        chosen = slides.filter(pl.col("split") == split)
+        if label is not None:
+            chosen = chosen.filter(pl.col("label") == label)
+        ids = sorted(chosen["slide_id"])
+        if not ids:
+            raise ValueError(f"benchmark site {site_dir} has no {split} slides")
+        return pl.concat([manifests[i] for i in ids])
+
+    test_rows = tiles_of("test")
+    names = sorted(set(test_rows["slide_id"]))
+    test = TileSet(
+        label_fraction=test_rows["label_fraction"].to_numpy(),
+        slide=np.array([names.index(s) for s in test_rows["slide_id"]]),
+        slide_names=names,
+    )
+    return BenchmarkData(
+        train=load_tiles(tiles_of("train", "normal"), uris),
+        val=load_tiles(tiles_of("val"), uris),
+        test=test,
+        site=site,
+        slides=slides.filter(pl.col("split").is_in(["val", "test"])),
+        manifests=manifests,
+        slides_path=str(slides_path),
+        tile_paths=tile_paths,
+    )
+
+
+def tile_auroc(test: TileSet, tile_scores: np.ndarray) -> float:
+    """Tiles at least TILE_POSITIVE lesion against lesion-free tiles; NaN if undefined."""
+    from vadflow.tasks.evaluation.metrics import image_auroc
+
+    scores = np.asarray(tile_scores, dtype=np.float64)
+    keep = (test.label_fraction >= TILE_POSITIVE) | (test.label_fraction == 0)
+    labels = test.label_fraction[keep] >= TILE_POSITIVE
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(image_auroc(labels, scores[keep]))
