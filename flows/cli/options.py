@@ -24,7 +24,7 @@ Domain = Literal["pathology", "industrial"]
 Mode = Literal["easy", "hard"]  # tasks/synth/pathology.py MODES
 Category = Literal["fabric", "wood"]  # tasks/synth/industrial.py CATEGORIES
 Device = Literal["auto", "cpu", "cuda"]  # tasks/detectors/base.py resolve_device
-Score = Literal["residual", "latent", "combined"]  # tasks/detectors/latent_density.py
+Score = Literal["residual", "latent", "combined"]  # tasks/detectors/components/latent_density.py
 Size = Literal["tiny", "small", "medium"]  # tasks/benchmark/hard_site.py SIZES
 
 # The shipped families, read from folder names: no family (and no torch) is imported.

@@ -23,7 +23,7 @@ from vadflow.tasks.benchmark.tiles import BenchmarkData, load_benchmark_tiles, t
 # Synthetic lesions are at most ~1 mm across on these small slides; Camelyon16's 275 um ITC rule
 # would ignore most of them, so FROC here counts lesions from 10 um up (as the demo site does).
 FROC_ITC_UM = 10.0
-SCORES = ("residual", "latent", "combined")  # tasks/detectors/latent_density.py
+SCORES = ("residual", "latent", "combined")  # tasks/detectors/components/latent_density.py
 
 
 @dataclass(frozen=True)
