@@ -285,7 +285,7 @@ def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
 
     Labels are read by the nightly flow's own functions; LookupError when the site has none.
     """
-    from vadflow.tasks.prefect_tasks import labelled_training_tiles, training_bags
+    from vadflow.tasks.training.sampling import labelled_training_tiles, training_bags
 
     if supervision == "none":
         detector.fit(data.train, data.val)
