@@ -230,7 +230,7 @@ def normalised_reads(path: Path, tiles, method: str) -> tuple[float, float]:
     as scoring does it: the slide's stain estimated once, then each batch read and transformed
     to the fitted reference."""
     from vadflow.tasks.normalise.stain import make_normaliser
-    from vadflow.tasks.prefect_tasks import STAIN_SOURCE_TILES
+    from vadflow.tasks.scoring.run import STAIN_SOURCE_TILES
     from vadflow.tasks.slides.tiles import TileDataset
 
     dataset = TileDataset(tiles, {tiles["slide_id"][0]: str(path)})

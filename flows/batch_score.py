@@ -5,20 +5,21 @@ Used for one-off GPU batch runs (`vadflow batch`), `vadflow evaluate` (with metr
 model was calibrated with). The model is a detector folder or an MLflow model URI; by default
 the site's registered champion. Each run's heatmaps folder holds `scored.json`, from which
 `vadflow export` redraws the exports without rescoring.
+
+discover -> register -> mask + tile -> validate -> resolve model -> score -> [evaluate] -> export
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
 from vadflow.flows.ingest import ingest
 from vadflow.flows.nightly import resolve_site, state_home
 from vadflow.tasks.evaluation.calibration import read_calibration
-from vadflow.tasks.exports.render import SCORED_RUN_FILE
-from vadflow.tasks.prefect_tasks import evaluate_task, export_task, resolve_model_task, score_task
+from vadflow.tasks.pipeline import evaluate_task, export_task, resolve_model_task, score_task
+from vadflow.tasks.records import BatchScoreSummary
 from vadflow.tasks.site import SiteConfig, SiteLayout
 from vadflow.tasks.tracking.mlflow_runs import resolve_tracking_uri
 
@@ -33,7 +34,7 @@ def batch_score(
     tracking_uri: str | None = None,
     splits: list[str] | None = None,
     metrics: bool = True,
-) -> dict[str, Any]:
+) -> BatchScoreSummary:
     """Score every tiled slide of the given splits (default: val and test) with one model.
 
     With `metrics` the slides are evaluated against their labels (threshold from this site's
@@ -51,34 +52,33 @@ def batch_score(
     data = ingest(site, layout, f"{run}-{version}")
     model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))
-    heatmaps = layout.heatmaps(f"{run}-{version}")
     scores = score_task.map(
         unmapped(model_dir),
         to_score,
         [data.manifest_of(r["slide_id"]) for r in to_score],
-        out_dir=unmapped(str(heatmaps)),
+        out_dir=unmapped(str(layout.heatmaps(f"{run}-{version}"))),
         heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
     ).result()
-    evaluation = None
+    evaluated = None
     if metrics:
         calibration = read_calibration(model_dir)
         threshold = calibration.threshold if calibration and calibration.calibrated else None
-        evaluation = evaluate_task(
+        evaluated = evaluate_task(
             site, run, data.slides_path, scores, layout, model_threshold=threshold
         )
     exported = export_task(
-        run, data.slides_path, scores, evaluation, layout, site.domain, model, model_dir
+        run, data.slides_path, scores, evaluated, layout, site.domain, model, model_dir
     )
     logger.info("scored %d slides with %s; overlays in %s", len(scores), model, layout.exports)
-    return {
-        "site": site.name,
-        "model": model,
-        "model_dir": model_dir,
-        "scores": [s.__dict__ for s in scores],
-        "metrics": evaluation["metrics"] if evaluation else {},
-        "table": evaluation["table"] if evaluation else [],
-        "exports": exported,
-        "record": str(heatmaps / SCORED_RUN_FILE) if scores else None,
-        "quarantined": data.quarantined,
-        "no_tissue": data.no_tissue,
-    }
+    return BatchScoreSummary(
+        site=site.name,
+        model=model,
+        model_dir=model_dir,
+        scores=tuple(scores),
+        metrics=evaluated.metrics if evaluated else {},
+        table=evaluated.table if evaluated else (),
+        exports=exported.overlays,
+        record=exported.scored_run,
+        quarantined=data.quarantined,
+        no_tissue=data.no_tissue,
+    )

@@ -313,7 +313,7 @@ def corpus_run(prefect_harness, state_dir: Path) -> dict:
             site_dir=str(site),
             output_root=str(output_root),
             tracking_uri=tracking,
-            detector_overrides={"ae_l2": {"epochs": 2, "base_channels": 8}},
+            flags={"epochs": 2, "base_channels": 8},
         )
         ran = time.perf_counter() - started
     return {
@@ -321,6 +321,6 @@ def corpus_run(prefect_harness, state_dir: Path) -> dict:
         "site": site,
         "cases": corpus,
         "tracking": tracking,
-        "outputs": Path(summary["outputs"]),
+        "outputs": Path(summary.outputs),
         "seconds": {"corpus": made, "nightly": ran},
     }

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from vadflow.tasks.records import SlideResult
 from vadflow.tasks.scoring.heatmap import load_heatmap
 from vadflow.tasks.slides.identity import is_safe_slide_id
 
@@ -28,8 +29,8 @@ def _slides(run: dict) -> dict[str, dict]:
     return {row["slide_id"]: row for row in frame.to_dicts()}
 
 
-def _scored(run: dict) -> dict[str, dict]:
-    return {row["slide_id"]: row for row in run["summary"]["families"]["ae_l2"]["table"]}
+def _scored(run: dict) -> dict[str, SlideResult]:
+    return {row.slide_id: row for row in run["summary"].families["ae_l2"].table}
 
 
 def test_every_case_is_handled_as_documented(corpus_run: dict) -> None:
@@ -47,13 +48,13 @@ def test_every_case_is_handled_as_documented(corpus_run: dict) -> None:
             assert case.slide_id not in scored, case.name
         elif case.expect == "scored":
             assert row["status"] == "ok" and row["mpp_source"] == "metadata", (case.name, row)
-            assert math.isfinite(scored[case.slide_id]["score"]), case.name
+            assert math.isfinite(scored[case.slide_id].score), case.name
             heat = load_heatmap(heatmaps / f"{case.slide_id}.heatmap.tif")
             assert heat.shape == (-(-row["height"] // 16), -(-row["width"] // 16)), case.name
             assert np.isfinite(heat).any(), case.name
             assert not (quarantine / f"{case.slide_id}.json").exists(), case.name
         else:  # no_tissue
-            assert case.slide_id in corpus_run["summary"]["no_tissue"], case.name
+            assert case.slide_id in corpus_run["summary"].no_tissue, case.name
             assert case.slide_id not in scored, case.name
             done = corpus_run["outputs"] / "tiles" / f"{case.slide_id}.done.json"
             assert case.reason in json.loads(done.read_text())["reason"], case.name
@@ -79,13 +80,13 @@ def test_the_rest_of_the_batch_completes(corpus_run: dict) -> None:
     assert set(scored) == synthetic | expected_scored
     val = {k for k, v in _slides(corpus_run).items() if v["split"] == "val"}
     assert len(val) == 1
-    metrics = summary["families"]["ae_l2"]["metrics"]
+    metrics = summary.families["ae_l2"].metrics
     assert metrics["n_test_slides"] >= 6 and math.isfinite(metrics["slide_auroc"]), metrics
-    quarantined = {q["slide_id"] for q in summary["quarantined"]}
+    quarantined = {q.slide_id for q in summary.quarantined}
     assert quarantined == {
         k for k, v in _slides(corpus_run).items() if v["status"] == "quarantined"
     }
-    assert summary["families"]["ae_l2"]["mlflow_run_id"]
+    assert summary.families["ae_l2"].mlflow_run_id
     overlays = {p.stem for p in (corpus_run["outputs"] / "exports" / "ae_l2").glob("*.png")}
     assert overlays == set(scored) | val
 

@@ -28,6 +28,7 @@ import vadflow
 from vadflow.flows.cli import app
 from vadflow.flows.cli.results import backend_lines, metric_lines, print_summary
 from vadflow.flows.env import StatePaths
+from vadflow.tasks.records import FamilyResult, NightlySummary, SlideResult
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_DIR = ROOT / "flows" / "cli"
@@ -394,21 +395,35 @@ def test_an_api_that_does_not_start_is_one_line_and_exit_1(tmp_path: Path) -> No
 # -- no metric silently missing ------------------------------------------------------------
 
 
-def _summary(metrics: dict[str, float]) -> dict:
-    return {
-        "site": "s",
-        "families": {
-            "ae_l2": {
-                "metrics": metrics,
-                "table": [
-                    {"slide_id": "t1", "label": "normal", "score": 0.1, "predicted": False},
-                    {"slide_id": "t2", "label": "normal", "score": math.nan, "predicted": None},
-                ],
-            }
-        },
-        "outputs": "/out/s",
-        "tracking_uri": "sqlite:////x/mlflow.db",
-    }
+def _summary(metrics: dict[str, float]) -> NightlySummary:
+    table = (
+        SlideResult("t1", "test", "normal", "normal", 0.1, False),
+        SlideResult("t2", "test", "normal", "normal", math.nan, None),
+    )
+    result = FamilyResult(
+        family="ae_l2",
+        metrics=metrics,
+        table=table,
+        exports_dir="/out/s/exports/ae_l2",
+        report="",
+        model_dir="/out/s/models/ae_l2/1",
+        diverged=False,
+        promotion=None,
+        spooled=False,
+        mlflow_run_id="r",
+    )
+    return NightlySummary(
+        site="s",
+        version="1",
+        families={"ae_l2": result},
+        skipped={},
+        outputs="/out/s",
+        quarantined=(),
+        no_tissue=(),
+        contracts_report="",
+        tracking_uri="sqlite:////x/mlflow.db",
+        parent_run_id="p",
+    )
 
 
 def test_every_metric_is_printed_and_nan_says_why(

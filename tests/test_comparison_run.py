@@ -88,12 +88,12 @@ def printed_table(output: str) -> tuple[list[str], list[list[str]]]:
 
 def test_all_three_families_train_and_log_to_one_experiment(comparison_run) -> None:
     summary = comparison_run["summary"]
-    assert list(summary["families"]) == list(FAMILIES) and not summary.get("skipped")
+    assert list(summary.families) == list(FAMILIES) and not summary.skipped
     client = MlflowClient(comparison_run["tracking"])
     experiments = set()
     for family in FAMILIES:
-        run = client.get_run(summary["families"][family]["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+        run = client.get_run(summary.families[family].mlflow_run_id)
+        assert run.data.tags["mlflow.parentRunId"] == summary.parent_run_id
         assert run.data.tags["family"] == family
         experiments.add(run.info.experiment_id)
         for metric in HEADLINE.values():
@@ -109,9 +109,9 @@ def test_compare_prints_one_table_with_slide_auc_froc_pixel_auroc_per_family(
     headers, rows = printed_table(result.output)
     assert headers == ["nightly", "family", *HEADLINE, "model"]  # no PRO: pathology logs none
     assert sorted(row[1] for row in rows) == sorted(FAMILIES)
-    assert {row[0] for row in rows} == {summary["version"]}  # one night
+    assert {row[0] for row in rows} == {summary.version}  # one night
     for row in rows:
-        logged = summary["families"][row[1]]["metrics"]
+        logged = summary.families[row[1]].metrics
         for header, metric in HEADLINE.items():
             value = float(row[headers.index(header)])
             assert 0.0 <= value <= 1.0
@@ -123,7 +123,7 @@ def test_compare_prints_one_table_with_slide_auc_froc_pixel_auroc_per_family(
     # The same table, every compared metric, logged to the nightly parent run.
     client = MlflowClient(comparison_run["tracking"])
     local = client.download_artifacts(
-        summary["parent_run_id"], "comparison/compare.csv", str(comparison_run["home"] / "cmp")
+        summary.parent_run_id, "comparison/compare.csv", str(comparison_run["home"] / "cmp")
     )
     logged = pl.read_csv(local)
     assert sorted(logged["family"].to_list()) == sorted(FAMILIES)
@@ -131,7 +131,7 @@ def test_compare_prints_one_table_with_slide_auc_froc_pixel_auroc_per_family(
         assert logged[metric].null_count() == 0
         assert logged[metric].is_between(0.0, 1.0).all()
     assert "comparison/compare.png" in {
-        a.path for a in client.list_artifacts(summary["parent_run_id"], "comparison")
+        a.path for a in client.list_artifacts(summary.parent_run_id, "comparison")
     }
 
 

@@ -103,16 +103,16 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
         summary = nightly(
             str(home_site),
             output_root=str(home / "outputs"),
-            detector_overrides={"ae_l2": {"epochs": 2, "base_channels": 8}},
+            flags={"epochs": 2, "base_channels": 8},
         )
         result = CliRunner().invoke(
             app, ["evaluate", str(away_site), "--model", "champion@xs-home", "--home", str(home)]
         )
     assert result.exit_code == 0, result.output
     print(result.output)
-    trained = summary["families"]["ae_l2"]
+    trained = summary.families["ae_l2"]
     # The site's augmentation block reached the trainer's config, saved beside the weights.
-    config = json.loads((Path(trained["model_dir"]) / "config.json").read_text())
+    config = json.loads((Path(trained.model_dir) / "config.json").read_text())
     assert config["augment"]["rot90"] is True and config["augment"]["hed_jitter"] == 0.03
     for text in ("home (xs-home)", "away (xs-away)", "drop", "slide_auroc", "kind cross-site"):
         assert text in result.output
@@ -124,11 +124,11 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
         [experiment.experiment_id], filter_string="tags.`vadflow.kind` = 'cross-site'"
     )
     metrics = run.data.metrics
-    home_auroc = trained["metrics"]["slide_auroc"]
+    home_auroc = trained.metrics["slide_auroc"]
     assert metrics["home/slide_auroc"] == pytest.approx(home_auroc)
     assert metrics["drop/slide_auroc"] == pytest.approx(home_auroc - metrics["slide_auroc"])
     # Beside the threshold recalibrated at the away site: the calls at the champion's own.
-    calibration = json.loads((Path(trained["model_dir"]) / "calibration.json").read_text())
+    calibration = json.loads((Path(trained.model_dir) / "calibration.json").read_text())
     assert metrics["model_threshold"] == pytest.approx(calibration["threshold"])
     assert 0.0 <= metrics["model_specificity"] <= 1.0
     assert "model_sensitivity" in result.output

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vadflow.tasks.records import NightlySummary
 from vadflow.tasks.scoring.heatmap import load_heatmap
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
@@ -43,16 +44,16 @@ def pathology_run(prefect_harness, state_dir: Path) -> dict:
 
 def test_bad_slide_is_quarantined_and_the_rest_completes(pathology_run) -> None:
     summary = pathology_run["summary"]
-    assert [q["slide_id"] for q in summary["quarantined"]] == ["corrupt_999"]
-    assert "corrupt_999.tif" in summary["quarantined"][0]["reason"]
-    quarantine = Path(summary["outputs"]) / "quarantine" / "corrupt_999.json"
+    assert [q.slide_id for q in summary.quarantined] == ["corrupt_999"]
+    assert "corrupt_999.tif" in summary.quarantined[0].reason
+    quarantine = Path(summary.outputs) / "quarantine" / "corrupt_999.json"
     assert json.loads(quarantine.read_text())["slide_id"] == "corrupt_999"
-    scored = {row["slide_id"] for row in summary["families"]["ae_l2"]["table"]}
+    scored = {row.slide_id for row in summary.families["ae_l2"].table}
     assert len(scored) == 6 and "corrupt_999" not in scored
 
 
 def test_tile_manifest_rows_lie_inside_their_slides(pathology_run) -> None:
-    out = Path(pathology_run["summary"]["outputs"])
+    out = Path(pathology_run["summary"].outputs)
     slides = pl.read_parquet(out / "slides.parquet").filter(pl.col("status") == "ok")
     tiles = pl.concat([pl.read_parquet(p) for p in sorted((out / "tiles").glob("*.parquet"))])
     joined = tiles.join(slides.select("slide_id", "width", "height"), on="slide_id")
@@ -69,7 +70,7 @@ def test_tile_manifest_rows_lie_inside_their_slides(pathology_run) -> None:
 
 def test_heatmaps_match_slide_aspect(pathology_run) -> None:
     summary = pathology_run["summary"]
-    out = Path(summary["outputs"])
+    out = Path(summary.outputs)
     slides = pl.read_parquet(out / "slides.parquet")
     heatmaps = sorted(out.glob("heatmaps/ae_l2-*/*.heatmap.tif"))
     assert len(heatmaps) == 7  # 6 test slides + 1 held-out normal
@@ -83,7 +84,7 @@ def test_heatmaps_match_slide_aspect(pathology_run) -> None:
 
 
 def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
-    metrics = pathology_run["summary"]["families"]["ae_l2"]["metrics"]
+    metrics = pathology_run["summary"].families["ae_l2"].metrics
     assert metrics["slide_auroc"] >= 0.8, metrics
     assert metrics["pixel_auroc"] >= 0.7, metrics
     assert 0.0 <= metrics["froc"] <= 1.0
@@ -92,8 +93,8 @@ def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
 def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) -> None:
     summary = pathology_run["summary"]
     client = MlflowClient(pathology_run["tracking"])
-    run = client.get_run(summary["families"]["ae_l2"]["mlflow_run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    run = client.get_run(summary.families["ae_l2"].mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == summary.parent_run_id
     assert run.data.tags["site"] == "tiny-path"
     for key in ("slide_auroc", "pixel_auroc", "froc", "train_loss", "val_loss"):
         assert key in run.data.metrics, key
@@ -109,7 +110,7 @@ def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) ->
 
 
 @pytest.fixture(scope="module")
-def industrial_run(prefect_harness, state_dir: Path) -> dict:
+def industrial_run(prefect_harness, state_dir: Path) -> NightlySummary:
     from vadflow.flows.nightly import nightly
     from vadflow.tasks.synth.industrial import make_industrial_site
 
@@ -121,7 +122,7 @@ def industrial_run(prefect_harness, state_dir: Path) -> dict:
 
 
 def test_same_flow_runs_on_an_mvtec_folder(industrial_run) -> None:
-    metrics = industrial_run["families"]["ae_l2"]["metrics"]
+    metrics = industrial_run.families["ae_l2"].metrics
     assert metrics["n_test_slides"] == 16
     assert metrics["slide_auroc"] >= 0.8, metrics
     assert "pixel_auroc" in metrics and "froc" not in metrics
@@ -135,8 +136,8 @@ def test_exports_and_report_recompute_to_the_logged_metrics(pathology_run) -> No
     from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
     summary = pathology_run["summary"]
-    out = Path(summary["outputs"])
-    metrics = summary["families"]["ae_l2"]["metrics"]
+    out = Path(summary.outputs)
+    metrics = summary.families["ae_l2"].metrics
     table = pl.read_csv(out / "reports" / "ae_l2" / "slides.csv")
     recomputed = image_auroc((table["label"] == "anomalous").to_numpy(), table["score"].to_numpy())
     assert recomputed == pytest.approx(metrics["slide_auroc"])

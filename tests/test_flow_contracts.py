@@ -190,8 +190,8 @@ def test_quarantine_sets_the_bad_slide_aside_with_its_reason(quarantine_run) -> 
         quarantine_run["layout"],
     )
     _assert_corruption_untouched(bad)
-    assert [q["slide_id"] for q in summary["quarantined"]] == [bad["slide_id"]]
-    reason = summary["quarantined"][0]["reason"]
+    assert [q.slide_id for q in summary.quarantined] == [bad["slide_id"]]
+    reason = summary.quarantined[0].reason
     assert reason.startswith("contract 'tile_manifest'")
     assert f"{DUPLICATE} on 'tile_id'" in reason and f"{OUT_OF_BOUNDS} on 'width, x_end'" in reason
     record = json.loads((layout.root / "quarantine" / f"{bad['slide_id']}.json").read_text())
@@ -201,7 +201,7 @@ def test_quarantine_sets_the_bad_slide_aside_with_its_reason(quarantine_run) -> 
     row = slides.filter(pl.col("slide_id") == bad["slide_id"]).row(0, named=True)
     assert row["status"] == "quarantined" and row["reason"] == reason
     assert (slides["status"] == "ok").sum() == slides.height - 1
-    outcome = json.loads((Path(summary["contracts_report"]) / "tile_manifest.json").read_text())
+    outcome = json.loads((Path(summary.contracts_report) / "tile_manifest.json").read_text())
     assert outcome["outcome"] == "quarantined 1 slide(s)"
 
 
@@ -211,7 +211,7 @@ def test_quarantine_the_other_slides_train_score_and_evaluate(quarantine_run) ->
         quarantine_run["bad"],
         quarantine_run["layout"],
     )
-    result = summary["families"][FAMILY]
+    result = summary.families[FAMILY]
     # Trained on exactly the tiles of the train slides that are left.
     slides = pl.read_parquet(layout.root / "slides.parquet")
     kept_train = slides.filter((pl.col("split") == "train") & (pl.col("status") == "ok"))
@@ -220,18 +220,18 @@ def test_quarantine_the_other_slides_train_score_and_evaluate(quarantine_run) ->
         pl.read_parquet(layout.root / "tiles" / f"{s}.parquet").height
         for s in kept_train["slide_id"]
     )
-    fit = json.loads((Path(result["model_dir"]) / "fit_report.json").read_text())
+    fit = json.loads((Path(result.model_dir) / "fit_report.json").read_text())
     assert fit["train_tiles"] == kept_tiles > 0
     # Every val and test slide was scored, evaluated and exported.
     scored = sorted(p.name.split(".")[0] for p in layout.root.glob("heatmaps/*/*.heatmap.tif"))
     expected = slides.filter(pl.col("split").is_in(["val", "test"]))["slide_id"].sort()
     assert scored == expected.to_list() and len(scored) == 5
-    assert {r["slide_id"] for r in result["table"]} == set(
+    assert {r.slide_id for r in result.table} == set(
         slides.filter(pl.col("split") == "test")["slide_id"]
     )
-    assert result["metrics"]["n_test_slides"] == 4
-    assert 0.0 <= result["metrics"]["slide_auroc"] <= 1.0
+    assert result.metrics["n_test_slides"] == 4
+    assert 0.0 <= result.metrics["slide_auroc"] <= 1.0
     # Logged, but flagged: a model from a night with a quarantined slide is never promoted.
-    run = MlflowClient(quarantine_run["tracking"]).get_run(result["mlflow_run_id"])
+    run = MlflowClient(quarantine_run["tracking"]).get_run(result.mlflow_run_id)
     assert run.data.tags["contracts"] == "failed"
-    assert not result["promotion"]["promoted"]
+    assert result.promotion is not None and not result.promotion.promoted

@@ -374,7 +374,8 @@ def test_benchmark_runs_every_family_and_skips_labelled_ones_without_labels(
     data = load_benchmark_tiles(tiny_site, tile_size=32, work_dir=tmp_path)  # no tumour to learn
     for family in labelled:
         row = run_family(family, data, epochs=1, tile_size=32, seed=0, device="cpu")
-        assert row.direction == "skipped" and "needs labels" in row.error, row
+        # the train stage's own reason, e.g. "it needs both tumour and normal training slides"
+        assert row.direction == "skipped" and "it needs" in row.error, row
 
 
 def test_the_shared_budget_or_each_familys_own():

@@ -107,7 +107,7 @@ def trained(prefect_harness, state_dir: Path):
         summary = nightly(
             str(site),
             output_root=str(home / "outputs"),
-            detector_overrides={"ae_l2": {"epochs": 2, "base_channels": 8}},
+            flags={"epochs": 2, "base_channels": 8},
         )
         yield {"site": site, "new": new, "home": home, "summary": summary}
 
@@ -127,7 +127,7 @@ def _score(trained: dict, model: str):
 
 @pytest.fixture(scope="module")
 def scored(trained):
-    model_dir = trained["summary"]["families"]["ae_l2"]["model_dir"]
+    model_dir = trained["summary"].families["ae_l2"].model_dir
     output, run = _score(trained, model_dir)
     return {"output": output, "run": run, "model_dir": Path(model_dir)}
 
@@ -166,7 +166,7 @@ def test_score_calls_new_slides_at_the_models_calibrated_threshold(trained, scor
         assert np.nanmax(heat) == pytest.approx(line.score)
         assert Path(line.overlay).exists() and Path(line.asap_xml).exists()
     # The same slides under their labelled names scored the same in the nightly run.
-    nightly = {r["slide_id"]: r["score"] for r in trained["summary"]["families"]["ae_l2"]["table"]}
+    nightly = {r.slide_id: r.score for r in trained["summary"].families["ae_l2"].table}
     assert {s.slide_id: s.score for s in run.exported} == pytest.approx(nightly)
 
 
@@ -255,25 +255,22 @@ def test_evaluate_shares_the_scoring_path_and_its_run_can_be_redrawn(trained) ->
     """`vadflow evaluate` on the training site: metrics, and the same calibration as nightly."""
     from vadflow.tasks.exports.render import load_scored_run
 
-    model_dir = trained["summary"]["families"]["ae_l2"]["model_dir"]
+    model_dir = trained["summary"].families["ae_l2"].model_dir
     result = CliRunner().invoke(
         _cli(),
         ["evaluate", str(trained["site"]), "--model", model_dir, "--home", str(trained["home"])],
     )
     assert result.exit_code == 0, result.output
     assert "slide_auroc" in result.output
-    runs = sorted((Path(trained["summary"]["outputs"]) / "heatmaps").glob("batch-ae_l2-*"))
+    runs = sorted((Path(trained["summary"].outputs) / "heatmaps").glob("batch-ae_l2-*"))
     run = load_scored_run(runs[-1])
-    assert (
-        run.metrics["slide_auroc"]
-        == trained["summary"]["families"]["ae_l2"]["metrics"]["slide_auroc"]
-    )
+    assert run.metrics["slide_auroc"] == trained["summary"].families["ae_l2"].metrics["slide_auroc"]
     # Its own held-out normal slide recalibrates to the threshold the model carries.
-    nightly = trained["summary"]["families"]["ae_l2"]["metrics"]["threshold"]
+    nightly = trained["summary"].families["ae_l2"].metrics["threshold"]
     assert run.calibrated_threshold == pytest.approx(nightly)
     assert len(run.exported) == 3  # the val slide and both test slides
     # A site's output folder stands for its newest scored run.
-    assert load_scored_run(trained["summary"]["outputs"]).heatmap_dir == run.heatmap_dir
+    assert load_scored_run(trained["summary"].outputs).heatmap_dir == run.heatmap_dir
 
 
 @pytest.mark.slow
@@ -282,7 +279,7 @@ def test_export_reproduces_the_nightly_runs_evaluated_candidates(trained) -> Non
     """Re-rendering a nightly run recomputes evaluation's candidates exactly (FROC inputs)."""
     from vadflow.tasks.exports.render import load_scored_run
 
-    outputs = Path(trained["summary"]["outputs"])
+    outputs = Path(trained["summary"].outputs)
     nightly = next((outputs / "heatmaps").glob("ae_l2-*"))
     run = load_scored_run(nightly)
     assert run.name == "ae_l2" and run.metrics  # the nightly's evaluated run

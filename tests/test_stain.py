@@ -120,12 +120,14 @@ def test_scoring_a_slide_applies_the_models_stain_reference_per_slide(tmp_path) 
     import pyvips
 
     from vadflow.tasks.detectors.registry import create_detector
-    from vadflow.tasks.prefect_tasks import STAIN_FILE, STAIN_SOURCE_TILES, score_task
+    from vadflow.tasks.pipeline import score_task
+    from vadflow.tasks.scoring.run import STAIN_SOURCE_TILES
     from vadflow.tasks.site import TilingConfig
     from vadflow.tasks.slides.discover import SlideSource
     from vadflow.tasks.slides.register import register_slide
     from vadflow.tasks.slides.tiles import load_tiles, sample_tiles
     from vadflow.tasks.tiling.grid import tile_slide
+    from vadflow.tasks.training.stain import STAIN_FILE
 
     # A 16 x 8 mosaic of 128 px tiles, its lower half stained twice as strongly: two batches
     # of 64 tiles that per-batch estimation would normalise apart.

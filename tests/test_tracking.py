@@ -16,6 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from vadflow.tasks.detectors.base import FitReport
+from vadflow.tasks.records import EpochLoss, Evaluated, SlideResult, TrainedModel
 from vadflow.tasks.site import TilingConfig
 from vadflow.tasks.tracking.compare import compare_runs, write_comparison
 from vadflow.tasks.tracking.mlflow_runs import (
@@ -125,36 +127,41 @@ def _records(tmp_path: Path, tiny_detector, slide_auroc: float, family: str = "a
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(PNG + b"overlay")
         overlays.append(str(path))
-    fit = {
-        "family": family,
-        "model_dir": str(model_dir),
-        "train_tiles": 16,
-        "val_tiles": 8,
-        "config": asdict(tiny_detector.detector.config),
-        "report": {"seconds": 1.5, "diverged": False, "best_epoch": 3},
-        "curves": [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e} for e in (1, 2, 3)],
-    }
-    evaluation = {
-        "family": family,
-        "metrics": {
+    fit = TrainedModel(
+        family=family,
+        model_dir=str(model_dir),
+        supervision="none",
+        train_tiles=16,
+        val_tiles=8,
+        config=asdict(tiny_detector.detector.config),
+        report=FitReport(3, 3, [1.0, 0.5, 1 / 3], [1.2, 0.6, 0.4], seconds=1.5, device="cpu"),
+        curves=tuple(EpochLoss(e, 1.0 / e, 1.2 / e) for e in (1, 2, 3)),
+    )
+    evaluation = Evaluated(
+        name=family,
+        metrics={
             "slide_auroc": slide_auroc,
             "pixel_auroc": 0.75,
             "froc": 0.4,
             "slide_sensitivity": math.nan,
             "n_test_slides": 4.0,
         },
-        "froc_points": {"sens_at_0.25_fp": 0.2, "sens_at_1_fp": 0.5},
-        "threshold": 0.1,
-        "table": [
-            {"slide_id": "n1", "label": "normal", "score": 0.1},
-            {"slide_id": "n2", "label": "normal", "score": 0.3},
-            {"slide_id": "t1", "label": "anomalous", "score": 0.2},
-            {"slide_id": "t2", "label": "anomalous", "score": 0.9},
-        ],
-        "report_dir": str(report_dir),
-        "plots": {"ROC": str(report_dir / "roc.png"), "FROC": str(report_dir / "froc.png")},
-    }
-    for plot in evaluation["plots"].values():
+        froc_points={"sens_at_0.25_fp": 0.2, "sens_at_1_fp": 0.5},
+        threshold=0.1,
+        value_range=(0.0, 1.0),
+        table=tuple(
+            SlideResult(sid, "test", label, "", score, None)
+            for sid, label, score in [
+                ("n1", "normal", 0.1),
+                ("n2", "normal", 0.3),
+                ("t1", "anomalous", 0.2),
+                ("t2", "anomalous", 0.9),
+            ]
+        ),
+        report_dir=str(report_dir),
+        plots={"ROC": str(report_dir / "roc.png"), "FROC": str(report_dir / "froc.png")},
+    )
+    for plot in evaluation.plots.values():
         Path(plot).write_bytes(PNG + b"plot")
     return {"fit": fit, "evaluation": evaluation, "overlays": overlays}
 
@@ -206,7 +213,7 @@ def test_nightly_run_tells_the_story(mlflow_server, tiny_detector, tmp_path: Pat
             session,
             parent,
             site=site,
-            family_metrics={"ae_l2": records["evaluation"]["metrics"]},
+            family_metrics={"ae_l2": records["evaluation"].metrics},
             comparison_dir=tmp_path / "comparison",
             reports={"contracts": contracts},
         )
@@ -243,7 +250,7 @@ def test_nightly_run_tells_the_story(mlflow_server, tiny_detector, tmp_path: Pat
 
     # The model is logged, registered as <site>-<family> and, being the first, champion.
     assert result.model_uri and result.model_uri.startswith("models:/")
-    assert result.decision is not None and result.decision["promoted"]
+    assert result.decision is not None and result.decision.promoted
     version = client.get_model_version_by_alias(f"{site}-ae_l2", "champion")
     assert version.run_id == result.run_id
 

@@ -299,6 +299,8 @@ def test_nightly_logging_finishes_with_the_server_down(
 ) -> None:
     """The nightly's own calls (`start_nightly`, `track_family`, `finish_nightly`) complete
     with no server; after sync the family run, its model and the champion are there."""
+    from vadflow.tasks.detectors.base import FitReport
+    from vadflow.tasks.records import EpochLoss, Evaluated, TrainedModel
     from vadflow.tasks.site import TilingConfig
     from vadflow.tasks.tracking.nightly import (
         PromotionPolicy,
@@ -308,14 +310,25 @@ def test_nightly_logging_finishes_with_the_server_down(
     )
 
     spool, dead, site = tmp_path / "spool", _dead_uri(), "down-site"
-    fit = {
-        "family": "ae_l2",
-        "model_dir": str(tiny_detector.directory),
-        "config": {"tile_size": 32},
-        "report": {"seconds": 1.0, "diverged": False},
-        "curves": [{"epoch": 1, "train_loss": 0.5, "val_loss": 0.6}],
-    }
-    evaluation = {"metrics": {"slide_auroc": 0.9}, "froc_points": {}, "table": []}
+    fit = TrainedModel(
+        family="ae_l2",
+        model_dir=str(tiny_detector.directory),
+        supervision="none",
+        train_tiles=16,
+        val_tiles=8,
+        config={"tile_size": 32},
+        report=FitReport(1, 1, [0.5], [0.6], seconds=1.0, device="cpu"),
+        curves=(EpochLoss(1, 0.5, 0.6),),
+    )
+    evaluation = Evaluated(
+        name="ae_l2",
+        metrics={"slide_auroc": 0.9},
+        froc_points={},
+        threshold=0.5,
+        value_range=(0.0, 1.0),
+        table=(),
+        report_dir="",
+    )
     with TrackingSession(dead, spool) as session:
         parent = start_nightly(session, site, "v1", tags={}, params={"site": site})
     with TrackingSession(dead, spool) as session:
@@ -337,7 +350,7 @@ def test_nightly_logging_finishes_with_the_server_down(
                 session,
                 parent,
                 site=site,
-                family_metrics={"ae_l2": evaluation["metrics"]},
+                family_metrics={"ae_l2": evaluation.metrics},
                 comparison_dir=tmp_path / "comparison",
             )
             == []

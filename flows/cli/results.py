@@ -1,9 +1,8 @@
-"""Printing what the flows return: the only module that reads their result dictionaries.
+"""Printing what the flows return: the only module that reads their result records.
 
-`nightly` returns a summary (site, families with metrics and a per-slide table, outputs,
-tracking URI); `batch_score` returns a result (site, model, metrics, record, quarantined). The
-commands hand those here whole, so when the flows return typed records this is the one module
-to adapt.
+`nightly` returns a `NightlySummary` (site, a `FamilyResult` per family with metrics and a
+per-slide table, outputs, tracking URI); `batch_score` returns a `BatchScoreSummary` (site,
+model, metrics, record, quarantined). The commands hand those here whole.
 
 Every metric is shown. One that is NaN or missing is printed as `n/a` with the reason it could
 not be computed, and industrial runs say "image" where pathology says "slide".
@@ -25,6 +24,7 @@ from vadflow.flows.cli.options import console
 if TYPE_CHECKING:
     from vadflow.flows.env import StatePaths
     from vadflow.tasks.exports.render import ScoredRun
+    from vadflow.tasks.records import BatchScoreSummary, NightlySummary
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def count_line(metrics: Mapping[str, float], domain: str) -> str:
 
 
 def print_summary(
-    summary: Mapping[str, Any],
+    summary: NightlySummary,
     state: StatePaths,
     *,
     domain: str,
@@ -154,43 +154,43 @@ def print_summary(
 ) -> None:
     """A nightly run: per family its test table and every metric, then where everything is."""
     nouns = Nouns.of(domain)
-    for family, result in summary["families"].items():
-        table = Table(title=f"{summary['site']} / {family}: test {nouns.items}")
+    for family, result in summary.families.items():
+        table = Table(title=f"{summary.site} / {family}: test {nouns.items}")
         for column in (nouns.item, "label", "score", "predicted"):
             table.add_column(column, justify="right" if column == "score" else "left")
-        for row in result["table"]:
-            predicted = row["predicted"]
+        for row in result.table:
+            predicted = row.predicted
             shown = "-" if predicted is None else ("anomalous" if predicted else "normal")
-            score = row["score"]
+            score = row.score
             score_text = "n/a" if score is None or math.isnan(score) else f"{score:.5f}"
-            table.add_row(row["slide_id"], row["label"], score_text, shown)
+            table.add_row(row.slide_id, row.label, score_text, shown)
         console.print(table)
-        metrics = result["metrics"]
+        metrics = result.metrics
         if counts := count_line(metrics, domain):
             console.print(f"  {counts}")
         for line in metric_lines(metrics, domain, froc_itc_um):
             console.print(f"  {line.label:<22} {line.shown()}", highlight=False, markup=False)
-        if result.get("diverged"):
+        if result.diverged:
             console.print(f"  [red]training diverged[/]: {family} is never promoted")
-        if result.get("promotion"):
-            console.print(f"  champion gate: {result['promotion'].get('reason', '')}")
-        if result.get("spooled"):
+        if result.promotion is not None:
+            console.print(f"  champion gate: {result.promotion.reason}")
+        if result.spooled:
             console.print(
                 "  [yellow]MLflow unreachable[/]: logged to the spool; "
                 "replay with `vadflow tracking sync`"
             )
-        if result.get("report"):
-            console.print(f"  report: {result['report']}", soft_wrap=True)
-    for family, reason in summary.get("skipped", {}).items():
+        if result.report:
+            console.print(f"  report: {result.report}", soft_wrap=True)
+    for family, reason in summary.skipped.items():
         console.print(f"[yellow]skipped[/] {family}: {reason}")
     print_problems(summary)
     console.print(
         "\n".join(
             [
                 "",
-                f"outputs (manifests, masks, heatmaps, reports): {summary['outputs']}",
-                f"heatmap overlays (PNG):  {summary['outputs']}/exports/<family>/",
-                *backend_lines(state, summary.get("tracking_uri") or state.tracking_uri),
+                f"outputs (manifests, masks, heatmaps, reports): {summary.outputs}",
+                f"heatmap overlays (PNG):  {summary.outputs}/exports/<family>/",
+                *backend_lines(state, summary.tracking_uri or state.tracking_uri),
             ]
         ),
         soft_wrap=True,
@@ -225,34 +225,32 @@ def backend_lines(state: StatePaths, tracking_uri: str) -> list[str]:
     return mlflow + prefect
 
 
-def print_problems(result: Mapping[str, Any]) -> None:
+def print_problems(result: NightlySummary | BatchScoreSummary) -> None:
     """Slides set aside by a run: quarantined ones with their reason, and those without tissue."""
-    for item in result.get("quarantined", []):
-        console.print(
-            f"[yellow]quarantined[/] {item['slide_id']}: {item['reason']}", soft_wrap=True
-        )
-    for slide_id in result.get("no_tissue", []):
+    for item in result.quarantined:
+        console.print(f"[yellow]quarantined[/] {item.slide_id}: {item.reason}", soft_wrap=True)
+    for slide_id in result.no_tissue:
         console.print(f"[yellow]no tissue[/] {slide_id}: nothing to score")
 
 
-def result_site(result: Mapping[str, Any]) -> str:
+def result_site(result: BatchScoreSummary) -> str:
     """The site a batch-scoring result is about."""
-    return result["site"]
+    return result.site
 
 
-def scored_record(result: Mapping[str, Any]) -> str | None:
+def scored_record(result: BatchScoreSummary) -> str | None:
     """The `scored.json` of a batch-scoring result; None when no slide could be scored."""
-    return result["record"]
+    return result.record
 
 
 def print_evaluation(
-    result: Mapping[str, Any], model: str, *, domain: str, froc_itc_um: float | None = None
+    result: BatchScoreSummary, model: str, *, domain: str, froc_itc_um: float | None = None
 ) -> None:
     """A site scored by an existing model: every metric by key, value or n/a and why."""
-    table = Table(title=f"{result['site']} scored by {model}")
+    table = Table(title=f"{result.site} scored by {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    metrics = result["metrics"]
+    metrics = result.metrics
     for line in metric_lines(metrics, domain, froc_itc_um):
         table.add_row(line.key, line.shown())
     console.print(table)
@@ -261,7 +259,7 @@ def print_evaluation(
     print_problems(result)
 
 
-def print_cross_site(result: Mapping[str, Any], home_site: str, state: StatePaths) -> bool:
+def print_cross_site(result: BatchScoreSummary, home_site: str, state: StatePaths) -> bool:
     """Home, away and drop per metric, logged to MLflow; False (with a warning) when the home
     run cannot be read, so the caller prints the away metrics alone."""
     import json
@@ -275,8 +273,8 @@ def print_cross_site(result: Mapping[str, Any], home_site: str, state: StatePath
         resolve_tracking_uri,
     )
 
-    away = result["site"]
-    family = json.loads((Path(result["model_dir"]) / "config.json").read_text())["family"]
+    away = result.site
+    family = json.loads((Path(result.model_dir) / "config.json").read_text())["family"]
     try:
         report = report_cross_site(
             resolve_tracking_uri(None, state.home),
@@ -284,8 +282,8 @@ def print_cross_site(result: Mapping[str, Any], home_site: str, state: StatePath
             away_site=away,
             home_site=home_site,
             family=family,
-            away_metrics=result["metrics"],
-            model=result["model"],
+            away_metrics=result.metrics,
+            model=result.model,
         )
     except (LookupError, MlflowException, OSError) as exc:  # the scores stand regardless
         console.print(

@@ -125,24 +125,15 @@ def configured_detector(family: str, **shared: Any) -> Any:
 
 
 def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
-    """Fit on what the family learns from: normal tiles, labelled tiles, or slide bags.
-
-    Labels are read by the nightly flow's own functions; LookupError when the site has none.
-    """
-    from vadflow.tasks.prefect_tasks import labelled_training_tiles, training_bags
+    """Fit on what the family learns from: the benchmark's normal tiles, or the labelled tiles
+    or slide bags the nightly flow's train stage reads (NoTrainingLabels, a LookupError, when
+    the site has none)."""
+    from vadflow.tasks.training.train import training_set
 
     if supervision == "none":
         detector.fit(data.train, data.val)
-    elif supervision == "tile":
-        labelled = labelled_training_tiles(data.site, data.slides_path, data.tile_paths)
-        if labelled is None:
-            raise LookupError("needs labels: no annotated tumour training slides")
-        detector.fit_labelled(*labelled)
     else:
-        bagged = training_bags(data.site, data.slides_path, data.tile_paths)
-        if bagged is None:
-            raise LookupError("needs labels: tumour and normal training slides")
-        detector.fit_bags(*bagged)
+        training_set(supervision, data.site, data.slides_path, data.tile_paths).fit(detector, None)
 
 
 def run_family(

@@ -7,8 +7,10 @@ needs no display and keeps no global state between Prefect tasks running in thre
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
@@ -16,6 +18,9 @@ from numpy.typing import ArrayLike
 from vadflow.tasks.evaluation.froc import FrocResult
 from vadflow.tasks.evaluation.metrics import image_auroc, roc_points
 from vadflow.tasks.evaluation.pro import ProCurve, area_to
+
+if TYPE_CHECKING:
+    from vadflow.tasks.evaluation.evaluate import Evaluation
 
 _SIZE_IN = (5.0, 4.5)
 _DPI = 120
@@ -117,3 +122,18 @@ def plot_pro(curve: ProCurve | None, out_png: str | Path, title: str = "PRO") ->
     )
     ax.grid(alpha=0.3)
     return _save(fig, out_png)
+
+
+def evaluation_plots(evaluation: Evaluation, folder: Path, title: str) -> dict[str, str]:
+    """The curves an evaluation supports, as PNGs under `folder`: ROC when the test slides hold
+    both classes, FROC when there are lesions, PRO when pixel masks were evaluated."""
+    table = evaluation.table.filter(pl.col("label") != "unknown")
+    labels = (table["label"] == "anomalous").to_numpy()
+    plots: dict[str, str] = {}
+    if 0 < labels.sum() < len(labels):
+        plots["ROC"] = str(plot_roc(labels, table["score"].to_numpy(), folder / "roc.png", title))
+    if evaluation.froc_result is not None and evaluation.froc_result.n_lesions:
+        plots["FROC"] = str(plot_froc(evaluation.froc_result, folder / "froc.png", title))
+    if evaluation.pro is not None:
+        plots["PRO"] = str(plot_pro(evaluation.pro, folder / "pro.png", title))
+    return plots

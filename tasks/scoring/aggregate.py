@@ -30,7 +30,7 @@ from skimage.measure import approximate_polygon, find_contours, regionprops
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedKFold
 
-Candidate = tuple[float, float, float]  # (x, y, p): level-0 px, probability
+from vadflow.tasks.records import Candidate  # (x, y, p): level-0 px, probability
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 

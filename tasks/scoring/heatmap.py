@@ -25,20 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from vadflow.tasks.manifests import write_parquet_atomic
+from vadflow.tasks.records import SlideScore
 from vadflow.tasks.slides.reader import Slide
 from vadflow.tasks.slides.tiles import iter_tile_batches
-
-
-@dataclass(frozen=True)
-class SlideScore:
-    """Where a slide's scores went, and its slide-level score (max of the heatmap)."""
-
-    slide_id: str
-    tiles: int
-    slide_score: float
-    heatmap: str  # .heatmap.tif (write_heatmap_tiff), float32, NaN where no tile was scored
-    tile_scores: str  # .parquet: tile_id, score
-    heatmap_downsample: int
 
 
 def heatmap_shape(width: int, height: int, downsample: int) -> tuple[int, int]:

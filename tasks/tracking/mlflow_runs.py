@@ -26,6 +26,8 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from vadflow.tasks.records import TrackingTarget
+
 MAX_PARAM_CHARS = 6000
 BATCH_LIMIT = 90  # log_batch takes at most 100 params / 1000 metrics; stay well under
 
@@ -76,6 +78,14 @@ def default_artifact_root(tracking_uri: str, home: Path | None = None) -> Path |
 def default_spool_dir(home: Path | None = None) -> Path:
     """Where logging that could not reach the tracking server waits for `vadflow tracking sync`."""
     return (home or default_home()) / "mlflow" / "spool"
+
+
+def tracking_target(configured: str | None = None, home: Path | None = None) -> TrackingTarget:
+    """Where a flow tracks (`resolve_tracking_uri`), where it spools when that is down, and the
+    artifact root of the embedded store."""
+    uri = resolve_tracking_uri(configured, home)
+    root = default_artifact_root(uri, home)
+    return TrackingTarget(uri, str(default_spool_dir(home)), str(root) if root else None)
 
 
 def experiment_id(client: MlflowClient, site: str, artifact_root: Path | None) -> str:

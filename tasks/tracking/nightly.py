@@ -11,26 +11,37 @@ nightly run still finishes; `vadflow tracking sync` sends it later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
+from vadflow.tasks.records import (
+    Evaluated,
+    NightlySummary,
+    PromotionDecision,
+    TrackedFamily,
+    TrackingTarget,
+    TrainedModel,
+)
+from vadflow.tasks.site import SiteConfig
 from vadflow.tasks.tracking.compare import compare_runs, log_comparison
 from vadflow.tasks.tracking.mlflow_runs import (
     curve_metrics,
     experiment_name,
     family_params,
+    manifest_hashes,
     run_tags,
 )
-from vadflow.tasks.tracking.registry import PromotionDecision
+from vadflow.tasks.tracking.registry import evaluation_set_hash
 from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
+from vadflow.tasks.training.model_folder import EXAMPLE_FILE
 
 logger = logging.getLogger(__name__)
-
-EXAMPLE_FILE = "example_tiles.npy"  # written beside the weights by the train task
 
 
 @dataclass(frozen=True)
@@ -40,18 +51,6 @@ class PromotionPolicy:
     metric: str = "slide_auroc"
     margin: float = 0.0
     higher_is_better: bool = True
-
-
-@dataclass(frozen=True)
-class FamilyTracking:
-    """What `track_family` logged: the run reference (`local-...` if spooled), the model URI
-    (None if spooled), the champion gate's decision (None if spooled or not asked for), and
-    whether anything went to the spool (then `vadflow tracking sync` sends it)."""
-
-    run_id: str
-    model_uri: str | None
-    decision: dict[str, Any] | None
-    spooled: bool
 
 
 def start_nightly(
@@ -80,48 +79,46 @@ def track_family(
     parent: str,
     *,
     site: str,
-    fit: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
-    overlays: list[str],
+    fit: TrainedModel,
+    evaluation: Evaluated,
+    overlays: Sequence[str],
     tags: Mapping[str, str],
     tiling: Any,
     promotion: PromotionPolicy | None = None,
     eval_set_hash: str | None = None,
     contracts_passed: bool = True,
-) -> FamilyTracking:
+) -> TrackedFamily:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
     curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
     register it and put it through the champion gate (when `promotion` is given).
 
-    `fit` and `evaluation` are the train and evaluate tasks' records."""
-    family = fit["family"]
-    report = fit.get("report", {})
-    diverged = bool(report.get("diverged"))
+    `fit` and `evaluation` are the train and evaluate stages' records."""
+    family, report, diverged = fit.family, fit.report, fit.diverged
     run = session.start_run(
         experiment_name(site),
         family,
         {**tags, **run_tags(site, family=family, contracts_passed=contracts_passed)},
         parent=parent,
     )
-    session.log_params(run, family_params(family, fit["config"], tiling))
-    session.log_metric_series(run, curve_metrics(fit.get("curves", [])))
-    session.log_metrics(run, {**evaluation["metrics"], **evaluation.get("froc_points", {})})
+    session.log_params(run, family_params(family, fit.config, tiling))
+    session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
+    session.log_metrics(run, evaluation.all_metrics)
     session.log_metrics(
         run,
         {
-            "train_seconds": report.get("seconds"),
-            "train_tiles": fit.get("train_tiles"),
-            "val_tiles": fit.get("val_tiles"),
-            "best_epoch": report.get("best_epoch"),
+            "train_seconds": report.seconds if report else None,
+            "train_tiles": fit.train_tiles,
+            "val_tiles": fit.val_tiles,
+            "best_epoch": report.best_epoch if report else None,
         },
     )
-    if evaluation.get("report_dir"):
-        session.log_artifact(run, evaluation["report_dir"], "report")
+    if evaluation.report_dir:
+        session.log_artifact(run, evaluation.report_dir, "report")
     for path in overlays:
         session.log_artifact(run, path, "heatmaps")
-    for plot in evaluation.get("plots", {}).values():  # ROC, FROC, PRO from evaluation
+    for plot in evaluation.plots.values():  # ROC, FROC, PRO from evaluation
         session.log_artifact(run, plot, "plots")
-    model_dir = Path(fit["model_dir"])
+    model_dir = Path(fit.model_dir)
     example = np.load(model_dir / EXAMPLE_FILE) if (model_dir / EXAMPLE_FILE).is_file() else None
     model_uri = session.log_model(run, model_dir, example)
     decision: PromotionDecision | None = None
@@ -138,11 +135,8 @@ def track_family(
             eval_set_hash=eval_set_hash,
         )
     session.end_run(run, "FAILED" if diverged else "FINISHED")
-    return FamilyTracking(
-        run_id=run,
-        model_uri=model_uri,
-        decision=decision.to_dict() if decision is not None else None,
-        spooled=session.spooled > 0,
+    return TrackedFamily(
+        run_id=run, model_uri=model_uri, decision=decision, spooled=session.spooled > 0
     )
 
 
@@ -176,3 +170,132 @@ def finish_nightly(
             logger.warning("no comparison for %s: tracking server unreachable (%s)", site, exc)
     session.end_run(parent, "FINISHED")
     return written
+
+
+# --- the track stage: each call opens its own session (a Prefect task may run anywhere) ---
+
+
+def git_commit() -> str:
+    """The short commit of the code that ran (a run tag); "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def nightly_tags(
+    site: SiteConfig, version: str, slides_path: str, tile_paths: list[str], flow_run_id: str
+) -> dict[str, str]:
+    """The tags of a night's runs: code, flow run, manifest hashes, domain and version."""
+    return run_tags(
+        site.name,
+        git_commit=git_commit(),
+        flow_run_id=flow_run_id,
+        manifest_hashes=manifest_hashes(slides_path, tile_paths),
+        contracts_passed=True,  # the manifest contracts raised otherwise (strict mode)
+        extra={"domain": site.domain, "version": version},
+    )
+
+
+def open_nightly_run(
+    target: TrackingTarget, site: SiteConfig, version: str, tags: Mapping[str, str]
+) -> str:
+    """The night's parent run, with the site and tiling settings as params; a `local-...`
+    reference when the server is down (spooled)."""
+    with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        return start_nightly(
+            session,
+            site.name,
+            version,
+            tags=tags,
+            params={"site": site.name, "domain": site.domain, **site.tiling.model_dump()},
+            artifact_root=target.artifact_root,
+        )
+
+
+def log_family_run(
+    target: TrackingTarget,
+    parent: str,
+    site: SiteConfig,
+    slides_path: str,
+    trained: TrainedModel,
+    evaluation: Evaluated,
+    overlays: Sequence[str],
+    tags: Mapping[str, str],
+    *,
+    contracts_passed: bool,
+    log: logging.Logger | logging.LoggerAdapter = logger,
+) -> TrackedFamily:
+    """One child run for a family, its model registered as `<site>-<family>` and put through
+    the site's champion gate on this night's evaluation set (the slides that were usable)."""
+    slides = pl.read_parquet(slides_path).filter(pl.col("status") == "ok")
+    eval_hash = evaluation_set_hash(
+        slides,
+        extra={
+            "heatmap_downsample": site.tiling.heatmap_downsample,
+            "target_fpr": site.target_fpr,
+        },
+    )
+    with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        tracked = track_family(
+            session,
+            parent,
+            site=site.name,
+            fit=trained,
+            evaluation=evaluation,
+            overlays=overlays,
+            tags=tags,
+            tiling=site.tiling,
+            promotion=PromotionPolicy(**site.promotion.model_dump()),
+            eval_set_hash=eval_hash,
+            contracts_passed=contracts_passed,
+        )
+    if tracked.spooled:
+        log.warning(
+            "tracking server unreachable: %s is spooled; run `vadflow tracking sync` when it "
+            "is back",
+            trained.family,
+        )
+    return tracked
+
+
+def close_nightly_run(
+    target: TrackingTarget,
+    parent: str,
+    site: str,
+    family_metrics: Mapping[str, Mapping[str, float]],
+    comparison_dir: Path,
+    contracts_report: str,
+) -> list[Path]:
+    """Per-family metrics, the contracts report and the cross-run comparison on the parent run,
+    which then ends."""
+    with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        return finish_nightly(
+            session,
+            parent,
+            site=site,
+            family_metrics=family_metrics,
+            comparison_dir=comparison_dir,
+            reports={"contracts": contracts_report},
+        )
+
+
+def summary_markdown(summary: NightlySummary) -> str:
+    """The night as a Markdown table (a Prefect artifact): each family's metrics, then the
+    slides set aside."""
+    lines = [f"# nightly {summary.site} {summary.version}", ""]
+    lines += ["| family | metric | value |", "| --- | --- | --- |"]
+    for family, result in summary.families.items():
+        for key, value in result.metrics.items():
+            lines.append(f"| {family} | {key} | {value:.4f} |")
+    if summary.quarantined:
+        lines += ["", "## quarantined", ""]
+        lines += [f"- {q.slide_id}: {q.reason}" for q in summary.quarantined]
+    return "\n".join(lines)

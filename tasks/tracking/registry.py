@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import polars as pl
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vadflow.tasks.records import PromotionDecision
 from vadflow.tasks.tracking.pyfunc import MODEL_NAME, OP_KEY_TAG, find_logged_models
 
 CHAMPION = "champion"
@@ -129,23 +129,6 @@ def _ensure_registered_model(client: MlflowClient, name: str, site: str, family:
     except MlflowException as exc:
         if "ALREADY_EXISTS" not in exc.error_code:  # another task created it first
             raise
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """What the champion gate decided for one model version, and why."""
-
-    name: str
-    version: str
-    promoted: bool
-    reason: str
-    metric: str
-    value: float | None
-    champion_version: str | None  # the champion before this decision, if there was one
-    champion_value: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def promote(

@@ -1,0 +1,87 @@
+"""Evaluate one scored run and write what it found: the evaluate stage.
+
+    evaluated = evaluate_scored_run(site, "ae_l2", slides_path, scores, layout.reports, model_dir)
+
+Metrics come from `evaluate_site` (threshold from held-out normal slides); the per-slide table
+(`slides.csv`), the metrics (`metrics.json`) and the ROC/FROC/PRO plots go under
+`<reports>/<name>/`, and a model trained on this site gets the calibration it carries to new
+slides (`calibration.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from vadflow.tasks.evaluation.calibration import Calibration, write_calibration
+from vadflow.tasks.evaluation.evaluate import evaluate_site
+from vadflow.tasks.evaluation.plots import evaluation_plots
+from vadflow.tasks.records import Evaluated, SlideResult, SlideScore
+from vadflow.tasks.site import SiteConfig
+
+
+def evaluate_scored_run(
+    site: SiteConfig,
+    name: str,
+    slides_path: str,
+    scores: Sequence[SlideScore],
+    reports_dir: str | Path,
+    model_dir: str | None = None,
+    model_threshold: float | None = None,
+) -> Evaluated:
+    """Metrics, plots and the slide table of run `name` under `reports_dir/name`.
+
+    `model_dir` (a model trained on this site) gets this evaluation's calibration written beside
+    it; `model_threshold` (a model calibrated before, perhaps at another site) adds the calls
+    made at that threshold to the metrics.
+    """
+    slides = pl.read_parquet(slides_path)
+    evaluation = evaluate_site(
+        slides,
+        {s.slide_id: (s.slide_score, s.heatmap) for s in scores},
+        site.tiling.heatmap_downsample,
+        site.target_fpr,
+        site.domain,
+        itc_um=site.froc_itc_um,
+        model_threshold=model_threshold,
+    )
+    folder = Path(reports_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluation.table.write_csv(folder / "slides.csv")
+    metrics = {**evaluation.metrics, **evaluation.froc_points}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots = evaluation_plots(evaluation, folder, f"{site.name} / {name}")
+    if model_dir is not None:
+        # The threshold travels with the model: scoring new slides predicts with it.
+        write_calibration(
+            model_dir, Calibration(evaluation.threshold, site.target_fpr, evaluation.value_range)
+        )
+    return Evaluated(
+        name=name,
+        metrics=dict(evaluation.metrics),
+        froc_points=dict(evaluation.froc_points),
+        threshold=evaluation.threshold,
+        value_range=(float(evaluation.value_range[0]), float(evaluation.value_range[1])),
+        table=slide_results(evaluation.table),
+        report_dir=str(folder),
+        plots=plots,
+        candidates=dict(evaluation.candidates),
+    )
+
+
+def slide_results(table: pl.DataFrame) -> tuple[SlideResult, ...]:
+    """The rows of an evaluation's slide table as records."""
+    return tuple(
+        SlideResult(
+            slide_id=r["slide_id"],
+            split=r["split"],
+            label=r["label"],
+            category=r["category"],
+            score=r["score"],
+            predicted=r["predicted"],
+        )
+        for r in table.iter_rows(named=True)
+    )

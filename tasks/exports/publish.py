@@ -1,0 +1,120 @@
+"""Export one scored run: the export stage.
+
+    exported = export_scored_run(layout, "ae_l2", slides_path, scores, evaluation=evaluated)
+
+Overlays on one colour scale, lesion files and the HTML report (`render_exports`), at a
+threshold from one of two places: the evaluation's (this run's held-out normal slides) or,
+without an evaluation (new slides, no metrics), the model's own calibration. The inputs are
+saved beside the heatmaps (`scored.json`) so `vadflow export` can redraw them later.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vadflow.tasks.evaluation.calibration import read_calibration
+from vadflow.tasks.evaluation.evaluate import heatmap_value_range
+from vadflow.tasks.exports.render import SCORED_RUN_FILE, ScoredRun, render_exports
+from vadflow.tasks.records import Candidate, Evaluated, Exported, SlideScore
+from vadflow.tasks.scoring.heatmap import load_heatmap
+from vadflow.tasks.site import SiteLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Threshold:
+    """The threshold a run is exported at, where it came from, and what goes with it."""
+
+    value: float
+    source: str
+    value_range: tuple[float, float]
+    report_dir: str
+    metrics: dict[str, float]
+    plots: dict[str, str]
+    candidates: dict[str, list[Candidate]]
+
+
+def _from_evaluation(evaluation: Evaluated) -> _Threshold:
+    return _Threshold(
+        evaluation.threshold,
+        "from held-out normal slides",
+        evaluation.value_range,
+        evaluation.report_dir,
+        evaluation.all_metrics,
+        evaluation.plots,
+        evaluation.candidates,
+    )
+
+
+def _from_model(
+    model_dir: str | None,
+    model: str,
+    scores: Sequence[SlideScore],
+    report_dir: str,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> _Threshold:
+    calibration = read_calibration(model_dir) if model_dir else None
+    if calibration is None:
+        logger.warning("model %s has no calibration.json: slides are scored, not called", model)
+        value_range = heatmap_value_range([load_heatmap(s.heatmap) for s in scores])
+        return _Threshold(math.nan, "none", value_range, report_dir, {}, {}, {})
+    source = f"the model's calibration, target FPR {calibration.target_fpr:g}"
+    return _Threshold(
+        calibration.threshold, source, calibration.heatmap_value_range, report_dir, {}, {}, {}
+    )
+
+
+def export_scored_run(
+    layout: SiteLayout,
+    name: str,
+    slides_path: str,
+    scores: Sequence[SlideScore],
+    evaluation: Evaluated | None = None,
+    *,
+    domain: str | None = None,
+    model: str = "",
+    model_dir: str | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> Exported:
+    """What people open for run `name`: overlays, lesion files and the report.
+
+    Lesion candidates go to the slides evaluation computed them for and, on a
+    `domain="pathology"` site, to every slide (by evaluation's own rule).
+    """
+    exports_dir = str(layout.exports / name)
+    if not scores:
+        return Exported(name, exports_dir, report=str(layout.reports / name / "report.html"))
+    if evaluation is not None:
+        chosen = _from_evaluation(evaluation)
+    else:
+        chosen = _from_model(model_dir, model, scores, str(layout.reports / name), logger)
+    everyone = domain == "pathology"
+    run = ScoredRun(
+        site=layout.site,
+        name=name,
+        model=model,
+        slides_path=slides_path,
+        scores=tuple(scores),
+        calibrated_threshold=chosen.value,
+        threshold_source=chosen.source,
+        value_range=chosen.value_range,
+        exports_dir=exports_dir,
+        report_dir=chosen.report_dir,
+        candidate_slides=tuple(
+            s.slide_id for s in scores if everyone or s.slide_id in chosen.candidates
+        ),
+        metrics=chosen.metrics,
+        plots=chosen.plots,
+    )
+    rendered = render_exports(run, candidates=chosen.candidates)
+    return Exported(
+        name=name,
+        exports_dir=exports_dir,
+        report=str(rendered.report),
+        overlays=tuple(s.overlay for s in rendered.exported),
+        scored_run=str(rendered.heatmap_dir / SCORED_RUN_FILE),
+    )

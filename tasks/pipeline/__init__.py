@@ -1,0 +1,49 @@
+"""One thin Prefect task per stage: each calls its stage and returns the stage's record.
+
+- ingest: `discover_task`, `register_task`, `tile_site_task` (tasks/slides/, tasks/tiling/)
+- validate: `validate_manifests_task`, `validate_scores_task`, `validate_metrics_task`
+  (tasks/validation)
+- train: `train_task` (tasks/training/train.py)
+- score: `score_task` (tasks/scoring/run.py)
+- evaluate: `evaluate_task` (tasks/evaluation/scored_run.py)
+- export: `export_task` (tasks/exports/publish.py)
+- track: `start_tracking_task`, `track_task`, `finish_tracking_task` (tasks/tracking/nightly.py),
+  `resolve_model_task` (tasks/tracking/resolve.py)
+
+Tasks take and return paths and the records of `tasks/records.py`, never arrays; call
+`task.fn(...)` to run one without Prefect.
+"""
+
+from vadflow.tasks.pipeline.evaluate import evaluate_task
+from vadflow.tasks.pipeline.export import export_task
+from vadflow.tasks.pipeline.ingest import discover_task, register_task, tile_site_task
+from vadflow.tasks.pipeline.score import score_task
+from vadflow.tasks.pipeline.track import (
+    finish_tracking_task,
+    resolve_model_task,
+    start_tracking_task,
+    track_task,
+)
+from vadflow.tasks.pipeline.train import train_task
+from vadflow.tasks.pipeline.validate import (
+    validate_manifests_task,
+    validate_metrics_task,
+    validate_scores_task,
+)
+
+__all__ = [
+    "discover_task",
+    "evaluate_task",
+    "export_task",
+    "finish_tracking_task",
+    "register_task",
+    "resolve_model_task",
+    "score_task",
+    "start_tracking_task",
+    "tile_site_task",
+    "track_task",
+    "train_task",
+    "validate_manifests_task",
+    "validate_metrics_task",
+    "validate_scores_task",
+]

@@ -1,0 +1,35 @@
+"""The export stage's task (`tasks/exports/publish.py`)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from vadflow.tasks.exports.publish import export_scored_run
+from vadflow.tasks.records import Evaluated, Exported, SlideScore
+from vadflow.tasks.site import SiteLayout
+
+
+@task(name="export")
+def export_task(
+    name: str,
+    slides_path: str,
+    scores: list[SlideScore],
+    evaluation: Evaluated | None,
+    layout: SiteLayout,
+    domain: str | None = None,
+    model: str = "",
+    model_dir: str | None = None,
+) -> Exported:
+    """Overlays, lesion files and the HTML report of run `name`, at the evaluation's threshold
+    or, without one, at the model's own calibration."""
+    return export_scored_run(
+        layout,
+        name,
+        slides_path,
+        scores,
+        evaluation,
+        domain=domain,
+        model=model,
+        model_dir=model_dir,
+        logger=get_run_logger(),
+    )

@@ -1,0 +1,78 @@
+"""The data contracts at the pipeline's boundaries, as tasks: manifests before training,
+scores after scoring, metrics after evaluation (`vadflow.tasks.validation`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from vadflow.tasks.records import Evaluated, SlideScore
+from vadflow.tasks.site import SiteConfig, SiteLayout
+from vadflow.tasks.validation import (
+    BoundaryCheck,
+    check_manifests,
+    check_metrics,
+    check_scores,
+    report_folder,
+)
+
+
+def _reporting(site: SiteConfig, layout: SiteLayout, run: str) -> dict[str, Any]:
+    """Where every check of run `run` reports: its contracts folder and a Prefect artifact."""
+    return {
+        "report_dir": report_folder(layout.reports, run),
+        "markdown_artifact": create_markdown_artifact,
+        "artifact_key": f"contracts-{site.name}",
+    }
+
+
+@task(name="validate-manifests")
+def validate_manifests_task(
+    slides_path: str, tile_paths: list[str], site: SiteConfig, layout: SiteLayout, run: str
+) -> BoundaryCheck:
+    """Slide and tile manifest contracts before training: strict stops, quarantine drops."""
+    return check_manifests(
+        slides_path,
+        tile_paths,
+        tiling=site.tiling,
+        mode=site.contracts,
+        quarantine_dir=layout.quarantine,
+        **_reporting(site, layout, run),
+    )
+
+
+@task(name="validate-scores")
+def validate_scores_task(
+    family: str,
+    scores: list[SlideScore],
+    slides_path: str,
+    tile_paths: list[str],
+    site: SiteConfig,
+    layout: SiteLayout,
+    run: str,
+) -> BoundaryCheck:
+    """Tile and slide score contracts of one family's scored slides."""
+    return check_scores(
+        family,
+        scores,
+        slides_path,
+        tile_paths,
+        expected_slides=[s.slide_id for s in scores],
+        mode=site.contracts,
+        quarantine_dir=layout.quarantine,
+        **_reporting(site, layout, run),
+    )
+
+
+@task(name="validate-metrics")
+def validate_metrics_task(
+    family: str, evaluation: Evaluated, site: SiteConfig, layout: SiteLayout, run: str
+) -> BoundaryCheck:
+    """The metrics contract of one family's evaluation (ranges, NaN where not allowed)."""
+    return check_metrics(
+        family,
+        evaluation.all_metrics,
+        **_reporting(site, layout, run),
+    )

@@ -1,0 +1,327 @@
+"""The small typed records the stages hand each other, and the flows' summaries.
+
+Every stage boundary passes one of these: paths to what a stage wrote and the figures it
+computed, never pixels or tensors, so a Prefect task result stays cheap to hash and keep.
+
+    ingest    -> SlideManifest (register), Ingested (discover ... validate)
+    train     -> TrainedModel, or SkippedFamily (a labelled family without labels)
+    score     -> SlideScore (one per slide)
+    evaluate  -> Evaluated (metrics, per-slide SlideResult rows, plots, report folder)
+    export    -> Exported
+    track     -> TrackingTarget in, TrackedFamily (with its PromotionDecision) out
+    flows     -> NightlySummary (a FamilyResult per family), BatchScoreSummary
+
+This module is a floor: it imports no stage module at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+if TYPE_CHECKING:
+    from vadflow.tasks.detectors.base import FitReport
+    from vadflow.tasks.tiling.grid import TilingResult
+    from vadflow.tasks.validation import BoundaryCheck
+
+Candidate = tuple[float, float, float]  # a lesion candidate (x, y, p): level-0 px, probability
+
+
+# --- ingest ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A slide left out of a run, and why (unreadable, failed tiling, a broken contract)."""
+
+    slide_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SlideManifest:
+    """The registered slide manifest (`slides.parquet`) and the slides it quarantined."""
+
+    path: str
+    slides: int
+    quarantined: tuple[Quarantined, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What discover, register, mask + tile and the manifest contracts leave for training and
+    scoring: the slide manifest, the slides that tiled and passed, and those that failed."""
+
+    slides_path: str
+    tiling: tuple[TilingResult, ...]  # slides that tiled and passed the contracts
+    failed: tuple[TilingResult, ...]  # slides whose tiling failed, with reasons
+    checked: BoundaryCheck
+
+    @property
+    def slides(self) -> pl.DataFrame:
+        """The slide manifest as it stands now (contracts may have quarantined slides)."""
+        return pl.read_parquet(self.slides_path)
+
+    @property
+    def tile_paths(self) -> list[str]:
+        return [t.manifest for t in self.tiling]
+
+    def scorable(self, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Slide rows with tiles, in the given splits."""
+        tiled = {t.slide_id for t in self.tiling if t.tiles > 0}
+        return [
+            r
+            for r in self.slides.filter(pl.col("status") == "ok").to_dicts()
+            if r["slide_id"] in tiled and r["split"] in splits
+        ]
+
+    def manifest_of(self, slide_id: str) -> str:
+        """The tile manifest of one tiled slide."""
+        return next(t.manifest for t in self.tiling if t.slide_id == slide_id)
+
+    @property
+    def quarantined(self) -> tuple[Quarantined, ...]:
+        """Slides quarantined at registration or by a contract, then those that failed tiling."""
+        frozen = self.slides.filter(pl.col("status") == "quarantined")
+        listed = [Quarantined(r["slide_id"], r["reason"]) for r in frozen.iter_rows(named=True)]
+        listed += [Quarantined(t.slide_id, t.reason or "tiling failed") for t in self.failed]
+        return tuple(listed)
+
+    @property
+    def no_tissue(self) -> tuple[str, ...]:
+        return tuple(t.slide_id for t in self.tiling if t.status == "no_tissue")
+
+    @property
+    def contracts_quarantined(self) -> bool:
+        """Whether the manifest contracts set any slide aside (the champion gate reads it)."""
+        return bool(self.checked.quarantined)
+
+
+# --- train -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    """One epoch's losses, as the trainer reported them."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained family's model folder and how it was trained (also its `fit_report.json`).
+
+    `report` is the detector's fit report (for a diverged run, the history up to the failure;
+    None when it diverged before one was kept). A diverged model is scored and logged so the
+    failure is visible, and never promoted."""
+
+    family: str
+    model_dir: str
+    supervision: str  # none | tile | slide
+    train_tiles: int
+    val_tiles: int
+    config: dict[str, Any]  # the detector's config dataclass, as saved in config.json
+    report: FitReport | None
+    curves: tuple[EpochLoss, ...]
+    diverged: bool = False
+    train_slides: int | None = None  # slide-supervised families: bags trained on
+    train_tumour_tiles: int | None = None  # tile-supervised families
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SkippedFamily:
+    """A family that could not train on this site (a labelled family without the labels)."""
+
+    family: str
+    reason: str
+
+
+# --- score -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideScore:
+    """Where a slide's scores went, and its slide-level score (max of the heatmap)."""
+
+    slide_id: str
+    tiles: int
+    slide_score: float
+    heatmap: str  # .heatmap.tif (write_heatmap_tiff), float32, NaN where no tile was scored
+    tile_scores: str  # .parquet: tile_id, score
+    heatmap_downsample: int
+
+
+# --- evaluate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """One test slide's row of an evaluation: its score and the call at the threshold."""
+
+    slide_id: str
+    split: str
+    label: str  # normal / anomalous / unknown
+    category: str
+    score: float
+    predicted: bool | None  # score > threshold; None without a calibrated threshold
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One scored run's evaluation: metrics, the per-slide table, plots, where its report is.
+
+    `candidates` are the lesion candidates evaluation computed (FROC's inputs), handed to the
+    exports so the files people open hold exactly what was scored."""
+
+    name: str  # the family, or the run name (e.g. "batch-ae_l2")
+    metrics: dict[str, float]
+    froc_points: dict[str, float]
+    threshold: float
+    value_range: tuple[float, float]
+    table: tuple[SlideResult, ...]
+    report_dir: str
+    plots: dict[str, str] = field(default_factory=dict)  # "ROC"/"FROC"/"PRO" -> PNG
+    candidates: dict[str, list[Candidate]] = field(default_factory=dict)
+
+    @property
+    def all_metrics(self) -> dict[str, float]:
+        """Metrics and FROC operating points together, as logged and checked."""
+        return {**self.metrics, **self.froc_points}
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What a scored run's exports wrote: overlays, the report and the `scored.json` record
+    (None when nothing was scored, so nothing was exported)."""
+
+    name: str
+    exports_dir: str
+    report: str
+    overlays: tuple[str, ...] = ()
+    scored_run: str | None = None
+
+
+# --- track -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a run is tracked: the MLflow URI, the spool folder for when it is down, and the
+    artifact root of a local store (None: the server decides)."""
+
+    tracking_uri: str
+    spool_dir: str
+    artifact_root: str | None = None
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What the champion gate decided for one model version, and why."""
+
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    metric: str
+    value: float | None
+    champion_version: str | None  # the champion before this decision, if there was one
+    champion_value: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrackedFamily:
+    """What tracking logged for one family: the run reference (`local-...` if spooled), the
+    model URI (None if spooled), the champion gate's decision (None if spooled or not asked
+    for), and whether anything went to the spool (then `vadflow tracking sync` sends it)."""
+
+    run_id: str
+    model_uri: str | None
+    decision: PromotionDecision | None
+    spooled: bool
+
+
+# --- the flows' summaries ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyResult:
+    """One family's night: metrics, per-slide rows, where its files are, what tracking did."""
+
+    family: str
+    metrics: dict[str, float]
+    table: tuple[SlideResult, ...]
+    exports_dir: str  # overlays, lesion files
+    report: str  # report.html
+    model_dir: str
+    diverged: bool
+    promotion: PromotionDecision | None  # None when tracking was spooled
+    spooled: bool
+    mlflow_run_id: str
+
+    @classmethod
+    def of(
+        cls,
+        trained: TrainedModel,
+        evaluated: Evaluated,
+        exported: Exported,
+        tracked: TrackedFamily,
+    ) -> FamilyResult:
+        """A trained family's result from its train, evaluate, export and track records."""
+        return cls(
+            family=trained.family,
+            metrics=evaluated.metrics,
+            table=evaluated.table,
+            exports_dir=exported.exports_dir,
+            report=exported.report,
+            model_dir=trained.model_dir,
+            diverged=trained.diverged,
+            promotion=tracked.decision,
+            spooled=tracked.spooled,
+            mlflow_run_id=tracked.run_id,
+        )
+
+
+@dataclass(frozen=True)
+class NightlySummary:
+    """What the nightly flow returns: a FamilyResult per trained family, and the run's context."""
+
+    site: str
+    version: str
+    families: dict[str, FamilyResult]
+    skipped: dict[str, str]  # family -> why it did not train
+    outputs: str  # the site's output folder
+    quarantined: tuple[Quarantined, ...]
+    no_tissue: tuple[str, ...]
+    contracts_report: str
+    tracking_uri: str
+    parent_run_id: str
+
+
+@dataclass(frozen=True)
+class BatchScoreSummary:
+    """What the batch-scoring flow returns: the model used, what it scored and, with metrics,
+    the evaluation; `record` is the run's `scored.json` (None when no slide was scored)."""
+
+    site: str
+    model: str
+    model_dir: str
+    scores: tuple[SlideScore, ...]
+    metrics: dict[str, float]
+    table: tuple[SlideResult, ...]
+    exports: tuple[str, ...]  # overlay PNGs
+    record: str | None
+    quarantined: tuple[Quarantined, ...]
+    no_tissue: tuple[str, ...]
