@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from prefect.client.schemas.schedules import CronSchedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vadflow.tasks.site import SiteConfig
+from vadflow.tasks.site import SiteConfig, read_yaml_mapping
 
 SITES_DIR = Path(__file__).parent / "sites"
 LOCAL_POOL = "vadflow-process"  # created on first deploy; any other pool must exist
@@ -100,14 +99,9 @@ class SiteFileError(ValueError):
 def load_site_file(path: str | Path) -> SiteFile:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or _first_line(exc)
-        raise SiteFileError(f"{path}:{where} not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise SiteFileError(f"{path.name}: expected a mapping of settings at the top level")
+        data = read_yaml_mapping(path)  # bounded: size, aliases, values, depth
+    except ValueError as exc:
+        raise SiteFileError(str(exc)) from None
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
         raise SiteFileError(f"{path.name}: name {data['name']!r} must match the file name")

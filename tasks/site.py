@@ -260,16 +260,66 @@ def load_site(site_dir: str | Path, name: str | None = None) -> SiteConfig:
     return SiteConfig.model_validate(data)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a site file is a few hundred bytes; 1 MiB is already absurd
+MAX_CONFIG_ALIASES = 64  # YAML aliases (*name) a settings file may use
+MAX_CONFIG_NODES = 100_000  # values, lists and mappings, aliases counted where they point
+MAX_CONFIG_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing the shapes only a hostile file has: many aliases (a
+    539-byte "billion laughs" file expands to hundreds of millions of values), too many nodes,
+    or nesting too deep for any setting."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = self._nodes = self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_CONFIG_ALIASES:
+                raise _limit(self, f"more than {MAX_CONFIG_ALIASES} aliases (*name)")
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise _limit(self, f"more than {MAX_CONFIG_NODES:,} values")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _limit(self, f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _ConfigLimitError(yaml.constructor.ConstructorError):
+    """A settings file past one of the loader's limits."""
+
+
+def _limit(loader: yaml.SafeLoader, what: str) -> yaml.YAMLError:
+    return _ConfigLimitError(
+        problem=f"{what}: a settings file never needs this many", problem_mark=loader.get_mark()
+    )
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file of settings as a dict ({} when empty); ValueError naming the file, line and
-    column of a syntax error, or saying the top level is not a mapping."""
+    column of a syntax error, saying the top level is not a mapping, or naming the limit a
+    hostile file broke (size, aliases, values, depth), checked before anything is expanded."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{path}: {size:,} bytes, more than a settings file's {MAX_CONFIG_BYTES:,}; "
+            "is this the right file?"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ValueError(f"{path}:{where}: not valid YAML ({problem}); fix the file") from None
+        what = "refused" if isinstance(exc, _ConfigLimitError) else "not valid YAML"
+        raise ValueError(f"{path}:{where}: {what} ({problem}); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

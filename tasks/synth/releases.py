@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from vadflow.tasks.site import read_yaml_mapping
+
 
 def _place(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def as_camelyon16_release(site: Path, out: Path, *, zipped: bool = True) -> Path
     else:
         for xml, name in test_xml:
             _place(xml, out / "testing" / "lesion_annotations" / name)
-    settings = yaml.safe_load((site / "site.yaml").read_text()) or {}
+    settings = read_yaml_mapping(site / "site.yaml")
     (out / "site.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return out
 
