@@ -416,3 +416,28 @@ def test_label_and_macro_are_never_levels_nor_exported(tmp_path: Path, tiled_mac
 
     exported, reference = (np.asarray(Image.open(p)) for p in pngs)
     assert np.array_equal(exported, reference)  # the label and macro change nothing exported
+
+
+def test_a_pickled_object_in_a_weights_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """torch's own refusal names no file and suggests weights_only=False; ours names the file
+    and says what to do instead, and never falls back to a full unpickle."""
+    import argparse
+
+    import torch
+
+    from vadflow.tasks.detectors.base import load_tensors
+
+    hostile = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2), "x": argparse.Namespace(run="code")}, hostile)
+    with pytest.raises(ValueError) as caught:
+        load_tensors(hostile)
+    message = str(caught.value)
+    assert str(hostile) in message and "state_dict" in message
+    assert "weights_only=False" not in message
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="broken.pt: cannot read these weights"):
+        load_tensors(broken)
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    assert torch.equal(load_tensors(good)["w"], torch.ones(3))

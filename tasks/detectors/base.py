@@ -272,7 +272,7 @@ class Detector(ABC):
         if device is not None:
             fields["device"] = device
         detector = cls(make_config(cls.config_cls, family, fields))
-        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        state = load_tensors(directory / WEIGHTS_FILE)
         detector.load_state_dict(state)
         return detector
 
@@ -280,6 +280,27 @@ class Detector(ABC):
 def _chunks(images: np.ndarray | torch.Tensor, size: int) -> Iterator[np.ndarray | torch.Tensor]:
     for start in range(0, len(images), size):
         yield images[start : start + size]
+
+
+def load_tensors(path: Path, what: str = "weights") -> Any:
+    """`torch.load(path)` of tensors only (`weights_only=True`): a file that holds other Python
+    objects, which unpickling would run, is refused with a ValueError naming the file, and so
+    is a damaged one. Never falls back to a full unpickle."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: refused to load these {what}: the file holds Python objects besides "
+            "tensors, and loading it would run code from it. Save a state_dict instead "
+            "(torch.save(module.state_dict(), path)), or retrain so vadflow writes it"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: cannot read these {what} ({first}); the file is damaged or not a torch file"
+        ) from None
 
 
 def read_config(directory: Path) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from vadflow.tasks.detectors.base import (
     FitReport,
     autocast_for,
     build_seeded,
+    load_tensors,
     to_tensor,
 )
 from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
@@ -435,7 +436,7 @@ def load_backbone_weights(path: str | Path, base_channels: int) -> SmallCNN:
     file = Path(text).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"backbone_weights file {file} does not exist")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_tensors(file, "backbone weights")
     if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
         state = state["backbone"]
     backbone = SmallCNN(base_channels)

@@ -43,6 +43,7 @@ from vadflow.tasks.detectors.base import (
     FitReport,
     autocast_for,
     check_tile_size,
+    load_tensors,
     to_tensor,
 )
 from vadflow.tasks.detectors.components.augment import Augmentation
@@ -400,7 +401,7 @@ class Trainer:
         path = directory / CHECKPOINT_FILE
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {directory}")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path, "training checkpoint")
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} has checkpoint format {payload.get('format')!r}, "
