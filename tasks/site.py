@@ -110,6 +110,24 @@ class ParallelConfig(BaseModel):
     )
 
 
+class LimitsConfig(BaseModel):
+    """Sizes a slide may have, checked at registration from its header, before any pixel is
+    decoded; a slide past them is quarantined with its figures (defaults fit a 2-core, 8 GB
+    worker and a whole Camelyon16 slide at the default tiling)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_mask_megapixels: float = Field(
+        400.0,
+        gt=0,
+        description="pixels the tissue mask must decode at least (the smallest pyramid level); "
+        "a 40,000 x 40,000 px image without a pyramid is 1,600",
+    )
+    max_tiles_per_slide: int = Field(
+        2_000_000, ge=1, description="tile grid positions at the working resolution"
+    )
+
+
 class CandidatesConfig(BaseModel):
     """Lesion candidates a person reads: one per lesion-sized neighbourhood, the strongest few."""
 
@@ -186,6 +204,7 @@ class SiteConfig(BaseModel):
     max_train_tiles: int = Field(4000, ge=16)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     contracts: Literal["strict", "quarantine"] = Field(
         "strict", description="on a contract failure: stop the run, or quarantine the slides"
     )

@@ -30,7 +30,16 @@ def register_task(
     logger = get_run_logger()
     options = site.storage.options()
     rows = [
-        register_slide(s, site.name, site.domain, site.mpp_override, site.mpp_bounds, options)
+        register_slide(
+            s,
+            site.name,
+            site.domain,
+            site.mpp_override,
+            site.mpp_bounds,
+            options,
+            tiling=site.tiling,
+            limits=site.limits,
+        )
         for s in sources
     ]
     quarantined = tuple(

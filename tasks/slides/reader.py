@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,22 @@ _OME_UNITS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 
 class SlideOpenError(RuntimeError):
     """A file that cannot be opened as a slide; the message names the file and the cause."""
+
+
+class SlideTooLargeError(SlideOpenError):
+    """A slide whose header says opening it would decode more pixels than allowed."""
+
+
+def _check_decode_size(path: Path, dims: Sequence[tuple[int, int]], limit_mp: float) -> None:
+    width, height = min(dims, key=lambda d: d[0] * d[1])
+    megapixels = width * height / 1e6
+    if megapixels > limit_mp:
+        raise SlideTooLargeError(
+            f"{path.name}: its smallest pyramid level is {width:,} x {height:,} px "
+            f"({megapixels:,.0f} megapixels), more than the {limit_mp:,.0f} allowed to decode "
+            "for the tissue mask (limits.max_mask_megapixels); save it as a tiled pyramidal "
+            "TIFF (vips tiffsave --tile --pyramid) or raise the limit"
+        )
 
 
 @dataclass(frozen=True)
@@ -502,8 +519,15 @@ class Slide:
         path: str | Path,
         storage: StorageOptions | None = None,
         backend: str = "auto",
+        max_decode_megapixels: float | None = None,
     ) -> None:
-        """`backend`: "auto" (OpenSlide for vendor formats, else libvips), "vips", "openslide"."""
+        """`backend`: "auto" (OpenSlide for vendor formats, else libvips), "vips", "openslide".
+
+        Opening decodes one pixel of the smallest level, so a damaged file fails here; for an
+        image without tiles or a pyramid that decodes all of it. With `max_decode_megapixels`,
+        a slide whose smallest level is larger fails with SlideTooLargeError first, from the
+        header alone.
+        """
         self.uri = str(path)
         try:
             self.path = local_path(path, storage) if is_remote(path) else Path(path)
@@ -519,14 +543,18 @@ class Slide:
                 self._backend = _OpenSlideBackend(self.path, vendor)
             else:
                 self._backend = _VipsBackend(self.path)
+            dims = self._backend.dimensions
+            if max_decode_megapixels is not None:
+                _check_decode_size(self.path, dims, max_decode_megapixels)
             self._backend.touch()
+        except SlideTooLargeError:
+            raise
         except Exception as exc:  # pyvips.Error, openslide.OpenSlideError, OSError...
             raise SlideOpenError(
                 f"{self.path.name}: cannot be opened as a slide "
                 f"({_not_an_image(self.path) or _first_line(exc)})"
             ) from None
         self.format: str = self._backend.format
-        dims = self._backend.dimensions
         self._levels = tuple(LevelInfo(w, h, dims[0][0] / w) for w, h in dims)
 
     def __enter__(self) -> Slide:

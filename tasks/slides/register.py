@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 
 from vadflow.tasks.manifests import SCHEMA_VERSION, SLIDE_SCHEMA, conform
+from vadflow.tasks.site import LimitsConfig, TilingConfig
 from vadflow.tasks.slides.annotations import read_asap_xml
 from vadflow.tasks.slides.discover import SlideSource
 from vadflow.tasks.slides.identity import check_slide_id
@@ -63,8 +64,15 @@ def register_slide(
     mpp_override: float | None = None,
     mpp_bounds: tuple[float, float] = DEFAULT_MPP_BOUNDS,
     storage: StorageOptions | None = None,
+    tiling: TilingConfig | None = None,
+    limits: LimitsConfig | None = None,
 ) -> dict[str, Any]:
-    """One slide-manifest row; status `quarantined` with a reason when the slide is unusable."""
+    """One slide-manifest row; status `quarantined` with a reason when the slide is unusable.
+
+    With `limits`, a slide whose header says it is too large to mask (`Slide`'s
+    `max_decode_megapixels`) or to tile (`tile_count_problem`) is quarantined before any pixel
+    is decoded.
+    """
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "site": site,
@@ -91,7 +99,8 @@ def register_slide(
     try:
         row["size_bytes"] = storage_for(source.uri, storage).size(source.uri)
         row["sha256"] = slide_sha256(source.uri, storage)
-        with Slide(source.uri, storage) as slide:
+        max_mp = limits.max_mask_megapixels if limits is not None else None
+        with Slide(source.uri, storage, max_decode_megapixels=max_mp) as slide:
             row.update(
                 format=slide.format,
                 levels=slide.level_count,
@@ -125,7 +134,37 @@ def register_slide(
             row, f"{why}; set mpp_override in the site file if all its slides share one"
         )
     # Industrial images need no MPP; an absurd one (a 72-dpi PNG) is simply not used.
+    if limits is not None and (too_many := tile_count_problem(row, tiling, limits)):
+        return _quarantined(row, f"{name}: {too_many}")
     return row
+
+
+def grid_count(length: int, extent: int, step: int) -> int:
+    """Tiles along one axis of the grid `tasks.tiling.grid.tile_origins` cuts (with the flush
+    last tile), counted without building it."""
+    if length < extent:
+        return 0
+    on_grid = (length - extent) // step + 1
+    return on_grid + (1 if (on_grid - 1) * step + extent < length else 0)
+
+
+def tile_count_problem(
+    row: dict[str, Any], tiling: TilingConfig | None, limits: LimitsConfig
+) -> str | None:
+    """Why a registered slide has too many tile positions to process, from its size and MPP
+    alone; None if it fits. (Too many pixels to mask is caught when the slide is opened.)"""
+    tiling = tiling or TilingConfig()
+    scale = tiling.target_mpp / row["mpp"] if tiling.target_mpp and row["mpp"] else 1.0
+    extent = max(1, round(tiling.tile_size * scale))
+    step = max(1, round(tiling.step * scale))
+    tiles = grid_count(row["width"], extent, step) * grid_count(row["height"], extent, step)
+    if tiles > limits.max_tiles_per_slide:
+        return (
+            f"{row['width']:,} x {row['height']:,} px makes {tiles:,} tiles of {extent} px every "
+            f"{step} px, more than limits.max_tiles_per_slide ({limits.max_tiles_per_slide:,}); "
+            "raise the limit, or use larger tiles or a coarser tiling.target_mpp"
+        )
+    return None
 
 
 def _quarantined(row: dict[str, Any], reason: str) -> dict[str, Any]:
