@@ -79,7 +79,8 @@ class ContractResult:
             f"expectations on {self.rows} rows"
         ]
         for f in self.failures:
-            lines.append(f"  - {f.describe()}: {f.unexpected_count} unexpected, e.g. {f.examples}")
+            examples = f", e.g. {f.examples}" if f.examples else ""
+            lines.append(f"  - {f.describe()}: {f.unexpected_count} unexpected{examples}")
             lines += [f"      row {row}" for row in f.example_rows[:3]]
         if self.failing_slides:
             shown = ", ".join(self.failing_slides[:20])

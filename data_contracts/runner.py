@@ -18,6 +18,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,13 @@ import polars as pl
 import polars.selectors as cs
 
 from vadflow.data_contracts.results import ContractResult, ExpectationFailure, plain_values
+from vadflow.data_contracts.schemas import (
+    SLIDE_SCHEMA,
+    TILE_SCHEMA,
+    TILE_SCORES_SCHEMA,
+    TYPE_ERRORS,
+    conform_types,
+)
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -185,6 +193,54 @@ def _exception_messages(info: Any) -> list[str]:
     )
 
 
+def type_failures(
+    frame: pl.DataFrame, schema: Mapping[str, pl.DataType]
+) -> list[ExpectationFailure]:
+    """One failure per column that some rows of a conformed frame (`conform_types`) had with
+    the wrong type, blaming the slides those rows belong to: no value of it can be trusted."""
+    if TYPE_ERRORS not in frame.columns:
+        return []
+    flagged = frame.filter(pl.col(TYPE_ERRORS).is_not_null())
+    found: dict[str, pl.DataFrame] = {}
+    for note in flagged[TYPE_ERRORS].unique(maintain_order=True).to_list():
+        for entry in note.split("; "):
+            column, _, dtype = entry.partition(": ")
+            rows = flagged.filter(pl.col(TYPE_ERRORS).str.contains(f"{entry}", literal=True))
+            found.setdefault(f"{column}\0{dtype}", rows)
+    failures = []
+    for key, rows in found.items():
+        column, dtype = key.split("\0")
+        counts: dict[str, int] = {}
+        if "slide_id" in rows.columns:
+            ids = rows["slide_id"].drop_nulls().cast(pl.String).value_counts()
+            counts = {str(k): int(n) for k, n in ids.iter_rows()}
+        failures.append(
+            ExpectationFailure(
+                expectation="expect_column_values_to_be_of_type",
+                column=column,
+                unexpected_count=rows.height,
+                examples=[],
+                detail=f"{dtype} where the schema has {schema[column]}",
+                slide_counts=counts,
+            )
+        )
+    return failures
+
+
+def with_failures(result: ContractResult, first: list[ExpectationFailure]) -> ContractResult:
+    """`result` with `first` failures (checked before the suite ran) put ahead of its own."""
+    if not first:
+        return result
+    failures = [*first, *result.failures]
+    return replace(
+        result,
+        success=False,
+        evaluated=result.evaluated + len(first),
+        failures=failures,
+        failing_slides=sorted({s for f in failures for s in f.slide_counts}),
+    )
+
+
 def run_suite(
     name: str, frame: pl.DataFrame, params: tuple[Any, ...] = (), notes: Iterable[str] = ()
 ) -> ContractResult:
@@ -218,8 +274,11 @@ def run_suite(
 
 
 def validate_slide_manifest(slides: pl.DataFrame) -> ContractResult:
-    """Validate a slide manifest against the ``slide_manifest`` suite."""
-    return run_suite("slide_manifest", slides)
+    """Validate a slide manifest against the ``slide_manifest`` suite; a column of the wrong
+    type is a failure of that column, like any other."""
+    typed = conform_types(slides, SLIDE_SCHEMA)
+    result = run_suite("slide_manifest", typed.drop(TYPE_ERRORS))
+    return with_failures(result, type_failures(typed, SLIDE_SCHEMA))
 
 
 def validate_tile_manifest(
@@ -230,11 +289,14 @@ def validate_tile_manifest(
     tiling-grid rules; without it they are skipped and the result carries a note."""
     from vadflow.data_contracts.tile_manifest import validation_frame
 
-    frame = validation_frame(tiles, slides, grids)
+    typed = conform_types(tiles, TILE_SCHEMA)
+    typed_slides = conform_types(slides, SLIDE_SCHEMA).drop(TYPE_ERRORS)  # its own contract's
+    frame = validation_frame(typed.drop(TYPE_ERRORS), typed_slides, grids)
     notes = []
     if grids is None:
         notes.append("tiling-grid rules skipped: no grid given (pass grids=)")
-    return run_suite("tile_manifest", frame, (grids is not None,), notes)
+    result = run_suite("tile_manifest", frame, (grids is not None,), notes)
+    return with_failures(result, type_failures(typed, TILE_SCHEMA))
 
 
 def validate_tile_scores(
@@ -249,7 +311,11 @@ def validate_tile_scores(
     lo, hi = (float(v) for v in score_range)
     if lo > hi:
         raise ValueError(f"score_range {score_range} is empty: give (low, high)")
-    return run_suite("tile_scores", validation_frame(scores, tiles), (lo, hi))
+    typed = conform_types(scores, TILE_SCORES_SCHEMA)
+    typed_tiles = conform_types(tiles, TILE_SCHEMA).drop(TYPE_ERRORS)
+    frame = validation_frame(typed.drop(TYPE_ERRORS), typed_tiles)
+    result = run_suite("tile_scores", frame, (lo, hi))
+    return with_failures(result, type_failures(typed, TILE_SCORES_SCHEMA))
 
 
 def validate_slide_scores(

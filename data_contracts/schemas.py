@@ -61,3 +61,50 @@ TILE_SCORES_SCHEMA: dict[str, pl.DataType] = {
     "tile_id": pl.String,
     "score": pl.Float64,
 }
+
+
+def _kind(dtype: pl.DataType) -> str:
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_float():
+        return "float"
+    return "string" if dtype == pl.String else str(dtype)
+
+
+def _compatible(actual: pl.DataType, expected: pl.DataType) -> bool:
+    """Same kind of value (an Int32 for an Int64 is fine; an integer where a float is due too);
+    a column of nulls only has no type to be wrong."""
+    if actual == pl.Null:
+        return True
+    found, wanted = _kind(actual), _kind(expected)
+    return found == wanted or (found, wanted) == ("integer", "float")
+
+
+def wrong_types(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """Schema columns of `frame` holding another kind of value: column -> the type found."""
+    return {
+        column: frame.schema[column]
+        for column, expected in schema.items()
+        if column in frame.columns and not _compatible(frame.schema[column], expected)
+    }
+
+
+TYPE_ERRORS = "_type_errors"  # per row: "x: String; y: String", the columns read wrongly typed
+
+
+def conform_types(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """`frame` with each wrongly typed schema column cast to its type (a value that does not
+    cast becomes null) and a `TYPE_ERRORS` column naming, on every row, what was wrong, so a
+    contract reports a wrong type as a failure of those rows instead of crashing on arithmetic
+    over them. Conform each file before concatenating files, so only its rows are blamed."""
+    wrong = wrong_types(frame, schema)
+    note = "; ".join(f"{column}: {found}" for column, found in wrong.items()) or None
+    cast = frame.with_columns(pl.col(c).cast(schema[c], strict=False) for c in wrong)
+    if TYPE_ERRORS in frame.columns:  # conformed before: keep what it found
+        if note is None:
+            return cast
+        merged = pl.concat_str(
+            [pl.col(TYPE_ERRORS), pl.lit(note)], separator="; ", ignore_nulls=True
+        )
+        return cast.with_columns(merged.alias(TYPE_ERRORS))
+    return cast.with_columns(pl.lit(note, pl.String).alias(TYPE_ERRORS))

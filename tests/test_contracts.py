@@ -548,3 +548,37 @@ def test_missing_count_and_non_numbers() -> None:
     _failure(result, "expect_column_values_to_not_be_null", "value")
     with pytest.raises(TypeError, match="slide_auroc"):
         validate_metrics({**GOOD_METRICS, "slide_auroc": "high"})
+
+
+def test_a_column_of_the_wrong_type_is_a_contract_failure_not_a_crash() -> None:
+    """`x` written as text: the tile contract names the column and its type, blames the slide,
+    and the other rules still run on the values that do convert."""
+    slides = _slides()
+    tiles = _tiles().with_columns(pl.col("x").cast(pl.String))
+    result = validate_tile_manifest(tiles, slides, grids=Grid(1024))
+    assert not result.success and result.attributable
+    first = result.failures[0]
+    assert (first.expectation, first.column) == ("expect_column_values_to_be_of_type", "x")
+    assert "String where the schema has Int64" in first.detail
+    assert result.failing_slides == ["normal_001", "tumor_001"]
+    assert "x" in result.message()
+    # Read file by file (as the validate stage does), only the wrongly typed file is blamed.
+    from vadflow.data_contracts.schemas import TILE_SCHEMA, conform_types
+
+    by_file = pl.concat(
+        [
+            conform_types(_tiles().filter(pl.col("slide_id") == "normal_001"), TILE_SCHEMA),
+            conform_types(tiles.filter(pl.col("slide_id") == "tumor_001"), TILE_SCHEMA),
+        ],
+        how="diagonal_relaxed",
+    )
+    assert validate_tile_manifest(by_file, slides, grids=Grid(1024)).failing_slides == ["tumor_001"]
+    # A value that cannot be read as a number at all is null after the cast: still reported.
+    garbage = _set(tiles, "tumor_001:1024:0", x="ten")
+    assert not validate_tile_manifest(garbage, slides, grids=Grid(1024)).success
+    # Right kinds, narrower types (Int32 for Int64) are fine.
+    narrow = _tiles().with_columns(pl.col("x").cast(pl.Int32))
+    assert validate_tile_manifest(narrow, slides, grids=Grid(1024)).success
+    wrong_slides = slides.with_columns(pl.col("width").cast(pl.String))
+    manifest = validate_slide_manifest(wrong_slides)
+    assert [f.column for f in manifest.failures][:1] == ["width"]

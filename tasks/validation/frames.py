@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from vadflow.data_contracts import Grid
-from vadflow.data_contracts.schemas import TILE_SCORES_SCHEMA
+from vadflow.data_contracts.schemas import TILE_SCORES_SCHEMA, conform_types
 
 __all__ = ["TILE_SCORES_SCHEMA", "read_frames", "slide_scores_frame", "tile_grids"]
 
@@ -38,8 +38,12 @@ def read_frames(
     paths: Iterable[str | Path], schema: Mapping[str, pl.DataType] | None = None
 ) -> pl.DataFrame:
     """Concatenate Parquet files (tile manifests, tile scores); no file gives an empty frame
-    with ``schema``'s columns (nothing to check is not a missing column)."""
+    with ``schema``'s columns (nothing to check is not a missing column). With ``schema``, each
+    file is conformed to it first (`conform_types`): a file with a wrongly typed column has its
+    own rows flagged, and cannot turn the column of every other file into text."""
     frames = [pl.read_parquet(p) for p in paths]
+    if schema is not None:
+        frames = [conform_types(f, dict(schema)) for f in frames]
     if frames:
         return pl.concat(frames, how="diagonal_relaxed")
     return pl.DataFrame(schema=dict(schema or {}))
