@@ -244,8 +244,11 @@ NORMAL_DEFECT = "good"
 
 def industrial_category(uri: str) -> str:
     """The product category of an industrial image, from its place in the release's folders:
-    `<category>/<split>/<defect>/<image>` (MVTec AD, MVTec AD 2, VisA in MVTec form)."""
+    `<category>/<split>/<defect>/<image>` (MVTec AD, MVTec AD 2, VisA in MVTec form), or
+    `<category>/test_private/<image>` (MVTec AD 2's unlabelled test sets)."""
     parts = PurePosixPath(uri.replace("\\", "/")).parts
+    if len(parts) >= 3 and parts[-2] in UNLABELLED_SPLITS:
+        return parts[-3]
     if len(parts) < 4:
         raise ValueError(
             f"{uri}: not under <category>/<split>/<defect>/, so its category is unknown"
@@ -253,14 +256,25 @@ def industrial_category(uri: str) -> str:
     return parts[-4]
 
 
+def _industrial_place(rel: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """(category, split folder, defect folder) of an image's relative path; None for files
+    that are not dataset images (ground-truth masks, READMEs, licence files)."""
+    if len(rel) >= 3 and rel[-2] in UNLABELLED_SPLITS:
+        return rel[-3], rel[-2], "unknown"
+    if len(rel) >= 4 and rel[-3] in INDUSTRIAL_SPLITS:
+        return rel[-4], rel[-3], rel[-2]
+    return None
+
+
 def _discover_industrial(listing: Listing) -> list[SlideSource]:
     out = []
     for rel, uri in sorted(listing.items()):
         if _suffix(rel[-1]) not in IMAGE_SUFFIXES:
             continue
-        if len(rel) < 4 or rel[-3] not in INDUSTRIAL_SPLITS:
-            continue  # ground_truth masks, README images, licence files...
-        category, folder, defect = rel[-4], rel[-3], rel[-2]
+        place = _industrial_place(rel)
+        if place is None:
+            continue
+        category, folder, defect = place
         split = INDUSTRIAL_SPLITS[folder]
         stem = _stem(rel[-1])
         mask = None
