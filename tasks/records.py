@@ -392,14 +392,20 @@ class FamilyResult:
         )
 
 
-# Counts add up over categories; every other metric is averaged (the MVTec AD convention).
-SUMMED_METRICS = frozenset({"n_test_slides", "n_test_anomalous", "scored_pixels", "all_pixels"})
+# Counts add up over categories; every other metric is averaged (the MVTec AD convention),
+# but thresholds: each category's model has its own, and their mean would call nothing.
+SUMMED_METRICS = frozenset({"n_test_slides", "n_test_anomalous"})
+PER_MODEL_METRICS = frozenset({"threshold", "model_threshold"})
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
     """The mean of each metric over the categories that computed it (NaN ones left out), counts
-    summed, and `n_categories`; a metric no category computed is NaN."""
-    keys = list(dict.fromkeys(k for m in per_category.values() for k in m))
+    summed, thresholds left out, and `n_categories`; a metric no category computed is NaN."""
+    keys = [
+        k
+        for k in dict.fromkeys(k for m in per_category.values() for k in m)
+        if k not in PER_MODEL_METRICS
+    ]
     out: dict[str, float] = {}
     for key in keys:
         values = [m[key] for m in per_category.values() if key in m]

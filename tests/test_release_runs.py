@@ -181,7 +181,10 @@ def mvtec_run(prefect_harness, state_dir: Path) -> dict:
             seed=seed,
         )
         shutil.copytree(made / kind, root / category)
-    (root / "site.yaml").write_text("name: mvtec3\ndomain: industrial\ntiling:\n  tile_size: 64\n")
+    (root / "site.yaml").write_text(
+        "name: mvtec3\ndomain: industrial\n"
+        "tiling: {tile_size: 64, target_mpp: null, heatmap_downsample: 1}\n"
+    )
     tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'release-mvtec.db'}"
     summary = _nightly(root, state_dir, tracking)
     return {"summary": summary, "tracking": tracking, "root": root}

@@ -121,6 +121,8 @@ def metric_lines(
     no_threshold = (
         f"no held-out normal {nouns.items} scored (val split): no threshold to call them at"
     )
+    if "n_categories" in metrics:  # a mean over categories: each model has its own threshold
+        no_threshold = "one per category's model (see each category's report)"
     call_reason = both_classes() if calibrated else no_threshold
     wanted += [
         ("slide_sensitivity", "sensitivity", call_reason),

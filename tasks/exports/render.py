@@ -218,17 +218,14 @@ def _render_slide(
         colour_map=style.colour_map,
     )
     files: dict[str, str] = {}
-    if candidates is None and sid in run.candidate_slides:
+    wanted = candidates is not None or sid in run.candidate_slides
+    heatmap = load_heatmap(score.heatmap) if wanted else None  # full resolution: lesion files
+    if candidates is None and heatmap is not None:
         candidates = slide_candidates(
-            load_heatmap(score.heatmap),
-            ds,
-            run.value_range[0],
-            row["mpp"],
-            run.suppress_um,
-            run.max_candidates,
+            heatmap, ds, run.value_range[0], row["mpp"], run.suppress_um, run.max_candidates
         )
-    if candidates is not None:
-        regions = heatmap_regions(load_heatmap(score.heatmap), ds, cut)  # at full resolution
+    if candidates is not None and heatmap is not None:
+        regions = heatmap_regions(heatmap, ds, cut)
         csv_path = write_camelyon_csv(out / f"{sid}.csv", candidates)
         points, outlines = export_slide_geojson(out, sid, candidates, regions=regions)
         xml = write_candidates_asap(out / f"{sid}.xml", candidates, regions)
