@@ -67,7 +67,15 @@ def batch_score(
             site, run, data.slides_path, scores, layout, model_threshold=threshold
         )
     exported = export_task(
-        run, data.slides_path, scores, evaluated, layout, site.domain, model, model_dir
+        run,
+        data.slides_path,
+        scores,
+        evaluated,
+        layout,
+        site.domain,
+        model,
+        model_dir,
+        candidates=site.candidates,
     )
     logger.info("scored %d slides with %s; overlays in %s", len(scores), model, layout.exports)
     return BatchScoreSummary(
@@ -81,4 +89,5 @@ def batch_score(
         record=exported.scored_run,
         quarantined=data.quarantined,
         no_tissue=data.no_tissue,
+        gaps=data.gaps if metrics else type(data.gaps)(),  # without metrics, labels are moot
     )

@@ -1,7 +1,8 @@
 """The stages every flow starts with: discover, register, mask + tile, validate.
 
 A plain function that calls tasks, so the nightly and the batch-scoring flows share it
-instead of repeating it.
+instead of repeating it; and how an ingested site splits into the groups one model each is
+trained on (`category_groups`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from vadflow.tasks.pipeline import (
     tile_site_task,
     validate_manifests_task,
 )
-from vadflow.tasks.records import Ingested
+from vadflow.tasks.records import CategoryGroup, Ingested
 from vadflow.tasks.site import SiteConfig, SiteLayout
+from vadflow.tasks.slides.discover import industrial_category, label_gaps
 
 
 def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
@@ -29,4 +31,24 @@ def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
     checked = validate_manifests_task(manifest.path, [t.manifest for t in tiled], site, layout, run)
     dropped = set(checked.quarantined_ids)
     kept = tuple(t for t in tiled if t.slide_id not in dropped)
-    return Ingested(manifest.path, kept, failed, checked)
+    return Ingested(manifest.path, kept, failed, checked, label_gaps(sources))
+
+
+def category_groups(site: SiteConfig, data: Ingested) -> list[CategoryGroup]:
+    """What each model is trained on: the whole site, or on an industrial site with several
+    categories one group per category (the MVTec AD protocol; pooling categories into one
+    model is not what any published number measures)."""
+    slides = data.slides.filter(pl.col("status") == "ok")
+    tiled = {t.slide_id: t.manifest for t in data.tiling}
+    every = [r for r in slides.to_dicts() if r["slide_id"] in tiled]
+    names: dict[str, list[str]] = {}
+    if site.domain == "industrial":
+        for row in every:
+            names.setdefault(industrial_category(row["uri"]), []).append(row["slide_id"])
+    if len(names) <= 1:
+        ids = tuple(r["slide_id"] for r in every)
+        return [CategoryGroup(None, ids, tuple(data.tile_paths))]
+    return [
+        CategoryGroup(name, tuple(ids), tuple(tiled[i] for i in ids))
+        for name, ids in sorted(names.items())
+    ]

@@ -1,13 +1,16 @@
 """The nightly flow: from a site's slides to scored heatmaps, metrics and a logged model.
 
-discover -> register -> mask + tile -> validate -> train (per family) -> score -> validate
--> evaluate -> validate -> export -> track (MLflow, champion gate). Orchestration only: each
-step is a task of `tasks/pipeline/`, one call of its stage.
+discover -> register -> mask + tile -> validate -> per family (and per category on an
+industrial site with several): train -> score -> validate -> evaluate -> validate; then
+export every scored run (after all families, so exports never hold up training) -> track
+(MLflow, champion gate). Orchestration only: each step is a task of `tasks/pipeline/`, one call
+of its stage.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from vadflow.flows.ingest import ingest
+from vadflow.flows.ingest import category_groups, ingest
 from vadflow.tasks.pipeline import (
     evaluate_task,
     export_task,
@@ -28,7 +31,16 @@ from vadflow.tasks.pipeline import (
     validate_metrics_task,
     validate_scores_task,
 )
-from vadflow.tasks.records import FamilyResult, NightlySummary, SkippedFamily
+from vadflow.tasks.records import (
+    CategoryGroup,
+    Evaluated,
+    Exported,
+    FamilyResult,
+    NightlySummary,
+    SkippedFamily,
+    SlideScore,
+    TrainedModel,
+)
 from vadflow.tasks.site import SiteConfig, SiteLayout, load_site
 from vadflow.tasks.tracking.mlflow_runs import tracking_target
 from vadflow.tasks.tracking.nightly import nightly_tags, summary_markdown
@@ -49,6 +61,18 @@ def state_home() -> Path:
     return Path(os.environ.get("VADFLOW_HOME", ".vadflow"))
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """One trained and evaluated model of the night, waiting for export and tracking."""
+
+    family: str
+    group: CategoryGroup
+    trained: TrainedModel
+    scores: list[SlideScore]
+    evaluated: Evaluated
+    contracts_passed: bool
+
+
 @flow(name="nightly", log_prints=True)
 def nightly(
     site_dir: str | None = None,
@@ -57,11 +81,15 @@ def nightly(
     tracking_uri: str | None = None,
     families: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    export: bool = True,
 ) -> NightlySummary:
     """Retrain, evaluate, track and gate every configured detector family on one site.
 
     `flags` are detector settings from the command line (e.g. `{"epochs": 3}`), applied to
     every family whose config has the field, over the site file's `detectors:` entries.
+    An industrial site with several categories gets one model per category and family, each
+    trained on its category's good training images only. Without `export` no overlay or
+    lesion file is drawn (the run's `scored.json` is saved, so `vadflow export` draws them).
     """
     logger = get_run_logger()
     site = resolve_site(site, site_dir)
@@ -74,51 +102,105 @@ def nightly(
     contracts = str(report_folder(layout.reports, version))
 
     data = ingest(site, layout, version)
+    for line in data.gaps.lines("images" if site.domain == "industrial" else "slides"):
+        logger.warning("%s: %s", site.name, line)
+    groups = category_groups(site, data)
+    if groups[0].name is not None:
+        logger.info("%d categories, one model each: %s", len(groups), [g.name for g in groups])
     to_score = data.scorable(("val", "test"))
     tags = nightly_tags(
         site, version, data.slides_path, data.tile_paths, str(flow_run.get_id() or "")
     )
     parent = start_tracking_task(target, site, version, tags)
-    results: dict[str, FamilyResult] = {}
+    scored: list[_Scored] = []
     skipped: dict[str, str] = {}
     for family in site.families:
-        model_dir = str(layout.model_dir(family, version))
-        trained = train_task(family, site, data.slides_path, data.tile_paths, model_dir, flags)
-        if isinstance(trained, SkippedFamily):  # a labelled family on a site without labels
-            skipped[family] = trained.reason
-            continue
-        scores = score_task.map(
-            unmapped(model_dir),
-            to_score,
-            [data.manifest_of(r["slide_id"]) for r in to_score],
-            out_dir=unmapped(str(layout.heatmaps(f"{family}-{version}"))),
-            heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
-        ).result()
-        checked = validate_scores_task(
-            family, scores, data.slides_path, data.tile_paths, site, layout, version
+        for group in groups:
+            name = group.label(family)
+            model_dir = _in_group(layout.model_dir(family, version), group)
+            trained = train_task(
+                family, site, data.slides_path, list(group.tile_paths), model_dir, flags
+            )
+            if isinstance(trained, SkippedFamily):  # a labelled family on a site without labels
+                skipped[family] = trained.reason
+                break
+            rows = [r for r in to_score if r["slide_id"] in set(group.slide_ids)]
+            scores = score_task.map(
+                unmapped(model_dir),
+                rows,
+                [data.manifest_of(r["slide_id"]) for r in rows],
+                out_dir=unmapped(_in_group(layout.heatmaps(f"{family}-{version}"), group)),
+                heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
+            ).result()
+            checked = validate_scores_task(
+                name, scores, data.slides_path, list(group.tile_paths), site, layout, version
+            )
+            scores = [s for s in scores if s.slide_id not in set(checked.quarantined_ids)]
+            evaluated = evaluate_task(site, name, data.slides_path, scores, layout, model_dir)
+            validate_metrics_task(name, evaluated, site, layout, version)
+            passed = not (data.contracts_quarantined or checked.quarantined)
+            scored.append(_Scored(family, group, trained, scores, evaluated, passed))
+            logger.info("%s: %s", name, _metric_line(evaluated.metrics))
+
+    # Exports after every family is scored: drawing them never delays the next family's model.
+    exported: dict[str, Exported] = {}
+    for run in scored:
+        name = run.group.label(run.family)
+        exported[name] = export_task(
+            name,
+            data.slides_path,
+            run.scores,
+            run.evaluated,
+            layout,
+            render=export,
+            candidates=site.candidates,
         )
-        scores = [s for s in scores if s.slide_id not in set(checked.quarantined_ids)]
-        evaluated = evaluate_task(site, family, data.slides_path, scores, layout, model_dir)
-        validate_metrics_task(family, evaluated, site, layout, version)
-        exported = export_task(family, data.slides_path, scores, evaluated, layout)
+
+    results: dict[str, FamilyResult] = {}
+    parts: dict[str, dict[str, tuple]] = {}
+    for run in scored:
+        name = run.group.label(run.family)
         tracked = track_task(
             target,
             parent,
             site,
             data.slides_path,
-            trained,
-            evaluated,
-            list(exported.overlays),
+            run.trained,
+            run.evaluated,
+            list(exported[name].overlays),
             tags,
-            contracts_passed=not (data.contracts_quarantined or checked.quarantined),
+            contracts_passed=run.contracts_passed,
+            category=run.group.name,
         )
-        results[family] = FamilyResult.of(trained, evaluated, exported, tracked)
-        logger.info("%s: %s", family, _metric_line(evaluated.metrics))
+        if run.group.name is None:
+            results[run.family] = FamilyResult.of(
+                run.trained, run.evaluated, exported[name], tracked
+            )
+        else:
+            parts.setdefault(run.family, {})[run.group.name] = (
+                run.trained,
+                run.evaluated,
+                exported[name],
+                tracked,
+            )
+    for family, per_category in parts.items():
+        results[family] = FamilyResult.of_categories(
+            family,
+            per_category,
+            exports_dir=str(layout.exports / family),
+            model_dir=str(layout.model_dir(family, version)),
+        )
+        logger.info(
+            "%s (mean of %d categories): %s",
+            family,
+            len(per_category),
+            _metric_line(results[family].metrics),
+        )
     finish_tracking_task(
         target,
         parent,
         site.name,
-        {f: r.metrics for f, r in results.items()},
+        _parent_metrics(results),
         str(layout.reports / "comparison"),
         contracts,
     )
@@ -133,9 +215,28 @@ def nightly(
         contracts_report=contracts,
         tracking_uri=target.tracking_uri,
         parent_run_id=parent,
+        gaps=data.gaps,
+        exported=export,
     )
     create_markdown_artifact(summary_markdown(summary), key=f"nightly-{site.name}")
     return summary
+
+
+def _in_group(folder: Path, group: CategoryGroup) -> str:
+    """A family's folder, or its category's subfolder when the site is trained per category."""
+    return str(folder if group.name is None else folder / group.name)
+
+
+def _parent_metrics(results: dict[str, FamilyResult]) -> dict[str, dict[str, float]]:
+    """What the night's parent run logs per family: its metrics (the mean over categories
+    where there are several) and each category's under `<category>.<metric>`."""
+    out: dict[str, dict[str, float]] = {}
+    for family, result in results.items():
+        metrics = dict(result.metrics)
+        for name, category in result.categories.items():
+            metrics |= {f"{name}.{k}": v for k, v in category.metrics.items()}
+        out[family] = metrics
+    return out
 
 
 def _metric_line(metrics: dict[str, float]) -> str:

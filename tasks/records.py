@@ -3,19 +3,22 @@
 Every stage boundary passes one of these: paths to what a stage wrote and the figures it
 computed, never pixels or tensors, so a Prefect task result stays cheap to hash and keep.
 
-    ingest    -> SlideManifest (register), Ingested (discover ... validate)
+    ingest    -> SlideManifest (register), Ingested (discover ... validate, with LabelGaps),
+                 CategoryGroup (an industrial site's categories, each trained on its own)
     train     -> TrainedModel, or SkippedFamily (a labelled family without labels)
     score     -> SlideScore (one per slide)
     evaluate  -> Evaluated (metrics, per-slide SlideResult rows, plots, report folder)
     export    -> Exported
     track     -> TrackingTarget in, TrackedFamily (with its PromotionDecision) out
-    flows     -> NightlySummary (a FamilyResult per family), BatchScoreSummary
+    flows     -> NightlySummary (a FamilyResult per family, per category where the site has
+                 several), BatchScoreSummary
 
 This module is a floor: it imports no stage module at run time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,30 @@ class SlideManifest:
 
 
 @dataclass(frozen=True)
+class LabelGaps:
+    """What the layout could not say: test slides with no label, and anomalous slides with no
+    annotation (their lesions cannot be located, so pixel metrics and FROC leave them out)."""
+
+    unlabelled_test: tuple[str, ...] = ()
+    anomalous_without_annotation: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.unlabelled_test or self.anomalous_without_annotation)
+
+    def lines(self, noun: str = "slides") -> list[str]:
+        """One line per gap, with the count and the names (at most ten named)."""
+        out = []
+        for ids, what in (
+            (self.unlabelled_test, f"test {noun} without a label (no metric counts them)"),
+            (self.anomalous_without_annotation, f"anomalous {noun} without an annotation"),
+        ):
+            if ids:
+                named = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+                out.append(f"{len(ids)} {what}: {named}")
+        return out
+
+
+@dataclass(frozen=True)
 class Ingested:
     """What discover, register, mask + tile and the manifest contracts leave for training and
     scoring: the slide manifest, the slides that tiled and passed, and those that failed."""
@@ -58,6 +85,7 @@ class Ingested:
     tiling: tuple[TilingResult, ...]  # slides that tiled and passed the contracts
     failed: tuple[TilingResult, ...]  # slides whose tiling failed, with reasons
     checked: BoundaryCheck
+    gaps: LabelGaps = LabelGaps()  # what discovery could not label or locate
 
     @property
     def slides(self) -> pl.DataFrame:
@@ -97,6 +125,21 @@ class Ingested:
     def contracts_quarantined(self) -> bool:
         """Whether the manifest contracts set any slide aside (the champion gate reads it)."""
         return bool(self.checked.quarantined)
+
+
+@dataclass(frozen=True)
+class CategoryGroup:
+    """The slides one model is trained on and scores: a whole site (`name` None), or one
+    category of an industrial site with several (the MVTec AD protocol: one model per
+    category, trained on that category's `train/good` only)."""
+
+    name: str | None
+    slide_ids: tuple[str, ...]  # every usable slide of the group, any split
+    tile_paths: tuple[str, ...]  # their tile manifests
+
+    def label(self, family: str) -> str:
+        """The run's name: `ae_l2`, or `ae_l2/bottle` for one category."""
+        return family if self.name is None else f"{family}/{self.name}"
 
 
 # --- train -------------------------------------------------------------------------------
@@ -257,8 +300,25 @@ class TrackedFamily:
 
 
 @dataclass(frozen=True)
+class CategoryResult:
+    """One category's model within a family's night (industrial sites with several)."""
+
+    category: str
+    metrics: dict[str, float]
+    report: str  # report.html ("" when exports were skipped)
+    model_dir: str
+    diverged: bool
+    promotion: PromotionDecision | None
+    spooled: bool
+    mlflow_run_id: str
+
+
+@dataclass(frozen=True)
 class FamilyResult:
-    """One family's night: metrics, per-slide rows, where its files are, what tracking did."""
+    """One family's night: metrics, per-slide rows, where its files are, what tracking did.
+
+    On a site with several categories `categories` holds each category's model and metrics,
+    and `metrics` is their mean (the MVTec AD protocol's headline), plus `n_categories`."""
 
     family: str
     metrics: dict[str, float]
@@ -270,6 +330,7 @@ class FamilyResult:
     promotion: PromotionDecision | None  # None when tracking was spooled
     spooled: bool
     mlflow_run_id: str
+    categories: dict[str, CategoryResult] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -293,6 +354,69 @@ class FamilyResult:
             mlflow_run_id=tracked.run_id,
         )
 
+    @classmethod
+    def of_categories(
+        cls,
+        family: str,
+        parts: dict[str, tuple[TrainedModel, Evaluated, Exported, TrackedFamily]],
+        exports_dir: str,
+        model_dir: str,
+    ) -> FamilyResult:
+        """A family trained per category: each category's result, and their mean metrics."""
+        categories = {
+            name: CategoryResult(
+                category=name,
+                metrics=evaluated.metrics,
+                report=exported.report,
+                model_dir=trained.model_dir,
+                diverged=trained.diverged,
+                promotion=tracked.decision,
+                spooled=tracked.spooled,
+                mlflow_run_id=tracked.run_id,
+            )
+            for name, (trained, evaluated, exported, tracked) in parts.items()
+        }
+        table = tuple(row for _, evaluated, _, _ in parts.values() for row in evaluated.table)
+        return cls(
+            family=family,
+            metrics=mean_metrics({n: c.metrics for n, c in categories.items()}),
+            table=table,
+            exports_dir=exports_dir,
+            report="",
+            model_dir=model_dir,
+            diverged=any(c.diverged for c in categories.values()),
+            promotion=None,  # each category's model has its own gate: see `categories`
+            spooled=any(c.spooled for c in categories.values()),
+            mlflow_run_id="",
+            categories=categories,
+        )
+
+
+# Counts add up over categories; every other metric is averaged (the MVTec AD convention),
+# but thresholds: each category's model has its own, and their mean would call nothing.
+SUMMED_METRICS = frozenset({"n_test_slides", "n_test_anomalous"})
+PER_MODEL_METRICS = frozenset({"threshold", "model_threshold"})
+
+
+def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over the categories that computed it (NaN ones left out), counts
+    summed, thresholds left out, and `n_categories`; a metric no category computed is NaN."""
+    keys = [
+        k
+        for k in dict.fromkeys(k for m in per_category.values() for k in m)
+        if k not in PER_MODEL_METRICS
+    ]
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [m[key] for m in per_category.values() if key in m]
+        finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+        if key in SUMMED_METRICS:
+            out[key] = float(sum(finite))
+        else:
+            out[key] = float(sum(finite) / len(finite)) if finite else math.nan
+    out["n_categories"] = float(len(per_category))
+    return out
+
 
 @dataclass(frozen=True)
 class NightlySummary:
@@ -308,6 +432,8 @@ class NightlySummary:
     contracts_report: str
     tracking_uri: str
     parent_run_id: str
+    gaps: LabelGaps = LabelGaps()  # test slides without a label, tumours without annotation
+    exported: bool = True  # False: `--no-export`; `vadflow export` draws them later
 
 
 @dataclass(frozen=True)
@@ -325,3 +451,4 @@ class BatchScoreSummary:
     record: str | None
     quarantined: tuple[Quarantined, ...]
     no_tissue: tuple[str, ...]
+    gaps: LabelGaps = LabelGaps()

@@ -178,3 +178,65 @@ def test_a_synthetic_site_in_the_camelyon16_release_layout(tmp_path: Path) -> No
             lesions = [rasterize_annotations(p, 1024, 768, 16) for p in polygons]
             np.testing.assert_array_equal(*lesions)
     assert label_gaps(list(after.values())).lines() == []
+
+
+def _png(path: Path, size: int = 8) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (128, 128, 128)).save(path)
+
+
+def _industrial(root: Path) -> dict:
+    return {s.slide_id: s for s in discover(root, "industrial", val_fraction=0.25)}
+
+
+def test_mvtec_ad2_release_names(tmp_path: Path) -> None:
+    """MVTec AD 2: `validation/good` is the held-out set, `test_public` is labelled with its
+    masks inside it, and `test_private*` images are scored without a label."""
+    from vadflow.tasks.slides.discover import industrial_category
+
+    root = tmp_path / "mvtec_ad_2"
+    for n in range(4):
+        _png(root / "vial" / "train" / "good" / f"{n:03d}_regular.png")
+    _png(root / "vial" / "validation" / "good" / "000_regular.png")
+    _png(root / "vial" / "test_public" / "good" / "000_regular.png")
+    _png(root / "vial" / "test_public" / "bad" / "001_regular.png")
+    _png(root / "vial" / "test_public" / "ground_truth" / "bad" / "001_regular_mask.png")
+    _png(root / "vial" / "test_private" / "000_regular.png")  # no defect folder: no labels
+    _png(root / "vial" / "test_private_mixed" / "000_mixed.png")
+    found = _industrial(root)
+    got = {k: (s.label, s.split, s.annotation_uri is not None) for k, s in found.items()}
+    assert got == {
+        **{f"vial-train-good-{n:03d}_regular": ("normal", "train", False) for n in range(4)},
+        "vial-validation-good-000_regular": ("normal", "val", False),
+        "vial-test_public-good-000_regular": ("normal", "test", False),
+        "vial-test_public-bad-001_regular": ("anomalous", "test", True),
+        "vial-test_private-unknown-000_regular": ("unknown", "test", False),
+        "vial-test_private_mixed-unknown-000_mixed": ("unknown", "test", False),
+    }
+    mask = found["vial-test_public-bad-001_regular"].annotation_uri
+    assert mask.endswith("test_public/ground_truth/bad/001_regular_mask.png")
+    assert {industrial_category(s.uri) for s in found.values()} == {"vial"}
+    assert label_gaps(list(found.values())).unlabelled_test == (
+        "vial-test_private-unknown-000_regular",
+        "vial-test_private_mixed-unknown-000_mixed",
+    )
+
+
+def test_visa_in_mvtec_form_and_one_hold_out_per_category(tmp_path: Path) -> None:
+    """VisA as its preparation script writes it (masks named like their image), and MVTec AD:
+    each category holds out its own good training images for calibration."""
+    root = tmp_path / "visa"
+    for category in ("candle", "pcb1"):
+        for n in range(4):
+            _png(root / category / "train" / "good" / f"{n:04d}.JPG")
+        _png(root / category / "test" / "good" / "0100.JPG")
+        _png(root / category / "test" / "bad" / "0200.JPG")
+        _png(root / category / "ground_truth" / "bad" / "0200.png")
+    found = _industrial(root)
+    bad = found["pcb1-test-bad-0200"]
+    assert bad.label == "anomalous" and bad.annotation_uri.endswith("ground_truth/bad/0200.png")
+    for category in ("candle", "pcb1"):
+        val = [s for s in found.values() if s.slide_id.startswith(category) and s.split == "val"]
+        assert len(val) == 1 and val[0].label == "normal"

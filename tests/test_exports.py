@@ -145,11 +145,15 @@ def test_plots_and_report_are_self_contained(tmp_path: Path) -> None:
     assert "<table>" in text and "test_001" in text and "test_&lt;2&gt;" in text
     assert "slide_auroc" in text and "0.875" in text and "n/a" in text
     assert "threshold 0.42" in text
-    uris = text.split('src="data:image/png;base64,')[1:]
-    assert len(uris) == 3 and 'src="roc.png' not in text
+    uris = text.split('src="data:image/png;base64,')[1:]  # the plots: line art stays PNG
+    assert len(uris) == 2 and 'src="roc.png' not in text
     decoded = base64.b64decode(uris[0].split('"')[0])
     with Image.open(io.BytesIO(decoded)) as image:
         assert image.format == "PNG"
+    photos = text.split('src="data:image/jpeg;base64,')[1:]  # the overlays: JPEG
+    assert len(photos) == 1
+    with Image.open(io.BytesIO(base64.b64decode(photos[0].split('"')[0]))) as image:
+        assert image.format == "JPEG"
 
 
 def test_colour_bar_strip() -> None:

@@ -24,7 +24,7 @@ from vadflow.flows.cli.options import console
 if TYPE_CHECKING:
     from vadflow.flows.env import StatePaths
     from vadflow.tasks.exports.render import ScoredRun
-    from vadflow.tasks.records import BatchScoreSummary, NightlySummary
+    from vadflow.tasks.records import BatchScoreSummary, FamilyResult, NightlySummary
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class MetricLine:
 
 
 # Counts are said in words (`test slides: 6, 3 tumour`), not as metrics.
-COUNTS = ("n_test_slides", "n_test_anomalous")
+COUNTS = ("n_test_slides", "n_test_anomalous", "n_categories")
 
 
 def metric_lines(
@@ -106,6 +106,11 @@ def metric_lines(
         ),
         ("slide_f1_max", f"{nouns.item} F1-max", both_classes()),
         ("pixel_auroc", "pixel AUROC", no_masks),
+        (
+            "scored_share",
+            "scored share of pixels" if domain == "industrial" else "scored share of tissue",
+            "not measured (no heatmap or no tissue mask)",
+        ),
     ]
     if domain == "industrial":
         wanted.append(("pro", "PRO", no_masks))
@@ -116,6 +121,8 @@ def metric_lines(
     no_threshold = (
         f"no held-out normal {nouns.items} scored (val split): no threshold to call them at"
     )
+    if "n_categories" in metrics:  # a mean over categories: each model has its own threshold
+        no_threshold = "one per category's model (see each category's report)"
     call_reason = both_classes() if calibrated else no_threshold
     wanted += [
         ("slide_sensitivity", "sensitivity", call_reason),
@@ -166,6 +173,9 @@ def print_summary(
             table.add_row(row.slide_id, row.label, score_text, shown)
         console.print(table)
         metrics = result.metrics
+        if result.categories:
+            print_categories(f"{summary.site} / {family}", result, domain, froc_itc_um)
+            console.print(f"  mean over {len(result.categories)} categories:")
         if counts := count_line(metrics, domain):
             console.print(f"  {counts}")
         for line in metric_lines(metrics, domain, froc_itc_um):
@@ -184,18 +194,66 @@ def print_summary(
     for family, reason in summary.skipped.items():
         console.print(f"[yellow]skipped[/] {family}: {reason}")
     print_problems(summary)
+    print_gaps(summary, domain)
+    overlays = f"heatmap overlays (PNG):  {summary.outputs}/exports/<family>/"
+    if not summary.exported:
+        overlays = (
+            f"exports skipped (--no-export): `vadflow export {summary.outputs}/heatmaps/"
+            "<family>-<version>` draws them"
+        )
     console.print(
         "\n".join(
             [
                 "",
                 f"outputs (manifests, masks, heatmaps, reports): {summary.outputs}",
-                f"heatmap overlays (PNG):  {summary.outputs}/exports/<family>/",
+                overlays,
                 *backend_lines(state, summary.tracking_uri or state.tracking_uri),
             ]
         ),
         soft_wrap=True,
         highlight=False,
     )
+
+
+def print_categories(
+    title: str, result: FamilyResult, domain: str, froc_itc_um: float | None = None
+) -> None:
+    """One row per category (its own model) and their mean: the headline metrics, as the MVTec
+    AD protocol reports them; a metric a category could not compute is `n/a`."""
+    keys = [
+        line.key
+        for line in metric_lines(result.metrics, domain, froc_itc_um)
+        if line.key in CATEGORY_COLUMNS
+    ]
+    table = Table(title=f"{title}: one model per category")
+    table.add_column("category")
+    for key in keys:
+        table.add_column(CATEGORY_COLUMNS[key], justify="right")
+    table.add_column("champion gate")
+    rows = [(name, c.metrics, c.promotion) for name, c in result.categories.items()]
+    for name, metrics, promotion in [*rows, ("mean", result.metrics, None)]:
+        values = [_value(metrics.get(k)) for k in keys]
+        gate = "-" if promotion is None else ("promoted" if promotion.promoted else "kept")
+        table.add_row(name, *("n/a" if v is None else f"{v:.4f}" for v in values), gate)
+    console.print(table)
+
+
+# The per-category table's columns (every metric is still printed below it, as the mean).
+CATEGORY_COLUMNS = {
+    "slide_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "pro": "PRO",
+    "slide_f1_max": "F1-max",
+    "froc": "FROC",
+    "scored_share": "scored",
+}
+
+
+def print_gaps(result: NightlySummary | BatchScoreSummary, domain: str) -> None:
+    """What the site's labels left out of the metrics: unlabelled test slides, anomalous ones
+    without an annotation (count and names)."""
+    for line in result.gaps.lines(Nouns.of(domain).items):
+        console.print(f"[yellow]label gap[/] {line}", soft_wrap=True, highlight=False)
 
 
 def backend_lines(state: StatePaths, tracking_uri: str) -> list[str]:
@@ -257,6 +315,7 @@ def print_evaluation(
     if counts := count_line(metrics, domain):
         console.print(counts)
     print_problems(result)
+    print_gaps(result, domain)
 
 
 def print_cross_site(result: BatchScoreSummary, home_site: str, state: StatePaths) -> bool:

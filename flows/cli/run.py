@@ -35,9 +35,17 @@ def run_command(
         typer.Option(min=1, help="training epochs of every family (default: each its own)"),
     ] = None,
     home: HomeOption = None,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export/--no-export",
+            help="draw overlays and lesion files after scoring (--no-export: `vadflow export` "
+            "draws them later)",
+        ),
+    ] = True,
 ) -> None:
     """Run the nightly flow on one site and print its results."""
-    run_nightly(site_dir, family_values(family), epochs, home)
+    run_nightly(site_dir, family_values(family), epochs, home, export=export)
 
 
 def demo_command(
@@ -68,7 +76,11 @@ def demo_command(
 
 
 def run_nightly(
-    site_dir: Path, families: list[str] | None, epochs: int | None, home: Path | None
+    site_dir: Path,
+    families: list[str] | None,
+    epochs: int | None,
+    home: Path | None,
+    export: bool = True,
 ) -> dict[str, Any]:
     """Check the site, run the nightly flow on it, print the summary; returns the summary."""
     site = checked_site(site_dir)  # before Prefect starts: a bad site costs milliseconds
@@ -90,6 +102,7 @@ def run_nightly(
             output_root=str(state.outputs),
             tracking_uri=state.tracking_uri,
             families=families,
+            export=export,
             **flags,
         )
     print_summary(summary, state, domain=site.domain, froc_itc_um=site.froc_itc_um)

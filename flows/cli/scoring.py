@@ -133,16 +133,29 @@ def export_command(
         ),
     ] = None,
 ) -> None:
-    """Redraw a scored run's overlays, GeoJSON, ASAP XML and report, without rescoring."""
-    from vadflow.tasks.exports.render import ExportStyle, load_scored_run, render_exports
+    """Draw (or redraw) a scored run's overlays, GeoJSON, ASAP XML and report, without
+    rescoring: a run exported before, or one run with `--no-export`. A family's heatmap folder
+    on a site trained per category holds one run per category: each is drawn."""
+    from vadflow.tasks.exports.render import (
+        SCORED_RUN_FILE,
+        ExportStyle,
+        load_scored_run,
+        render_exports,
+    )
 
+    per_category = (
+        sorted(scored.glob(f"*/{SCORED_RUN_FILE}"))
+        if scored.is_dir() and not (scored / SCORED_RUN_FILE).is_file()
+        else []
+    )
     try:
-        run = load_scored_run(scored)
+        runs = [load_scored_run(path) for path in per_category or [scored]]
         style = ExportStyle(colour_map=colour_map, alpha=alpha)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
-    try:
-        rendered = render_exports(run, style, threshold)
-    except (FileNotFoundError, ValueError) as exc:  # a slide or heatmap moved since scoring
-        raise fail(f"cannot redraw {scored}: {exc}", code=1) from None
-    print_scored_run(rendered)
+    for run in runs:
+        try:
+            rendered = render_exports(run, style, threshold)
+        except (FileNotFoundError, ValueError) as exc:  # a slide or heatmap moved since scoring
+            raise fail(f"cannot redraw {scored}: {exc}", code=1) from None
+        print_scored_run(rendered)

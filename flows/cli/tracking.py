@@ -51,7 +51,8 @@ def compare_command(
 ) -> None:
     """Compare detector families across a site's nightly runs (metrics, versions, champion).
 
-    Prints one row per family and night; the logged CSV and plot carry every compared metric.
+    Prints one row per family and night (on a site trained per category, one per category
+    and their mean); the logged CSV and plot carry every compared metric.
     """
     from vadflow.flows.env import configure_state
 
@@ -89,13 +90,19 @@ def compare_command(
     table = Table(title=f"{name}: detector families by night (newest first)")
     table.add_column("nightly", no_wrap=True)
     table.add_column("family", no_wrap=True)
+    by_category = frame["category"].drop_nulls().len() > 0  # one model per category and family
+    if by_category:
+        table.add_column("category", no_wrap=True)
     for key in shown:
         table.add_column(METRIC_LABELS.get(key, key), justify="right", min_width=6)
     table.add_column("model", no_wrap=True)
     for row in frame.iter_rows(named=True):
         alias = "champion" if row["champion"] else ("challenger" if row["challenger"] else "")
         model = f"v{row['version']} {alias}".strip() if row["version"] else "-"
-        table.add_row(row["nightly"], row["family"], *(_fmt(row[m]) for m in shown), model)
+        category = [row["category"] or "-"] if by_category else []
+        table.add_row(
+            row["nightly"], row["family"], *category, *(_fmt(row[m]) for m in shown), model
+        )
     console.print(table)
     if not log:
         return

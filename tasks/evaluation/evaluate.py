@@ -12,20 +12,48 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+from PIL import Image
 
 from vadflow.tasks.evaluation.camelyon import DILATION_UM, ITC_MAJOR_AXIS_UM, evaluation_mask
-from vadflow.tasks.evaluation.froc import FrocResult, froc, lesion_candidates
+from vadflow.tasks.evaluation.froc import FrocResult, froc
 from vadflow.tasks.evaluation.metrics import f1_max, image_auroc, pixel_auroc, threshold_at_fpr
 from vadflow.tasks.evaluation.pro import ProCurve, pro_curve, pro_score
-from vadflow.tasks.scoring.aggregate import cross_validated_forest, feature_table
+from vadflow.tasks.scoring.aggregate import (
+    candidate_spacing,
+    cross_validated_forest,
+    feature_table,
+    lesion_candidates,
+)
 from vadflow.tasks.scoring.heatmap import load_heatmap
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 log = logging.getLogger(__name__)
 FROC_DOWNSAMPLE = 32  # the official evaluation mask is at level 5 (32x)
+
+
+@dataclass(frozen=True)
+class CandidateRule:
+    """How lesion candidates are picked from a heatmap (the site's `candidates:` setting):
+    one per `suppress_um` neighbourhood, the `max_per_slide` strongest, all above the floor."""
+
+    suppress_um: float = 100.0
+    max_per_slide: int | None = 100
+
+    def pick(
+        self, heatmap: np.ndarray, downsample: int, floor: float, mpp: float | None
+    ) -> list[tuple[float, float, float]]:
+        """Candidates (x, y, p) of one heatmap; unscored cells count as the floor."""
+        return lesion_candidates(
+            np.nan_to_num(heatmap, nan=floor),
+            downsample,
+            floor,
+            min_distance=candidate_spacing(self.suppress_um, mpp, downsample),
+            max_candidates=self.max_per_slide,
+        )
 
 
 @dataclass
@@ -68,10 +96,17 @@ def evaluate_site(
     domain: str,
     itc_um: float = ITC_MAJOR_AXIS_UM,
     model_threshold: float | None = None,
+    candidate_rule: CandidateRule | None = None,
+    masks_dir: str | Path | None = None,
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap file: `load_heatmap`), for val and test slides.
+    `scored_share` is the share of the test slides' pixels that got a score: of image pixels
+    (industrial), of tissue (pathology: the tissue masks `masks_dir/<slide>.png`). Pixel
+    metrics count every pixel the ground truth speaks for: an unscored one at the lowest score
+    of the run, never dropped (industrial: every pixel; pathology: tissue, what was scored,
+    and every lesion pixel). Lesion candidates follow `candidate_rule`.
     `threshold` is recalibrated on this site's val slides; `model_threshold`, the one the model
     was calibrated with at its own site, adds the calls it makes here (`model_sensitivity`,
     `model_specificity`): what a model moved to another site without recalibration would do.
@@ -110,11 +145,64 @@ def evaluate_site(
             metrics["model_specificity"] = _rate(~predicted[~labels])
 
     evaluation = Evaluation(table, metrics, threshold, value_range=value_range)
+    heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in test.to_dicts()}
+    tissue = {} if domain == "industrial" else _tissue_masks(test, masks_dir)
+    metrics["scored_share"] = _scored_share(test, heatmaps, heatmap_downsample, tissue)
     annotated = test.filter(pl.col("label") != "unknown")
-    heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in annotated.to_dicts()}
-    _pixel_metrics(evaluation, annotated, heatmaps, heatmap_downsample, domain, itc_um)
+    heatmaps = {s: heatmaps[s] for s in annotated["slide_id"]}
+    rule = candidate_rule or CandidateRule()
+    _pixel_metrics(
+        evaluation, annotated, heatmaps, heatmap_downsample, domain, itc_um, rule, tissue
+    )
     _forest_metrics(evaluation, annotated, heatmaps)
     return evaluation
+
+
+def _tissue_masks(test: pl.DataFrame, masks_dir: str | Path | None) -> dict[str, np.ndarray]:
+    """The tissue masks tiling saved for the test slides (those found), as booleans."""
+    if masks_dir is None:
+        return {}
+    out = {}
+    for slide_id in test["slide_id"]:
+        path = Path(masks_dir) / f"{slide_id}.png"
+        if path.is_file():
+            out[slide_id] = np.asarray(Image.open(path).convert("L")) > 0
+    return out
+
+
+def _on_grid(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """`mask` sampled at the centres of a rows x cols grid laid over the same image."""
+    r = np.minimum(((np.arange(rows) + 0.5) * mask.shape[0] / rows).astype(int), mask.shape[0] - 1)
+    c = np.minimum(((np.arange(cols) + 0.5) * mask.shape[1] / cols).astype(int), mask.shape[1] - 1)
+    return mask[np.ix_(r, c)]
+
+
+def _scored_share(
+    test: pl.DataFrame,
+    heatmaps: dict[str, np.ndarray],
+    downsample: int,
+    tissue: dict[str, np.ndarray],
+) -> float:
+    """Scored pixels over all pixels of the test slides (over tissue where a mask is given),
+    counted at the resolution of the tissue mask or, without one, of the heatmap."""
+    scored = total = 0
+    for row in test.iter_rows(named=True):
+        heatmap = heatmaps[row["slide_id"]]
+        finite = np.isfinite(heatmap)
+        mask = tissue.get(row["slide_id"])
+        if mask is None:
+            # Heatmap cells cover ceil(size / ds) cells; the last row and column may reach past
+            # the image, so each counts the image pixels it covers.
+            rows = np.minimum(downsample, row["height"] - np.arange(finite.shape[0]) * downsample)
+            cols = np.minimum(downsample, row["width"] - np.arange(finite.shape[1]) * downsample)
+            area = np.outer(rows, cols)
+            scored += int(area[finite].sum())
+            total += int(area.sum())
+        else:
+            covered = _on_grid(finite, *mask.shape)
+            scored += int((covered & mask).sum())
+            total += int(mask.sum())
+    return scored / total if total else float("nan")
 
 
 def _pixel_metrics(
@@ -124,16 +212,27 @@ def _pixel_metrics(
     downsample: int,
     domain: str,
     itc_um: float,
+    rule: CandidateRule,
+    tissue: dict[str, np.ndarray],
 ) -> None:
     truths, maps, valid = [], [], []
     lesion_masks, candidates = {}, {}
     floor = evaluation.value_range[0]
+    lowest = _lowest(heatmaps.values())
     for row in annotated.iter_rows(named=True):
         heatmap = heatmaps[row["slide_id"]]
         truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], downsample)
-        truths.append(truth[: heatmap.shape[0], : heatmap.shape[1]] > 0.5)
-        maps.append(np.nan_to_num(heatmap, nan=0.0))
-        valid.append(np.isfinite(heatmap))
+        truth = truth[: heatmap.shape[0], : heatmap.shape[1]] > 0.5
+        truths.append(truth)
+        # An unscored pixel is the lowest score of the run: a missed defect counts as missed.
+        maps.append(np.where(np.isfinite(heatmap), heatmap, lowest))
+        if domain == "industrial":
+            valid.append(np.ones(heatmap.shape, dtype=bool))  # every image pixel
+        else:  # glass is no question the ground truth answers; tissue and lesions are
+            counted = np.isfinite(heatmap) | truth
+            if (mask := tissue.get(row["slide_id"])) is not None:
+                counted |= _on_grid(mask, *heatmap.shape)
+            valid.append(counted)
         if domain == "pathology":
             coarse = ground_truth_mask(
                 row["annotation_uri"], row["width"], row["height"], FROC_DOWNSAMPLE
@@ -141,9 +240,7 @@ def _pixel_metrics(
             lesion_masks[row["slide_id"]] = evaluation_mask(
                 coarse >= 0.5, FROC_DOWNSAMPLE, row["mpp"], dilation_um=DILATION_UM, itc_um=itc_um
             )
-            candidates[row["slide_id"]] = lesion_candidates(
-                np.nan_to_num(heatmap, nan=floor), downsample, floor
-            )
+            candidates[row["slide_id"]] = rule.pick(heatmap, downsample, floor, row["mpp"])
     if not any(t.any() for t in truths):
         return
     metrics = evaluation.metrics
@@ -163,6 +260,13 @@ def _pixel_metrics(
     evaluation.froc_points = {
         f"sens_at_{str(fp).replace('.', '_')}_fp": float(s) for fp, s in result.points().items()
     }
+
+
+def _lowest(heatmaps) -> np.float32:
+    """Just below the lowest score of any heatmap (0 when none has one)."""
+    lows = [np.nanmin(h) for h in heatmaps if np.isfinite(h).any()]
+    low = np.float32(min(lows)) if lows else np.float32(0.0)
+    return np.nextafter(low, np.float32(-np.inf))
 
 
 def _forest_metrics(

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from vadflow.tasks.evaluation.calibration import Calibration, write_calibration
-from vadflow.tasks.evaluation.evaluate import evaluate_site
+from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site
 from vadflow.tasks.evaluation.plots import evaluation_plots
 from vadflow.tasks.records import Evaluated, SlideResult, SlideScore
 from vadflow.tasks.site import SiteConfig
@@ -31,12 +31,14 @@ def evaluate_scored_run(
     reports_dir: str | Path,
     model_dir: str | None = None,
     model_threshold: float | None = None,
+    masks_dir: str | None = None,
 ) -> Evaluated:
     """Metrics, plots and the slide table of run `name` under `reports_dir/name`.
 
     `model_dir` (a model trained on this site) gets this evaluation's calibration written beside
     it; `model_threshold` (a model calibrated before, perhaps at another site) adds the calls
-    made at that threshold to the metrics.
+    made at that threshold to the metrics. `masks_dir` holds the tissue masks the scored
+    share of a pathology site is measured against.
     """
     slides = pl.read_parquet(slides_path)
     evaluation = evaluate_site(
@@ -47,6 +49,8 @@ def evaluate_scored_run(
         site.domain,
         itc_um=site.froc_itc_um,
         model_threshold=model_threshold,
+        candidate_rule=CandidateRule(site.candidates.suppress_um, site.candidates.max_per_slide),
+        masks_dir=masks_dir,
     )
     folder = Path(reports_dir) / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 
 from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.evaluation.evaluate import heatmap_value_range
-from vadflow.tasks.exports.render import SCORED_RUN_FILE, ScoredRun, render_exports
+from vadflow.tasks.exports.render import (
+    SCORED_RUN_FILE,
+    ScoredRun,
+    render_exports,
+    save_scored_run,
+)
 from vadflow.tasks.records import Candidate, Evaluated, Exported, SlideScore
 from vadflow.tasks.scoring.heatmap import load_heatmap
-from vadflow.tasks.site import SiteLayout
+from vadflow.tasks.site import CandidatesConfig, SiteLayout
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +84,15 @@ def export_scored_run(
     model: str = "",
     model_dir: str | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
+    render: bool = True,
+    candidates: CandidatesConfig | None = None,
 ) -> Exported:
     """What people open for run `name`: overlays, lesion files and the report.
 
     Lesion candidates go to the slides evaluation computed them for and, on a
-    `domain="pathology"` site, to every slide (by evaluation's own rule).
+    `domain="pathology"` site, to every slide (by evaluation's own rule, the site's
+    `candidates` setting). Without `render` only the run's `scored.json` is saved (nothing is
+    drawn): `vadflow export` draws it all later, exactly as it would have been now.
     """
     exports_dir = str(layout.exports / name)
     if not scores:
@@ -93,6 +102,7 @@ def export_scored_run(
     else:
         chosen = _from_model(model_dir, model, scores, str(layout.reports / name), logger)
     everyone = domain == "pathology"
+    rule = candidates or CandidatesConfig()
     run = ScoredRun(
         site=layout.site,
         name=name,
@@ -107,9 +117,15 @@ def export_scored_run(
         candidate_slides=tuple(
             s.slide_id for s in scores if everyone or s.slide_id in chosen.candidates
         ),
+        suppress_um=rule.suppress_um,
+        max_candidates=rule.max_per_slide,
         metrics=chosen.metrics,
         plots=chosen.plots,
     )
+    if not render:
+        record = save_scored_run(run)
+        logger.info("%s: exports skipped; `vadflow export %s` draws them", name, record.parent)
+        return Exported(name, exports_dir, report="", scored_run=str(record))
     rendered = render_exports(run, candidates=chosen.candidates)
     return Exported(
         name=name,

@@ -8,15 +8,23 @@ run's HTML report. The inputs are saved beside the heatmaps as `scored.json`, so
 another threshold (regions, predictions), with the slides' heatmaps untouched.
 
 Lesion candidates are the heatmap's local maxima above the run's normal floor (the low end of
-its value range), as evaluation computes them for FROC, so the same candidates come out whether
-or not the slide had annotations to evaluate against, and again on every re-render.
+its value range), one per `suppress_um` neighbourhood and at most `max_candidates` per slide
+(the site's `candidates:` setting, saved in `scored.json`), as evaluation computes them for
+FROC, so the same candidates come out whether or not the slide had annotations to evaluate
+against, and again on every re-render.
+
+Slides are rendered in parallel threads (reading, resizing and PNG encoding release the GIL);
+an overlay is drawn from the heatmap TIFF's pyramid level nearest the overlay's size and a
+slide thumbnail at that scale, never from the full-resolution heatmap.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,15 +34,24 @@ import polars as pl
 from matplotlib import colormaps
 
 from vadflow.tasks.evaluation.camelyon import write_camelyon_csv
+from vadflow.tasks.evaluation.evaluate import CandidateRule
 from vadflow.tasks.exports.asap import write_candidates_asap
 from vadflow.tasks.exports.geojson import export_slide_geojson
-from vadflow.tasks.exports.overlay import COLOUR_MAP, heatmap_overlay
+from vadflow.tasks.exports.overlay import COLOUR_MAP, TARGET_EDGE_PX, heatmap_overlay
 from vadflow.tasks.exports.report import write_html_report
-from vadflow.tasks.scoring.aggregate import Candidate, heatmap_regions, lesion_candidates
-from vadflow.tasks.scoring.heatmap import SlideScore, load_heatmap
+from vadflow.tasks.scoring.aggregate import Candidate, heatmap_regions
+from vadflow.tasks.scoring.heatmap import (
+    SlideScore,
+    heatmap_file_shape,
+    load_heatmap,
+    read_heatmap_tiff,
+)
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
+# The site's `candidates:` defaults (tasks/site.py CandidatesConfig), for runs saved before.
+DEFAULT_SUPPRESS_UM = CandidateRule.suppress_um
+DEFAULT_MAX_CANDIDATES = CandidateRule.max_per_slide
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,8 @@ class ScoredRun:
     exports_dir: str
     report_dir: str
     candidate_slides: tuple[str, ...] = ()  # slides that get lesion candidates (pathology)
+    suppress_um: float = DEFAULT_SUPPRESS_UM  # candidates: one per neighbourhood this wide
+    max_candidates: int | None = DEFAULT_MAX_CANDIDATES  # the strongest this many per slide
     metrics: dict[str, float] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
     # Filled in by `render_exports`: the threshold and style used and what was written.
@@ -114,10 +133,18 @@ def colour_scale(value_range: Sequence[float], threshold: float) -> tuple[float,
     return vmin, vmax
 
 
-def slide_candidates(heatmap: np.ndarray, downsample: int, floor: float) -> list[Candidate]:
+def slide_candidates(
+    heatmap: np.ndarray,
+    downsample: int,
+    floor: float,
+    mpp: float | None = None,
+    suppress_um: float = DEFAULT_SUPPRESS_UM,
+    max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+) -> list[Candidate]:
     """Candidates of a slide with no evaluation to supply them, by evaluation's own rule:
-    local maxima above the run's normal floor, unscored cells counting as the floor."""
-    return lesion_candidates(np.nan_to_num(heatmap, nan=floor), downsample, floor)
+    local maxima above the run's normal floor, one per `suppress_um`, the strongest
+    `max_candidates`, unscored cells counting as the floor."""
+    return CandidateRule(suppress_um, max_candidates).pick(heatmap, downsample, floor, mpp)
 
 
 def render_exports(
@@ -126,6 +153,7 @@ def render_exports(
     threshold: float | None = None,
     candidates: Mapping[str, Sequence[Candidate]] | None = None,
     notes: Sequence[str] = (),
+    workers: int | None = None,
 ) -> ScoredRun:
     """Write every slide's exports and the run's report; save and return the updated record.
 
@@ -133,6 +161,7 @@ def render_exports(
     (metrics stay as computed at the calibrated threshold, and the report says so).
     The slides in `run.candidate_slides` get lesion candidates: `candidates` (evaluation's) where
     given, else `slide_candidates`, the same rule. Heatmaps and scores are only read.
+    Slides are drawn by `workers` threads (default: one per CPU, at most one per slide).
     """
     used = run.calibrated_threshold if threshold is None else float(threshold)
     if not run.scores:
@@ -149,14 +178,15 @@ def render_exports(
     cut = used if math.isfinite(used) else vmax  # regions: above the threshold
     out = Path(run.exports_dir)
     given = candidates or {}
-    exported = []
-    for score in run.scores:
+
+    def render(score: SlideScore) -> SlideExport:
         row = rows[score.slide_id]
-        exported.append(
-            _render_slide(
-                run, score, row, out, style, used, (vmin, vmax), cut, given.get(score.slide_id)
-            )
+        return _render_slide(
+            run, score, row, out, style, used, (vmin, vmax), cut, given.get(score.slide_id)
         )
+
+    with ThreadPoolExecutor(max_workers=export_workers(len(run.scores), workers)) as pool:
+        exported = list(pool.map(render, run.scores))  # in the run's slide order
     rendered = replace(run, threshold=used, style=style, exported=tuple(exported))
     _write_report(rendered, notes)
     save_scored_run(rendered)
@@ -175,12 +205,12 @@ def _render_slide(
     candidates: Sequence[Candidate] | None,
 ) -> SlideExport:
     sid, ds = score.slide_id, score.heatmap_downsample
-    heatmap = load_heatmap(score.heatmap)
-    truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], ds)
+    small, small_ds = overlay_heatmap(score.heatmap, ds)
+    truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], small_ds)
     png = heatmap_overlay(
         row["uri"],
-        heatmap,
-        ds,
+        small,
+        small_ds,
         out / f"{sid}.png",
         *scale,
         truth,
@@ -188,9 +218,13 @@ def _render_slide(
         colour_map=style.colour_map,
     )
     files: dict[str, str] = {}
-    if candidates is None and sid in run.candidate_slides:
-        candidates = slide_candidates(heatmap, ds, run.value_range[0])
-    if candidates is not None:
+    wanted = candidates is not None or sid in run.candidate_slides
+    heatmap = load_heatmap(score.heatmap) if wanted else None  # full resolution: lesion files
+    if candidates is None and heatmap is not None:
+        candidates = slide_candidates(
+            heatmap, ds, run.value_range[0], row["mpp"], run.suppress_um, run.max_candidates
+        )
+    if candidates is not None and heatmap is not None:
         regions = heatmap_regions(heatmap, ds, cut)
         csv_path = write_camelyon_csv(out / f"{sid}.csv", candidates)
         points, outlines = export_slide_geojson(out, sid, candidates, regions=regions)
@@ -221,6 +255,27 @@ def _render_slide(
     )
 
 
+def export_workers(slides: int, workers: int | None = None) -> int:
+    """Threads drawing a run's slides: `workers`, else one per CPU; never more than slides."""
+    return max(1, min(slides, workers or os.cpu_count() or 1))
+
+
+def overlay_heatmap(path: str, downsample: int) -> tuple[np.ndarray, int]:
+    """The heatmap an overlay is drawn from, and its downsample: the finest pyramid level of
+    the heatmap TIFF whose longer side fits the overlay (`TARGET_EDGE_PX`), so a whole slide's
+    heatmap is never read, coloured and blended at full resolution for a 1024 px picture.
+    Older runs' `.npy` heatmaps have no pyramid and are read whole."""
+    if str(path).endswith(".npy"):
+        return load_heatmap(path), downsample
+    rows, cols = heatmap_file_shape(path)[:2]
+    level = 0
+    while max(rows, cols) > TARGET_EDGE_PX:  # each level halves the one before, rounding up
+        rows, cols, level = -(-rows // 2), -(-cols // 2), level + 1
+    # The writer halves down to one 256 px tile, so every level up to this one exists.
+    heatmap, geometry = read_heatmap_tiff(path, level)
+    return heatmap, geometry.downsample
+
+
 def _write_report(run: ScoredRun, notes: Sequence[str]) -> Path:
     columns = ("slide_id", "split", "label", "score", "predicted", "candidates")
     table = [{c: getattr(s, c) for c in columns} for s in run.exported]
@@ -235,10 +290,14 @@ def _write_report(run: ScoredRun, notes: Sequence[str]) -> Path:
     else:
         lines.append("no calibrated threshold: slides are ranked by score, not called")
     if run.candidate_slides:
+        most = f"the {run.max_candidates} strongest" if run.max_candidates else "every one"
         lines.append(
             "candidates: lesion candidates above the threshold (all of them without one); "
-            "every local maximum above the normal floor is in the CSV, GeoJSON and XML files"
+            f"the CSV, GeoJSON and XML files hold {most} per slide of the local maxima above "
+            f"the normal floor, one per {run.suppress_um:g} um"
         )
+    if "scored_share" in run.metrics and math.isfinite(run.metrics["scored_share"]):
+        lines.append(f"scored: {run.metrics['scored_share']:.1%} of the test pixels")
     return write_html_report(
         run.report,
         f"{run.site} / {run.name}",

@@ -23,5 +23,12 @@ def evaluate_task(
     (a model trained on this site); `model_threshold` adds the calls a model calibrated
     before would make here."""
     return evaluate_scored_run(
-        site, name, slides_path, scores, layout.reports, model_dir, model_threshold
+        site,
+        name,
+        slides_path,
+        scores,
+        layout.reports,
+        model_dir,
+        model_threshold,
+        masks_dir=str(layout.masks),
     )

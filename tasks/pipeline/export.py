@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from vadflow.tasks.exports.publish import export_scored_run
 from vadflow.tasks.records import Evaluated, Exported, SlideScore
-from vadflow.tasks.site import SiteLayout
+from vadflow.tasks.site import CandidatesConfig, SiteLayout
 
 
 @task(name="export")
@@ -19,9 +19,12 @@ def export_task(
     domain: str | None = None,
     model: str = "",
     model_dir: str | None = None,
+    render: bool = True,
+    candidates: CandidatesConfig | None = None,
 ) -> Exported:
     """Overlays, lesion files and the HTML report of run `name`, at the evaluation's threshold
-    or, without one, at the model's own calibration."""
+    or, without one, at the model's own calibration; without `render`, only the run's
+    `scored.json`, for `vadflow export` to draw them later."""
     return export_scored_run(
         layout,
         name,
@@ -32,4 +35,6 @@ def export_task(
         model=model,
         model_dir=model_dir,
         logger=get_run_logger(),
+        render=render,
+        candidates=candidates,
     )

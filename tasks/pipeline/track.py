@@ -33,8 +33,10 @@ def track_task(
     overlays: list[str],
     tags: dict[str, str],
     contracts_passed: bool,
+    category: str | None = None,
 ) -> TrackedFamily:
-    """One child run per family; its model registered as <site>-<family> and gated."""
+    """One child run per family (per family and category: `category`); its model registered
+    as <site>-<family> (<site>-<family>-<category>) and gated."""
     return log_family_run(
         target,
         parent_run_id,
@@ -45,6 +47,7 @@ def track_task(
         overlays,
         tags,
         contracts_passed=contracts_passed,
+        category=category,
         log=get_run_logger(),
     )
 

@@ -17,6 +17,7 @@ from vadflow.tasks.validation import (
     check_scores,
     report_folder,
 )
+from vadflow.tasks.validation.boundaries import declared_score_range
 
 
 def _reporting(site: SiteConfig, layout: SiteLayout, run: str) -> dict[str, Any]:
@@ -60,6 +61,8 @@ def validate_scores_task(
         slides_path,
         tile_paths,
         expected_slides=[s.slide_id for s in scores],
+        # `ae_l2/bottle` (one category's model) declares the range of its family, `ae_l2`
+        score_range=declared_score_range(family.split("/", 1)[0]),
         mode=site.contracts,
         quarantine_dir=layout.quarantine,
         **_reporting(site, layout, run),

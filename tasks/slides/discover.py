@@ -5,9 +5,12 @@ Layouts understood: the Camelyon16 release as downloaded (`training/normal`, `tr
 `testing/lesion_annotations/*.xml` or `testing/lesion_annotations.zip`), the Camelyon17 release
 (`training/center_N/patient_NNN_node_N.tif`, `training/stage_labels.csv`,
 `training/lesion_annotations/`), this project's own synthetic sites (the same, with one
-top-level `lesion_annotations/`), and MVTec AD-style industrial folders
-(`<category>/train/good`, `<category>/test/<defect>`,
-`<category>/ground_truth/<defect>/<name>_mask.png`). Anything else found under the source is a
+top-level `lesion_annotations/`), and the industrial releases that differ only in names:
+MVTec AD (`<category>/train/good`, `<category>/test/<defect>`,
+`<category>/ground_truth/<defect>/<name>_mask.png`), MVTec AD 2 (`train/good`,
+`validation/good`, `test_public/good|bad`, `test_public/ground_truth/bad/<name>_mask.png`;
+`test_private*` images are scored unlabelled) and VisA in MVTec form (`train/good`,
+`test/good|bad`, `ground_truth/bad/<name>.png`). Anything else found under the source is a
 test slide with an unknown label; `label_gaps` lists such slides, and anomalous slides without
 an annotation, so a run can say what its metrics leave out.
 
@@ -32,6 +35,7 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
+from vadflow.tasks.records import LabelGaps
 from vadflow.tasks.slides.identity import MAX_ID_LENGTH, pseudonymise, safe_slide_id
 from vadflow.tasks.slides.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from vadflow.tasks.slides.storage import (
@@ -105,7 +109,7 @@ def discover(
     root = None if is_remote(source) else Path(source).resolve()
     found = [_screened(s, root) for s in found]
     found = _one_file_per_id(found, source, storage)
-    found = _hold_out_val(sorted(found, key=lambda s: s.slide_id), val_fraction)
+    found = _hold_out_val(sorted(found, key=lambda s: s.slide_id), val_fraction, domain)
     if pseudonym_key is not None:
         found = [replace(s, slide_id=pseudonymise(s.slide_id, pseudonym_key)) for s in found]
     return found
@@ -209,28 +213,9 @@ def _read_labels(listing: Listing, storage: StorageOptions | None) -> dict[str, 
     return labels
 
 
-@dataclass(frozen=True)
-class LabelGaps:
-    """What the layout could not say: test slides with no label, and anomalous slides with no
-    annotation (their lesions cannot be located, so pixel metrics and FROC leave them out)."""
-
-    unlabelled_test: tuple[str, ...]
-    anomalous_without_annotation: tuple[str, ...]
-
-    def lines(self, noun: str = "slides") -> list[str]:
-        """One line per gap, with the count and the names (at most ten named)."""
-        out = []
-        for ids, what in (
-            (self.unlabelled_test, f"test {noun} without a label (no metric counts them)"),
-            (self.anomalous_without_annotation, f"anomalous {noun} without an annotation"),
-        ):
-            if ids:
-                named = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
-                out.append(f"{len(ids)} {what}: {named}")
-        return out
-
-
 def label_gaps(sources: list[SlideSource]) -> LabelGaps:
+    """Test slides the layout left unlabelled and anomalous slides without an annotation,
+    among the slides that will be opened (rejected files are reported as quarantined)."""
     usable = [s for s in sources if s.reject is None]
     return LabelGaps(
         unlabelled_test=tuple(
@@ -242,24 +227,78 @@ def label_gaps(sources: list[SlideSource]) -> LabelGaps:
     )
 
 
+# Industrial split folders -> split. MVTec AD: train, test; MVTec AD 2: train, validation
+# (held-out good images), test_public (labelled), test_private and test_private_mixed (no labels
+# released); VisA, as its own `prepare_data` script or anomalib writes it: train, test.
+INDUSTRIAL_SPLITS = {
+    "train": "train",
+    "validation": "val",
+    "test": "test",
+    "test_public": "test",
+    "test_private": "test",
+    "test_private_mixed": "test",
+}
+UNLABELLED_SPLITS = frozenset({"test_private", "test_private_mixed"})
+NORMAL_DEFECT = "good"
+
+
+def industrial_category(uri: str) -> str:
+    """The product category of an industrial image, from its place in the release's folders:
+    `<category>/<split>/<defect>/<image>` (MVTec AD, MVTec AD 2, VisA in MVTec form), or
+    `<category>/test_private/<image>` (MVTec AD 2's unlabelled test sets)."""
+    parts = PurePosixPath(uri.replace("\\", "/")).parts
+    if len(parts) >= 3 and parts[-2] in UNLABELLED_SPLITS:
+        return parts[-3]
+    if len(parts) < 4:
+        raise ValueError(
+            f"{uri}: not under <category>/<split>/<defect>/, so its category is unknown"
+        )
+    return parts[-4]
+
+
+def _industrial_place(rel: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """(category, split folder, defect folder) of an image's relative path; None for files
+    that are not dataset images (ground-truth masks, READMEs, licence files)."""
+    if len(rel) >= 3 and rel[-2] in UNLABELLED_SPLITS:
+        return rel[-3], rel[-2], "unknown"
+    if len(rel) >= 4 and rel[-3] in INDUSTRIAL_SPLITS:
+        return rel[-4], rel[-3], rel[-2]
+    return None
+
+
 def _discover_industrial(listing: Listing) -> list[SlideSource]:
     out = []
     for rel, uri in sorted(listing.items()):
         if _suffix(rel[-1]) not in IMAGE_SUFFIXES:
             continue
-        if len(rel) < 4 or rel[-3] not in ("train", "test"):
-            continue  # ground_truth masks, README images, licence files...
-        category, split, defect = rel[-4], rel[-3], rel[-2]
+        place = _industrial_place(rel)
+        if place is None:
+            continue
+        category, folder, defect = place
+        split = INDUSTRIAL_SPLITS[folder]
         stem = _stem(rel[-1])
         mask = None
-        if defect == "good":
+        if folder in UNLABELLED_SPLITS:
+            label = "unknown"  # MVTec AD 2's private test sets: labels are not released
+        elif defect == NORMAL_DEFECT:
             label = "normal"
         else:
             label = "anomalous"
-            mask = listing.get((*rel[:-3], "ground_truth", defect, f"{stem}_mask.png"))
-        slide_id = safe_slide_id(f"{category}-{split}-{defect}-{stem}")
+            mask = _defect_mask(listing, rel, defect, stem)
+        slide_id = safe_slide_id(f"{category}-{folder}-{defect}-{stem}")
         out.append(SlideSource(slide_id, uri, label, defect, split, mask))
     return out
+
+
+def _defect_mask(listing: Listing, rel: tuple[str, ...], defect: str, stem: str) -> str | None:
+    """The ground-truth mask of a defective image: `<category>/ground_truth/<defect>/` (MVTec
+    AD, VisA) or `<category>/<split>/ground_truth/<defect>/` (MVTec AD 2), named
+    `<stem>_mask.png` (MVTec) or `<stem>.png` (VisA)."""
+    for folder in ((*rel[:-3], "ground_truth", defect), (*rel[:-2], "ground_truth", defect)):
+        for name in (f"{stem}_mask.png", f"{stem}.png"):
+            if (found := listing.get((*folder, name))) is not None:
+                return found
+    return None
 
 
 def _screened(source: SlideSource, root: Path | None) -> SlideSource:
@@ -362,8 +401,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hold_out_val(sources: list[SlideSource], val_fraction: float) -> list[SlideSource]:
-    """Move a deterministic share of normal training slides to `val` for calibration."""
+def _hold_out_val(
+    sources: list[SlideSource], val_fraction: float, domain: str = "pathology"
+) -> list[SlideSource]:
+    """Move a deterministic share of normal training slides to `val` for calibration.
+
+    Industrial images are held out per category (each category's model is calibrated on its
+    own good images), and not at all in a category whose release has its own validation split
+    (MVTec AD 2's `validation/good`)."""
+    if domain != "industrial":
+        return _hold_out(sources, val_fraction)
+    groups: dict[str, list[SlideSource]] = {}
+    for s in sources:
+        groups.setdefault(industrial_category(s.uri), []).append(s)
+    out: list[SlideSource] = []
+    for members in groups.values():
+        own_val = any(s.split == "val" for s in members)
+        out += members if own_val else _hold_out(members, val_fraction)
+    return sorted(out, key=lambda s: s.slide_id)
+
+
+def _hold_out(sources: list[SlideSource], val_fraction: float) -> list[SlideSource]:
     train_normals = [
         s for s in sources if s.split == "train" and s.label == "normal" and s.reject is None
     ]

@@ -6,7 +6,7 @@ parent run, so each night's run carries the comparison as it stood.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vadflow.tasks.tracking.mlflow_runs import (
+    TAG_CATEGORY,
     TAG_FAMILY,
     TAG_PARENT,
     TAG_RUN_KIND,
@@ -59,8 +60,13 @@ def compare_runs(
     client: MlflowClient, site: str, metrics: Sequence[str] = COMPARE_METRICS
 ) -> pl.DataFrame:
     """One row per family run of the site (newest night first) with its metrics, model version
-    and aliases. Columns: nightly, started, family, status, <metrics...>, version, champion,
-    challenger, run_id, parent_run_id."""
+    and aliases. Columns: nightly, started, family, category, status, <metrics...>, version,
+    champion, challenger, run_id, parent_run_id.
+
+    A site trained per category (MVTec AD protocol) has one run per family and category
+    (`category` set); each night and family then also gets a row with category `mean`, the
+    mean of each metric over its categories (as the protocol reports it). Whole-site runs
+    have no category."""
     experiment = client.get_experiment_by_name(experiment_name(site))
     if experiment is None:
         raise LookupError(
@@ -69,7 +75,8 @@ def compare_runs(
         )
     runs = _all_runs(client, experiment.experiment_id)
     parents = {r.info.run_id: r for r in runs}
-    versions = _model_versions(client, site, {r.data.tags.get(TAG_FAMILY) for r in runs})
+    models = {_model_key(r.data.tags) for r in runs if r.data.tags.get(TAG_FAMILY)}
+    versions = _model_versions(client, site, models)
     rows = []
     for run in runs:
         tags = run.data.tags
@@ -78,13 +85,14 @@ def compare_runs(
             continue
         parent_id = tags.get(TAG_PARENT)
         parent = parents.get(parent_id) if parent_id else None
-        version, aliases = versions.get(run.info.run_id, (None, []))
+        version, aliases = versions.get(run.info.run_id, (None, []))  # by run, any model
         night_start = (parent or run).info.start_time
         row: dict[str, Any] = {
             "_night_start": night_start,
             "nightly": _night(parent, run),
             "started": datetime.fromtimestamp(run.info.start_time / 1000, UTC),
             "family": family,
+            "category": tags.get(TAG_CATEGORY),
             "status": run.info.status,
         }
         for metric in metrics:
@@ -102,6 +110,7 @@ def compare_runs(
         "nightly": pl.String,
         "started": pl.Datetime("us", "UTC"),
         "family": pl.String,
+        "category": pl.String,
         "status": pl.String,
         **{m: pl.Float64 for m in metrics},
         "version": pl.String,
@@ -111,8 +120,49 @@ def compare_runs(
         "parent_run_id": pl.String,
     }
     frame = pl.DataFrame(rows, schema=schema)
-    # Newest night first; families in name order within a night.
-    return frame.sort(["_night_start", "family"], descending=[True, False]).drop("_night_start")
+    frame = pl.concat([frame, _category_means(frame, metrics)], how="vertical")
+    # Newest night first; families in name order within a night, each family's categories in
+    # name order after it, then their mean.
+    order = pl.when(pl.col("category") == MEAN).then(1).otherwise(0).alias("_mean_last")
+    return (
+        frame.with_columns(order)
+        .sort(
+            ["_night_start", "family", "_mean_last", "category"],
+            descending=[True, False, False, False],
+            nulls_last=False,
+        )
+        .drop("_night_start", "_mean_last")
+    )
+
+
+MEAN = "mean"  # the category of the rows that average a family's categories
+
+
+def _category_means(frame: pl.DataFrame, metrics: Sequence[str]) -> pl.DataFrame:
+    """One row per night and family trained per category: each metric's mean over them."""
+    per_category = frame.filter(pl.col("category").is_not_null())
+    if per_category.height == 0:
+        return frame.clear()
+    means = per_category.group_by(["_night_start", "nightly", "family", "parent_run_id"]).agg(
+        pl.col("started").min(),
+        pl.lit(MEAN).alias("category"),
+        pl.when(pl.col("status").eq("FINISHED").all())
+        .then(pl.lit("FINISHED"))
+        .otherwise(pl.lit("FAILED"))
+        .alias("status"),
+        *(pl.col(m).mean() for m in metrics),
+        pl.lit(None, pl.String).alias("version"),
+        pl.lit(False).alias("champion"),
+        pl.lit(False).alias("challenger"),
+        pl.lit(None, pl.String).alias("run_id"),
+    )
+    return means.select(frame.columns).cast(frame.schema)
+
+
+def _model_key(tags: Mapping[str, str]) -> str:
+    """The family part of a run's registered model name: `ae_l2`, or `ae_l2-bottle`."""
+    family, category = tags[TAG_FAMILY], tags.get(TAG_CATEGORY)
+    return family if category is None else f"{family}-{category}"
 
 
 def latest_parent_run(client: MlflowClient, site: str) -> str | None:
@@ -137,6 +187,9 @@ def write_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "compare.csv"
     frame.write_csv(table)
+    # The plot draws a line per family: a family trained per category is drawn by its mean.
+    if "category" in frame.columns:
+        frame = frame.filter(pl.col("category").is_null() | (pl.col("category") == MEAN))
     plot = comparison_plot(frame, metrics, out_dir / "compare.png", f"{site}: families by night")
     return [table, plot]
 

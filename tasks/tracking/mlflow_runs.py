@@ -39,6 +39,7 @@ TAG_FLOW_RUN = "prefect_flow_run_id"
 TAG_CONTRACTS = "contracts"  # "passed" or "failed"
 TAG_MANIFEST_PREFIX = "manifest."  # manifest.<name>.sha256
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests the run under its parent in the UI
+TAG_CATEGORY = "category"  # an industrial category's own model (MVTec AD protocol)
 TAG_RUN_KIND = "vadflow.kind"  # "nightly" (parent) or "family" (child)
 
 

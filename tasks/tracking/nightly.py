@@ -31,6 +31,7 @@ from vadflow.tasks.records import (
 from vadflow.tasks.site import SiteConfig
 from vadflow.tasks.tracking.compare import compare_runs, log_comparison
 from vadflow.tasks.tracking.mlflow_runs import (
+    TAG_CATEGORY,
     curve_metrics,
     experiment_name,
     family_params,
@@ -87,19 +88,23 @@ def track_family(
     promotion: PromotionPolicy | None = None,
     eval_set_hash: str | None = None,
     contracts_passed: bool = True,
+    category: str | None = None,
 ) -> TrackedFamily:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
     curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
     register it and put it through the champion gate (when `promotion` is given).
 
-    `fit` and `evaluation` are the train and evaluate stages' records."""
+    `fit` and `evaluation` are the train and evaluate stages' records. With `category` (an
+    industrial site trained per category) the run is one category's model: named
+    `<family>/<category>`, tagged `category`, registered as `<site>-<family>-<category>` with
+    its own champion gate, since each category's model is deployed and judged on its own."""
     family, report, diverged = fit.family, fit.report, fit.diverged
-    run = session.start_run(
-        experiment_name(site),
-        family,
-        {**tags, **run_tags(site, family=family, contracts_passed=contracts_passed)},
-        parent=parent,
-    )
+    run_name, registered = family, family
+    run_tag = run_tags(site, family=family, contracts_passed=contracts_passed)
+    if category is not None:
+        run_name, registered = f"{family}/{category}", f"{family}-{category}"
+        run_tag[TAG_CATEGORY] = category
+    run = session.start_run(experiment_name(site), run_name, {**tags, **run_tag}, parent=parent)
     session.log_params(run, family_params(family, fit.config, tiling))
     session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
     session.log_metrics(run, evaluation.all_metrics)
@@ -126,7 +131,7 @@ def track_family(
         decision = session.register_and_promote(
             run,
             site,
-            family,
+            registered,
             metric=promotion.metric,
             margin=promotion.margin,
             higher_is_better=promotion.higher_is_better,
@@ -231,10 +236,12 @@ def log_family_run(
     tags: Mapping[str, str],
     *,
     contracts_passed: bool,
+    category: str | None = None,
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> TrackedFamily:
-    """One child run for a family, its model registered as `<site>-<family>` and put through
-    the site's champion gate on this night's evaluation set (the slides that were usable)."""
+    """One child run for a family (or one category's model of it), its model registered as
+    `<site>-<family>` (`<site>-<family>-<category>`) and put through the site's champion gate
+    on this night's evaluation set (the slides that were usable)."""
     slides = pl.read_parquet(slides_path).filter(pl.col("status") == "ok")
     eval_hash = evaluation_set_hash(
         slides,
@@ -256,6 +263,7 @@ def log_family_run(
             promotion=PromotionPolicy(**site.promotion.model_dump()),
             eval_set_hash=eval_hash,
             contracts_passed=contracts_passed,
+            category=category,
         )
     if tracked.spooled:
         log.warning(
@@ -288,14 +296,23 @@ def close_nightly_run(
 
 
 def summary_markdown(summary: NightlySummary) -> str:
-    """The night as a Markdown table (a Prefect artifact): each family's metrics, then the
+    """The night as a Markdown table (a Prefect artifact): each family's metrics (per category
+    and their mean on a site trained per category), then what the labels left out and the
     slides set aside."""
     lines = [f"# nightly {summary.site} {summary.version}", ""]
-    lines += ["| family | metric | value |", "| --- | --- | --- |"]
+    lines += ["| family | category | metric | value |", "| --- | --- | --- | --- |"]
     for family, result in summary.families.items():
-        for key, value in result.metrics.items():
-            lines.append(f"| {family} | {key} | {value:.4f} |")
+        shown = [(name, c.metrics) for name, c in result.categories.items()]
+        shown.append(("mean" if result.categories else "", result.metrics))
+        for category, metrics in shown:
+            for key, value in metrics.items():
+                lines.append(f"| {family} | {category} | {key} | {value:.4f} |")
+    if gaps := summary.gaps.lines():
+        lines += ["", "## label gaps", ""]
+        lines += [f"- {line}" for line in gaps]
     if summary.quarantined:
         lines += ["", "## quarantined", ""]
         lines += [f"- {q.slide_id}: {q.reason}" for q in summary.quarantined]
+    if not summary.exported:
+        lines += ["", "exports skipped (`--no-export`): draw them with `vadflow export`"]
     return "\n".join(lines)
