@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -29,7 +29,6 @@ from vadflow.tasks.records import (
     TrainedModel,
 )
 from vadflow.tasks.site import SiteConfig
-from vadflow.tasks.tracking.compare import compare_runs, log_comparison
 from vadflow.tasks.tracking.mlflow_runs import (
     curve_metrics,
     experiment_name,
@@ -37,9 +36,10 @@ from vadflow.tasks.tracking.mlflow_runs import (
     manifest_hashes,
     run_tags,
 )
-from vadflow.tasks.tracking.registry import evaluation_set_hash
-from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
 from vadflow.tasks.training.model_folder import EXAMPLE_FILE
+
+if TYPE_CHECKING:  # these load MLflow: imported where a run is logged, not with a flow module
+    from vadflow.tasks.tracking.spool import TrackingSession
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ def finish_nightly(
     for artifact_path, path in (reports or {}).items():
         if Path(path).exists():
             session.log_artifact(parent, path, artifact_path)
+    from vadflow.tasks.tracking.compare import compare_runs, log_comparison
+    from vadflow.tasks.tracking.spool import is_unreachable
+
     written: list[Path] = []
     if comparison_dir is not None and session.online and not parent.startswith("local-"):
         try:
@@ -209,6 +212,8 @@ def open_nightly_run(
 ) -> str:
     """The night's parent run, with the site and tiling settings as params; a `local-...`
     reference when the server is down (spooled)."""
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
         return start_nightly(
             session,
@@ -235,6 +240,9 @@ def log_family_run(
 ) -> TrackedFamily:
     """One child run for a family, its model registered as `<site>-<family>` and put through
     the site's champion gate on this night's evaluation set (the slides that were usable)."""
+    from vadflow.tasks.tracking.registry import evaluation_set_hash
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     slides = pl.read_parquet(slides_path).filter(pl.col("status") == "ok")
     eval_hash = evaluation_set_hash(
         slides,
@@ -276,6 +284,8 @@ def close_nightly_run(
 ) -> list[Path]:
     """Per-family metrics, the contracts report and the cross-run comparison on the parent run,
     which then ends."""
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
         return finish_nightly(
             session,

@@ -4,6 +4,7 @@
 batch augmentation), `backbones.py` (patch features of patch_knn and padim), `gan_parts.py`
 (GAN config bases, DCGAN networks, latent search, the GAN trainer), `latent_density.py`
 (latent-code scores), `anomaly_maps.py` (per-pixel difference -> anomaly map and tile score, the
-autoencoders' config base) and `memory_bank.py` (k-center coreset and nearest-neighbour
-distances). Importing this package imports none of them.
+autoencoders' config base), `memory_bank.py` (k-center coreset and nearest-neighbour
+distances) and `threads.py` (torch's CPU threads per task, and how many run at once). Importing
+this package imports none of them.
 """
