@@ -83,3 +83,61 @@ def test_a_failing_listener_never_fails_the_stage(caplog: pytest.LogCaptureFixtu
         assert advance("score ae_l2", 2) == 1
     assert [e.stage for e in seen] == ["train ae_l2", "score ae_l2"]  # the others still hear
     assert "display went away" in caplog.text
+
+
+# -- what the command line shows (flows/cli/progress.py) -------------------------------------
+
+
+def test_stage_lines_without_a_terminal_give_each_stages_latest_figures() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from vadflow.flows.cli.progress import StageBars
+
+    out = StringIO()
+    console = Console(file=out, width=200, color_system=None)
+    with StageBars(console, "starting the local API", live=False) as bars, listening(bars):
+        report("register", 1, 2, "slide_a ok")
+        report("register", 2, 2, "none quarantined")
+        report("train ae_l2", 1, 3, "loss 0.2000, val 0.3000")
+        report("train ae_l2", 3, 3, "val 0.1000")
+        advance("score ae_l2", None, "slide_a: 12 tiles")
+        advance("score ae_l2", None, "slide_b: 9 tiles")
+    lines = [line.split("  (")[0].split() for line in out.getvalue().splitlines()]
+    assert lines[1][:3] == ["✓", "prefect", "ready"]  # after N s: when the first stage reported
+    assert lines[:1] + lines[2:] == [
+        ["prefect", "starting", "the", "local", "API"],
+        ["✓", "register", "2/2", "slides", "none", "quarantined"],
+        ["✓", "train", "ae_l2", "3/3", "epochs", "val", "0.1000"],
+        ["·", "score", "ae_l2", "2", "slides", "slide_b:", "9", "tiles"],
+    ]
+
+
+def test_prefect_log_moves_terminal_lines_to_the_file_and_back(tmp_path) -> None:
+    import io
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from vadflow.flows.cli.progress import PrefectLog
+
+    terminal = io.StringIO()
+    console = PrefectConsoleHandler(stream=terminal)
+    logger = logging.getLogger("vadflow-test-terminal")
+    logger.addHandler(console)
+    logger.propagate = False
+    try:
+        log = PrefectLog(tmp_path / "logs" / "run.log").start()
+        logger.warning("during the run")
+        first_log = log
+        second = PrefectLog(tmp_path / "logs" / "run-2.log").start()  # replaces the first
+        logger.warning("during the second run")
+        second.restore()
+        first_log.restore()  # already restored by the second: nothing happens
+        logger.warning("after the run")
+    finally:
+        logger.removeHandler(console)
+    assert "during the run" in (tmp_path / "logs" / "run.log").read_text()
+    assert "during the second run" in (tmp_path / "logs" / "run-2.log").read_text()
+    assert "during" not in terminal.getvalue() and "after the run" in terminal.getvalue()
+    assert logger.handlers == []  # exactly its own handler came back, once

@@ -54,8 +54,8 @@ def register_task(
         logger.warning("quarantined %s: %s", q.slide_id, q.reason)
     write_quarantine(rows, layout.quarantine_uri, options)
     path = write_parquet_atomic(slide_frame(rows), layout.slides_manifest)
-    if quarantined:
-        report("register", len(rows), len(sources), f"{len(quarantined)} quarantined")
+    aside = f"{len(quarantined)} quarantined" if quarantined else "none quarantined"
+    report("register", len(rows), len(sources), aside)
     return SlideManifest(str(path), len(rows), quarantined)
 
 
@@ -79,4 +79,17 @@ def tile_site_task(rows: list[dict], site: SiteConfig, layout: SiteLayout) -> li
         what = f"{result.tiles} tiles" if result.status == "ok" else result.status
         report("tile", len(finished), len(rows), f"{result.slide_id}: {what}")
 
-    return tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=on_result)
+    results = tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=on_result)
+    report("tile", len(results), len(rows), _tiling_summary(results))
+    return results
+
+
+def _tiling_summary(results: list[TilingResult]) -> str:
+    """`1,204 tiles; 1 no tissue, 1 failed`: the tile stage's last progress line."""
+    tiles = sum(r.tiles for r in results if r.status == "ok")
+    others = [
+        f"{n} {status.replace('_', ' ')}"
+        for status in ("no_tissue", "failed")
+        if (n := sum(r.status == status for r in results))
+    ]
+    return "; ".join([f"{tiles:,} tiles", *others])

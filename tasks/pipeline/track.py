@@ -23,7 +23,7 @@ def start_tracking_task(
     report("track", 0, 1, f"opening the night's run in {target.tracking_uri}")
     parent = open_nightly_run(target, site, version, tags)
     spooled = parent.startswith("local-")
-    report("track", 0, 1, "spooled: the server is unreachable" if spooled else f"run {parent}")
+    report("track", 0, 1, "spooled: the server is unreachable" if spooled else "night's run opened")
     return parent
 
 
