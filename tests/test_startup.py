@@ -65,11 +65,16 @@ def test_threads_per_task_shares_the_cores(cores: int, concurrent: int, expected
     assert threads_per_task(cores, concurrent) == expected
 
 
-def test_usable_cores_honours_a_users_omp_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_users_omp_cap_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert threads.usable_cores() == 1
+    assert threads.set_torch_threads(concurrent=1) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
-    assert threads.usable_cores() == len(os.sched_getaffinity(0))
+    assert threads.set_torch_threads(concurrent=2) == 2
+    torch.set_num_threads(before)
 
 
 def test_torch_slots_bound_the_tasks_running_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,6 +85,7 @@ def test_torch_slots_bound_the_tasks_running_at_once(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(threads, "SLOTS", 2)
     monkeypatch.setattr(threads, "_SLOTS", threading.BoundedSemaphore(2))
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # no user cap
     running, peak, seen = [0], [0], []
     lock = threading.Lock()
 

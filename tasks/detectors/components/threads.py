@@ -27,22 +27,22 @@ def threads_per_task(cores: int, concurrent: int) -> int:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), capped
-    by `OMP_NUM_THREADS` when that is set to a number: a user's cap wins."""
+    """The cores this process may run on: its CPU affinity (e.g. a container's cpuset)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
+        return os.cpu_count() or 1
 
 
 def set_torch_threads(concurrent: int = 1) -> int:
     """Give torch, in the calling thread, its share of the cores when `concurrent` torch tasks
-    run at once; returns the thread count set."""
+    run at once; returns the thread count set. A user's `OMP_NUM_THREADS` caps it."""
     import torch
 
     threads = threads_per_task(usable_cores(), concurrent)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        threads = min(threads, int(cap))
     torch.set_num_threads(threads)
     return threads
 
