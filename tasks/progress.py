@@ -39,6 +39,9 @@ Listener = Callable[[Progress], None]
 _lock = threading.Lock()
 _listeners: list[Listener] = []
 _counts: dict[str, int] = {}  # advance()'s shared counters, by stage
+# Held from counting to reporting, so listeners hear a stage's counts in order (1, 2, 3 and
+# never 2 before 1); re-entrant, so a listener that reports does not deadlock.
+_in_order = threading.RLock()
 
 
 @contextmanager
@@ -76,13 +79,14 @@ def advance(stage: str, total: int | None, detail: str = "") -> int:
     one. The count starts again at zero once it reaches `total`, and when the last listener
     leaves; with no listener nothing is counted and 0 is returned.
     """
-    with _lock:
-        if not _listeners:
-            return 0
-        done = _counts.get(stage, 0) + 1
-        if total is not None and done >= total:
-            _counts.pop(stage, None)
-        else:
-            _counts[stage] = done
-    report(stage, done, total, detail)
+    with _in_order:
+        with _lock:
+            if not _listeners:
+                return 0
+            done = _counts.get(stage, 0) + 1
+            if total is not None and done >= total:
+                _counts.pop(stage, None)
+            else:
+                _counts[stage] = done
+        report(stage, done, total, detail)
     return done

@@ -59,8 +59,8 @@ def test_advance_counts_across_threads_and_restarts_at_the_total() -> None:
             w.start()
         for w in workers:
             w.join()
-        # Each count is handed out once: no update lost to a race.
-        assert sorted(e.done for e in seen) == list(range(1, total + 1))
+        # Each count is handed out once and heard in order: no update lost or overtaken.
+        assert [e.done for e in seen] == list(range(1, total + 1))
         assert advance("score ae_l2", total) == 1  # a second map of the same stage
         assert advance("contracts", None) == 1  # no total: counts on
         assert advance("contracts", None) == 2

@@ -6,8 +6,8 @@
 
 The stages report through `vadflow.tasks.progress`; `StageBars` draws each stage as one line
 (registered k/N, tiled k/N, epochs e/E with the loss, scored k/N, evaluated, exported,
-tracked), live on a terminal, or as one printed line per finished stage otherwise (a CI log,
-a pipe, `--verbose`). `PrefectLog` sends the lines Prefect, MLflow and great-expectations log
+tracked): live bars on a terminal, otherwise (a CI log, a pipe, `--verbose`) a printed line
+per stage once the next stage reports. `PrefectLog` sends the lines Prefect, MLflow and great-expectations log
 to the terminal into `<home>/logs/run-<time>.log` instead, unless `--verbose` keeps them there.
 """
 
@@ -99,10 +99,10 @@ class StageBars:
             self.console.print(f"  {'prefect':<16}  {self._api_note}", highlight=False)
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
         with self._lock:
             self._print_lines(but=None)
-            if self.live:  # stages without a total (the contracts) end with the run
+            if self.live and exc_type is None:  # stages without a total end with the run
                 for row in self._bars.tasks:
                     if row.total is None:
                         self._bars.update(

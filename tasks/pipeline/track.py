@@ -76,7 +76,7 @@ def finish_tracking_task(
     written = close_nightly_run(
         target, parent_run_id, site, family_metrics, Path(comparison_dir), contracts_report
     )
-    report("track", 1, 1, f"{len(family_metrics)} families logged")
+    report("track", 1, 1, f"night's summary logged ({', '.join(family_metrics) or 'no family'})")
     return written
 
 
