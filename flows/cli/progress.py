@@ -7,8 +7,9 @@
 The stages report through `vadflow.tasks.progress`; `StageBars` draws each stage as one line
 (registered k/N, tiled k/N, epochs e/E with the loss, scored k/N, evaluated, exported,
 tracked): live bars on a terminal, otherwise (a CI log, a pipe, `--verbose`) a printed line
-per stage once the next stage reports. `PrefectLog` sends the lines Prefect, MLflow and great-expectations log
-to the terminal into `<home>/logs/run-<time>.log` instead, unless `--verbose` keeps them there.
+per stage once the next stage reports. `PrefectLog` sends the lines Prefect, MLflow and
+great-expectations log to the terminal into `<home>/logs/run-<time>.log` instead, unless
+`--verbose` keeps them there.
 """
 
 from __future__ import annotations
