@@ -58,6 +58,7 @@ def batch_score(
         [data.manifest_of(r["slide_id"]) for r in to_score],
         out_dir=unmapped(str(layout.heatmaps(f"{run}-{version}"))),
         heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
+        slides_in_run=unmapped(len(to_score)),
     ).result()
     evaluated = None
     if metrics:

@@ -131,6 +131,7 @@ def nightly(
                 [data.manifest_of(r["slide_id"]) for r in rows],
                 out_dir=unmapped(_in_group(layout.heatmaps(f"{family}-{version}"), group)),
                 heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
+                slides_in_run=unmapped(len(rows)),
             ).result()
             checked = validate_scores_task(
                 name, scores, data.slides_path, list(group.tile_paths), site, layout, version

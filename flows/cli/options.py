@@ -43,6 +43,15 @@ HomeOption = Annotated[
         help="state folder for Prefect, MLflow and outputs (default ./.vadflow or $VADFLOW_HOME)",
     ),
 ]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="show Prefect's log lines on the terminal (default: a file under <home>/logs, "
+        "named at the end)",
+    ),
+]
 SitesOption = Annotated[
     Path | None,
     typer.Option(

@@ -2,7 +2,8 @@
 
 Both check their input first (family names while parsing, the site folder with `load_site`),
 then start Prefect; the demo makes its site with the synth library, never through the synth
-commands.
+commands. While the flow runs, one progress line per stage is shown and Prefect's log goes to
+a file named at the end (`flows/cli/progress.py`), or to the terminal with `--verbose`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from vadflow.flows.cli.options import (
     FamiliesOption,
     HomeOption,
     SiteDirArgument,
+    VerboseOption,
     console,
     family_values,
 )
+from vadflow.flows.cli.progress import flow_output
 from vadflow.flows.cli.results import print_summary
 from vadflow.flows.cli.startup import checked_site, prefect_api
 
@@ -43,15 +46,17 @@ def run_command(
             "draws them later)",
         ),
     ] = True,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run the nightly flow on one site and print its results."""
-    run_nightly(site_dir, family_values(family), epochs, home, export=export)
+    run_nightly(site_dir, family_values(family), epochs, home, export=export, verbose=verbose)
 
 
 def demo_command(
     domain: Annotated[Domain, typer.Option(help="which kind of synthetic site")] = "pathology",
     seed: Annotated[int, typer.Option(help="seed of the synthetic site")] = 0,
     home: HomeOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Make a small synthetic site, run the nightly flow on it, print the results."""
     from vadflow.flows.env import configure_state
@@ -71,7 +76,7 @@ def demo_command(
 
             make_industrial_site(data, name, seed=seed)
     started = time.monotonic()
-    run_nightly(site_dir, None, DEMO_EPOCHS, home)
+    run_nightly(site_dir, None, DEMO_EPOCHS, home, verbose=verbose)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s")
 
 
@@ -80,30 +85,43 @@ def run_nightly(
     families: list[str] | None,
     epochs: int | None,
     home: Path | None,
+    *,
     export: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Check the site, run the nightly flow on it, print the summary; returns the summary."""
+    """Check the site, run the nightly flow on it with a progress line per stage, print the
+    summary and where Prefect's log went; returns the summary."""
     site = checked_site(site_dir)  # before Prefect starts: a bad site costs milliseconds
     from vadflow.flows.env import configure_state
 
     state = configure_state(home)
     console.print(
-        f"running the nightly flow on [bold]{site.name}[/] ({site.domain}); "
-        "Prefect's local API takes ~25 s to start the first time",
-        soft_wrap=True,
+        f"running the nightly flow on [bold]{site.name}[/] ({site.domain})", soft_wrap=True
     )
     from vadflow.flows.nightly import nightly
 
     # Command-line flags reach every family that has the field (tasks/detectors/settings.py).
     flags = {"flags": {"epochs": epochs}} if epochs else {}
-    with prefect_api(), console.status("nightly flow running (progress is logged below)"):
-        summary = nightly(
-            str(site_dir),
-            output_root=str(state.outputs),
-            tracking_uri=state.tracking_uri,
-            families=families,
-            export=export,
-            **flags,
-        )
+    # The log stays in its file until the process ends: Prefect logs its local API's
+    # shutdown at exit, after the summary.
+    with flow_output(state.home, verbose=verbose, until_exit=True) as output:
+        try:
+            with prefect_api():
+                summary = nightly(
+                    str(site_dir),
+                    output_root=str(state.outputs),
+                    tracking_uri=state.tracking_uri,
+                    families=families,
+                    export=export,
+                    **flags,
+                )
+        except BaseException:
+            if output.log_file is not None:  # the details are in the log
+                console.print(f"the run failed; {output.where}", soft_wrap=True, highlight=False)
+            raise
     print_summary(summary, state, domain=site.domain, froc_itc_um=site.froc_itc_um)
+    if output.log_file is not None:
+        console.print(
+            f"Prefect's log:           {output.log_file}", soft_wrap=True, highlight=False
+        )
     return summary

@@ -11,7 +11,9 @@
   `resolve_model_task` (tasks/tracking/resolve.py)
 
 Tasks take and return paths and the records of `tasks/records.py`, never arrays; call
-`task.fn(...)` to run one without Prefect.
+`task.fn(...)` to run one without Prefect. Each imports its stage in its body, so importing a
+flow loads no torch, MLflow or great-expectations, and reports how far it got through
+`vadflow.tasks.progress` (what `vadflow run` draws).
 """
 
 from vadflow.tasks.pipeline.evaluate import evaluate_task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from vadflow.tasks.evaluation.scored_run import evaluate_scored_run
+from vadflow.tasks.progress import report
 from vadflow.tasks.records import Evaluated, SlideScore
 from vadflow.tasks.site import SiteConfig, SiteLayout
 
@@ -22,7 +22,13 @@ def evaluate_task(
     """Metrics, plots and slide table under reports/<name>/; calibration beside `model_dir`
     (a model trained on this site); `model_threshold` adds the calls a model calibrated
     before would make here."""
-    return evaluate_scored_run(
+    # Imported here: evaluation pulls in sklearn, matplotlib and torch, which the flow module
+    # (and the command line that imports it) should not pay for before the first task runs.
+    from vadflow.tasks.evaluation.scored_run import evaluate_scored_run
+
+    stage = f"evaluate {name}"
+    report(stage, 0, 1, f"{len(scores)} slides")
+    evaluated = evaluate_scored_run(
         site,
         name,
         slides_path,
@@ -32,3 +38,14 @@ def evaluate_task(
         model_threshold,
         masks_dir=str(layout.masks),
     )
+    report(stage, 1, 1, _headline(evaluated.metrics))
+    return evaluated
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """The first AUROC the evaluation has (slide, image or pixel), for a progress line."""
+    for key in ("slide_auroc", "image_auroc", "pixel_auroc"):
+        value = metrics.get(key)
+        if isinstance(value, float) and value == value:  # NaN: not computable here
+            return f"{key} {value:.3f}"
+    return "done"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from vadflow.tasks.exports.publish import export_scored_run
+from vadflow.tasks.progress import report
 from vadflow.tasks.records import Evaluated, Exported, SlideScore
 from vadflow.tasks.site import CandidatesConfig, SiteLayout
 
@@ -25,7 +25,12 @@ def export_task(
     """Overlays, lesion files and the HTML report of run `name`, at the evaluation's threshold
     or, without one, at the model's own calibration; without `render`, only the run's
     `scored.json`, for `vadflow export` to draw them later."""
-    return export_scored_run(
+    # Imported here: the exports draw with matplotlib and read heatmaps through torch's stage.
+    from vadflow.tasks.exports.publish import export_scored_run
+
+    stage = f"export {name}"
+    report(stage, 0, 1, f"{len(scores)} slides")
+    exported = export_scored_run(
         layout,
         name,
         slides_path,
@@ -38,3 +43,5 @@ def export_task(
         render=render,
         candidates=candidates,
     )
+    report(stage, 1, 1, f"{len(exported.overlays)} overlays")
+    return exported

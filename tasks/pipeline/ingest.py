@@ -1,24 +1,31 @@
 """The ingest stage's tasks: discover, register, mask + tile (the manifest contracts are in
-validate.py). Each calls one stage of `tasks/slides/` or `tasks/tiling/`."""
+validate.py). Each calls one stage of `tasks/slides/` or `tasks/tiling/`, imported in the task
+body so that importing a flow costs none of the stages' libraries (scipy, scikit-image)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import get_run_logger, task
 
-from vadflow.tasks.manifests import write_parquet_atomic
+from vadflow.tasks.progress import report
 from vadflow.tasks.records import Quarantined, SlideManifest
 from vadflow.tasks.site import SiteConfig, SiteLayout
-from vadflow.tasks.slides.discover import SlideSource, discover
-from vadflow.tasks.slides.register import register_slide, slide_frame, write_quarantine
-from vadflow.tasks.tiling.grid import TilingResult
-from vadflow.tasks.tiling.runners import tile_site
+
+if TYPE_CHECKING:
+    from vadflow.tasks.slides.discover import SlideSource
+    from vadflow.tasks.tiling.grid import TilingResult
 
 
 @task(name="discover")
 def discover_task(site: SiteConfig) -> list[SlideSource]:
     """The site's slides and what their place in its folders says (label, split)."""
+    from vadflow.tasks.slides.discover import discover
+
+    report("discover", 0, 1, f"looking under {site.source}")
     sources = discover(site.source, site.domain, site.val_fraction, storage=site.storage.options())
     get_run_logger().info("found %d slides under %s", len(sources), site.source)
+    report("discover", 1, 1, f"{len(sources)} slides")
     return sources
 
 
@@ -27,11 +34,16 @@ def register_task(
     site: SiteConfig, sources: list[SlideSource], layout: SiteLayout
 ) -> SlideManifest:
     """Slide manifest for the site; quarantined slides get a JSON file with their reason."""
+    from vadflow.tasks.manifests import write_parquet_atomic
+    from vadflow.tasks.slides.register import register_slide, slide_frame, write_quarantine
+
     logger = get_run_logger()
     options = site.storage.options()
-    rows = [
-        register_slide(
-            s,
+    rows = []
+    report("register", 0, len(sources))
+    for source in sources:
+        row = register_slide(
+            source,
             site.name,
             site.domain,
             site.mpp_override,
@@ -40,8 +52,8 @@ def register_task(
             tiling=site.tiling,
             limits=site.limits,
         )
-        for s in sources
-    ]
+        rows.append(row)
+        report("register", len(rows), len(sources), f"{row['slide_id']} {row['status']}")
     quarantined = tuple(
         Quarantined(r["slide_id"], r["reason"]) for r in rows if r["status"] == "quarantined"
     )
@@ -49,6 +61,8 @@ def register_task(
         logger.warning("quarantined %s: %s", q.slide_id, q.reason)
     write_quarantine(rows, layout.quarantine_uri, options)
     path = write_parquet_atomic(slide_frame(rows), layout.slides_manifest)
+    aside = f"{len(quarantined)} quarantined" if quarantined else "none quarantined"
+    report("register", len(rows), len(sources), aside)
     return SlideManifest(str(path), len(rows), quarantined)
 
 
@@ -59,10 +73,30 @@ def tile_site_task(rows: list[dict], site: SiteConfig, layout: SiteLayout) -> li
     Finished slides (same content hash and tiling settings) are skipped, so a nightly rerun
     starts no workers when nothing changed; a slide that fails is reported, the rest go on.
     """
-    logger = get_run_logger()
+    from vadflow.tasks.tiling.runners import tile_site
 
-    def report(result: TilingResult) -> None:
+    logger = get_run_logger()
+    finished: list[TilingResult] = []
+    report("tile", 0, len(rows))
+
+    def on_result(result: TilingResult) -> None:  # in this process, as each slide finishes
+        finished.append(result)
         if result.status != "ok":
             logger.warning("%s: %s (%s)", result.slide_id, result.status, result.reason)
+        what = f"{result.tiles} tiles" if result.status == "ok" else result.status
+        report("tile", len(finished), len(rows), f"{result.slide_id}: {what}")
 
-    return tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=report)
+    results = tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=on_result)
+    report("tile", len(results), len(rows), _tiling_summary(results))
+    return results
+
+
+def _tiling_summary(results: list[TilingResult]) -> str:
+    """`1,204 tiles; 1 no tissue, 1 failed`: the tile stage's last progress line."""
+    tiles = sum(r.tiles for r in results if r.status == "ok")
+    others = [
+        f"{n} {status.replace('_', ' ')}"
+        for status in ("no_tissue", "failed")
+        if (n := sum(r.status == status for r in results))
+    ]
+    return "; ".join([f"{tiles:,} tiles", *others])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from vadflow.tasks.progress import advance
 from vadflow.tasks.records import SlideScore
-from vadflow.tasks.scoring.run import score_with_model
 
 
 @task(name="score")
@@ -17,6 +18,22 @@ def score_task(
     tiles_path: str,
     out_dir: str,
     heatmap_downsample: int,
+    slides_in_run: int | None = None,
 ) -> SlideScore:
-    """Score one slide with a saved model and the stain reference it was trained with."""
-    return score_with_model(model_dir, slide_row, tiles_path, out_dir, heatmap_downsample)
+    """Score one slide with a saved model and the stain reference it was trained with.
+
+    The flow maps this task over slides, and the mapped tasks run side by side in threads:
+    each waits for a torch slot (at most one per core) and takes its share of the cores.
+    `slides_in_run` is how many slides the map scores: the progress total, and how many tasks
+    share the cores (None: assume the map has a task for every core).
+    """
+    # Imported here: scoring pulls in torch, which importing a flow should not.
+    from vadflow.tasks.detectors.base import read_config
+    from vadflow.tasks.detectors.components.threads import torch_slot
+    from vadflow.tasks.scoring.run import score_with_model
+
+    family = read_config(Path(model_dir))["family"]
+    with torch_slot(slides_in_run):
+        score = score_with_model(model_dir, slide_row, tiles_path, out_dir, heatmap_downsample)
+    advance(f"score {family}", slides_in_run, f"{score.slide_id}: {score.tiles} tiles")
+    return score

@@ -1,6 +1,6 @@
 """The track stage's tasks (`tasks/tracking/nightly.py`, `tasks/tracking/resolve.py`): the
 night's parent run, a child run per family with the champion gate, the parent's summary; and
-which model a scoring run uses."""
+which model a scoring run uses. The stages (and MLflow) are imported in the task bodies."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from vadflow.tasks.progress import report
 from vadflow.tasks.records import Evaluated, TrackedFamily, TrackingTarget, TrainedModel
 from vadflow.tasks.site import SiteConfig
-from vadflow.tasks.tracking.nightly import close_nightly_run, log_family_run, open_nightly_run
-from vadflow.tasks.tracking.resolve import resolve_model
 
 
 @task(name="start-tracking")
@@ -19,7 +18,13 @@ def start_tracking_task(
     target: TrackingTarget, site: SiteConfig, version: str, tags: dict[str, str]
 ) -> str:
     """The nightly parent run (a `local-...` reference when the server is down: spooled)."""
-    return open_nightly_run(target, site, version, tags)
+    from vadflow.tasks.tracking.nightly import open_nightly_run
+
+    report("track", 0, 1, f"opening the night's run in {target.tracking_uri}")
+    parent = open_nightly_run(target, site, version, tags)
+    spooled = parent.startswith("local-")
+    report("track", 0, 1, "spooled: the server is unreachable" if spooled else "night's run opened")
+    return parent
 
 
 @task(name="track")
@@ -37,7 +42,11 @@ def track_task(
 ) -> TrackedFamily:
     """One child run per family (per family and category: `category`); its model registered
     as <site>-<family> (<site>-<family>-<category>) and gated."""
-    return log_family_run(
+    from vadflow.tasks.tracking.nightly import log_family_run
+
+    stage = f"track {trained.family}"
+    report(stage, 0, 1, "logging the run and the model")
+    tracked = log_family_run(
         target,
         parent_run_id,
         site,
@@ -50,6 +59,8 @@ def track_task(
         category=category,
         log=get_run_logger(),
     )
+    report(stage, 1, 1, _outcome(tracked))
+    return tracked
 
 
 @task(name="finish-tracking")
@@ -62,9 +73,14 @@ def finish_tracking_task(
     contracts_report: str,
 ) -> list[Path]:
     """Per-family metrics, the contracts report and the cross-run comparison on the parent."""
-    return close_nightly_run(
+    from vadflow.tasks.tracking.nightly import close_nightly_run
+
+    report("track", 0, 1, "the night's summary and the comparison")
+    written = close_nightly_run(
         target, parent_run_id, site, family_metrics, Path(comparison_dir), contracts_report
     )
+    report("track", 1, 1, f"night's summary logged ({', '.join(family_metrics) or 'no family'})")
+    return written
 
 
 @task(name="resolve-model")
@@ -73,4 +89,19 @@ def resolve_model_task(
 ) -> str:
     """A local detector folder for `model`: a folder, an MLflow model URI, 'champion' (this
     site's) or 'champion@<site>' (another site's)."""
-    return resolve_model(model, site, family, tracking_uri, cache_root)
+    from vadflow.tasks.tracking.resolve import resolve_model
+
+    report("model", 0, 1, f"finding {model}")
+    folder = resolve_model(model, site, family, tracking_uri, cache_root)
+    report("model", 1, 1, folder)
+    return folder
+
+
+def _outcome(tracked: TrackedFamily) -> str:
+    """The champion gate's decision (or the spool) in a few words, for the progress display."""
+    if tracked.spooled:
+        return "spooled: the server is unreachable (`vadflow tracking sync` sends it)"
+    decision = tracked.decision
+    if decision is None:
+        return "logged"
+    return "promoted to champion" if decision.promoted else f"not promoted: {decision.reason}"

@@ -8,7 +8,6 @@ from prefect import get_run_logger, task
 
 from vadflow.tasks.records import SkippedFamily, TrainedModel
 from vadflow.tasks.site import SiteConfig
-from vadflow.tasks.training.train import train_family
 
 
 @task(name="train")
@@ -22,6 +21,11 @@ def train_task(
 ) -> TrainedModel | SkippedFamily:
     """Fit one detector family on the site and save it under `model_dir`; `flags` are
     command-line settings applied to every family that has the field (e.g. epochs)."""
+    # Imported here: training pulls in torch and scikit-image, which importing a flow should not.
+    from vadflow.tasks.detectors.components.threads import set_torch_threads
+    from vadflow.tasks.training.train import train_family
+
+    set_torch_threads(concurrent=1)  # families train one at a time: every core is this one's
     return train_family(
         family, site, slides_path, tile_paths, model_dir, flags=flags, logger=get_run_logger()
     )

@@ -3,25 +3,23 @@ scores after scoring, metrics after evaluation (`vadflow.tasks.validation`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from vadflow.tasks.progress import advance
 from vadflow.tasks.records import Evaluated, SlideScore
 from vadflow.tasks.site import SiteConfig, SiteLayout
-from vadflow.tasks.validation import (
-    BoundaryCheck,
-    check_manifests,
-    check_metrics,
-    check_scores,
-    report_folder,
-)
-from vadflow.tasks.validation.boundaries import declared_score_range
+
+if TYPE_CHECKING:
+    from vadflow.tasks.validation import BoundaryCheck
 
 
 def _reporting(site: SiteConfig, layout: SiteLayout, run: str) -> dict[str, Any]:
     """Where every check of run `run` reports: its contracts folder and a Prefect artifact."""
+    from vadflow.tasks.validation import report_folder
+
     return {
         "report_dir": report_folder(layout.reports, run),
         "markdown_artifact": create_markdown_artifact,
@@ -29,12 +27,22 @@ def _reporting(site: SiteConfig, layout: SiteLayout, run: str) -> dict[str, Any]
     }
 
 
+def _checked(what: str, check: BoundaryCheck) -> BoundaryCheck:
+    """Count one boundary's checks on the run's contracts line; returns `check`."""
+    aside = len(check.quarantined_ids)
+    advance("contracts", None, f"{what}: {f'{aside} slides set aside' if aside else 'passed'}")
+    return check
+
+
 @task(name="validate-manifests")
 def validate_manifests_task(
     slides_path: str, tile_paths: list[str], site: SiteConfig, layout: SiteLayout, run: str
 ) -> BoundaryCheck:
     """Slide and tile manifest contracts before training: strict stops, quarantine drops."""
-    return check_manifests(
+    # Imported here, like every stage: great-expectations itself loads only when a suite runs.
+    from vadflow.tasks.validation import check_manifests
+
+    check = check_manifests(
         slides_path,
         tile_paths,
         tiling=site.tiling,
@@ -42,6 +50,7 @@ def validate_manifests_task(
         quarantine_dir=layout.quarantine,
         **_reporting(site, layout, run),
     )
+    return _checked("manifests", check)
 
 
 @task(name="validate-scores")
@@ -55,7 +64,10 @@ def validate_scores_task(
     run: str,
 ) -> BoundaryCheck:
     """Tile and slide score contracts of one family's scored slides."""
-    return check_scores(
+    from vadflow.tasks.validation import check_scores
+    from vadflow.tasks.validation.boundaries import declared_score_range
+
+    check = check_scores(
         family,
         scores,
         slides_path,
@@ -67,6 +79,7 @@ def validate_scores_task(
         quarantine_dir=layout.quarantine,
         **_reporting(site, layout, run),
     )
+    return _checked(f"{family} scores", check)
 
 
 @task(name="validate-metrics")
@@ -74,8 +87,11 @@ def validate_metrics_task(
     family: str, evaluation: Evaluated, site: SiteConfig, layout: SiteLayout, run: str
 ) -> BoundaryCheck:
     """The metrics contract of one family's evaluation (ranges, NaN where not allowed)."""
-    return check_metrics(
+    from vadflow.tasks.validation import check_metrics
+
+    check = check_metrics(
         family,
         evaluation.all_metrics,
         **_reporting(site, layout, run),
     )
+    return _checked(f"{family} metrics", check)

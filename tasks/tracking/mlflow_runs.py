@@ -20,13 +20,14 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from vadflow.tasks.records import TrackingTarget
+
+if TYPE_CHECKING:  # MLflow loads where a run is logged, not when a flow module is imported
+    import numpy as np
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 MAX_PARAM_CHARS = 6000
 BATCH_LIMIT = 90  # log_batch takes at most 100 params / 1000 metrics; stay well under
@@ -182,6 +183,8 @@ def curve_metrics(
 ) -> list[Metric]:
     """Per-epoch training curves (`[{"epoch": 1, "train_loss": .., "val_loss": ..}]`) as metrics
     with the epoch as MLflow step, so the UI draws them as curves."""
+    from mlflow.entities import Metric
+
     now = timestamp if timestamp is not None else now_ms()
     out = []
     for point in curves:
@@ -220,6 +223,8 @@ def start_run(
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
     batch = [Param(k, v) for k, v in param_strings(params).items()]
     for start in range(0, len(batch), BATCH_LIMIT):
         client.log_batch(run_id, params=batch[start : start + BATCH_LIMIT])
@@ -237,6 +242,8 @@ def log_metrics(
     timestamp: int | None = None,
 ) -> None:
     """Finite metrics only: MLflow stores NaN, but a dashboard sorts it badly."""
+    from mlflow.entities import Metric
+
     now = timestamp if timestamp is not None else now_ms()
     batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
     for start in range(0, len(batch), BATCH_LIMIT):
@@ -244,11 +251,15 @@ def log_metrics(
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_model(tracking_uri: str, run_id: str, detector_dir: Path, example: np.ndarray) -> str:
     """Log a trained detector as a pyfunc model that loads back and scores tiles."""
+    from mlflow.tracking import MlflowClient
+
     from vadflow.tasks.tracking.pyfunc import log_detector_model
 
     return log_detector_model(MlflowClient(tracking_uri), run_id, detector_dir, example)

@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -29,7 +29,6 @@ from vadflow.tasks.records import (
     TrainedModel,
 )
 from vadflow.tasks.site import SiteConfig
-from vadflow.tasks.tracking.compare import compare_runs, log_comparison
 from vadflow.tasks.tracking.mlflow_runs import (
     TAG_CATEGORY,
     curve_metrics,
@@ -38,9 +37,10 @@ from vadflow.tasks.tracking.mlflow_runs import (
     manifest_hashes,
     run_tags,
 )
-from vadflow.tasks.tracking.registry import evaluation_set_hash
-from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
 from vadflow.tasks.training.model_folder import EXAMPLE_FILE
+
+if TYPE_CHECKING:  # these load MLflow: imported where a run is logged, not with a flow module
+    from vadflow.tasks.tracking.spool import TrackingSession
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ def finish_nightly(
     for artifact_path, path in (reports or {}).items():
         if Path(path).exists():
             session.log_artifact(parent, path, artifact_path)
+    from vadflow.tasks.tracking.compare import compare_runs, log_comparison
+    from vadflow.tasks.tracking.spool import is_unreachable
+
     written: list[Path] = []
     if comparison_dir is not None and session.online and not parent.startswith("local-"):
         try:
@@ -214,6 +217,8 @@ def open_nightly_run(
 ) -> str:
     """The night's parent run, with the site and tiling settings as params; a `local-...`
     reference when the server is down (spooled)."""
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
         return start_nightly(
             session,
@@ -242,6 +247,9 @@ def log_family_run(
     """One child run for a family (or one category's model of it), its model registered as
     `<site>-<family>` (`<site>-<family>-<category>`) and put through the site's champion gate
     on this night's evaluation set (the slides that were usable)."""
+    from vadflow.tasks.tracking.registry import evaluation_set_hash
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     slides = pl.read_parquet(slides_path).filter(pl.col("status") == "ok")
     eval_hash = evaluation_set_hash(
         slides,
@@ -284,6 +292,8 @@ def close_nightly_run(
 ) -> list[Path]:
     """Per-family metrics, the contracts report and the cross-run comparison on the parent run,
     which then ends."""
+    from vadflow.tasks.tracking.spool import TrackingSession
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
         return finish_nightly(
             session,

@@ -17,10 +17,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vadflow.tasks import progress
 from vadflow.tasks.detectors.registry import create_detector, detector_class
 from vadflow.tasks.detectors.settings import family_settings
 from vadflow.tasks.normalise.stain import StainNormaliser
@@ -34,6 +35,9 @@ from vadflow.tasks.training.sampling import (
     training_tiles,
 )
 from vadflow.tasks.training.stain import fit_stain_reference
+
+if TYPE_CHECKING:
+    from vadflow.tasks.detectors.base import FitReport
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +142,14 @@ def train_family(
     SkippedFamily when a supervised family finds no labels on this site (warned, not failed)."""
     from vadflow.tasks.detectors.base import DivergedError
 
+    stage = f"train {family}"
+    progress.report(stage, 0, None, "reading training tiles")
     supervision = detector_class(family).supervision
     try:
         data = training_set(supervision, site, slides_path, tile_paths)
     except NoTrainingLabels as exc:
         logger.warning("skipping %s on site %s: %s", family, site.name, exc)
+        progress.report(stage, 1, 1, "skipped: the site lacks its labels")
         return SkippedFamily(family, str(exc))
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,10 +159,15 @@ def train_family(
     logger.info("%s (supervision=%s): %s", family, supervision, counts)
     detector = create_detector(family, **detector_settings(family, site, flags))
     curves: list[EpochLoss] = []
+    # None (no total to show) for a family without an `epochs` field.
+    epochs = getattr(detector.config, "epochs", 0) or None
+    progress.report(stage, 0, epochs, f"{counts['train_tiles']} tiles")
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
         curves.append(EpochLoss(epoch, train_loss, val_loss))
         logger.info("%s epoch %d: train %.5f  val %.5f", family, epoch, train_loss, val_loss)
+        losses = f"loss {train_loss:.4f}, val {val_loss:.4f}"
+        progress.report(stage, epoch, max(epoch, epochs or 0), losses)
 
     diverged = False
     try:
@@ -164,6 +176,7 @@ def train_family(
         logger.error("%s diverged: %s", family, exc)
         report = replace(exc.report, diverged=True) if exc.report else None
         diverged = True
+    progress.report(stage, *_finished(report, epochs, diverged))
     detector.save(out)
     np.save(out / EXAMPLE_FILE, data.example())
     trained = TrainedModel(
@@ -178,3 +191,15 @@ def train_family(
     )
     (out / FIT_REPORT_FILE).write_text(json.dumps(trained.to_dict(), indent=2, default=str))
     return trained
+
+
+def _finished(report: FitReport | None, epochs: int | None, diverged: bool) -> tuple[int, int, str]:
+    """(done, total, detail) of a finished fit for the progress display: the bar ends full,
+    and the detail gives the last validation loss and says when and why it stopped early."""
+    ran = report.epochs if report is not None and report.epochs else 1
+    if diverged:
+        return ran, ran, f"diverged at epoch {ran}: best weights kept, never promoted"
+    detail = f"val {report.val_loss[-1]:.4f}" if report is not None and report.val_loss else "done"
+    if report is not None and report.stopped_early:
+        detail += f"; stopped early at epoch {ran} of {epochs}: validation loss stopped improving"
+    return ran, ran, detail
