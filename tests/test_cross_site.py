@@ -134,6 +134,8 @@ def test_evaluate_prints_and_logs_the_drop_from_the_home_site(
     assert "model_sensitivity" in result.output
     assert run.data.tags["vadflow.home_site"] == "xs-home"
     assert run.data.params["family"] == "ae_l2"
-    # The printed row is the logged one.
-    row = next(line for line in result.output.splitlines() if "slide_auroc" in line)
+    # The printed row is the logged one (the table's row: the evaluate stage's progress line
+    # names slide_auroc too).
+    lines = result.output.splitlines()
+    row = next(line for line in lines if "slide_auroc" in line and "│" in line)
     assert f"{metrics['drop/slide_auroc']:+.4f}" in row

@@ -10,11 +10,12 @@ map, alpha or threshold) with plain functions: nothing is rescored and no Prefec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from vadflow.flows.cli.options import FamilyOption, HomeOption, ModelOption, console
+from vadflow.flows.cli.progress import flow_output
 from vadflow.flows.cli.results import (
     print_cross_site,
     print_evaluation,
@@ -24,6 +25,10 @@ from vadflow.flows.cli.results import (
     scored_record,
 )
 from vadflow.flows.cli.startup import checked_site, fail, prefect_api
+
+if TYPE_CHECKING:
+    from vadflow.flows.env import StatePaths
+    from vadflow.tasks.records import BatchScoreSummary
 
 
 def score_command(
@@ -46,22 +51,11 @@ def score_command(
             "scored)"
         )
     checked_site(site_dir)  # before Prefect starts
-    from vadflow.flows.batch_score import batch_score
     from vadflow.flows.env import configure_state
     from vadflow.tasks.exports.render import load_scored_run
 
     state = configure_state(home)
-    try:
-        with prefect_api():
-            result = batch_score(
-                str(site_dir),
-                model=model,
-                family=family.value if family else None,
-                output_root=str(state.outputs),
-                metrics=False,
-            )
-    except (LookupError, ValueError, FileNotFoundError) as exc:  # model cannot be resolved
-        raise fail(f"scoring failed: {exc}", code=1) from None
+    result = run_batch_score(site_dir, model, family, state, metrics=False)
     print_problems(result)
     record = scored_record(result)
     if record is None:
@@ -73,6 +67,27 @@ def score_command(
         f"vadflow export {run.heatmap_dir} --colour-map viridis --alpha 0.4",
         soft_wrap=True,
     )
+
+
+def run_batch_score(
+    site_dir: Path, model: str, family: Any, state: StatePaths, *, metrics: bool
+) -> BatchScoreSummary:
+    """The batch-scoring flow with a progress line per stage and Prefect's log in a file (named
+    when the flow fails, and at exit); a model that cannot be resolved is one line, exit 1."""
+    from vadflow.flows.batch_score import batch_score
+
+    with flow_output(state.home, verbose=False, until_exit=True) as output:
+        try:
+            with prefect_api():
+                return batch_score(
+                    str(site_dir),
+                    model=model,
+                    family=family.value if family else None,
+                    output_root=str(state.outputs),
+                    metrics=metrics,
+                )
+        except (LookupError, ValueError, FileNotFoundError) as exc:  # model not resolvable
+            raise fail(f"scoring failed: {exc} ({output.where})", code=1) from None
 
 
 def evaluate_command(
@@ -90,17 +105,10 @@ def evaluate_command(
     beside these, with the drop (home - away), and logged as a cross-site run in MLflow.
     """
     site = checked_site(site_dir)
-    from vadflow.flows.batch_score import batch_score
     from vadflow.flows.env import configure_state
 
     state = configure_state(home)
-    with prefect_api():
-        result = batch_score(
-            str(site_dir),
-            model=model,
-            family=family.value if family else None,
-            output_root=str(state.outputs),
-        )
+    result = run_batch_score(site_dir, model, family, state, metrics=True)
     home_site = model.partition("@")[2] if model.startswith("champion@") else ""
     if (
         home_site
