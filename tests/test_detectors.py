@@ -351,13 +351,13 @@ OWN_FIELDS = {
     ),
     "padim": (
         "backbone backbone_sha256 backbone_weights base_channels feature_pool features "
-        "filter_window "
+        "filter_window imagenet_upsample "
         "map_smoothing_sigma n_features pretext ridge score_top_fraction shrinkage "
         "temperature tile_size"
     ),
     "patch_knn": (
         "backbone backbone_sha256 backbone_weights base_channels coreset_size feature_pool "
-        "features filter_window knn "
+        "features filter_window imagenet_upsample knn "
         "map_smoothing_sigma max_bank_patches pretext projection_dim score_top_fraction "
         "temperature"
     ),

@@ -301,9 +301,12 @@ def test_imagenet_features_are_saved_with_their_weights_hash(tmp_path: Path):
 def test_imagenet_patch_features_on_the_stride_4_grid():
     from vadflow.tasks.detectors.components.efficientnet_lite import EfficientNetLite
 
-    features = PatchFeatures("imagenet", SmallCNN(8), pretrained=EfficientNetLite())
-    raw = features.raw(torch.rand(2, 3, 64, 64))
-    assert raw.shape == (2, 120, 16, 16) == (2, features.channels, 16, 16)
+    for upsample in (1, 4):
+        features = PatchFeatures(
+            "imagenet", SmallCNN(8), pretrained=EfficientNetLite(), upsample=upsample
+        )
+        raw = features.raw(torch.rand(2, 3, 64, 64))
+        assert raw.shape == (2, 120, 16, 16) == (2, features.channels, 16, 16)
     with pytest.raises(ValueError, match="takes the pretrained network"):
         PatchFeatures("cnn", SmallCNN(8), pretrained=EfficientNetLite())
 
