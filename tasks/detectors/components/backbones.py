@@ -362,18 +362,18 @@ class PatchFeatures(nn.Module):
         grid = (math.ceil(x.shape[-2] / 4), math.ceil(x.shape[-1] / 4))
         if self.upsample > 1:  # (B, 3, H*u, W*u)
             x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        # The stages on the enlarged tile's own stride-4 grid, locally averaged there, then
+        # area-pooled onto the tile's grid (pooling on the coarse grid blurs 4x as far).
+        fine = (math.ceil(x.shape[-2] / 4), math.ceil(x.shape[-1] / 4))
         stages = self.pretrained.features(imagenet_normalise(x), stages=max(IMAGENET_STAGES) + 1)
-        # Each stage averaged onto the grid (area pooling where it is finer than the grid).
         maps = [
-            F.adaptive_avg_pool2d(s.float(), grid)
-            if s.shape[-1] >= grid[-1]
-            else F.interpolate(s.float(), size=grid, mode="bilinear", align_corners=False)
-            for s in (stages[i] for i in IMAGENET_STAGES)
+            F.interpolate(stages[i].float(), size=fine, mode="bilinear", align_corners=False)
+            for i in IMAGENET_STAGES
         ]
-        out = torch.cat(maps, dim=1)  # (B, 120, h, w)
+        out = torch.cat(maps, dim=1)  # (B, 120, h*u, w*u)
         if self.pool > 1:
             out = F.avg_pool2d(out, self.pool, stride=1, padding=self.pool // 2)
-        return out
+        return F.adaptive_avg_pool2d(out, grid) if fine != grid else out  # (B, 120, h, w)
 
     def calibrate(self, raw: torch.Tensor) -> None:
         """Fit the scaling on raw features of normal tiles, (N, C, h, w)."""
