@@ -385,6 +385,13 @@ def test_the_shared_budget_or_each_familys_own():
     assert shared == {"epochs": 3, "tile_size": 64, "seed": 1, "device": "cpu"}
     own = benchmark_settings("supervised_cnn", epochs=None, tile_size=64, seed=1, device="cpu")
     assert own == {"tile_size": 64, "seed": 1, "device": "cpu"}  # the config's epochs stay
+    # --features reaches the feature families only, and names the row's variant.
+    knn = benchmark_settings(
+        "patch_knn", epochs=3, tile_size=64, seed=1, device="cpu", features="imagenet"
+    )
+    assert knn["features"] == "imagenet"
+    ae = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu", features="cnn")
+    assert "features" not in ae
 
 
 def test_benchmark_refuses_unknown_families_and_sizes():

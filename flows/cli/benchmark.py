@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from vadflow.flows.cli.options import Device, FamiliesOption, Score, Size, console, family_values
+from vadflow.flows.cli.options import (
+    Device,
+    FamiliesOption,
+    Features,
+    Score,
+    Size,
+    console,
+    family_values,
+)
 from vadflow.flows.cli.startup import fail
 
 
@@ -25,6 +33,10 @@ def benchmark_detectors_command(
     score: Annotated[
         Score, typer.Option(help="how the families with a latent space score")
     ] = "residual",
+    features: Annotated[
+        Features | None,
+        typer.Option(help="patch features of patch_knn and padim (default: their own, filters)"),
+    ] = None,
     markdown: Annotated[
         Path | None, typer.Option(help="also write the table as Markdown here")
     ] = None,
@@ -40,6 +52,7 @@ def benchmark_detectors_command(
             seed,
             device=device,
             score=score,
+            features=features,
         )
     except (KeyError, ValueError) as exc:
         raise fail(str(exc)) from None

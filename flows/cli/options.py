@@ -26,6 +26,7 @@ Category = Literal["fabric", "wood"]  # tasks/synth/industrial.py CATEGORIES
 Device = Literal["auto", "cpu", "cuda"]  # tasks/detectors/base.py resolve_device
 Score = Literal["residual", "latent", "combined"]  # tasks/detectors/components/latent_density.py
 Size = Literal["tiny", "small", "medium"]  # tasks/benchmark/hard_site.py SIZES
+Features = Literal["filters", "cnn", "both", "imagenet"]  # detectors/components/backbones.py
 
 # The shipped families, read from folder names: no family (and no torch) is imported.
 FamilyName = Enum("FamilyName", {name: name for name in family_names()}, type=str)

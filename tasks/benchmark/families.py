@@ -98,20 +98,21 @@ def benchmark_settings(
     seed: int,
     device: str,
     score: str = "residual",
+    features: str | None = None,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
     `tile_size` is the site's (a shared setting); `epochs`, `seed`, `device` and `score` are the
     command's flags. `epochs` None keeps each family's own default epochs. `score` reaches the
     families with a latent space (their `score` field: residual, latent or combined); the others
-    have no such field and ignore it.
+    have no such field and ignore it; so does `features` (None: each family's default) reach
+    the feature families only (patch_knn, padim: filters, cnn, both or imagenet).
     """
     from vadflow.tasks.detectors.settings import family_settings
 
+    flags = {"epochs": epochs, "seed": seed, "device": device, "score": score}
     return family_settings(
-        family,
-        shared={"tile_size": tile_size},
-        flags={"epochs": epochs, "seed": seed, "device": device, "score": score},
+        family, shared={"tile_size": tile_size}, flags={**flags, "features": features}
     )
 
 
@@ -145,6 +146,7 @@ def run_family(
     seed: int,
     device: str,
     score: str = "residual",
+    features: str | None = None,
 ) -> BenchmarkRow:
     """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
     from vadflow.tasks.detectors.registry import create_detector, detector_class
@@ -153,12 +155,18 @@ def run_family(
     nan = float("nan")
     supervision = getattr(detector_class(family), "supervision", "none")
     budget = benchmark_settings(
-        family, epochs=epochs, tile_size=tile_size, seed=seed, device=device, score=score
+        family,
+        epochs=epochs,
+        tile_size=tile_size,
+        seed=seed,
+        device=device,
+        score=score,
+        features=features,
     )
-    if budget.get("score", "residual") != "residual":
-        family_label = f"{family} ({score})"
-    else:
-        family_label = family
+    # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
+    asked = {"score": None if score == "residual" else score, "features": features}
+    variant = [v for k, v in asked.items() if v is not None and budget.get(k) == v]
+    family_label = f"{family} ({', '.join(variant)})" if variant else family
     try:
         detector = create_detector(family, **budget)
         fit_family(detector, supervision, data)
@@ -204,6 +212,7 @@ def benchmark_detectors(
     tile_size: int = 64,
     device: str = "auto",
     score: str = "residual",
+    features: str | None = None,
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
@@ -211,7 +220,8 @@ def benchmark_detectors(
 
     `epochs_budget` None trains each family at its own default epochs (its configured budget)
     instead of one shared number. `score` picks how the families with a latent space score
-    (residual, latent, combined).
+    (residual, latent, combined); `features` which patch features the feature families compare
+    (filters, cnn, both, imagenet; None: their default).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
@@ -242,6 +252,7 @@ def benchmark_detectors(
                 seed=seed,
                 device=device,
                 score=score,
+                features=features,
             )
             rows.append(row)
             if show:  # each result as it lands: the slow families take tens of minutes on CPU
