@@ -101,8 +101,8 @@ class BackboneConfig(TrainingConfig):
     backbone: str = "imagenet:efficientnet_lite0"  # features="imagenet": components/pretrained.py
     backbone_sha256: str | None = None  # the ImageNet weights' hash, recorded at fit
     # features="imagenet": tiles are enlarged this many times before the network, so a nucleus
-    # is as many pixels as the objects ImageNet's filters learned (medium hard site, seed 0,
-    # patch_knn: x1 tile AUROC 0.56 / slide AUC 0.36, x4 0.88 / 0.76).
+    # is as many pixels as the objects ImageNet's filters learned (medium hard site, patch_knn,
+    # seed 0: x1 tile AUROC 0.56 / slide AUC 0.36, x4 0.88 / 0.76; seed 1 x4: 0.68 / 0.52).
     imagenet_upsample: int = 4
     base_channels: int = 32  # CNN stage widths: base, 2x base, 4x base
     pretext: str = "none"  # CNN only: "none" (random weights), "rotation" or "contrastive"
