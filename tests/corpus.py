@@ -298,8 +298,6 @@ def corpus_run(prefect_harness, state_dir: Path) -> dict:
         height=1536,
         seed=7,
     )
-    with (site / "site.yaml").open("a") as handle:
-        handle.write("froc_itc_um: 10\n")
     started = time.perf_counter()
     corpus = add_corpus(site)
     made = time.perf_counter() - started

@@ -101,3 +101,14 @@ def test_the_cli_answers_an_alias_bomb_in_seconds(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     output = (done.stdout + done.stderr).strip()
     assert "site.yaml" in output and "aliases" in output and "lol" not in output
+
+
+def test_a_setting_given_twice_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently; a site file may not."""
+    path = tmp_path / "site.yaml"
+    path.write_text("name: s\ndomain: pathology\nfroc_itc_um: 10\nfroc_itc_um: 275\n")
+    with pytest.raises(ValueError, match=r"line 4, column 1: not valid YAML \(the key "):
+        read_yaml_mapping(path)
+    merged = tmp_path / "merged.yaml"  # a `<<` merge may be overridden, as YAML means it
+    merged.write_text("base: &b {epochs: 3, lr: 0.1}\nae: {<<: *b, epochs: 5}\n")
+    assert read_yaml_mapping(merged)["ae"] == {"epochs": 5, "lr": 0.1}

