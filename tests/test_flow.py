@@ -100,8 +100,12 @@ def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) ->
     assert len(history) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heatmaps")}
     assert len(artifacts) == 7
-    mlflow.set_tracking_uri(pathology_run["tracking"])
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    from tests.mlflow_server import use_tracking_uri
+
+    # Unset afterwards: mlflow exports the URI as $MLFLOW_TRACKING_URI, which later tests in the
+    # session would otherwise track into (a cross-site run ended up in this test's store).
+    with use_tracking_uri(pathology_run["tracking"]):
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     tiles = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     scores = model.predict(tiles)
     assert np.asarray(scores).shape == (3,) and np.isfinite(scores).all()
