@@ -16,10 +16,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
 from vadflow.tasks.benchmark import (
+    TILE_POSITIVE,
     SiteSize,
     benchmark_detectors,
     benchmark_families,
     build_hard_site,
+    contaminated_training,
     format_table,
     load_benchmark_tiles,
     run_family,
@@ -421,6 +423,43 @@ def test_synth_cli_writes_hard_sites_and_refuses_unknown_modes(tmp_path: Path):
     assert written != (easy / "testing" / "images" / "test_000.tif").read_bytes()
     refused = runner.invoke(app, ["synth", "industrial", str(tmp_path), "--mode", "bogus"])
     assert refused.exit_code == 2 and "'bogus' is not one of 'easy', 'hard'" in refused.output
+
+
+def test_contamination_replaces_normal_training_slides_by_tumour_slides():
+    normal, tumour = (
+        ["normal_003", "normal_001", "normal_002", "normal_004"],
+        ["tumor_002", "tumor_001"],
+    )
+    assert contaminated_training(normal, tumour, 0.0) == (sorted(normal), [])
+    train, dirty = contaminated_training(normal, tumour, 0.1)  # 10 % of 4 rounds up to one slide
+    assert dirty == ["tumor_001"] and train == [
+        "normal_001",
+        "normal_002",
+        "normal_003",
+        "tumor_001",
+    ]
+    train, dirty = contaminated_training(normal, tumour, 0.5)
+    assert dirty == ["tumor_001", "tumor_002"] and len(train) == 4
+    with pytest.raises(ValueError, match="needs 3 tumour training slides, the site has 2"):
+        contaminated_training(normal, tumour, 0.75)
+    with pytest.raises(ValueError, match="contamination must be in"):
+        contaminated_training(normal, tumour, 1.0)
+
+
+def test_contaminated_benchmark_trains_on_a_tumour_slide(tmp_path: Path):
+    size = SiteSize(2048, 1536, n_train_normal=3, n_test_normal=1, n_test_tumor=1, n_train_tumor=1)
+    site = build_hard_site(tmp_path, size, seed=2)
+    clean = load_benchmark_tiles(site, tile_size=64, work_dir=tmp_path / "clean")
+    dirty = load_benchmark_tiles(site, tile_size=64, work_dir=tmp_path / "dirty", contamination=0.1)
+    assert clean.contaminated == () and len(dirty.contaminated) == 1
+    (tumour,) = dirty.contaminated
+    assert tumour in dirty.train_slides and tumour not in clean.train_slides
+    assert len(dirty.train_slides) == len(clean.train_slides)
+    manifests = {**clean.manifests, **dirty.manifests}
+    lesion = manifests[tumour]["label_fraction"].to_numpy()
+    assert (lesion >= TILE_POSITIVE).any()  # the unlabelled slide brings lesion tiles in
+    assert len(dirty.train) == sum(manifests[s].height for s in dirty.train_slides)
+    assert np.array_equal(clean.val, dirty.val)  # validation stays normal
 
 
 @pytest.mark.slow

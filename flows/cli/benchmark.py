@@ -37,6 +37,14 @@ def benchmark_detectors_command(
         Features | None,
         typer.Option(help="patch features of patch_knn and padim (default: their own, filters)"),
     ] = None,
+    contamination: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="share of the normal training slides replaced by unlabelled tumour slides",
+        ),
+    ] = 0.0,
     markdown: Annotated[
         Path | None, typer.Option(help="also write the table as Markdown here")
     ] = None,
@@ -53,6 +61,7 @@ def benchmark_detectors_command(
             device=device,
             score=score,
             features=features,
+            contamination=contamination,
         )
     except (KeyError, ValueError) as exc:
         raise fail(str(exc)) from None

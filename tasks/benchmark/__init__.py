@@ -43,6 +43,7 @@ from vadflow.tasks.benchmark.tiles import (
     TILE_POSITIVE,
     BenchmarkData,
     TileSet,
+    contaminated_training,
     load_benchmark_tiles,
     tile_auroc,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "configured_detector",
     "fit_family",
     "format_table",
+    "contaminated_training",
     "load_benchmark_tiles",
     "print_table",
     "run_family",

@@ -213,6 +213,7 @@ def benchmark_detectors(
     device: str = "auto",
     score: str = "residual",
     features: str | None = None,
+    contamination: float = 0.0,
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
@@ -221,7 +222,8 @@ def benchmark_detectors(
     `epochs_budget` None trains each family at its own default epochs (its configured budget)
     instead of one shared number. `score` picks how the families with a latent space score
     (residual, latent, combined); `features` which patch features the feature families compare
-    (filters, cnn, both, imagenet; None: their default).
+    (filters, cnn, both, imagenet; None: their default). `contamination` replaces that share of
+    the normal training slides by unlabelled tumour slides (`contaminated_training`).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
@@ -240,7 +242,13 @@ def benchmark_detectors(
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
         site = build_hard_site(root, size, seed)
-        data = load_benchmark_tiles(site, tile_size, root / "work")
+        data = load_benchmark_tiles(site, tile_size, root / "work", contamination)
+        if show and data.contaminated:
+            print(
+                f"benchmark: {len(data.contaminated)} of {len(data.train_slides)} training "
+                f"slides are unlabelled tumour slides: {', '.join(data.contaminated)}",
+                flush=True,
+            )
         for family in chosen:
             if show:
                 print(f"benchmark: {family} ({len(rows) + 1}/{len(chosen)})", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,50 @@ class BenchmarkData:
     manifests: dict[str, Any] = field(default_factory=dict)  # slide_id -> tile manifest
     slides_path: str = ""  # every slide's manifest row, as the nightly flow writes it
     tile_paths: list[str] = field(default_factory=list)  # train and val slides' tile manifests
+    contaminated: tuple[str, ...] = ()  # tumour slides trained on as if normal (`contamination`)
+    train_slides: tuple[str, ...] = ()  # the slides whose tiles are `train`
+
+
+def contaminated_training(
+    normal: Sequence[str], tumour: Sequence[str], contamination: float
+) -> tuple[list[str], list[str]]:
+    """The training slides when a share `contamination` of the normal ones is replaced by
+    unlabelled tumour slides: (training slides, the tumour slides among them).
+
+    At least one slide is replaced whenever `contamination` > 0 (a site has few slides: 10 % of
+    5 rounds to one, i.e. 20 %); the last normal slides (sorted) make way for the first tumour
+    slides, so a run is repeatable. ValueError when the site has too few tumour slides.
+    """
+    if not 0.0 <= contamination < 1.0:
+        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
+    normal, tumour = sorted(normal), sorted(tumour)
+    k = max(1, round(contamination * len(normal))) if contamination > 0 else 0
+    if k >= len(normal):
+        raise ValueError(
+            f"contamination {contamination:g} would replace {k} of the {len(normal)} normal "
+            "training slides; lower it or use a larger --size"
+        )
+    if k > len(tumour):
+        raise ValueError(
+            f"contamination {contamination:g} needs {k} tumour training slides, the site has "
+            f"{len(tumour)}; lower it or use a larger --size"
+        )
+    return normal[: len(normal) - k] + tumour[:k], tumour[:k]
 
 
 def load_benchmark_tiles(
-    site_dir: Path, tile_size: int = 64, work_dir: Path | None = None
+    site_dir: Path,
+    tile_size: int = 64,
+    work_dir: Path | None = None,
+    contamination: float = 0.0,
 ) -> BenchmarkData:
     """Tile the site as the pipeline does and read train, val and test tiles.
 
     Tiling is `tasks.tiling.grid.tile_slide` with the site's own settings (but `tile_size`),
     so the benchmark sees exactly the tiles a nightly run trains and scores on.
+    `contamination` > 0 trains the unsupervised families on a set where that share of the normal
+    training slides is replaced by the site's (annotated) tumour training slides, unlabelled
+    (`contaminated_training`); validation slides stay normal.
     """
     import polars as pl
 
@@ -73,14 +109,23 @@ def load_benchmark_tiles(
     slides.write_parquet(slides_path)
     uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
 
-    def tiles_of(split: str, label: str | None = None) -> pl.DataFrame:
+    def ids_of(split: str, label: str | None = None) -> list[str]:
         chosen = slides.filter(pl.col("split") == split)
         if label is not None:
             chosen = chosen.filter(pl.col("label") == label)
-        ids = sorted(chosen["slide_id"])
+        return sorted(chosen["slide_id"])
+
+    def tiles_of(split: str, label: str | None = None) -> pl.DataFrame:
+        ids = ids_of(split, label)
         if not ids:
             raise ValueError(f"benchmark site {site_dir} has no {split} slides")
         return pl.concat([manifests[i] for i in ids])
+
+    train_ids, contaminated = contaminated_training(
+        ids_of("train", "normal"), ids_of("train", "anomalous"), contamination
+    )
+    if not train_ids:
+        raise ValueError(f"benchmark site {site_dir} has no normal train slides")
 
     test_rows = tiles_of("test")
     names = sorted(set(test_rows["slide_id"]))
@@ -90,7 +135,7 @@ def load_benchmark_tiles(
         slide_names=names,
     )
     return BenchmarkData(
-        train=load_tiles(tiles_of("train", "normal"), uris),
+        train=load_tiles(pl.concat([manifests[i] for i in train_ids]), uris),
         val=load_tiles(tiles_of("val"), uris),
         test=test,
         site=site,
@@ -98,6 +143,8 @@ def load_benchmark_tiles(
         manifests=manifests,
         slides_path=str(slides_path),
         tile_paths=tile_paths,
+        contaminated=tuple(contaminated),
+        train_slides=tuple(train_ids),
     )
 
 
