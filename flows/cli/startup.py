@@ -7,8 +7,9 @@ line naming the setting to raise and the alternative, never a traceback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,16 +45,33 @@ def checked_site(site_dir: Path) -> SiteConfig:
 
 @contextmanager
 def prefect_api() -> Iterator[None]:
-    """Run a flow; a local Prefect API that does not start becomes one line and exit 1."""
+    """Run a flow against `$PREFECT_API_URL`, or else a local Prefect API that stops when this
+    process ends, however it ends (`flows/local_api.py`); one that does not start becomes one
+    line and exit 1."""
     from vadflow.flows.env import api_start_failure
 
     try:
-        yield
+        with _api_server():
+            yield
     except Exception as exc:
         message = api_start_failure(exc)
         if message is None:
             raise
         raise fail(message, code=1) from None
+
+
+def _api_server() -> AbstractContextManager[object]:
+    """Nothing to start when a Prefect server is configured; else the watched local one."""
+    from prefect.settings import PREFECT_API_URL
+
+    from vadflow.flows.env import EPHEMERAL_STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_SETTING
+    from vadflow.flows.local_api import local_prefect_api
+
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    home = Path(os.environ.get("VADFLOW_HOME") or ".vadflow")
+    timeout = float(os.environ.get(STARTUP_TIMEOUT_SETTING) or EPHEMERAL_STARTUP_TIMEOUT_S)
+    return local_prefect_api(home, timeout)
 
 
 def _one_line(exc: BaseException) -> str:
