@@ -11,8 +11,6 @@ discover -> register -> mask + tile -> validate -> resolve model -> score -> [ev
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prefect import flow, get_run_logger, unmapped
 
 from vadflow.flows.ingest import ingest
@@ -20,6 +18,7 @@ from vadflow.flows.nightly import resolve_site, state_home
 from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.pipeline import evaluate_task, export_task, resolve_model_task, score_task
 from vadflow.tasks.records import BatchScoreSummary
+from vadflow.tasks.runs import run_version
 from vadflow.tasks.site import SiteConfig, SiteLayout
 from vadflow.tasks.tracking.mlflow_runs import resolve_tracking_uri
 
@@ -46,7 +45,7 @@ def batch_score(
     family = family or site.families[0]
     layout = SiteLayout(output_root or state_home() / "outputs", site.name)
     tracking_uri = resolve_tracking_uri(tracking_uri, state_home())
-    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    version = run_version()
 
     run = f"{'batch' if metrics else 'score'}-{family}"
     data = ingest(site, layout, f"{run}-{version}")

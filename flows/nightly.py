@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from vadflow.tasks.records import (
     SlideScore,
     TrainedModel,
 )
+from vadflow.tasks.runs import run_version
 from vadflow.tasks.site import SiteConfig, SiteLayout, load_site
 from vadflow.tasks.tracking.mlflow_runs import tracking_target
 from vadflow.tasks.tracking.nightly import nightly_tags, summary_markdown
@@ -98,7 +98,7 @@ def nightly(
     home = state_home()
     layout = SiteLayout(output_root or home / "outputs", site.name)
     target = tracking_target(tracking_uri, home)
-    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    version = run_version()
     contracts = str(report_folder(layout.reports, version))
 
     data = ingest(site, layout, version)
