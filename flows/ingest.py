@@ -7,6 +7,8 @@ trained on (`category_groups`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import polars as pl
 
 from vadflow.tasks.pipeline import (
@@ -17,7 +19,7 @@ from vadflow.tasks.pipeline import (
 )
 from vadflow.tasks.records import CategoryGroup, Ingested
 from vadflow.tasks.site import SiteConfig, SiteLayout
-from vadflow.tasks.slides.discover import industrial_category, label_gaps
+from vadflow.tasks.slides.discover import industrial_category, label_gaps, train_test_copies
 
 
 def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
@@ -25,13 +27,20 @@ def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
     sources = discover_task(site)
     manifest = register_task(site, sources, layout)
     usable = pl.read_parquet(manifest.path).filter(pl.col("status") == "ok").to_dicts()
+    copies = train_test_copies(usable)
+    if copies and site.leakage == "refuse":
+        raise ValueError(
+            f"site {site.name}: {len(copies)} test slides are byte copies of training slides "
+            f"({', '.join(copies[:10])}); remove them, or set `leakage: warn` in site.yaml"
+        )
     tiling = tile_site_task(usable, site, layout)
     failed = tuple(t for t in tiling if t.status == "failed")
     tiled = [t for t in tiling if t.status != "failed"]
     checked = validate_manifests_task(manifest.path, [t.manifest for t in tiled], site, layout, run)
     dropped = set(checked.quarantined_ids)
     kept = tuple(t for t in tiled if t.slide_id not in dropped)
-    return Ingested(manifest.path, kept, failed, checked, label_gaps(sources))
+    gaps = replace(label_gaps(sources), train_test_copies=copies)
+    return Ingested(manifest.path, kept, failed, checked, gaps)
 
 
 def category_groups(site: SiteConfig, data: Ingested) -> list[CategoryGroup]:

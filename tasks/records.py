@@ -54,14 +54,25 @@ class SlideManifest:
 
 @dataclass(frozen=True)
 class LabelGaps:
-    """What the layout could not say: test slides with no label, and anomalous slides with no
-    annotation (their lesions cannot be located, so pixel metrics and FROC leave them out)."""
+    """What the layout could not say, or said twice: test slides with no label; anomalous
+    slides with no annotation (their lesions cannot be located, so pixel metrics and FROC leave
+    them out); ids renamed because they differed from another only in case; and test slides
+    that are byte copies of a training or validation slide (`<test> = <train>`)."""
 
     unlabelled_test: tuple[str, ...] = ()
     anomalous_without_annotation: tuple[str, ...] = ()
+    renamed_for_case: tuple[str, ...] = ()
+    train_test_copies: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.unlabelled_test or self.anomalous_without_annotation)
+        return any(
+            (
+                self.unlabelled_test,
+                self.anomalous_without_annotation,
+                self.renamed_for_case,
+                self.train_test_copies,
+            )
+        )
 
     def lines(self, noun: str = "slides") -> list[str]:
         """One line per gap, with the count and the names (at most ten named)."""
@@ -69,6 +80,14 @@ class LabelGaps:
         for ids, what in (
             (self.unlabelled_test, f"test {noun} without a label (no metric counts them)"),
             (self.anomalous_without_annotation, f"anomalous {noun} without an annotation"),
+            (
+                self.renamed_for_case,
+                f"{noun} renamed: their ids differed from another only in case",
+            ),
+            (
+                self.train_test_copies,
+                f"test {noun} that are byte copies of a training {noun[:-1]} (leakage)",
+            ),
         ):
             if ids:
                 named = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")

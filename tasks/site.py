@@ -222,6 +222,11 @@ class SiteConfig(BaseModel):
     pseudonym_key_block: str | None = Field(
         None, description="Prefect Secret block holding the key; else $VADFLOW_PSEUDONYM_KEY"
     )
+    leakage: Literal["warn", "refuse"] = Field(
+        "warn",
+        description="a test slide that is a byte copy of a training slide: warn (listed in the "
+        "run summary) or refuse to run",
+    )
     froc_itc_um: float = Field(
         275.0,
         ge=0,

@@ -203,12 +203,31 @@ def malformed_xml(site: Path, pixels: np.ndarray) -> None:
     )
 
 
+def copy_of_training(site: Path, _: np.ndarray) -> None:
+    """A byte copy of a training normal among the test images (leakage)."""
+    first = sorted((site / "training" / "normal").glob("*.tif"))[0]
+    images_dir(site).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(first, images_dir(site) / "copy_of_train.tif")
+
+
+def upper_case_name(site: Path, pixels: np.ndarray) -> None:
+    write_pyramid(images_dir(site) / "Case_A.tif", pixels)
+
+
+def lower_case_name(site: Path, pixels: np.ndarray) -> None:
+    write_pyramid(images_dir(site) / "case_a.tif", pixels[:, ::-1].copy())
+
+
 def _ids() -> dict[str, str]:
+    import hashlib
+
+    from vadflow.tasks.slides.discover import CASE_SUFFIX
     from vadflow.tasks.slides.identity import safe_slide_id
 
     return {
         "traversal": safe_slide_id(TRAVERSAL_NAME.removesuffix(".tif")),
         "unicode": safe_slide_id(UNICODE_NAME.removesuffix(".tif")),
+        "case": f"case_a{CASE_SUFFIX}{hashlib.sha256(b'case_a').hexdigest()[:8]}",
     }
 
 
@@ -264,6 +283,17 @@ def cases() -> list[Case]:
         Case("malformed ASAP XML", "bad_xml", "quarantined", "not well-formed XML", malformed_xml,
              "quarantined at registration: the annotation names the slide's label and lesions, "
              "so a broken one is not guessed around"),
+        Case("test slide that is a byte copy of a training slide", "copy_of_train", "scored", "",
+             copy_of_training,
+             "scored, and named in the run summary's gaps (`copy_of_train = normal_...`, found by "
+             "the SHA-256 registration computes); `leakage: refuse` in site.yaml stops the run "
+             "instead"),
+        Case("file names that differ only in case (first)", "Case_A", "scored", "",
+             upper_case_name, "scored under its own name (the first, sorted, keeps it)"),
+        Case("file names that differ only in case (second)", ids["case"], "scored", "",
+             lower_case_name,
+             "scored under `<id>--case-<hash>`, so no two outputs collide on a case-insensitive "
+             "file system; named in the run summary"),
     ]  # fmt: skip
 
 

@@ -71,6 +71,15 @@ def test_both_files_sharing_an_id_are_quarantined(corpus_run: dict) -> None:
         assert (corpus_run["outputs"] / "quarantine" / f"{slide_id}.json").is_file()
 
 
+def test_copies_and_case_collisions_are_named_in_the_summary(corpus_run: dict) -> None:
+    gaps = corpus_run["summary"].gaps
+    assert len(gaps.train_test_copies) == 1
+    assert gaps.train_test_copies[0].startswith("copy_of_train = normal_")
+    assert gaps.renamed_for_case == tuple(
+        c.slide_id for c in corpus_run["cases"] if c.slide_id.startswith("case_a--case-")
+    )
+
+
 def test_the_rest_of_the_batch_completes(corpus_run: dict) -> None:
     summary = corpus_run["summary"]
     scored = _scored(corpus_run)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.corpus import write_pyramid
 from vadflow.tasks.slides.annotations import read_asap_xml, write_asap_xml
-from vadflow.tasks.slides.discover import discover, label_gaps
+from vadflow.tasks.slides.discover import discover, label_gaps, train_test_copies
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 from vadflow.tasks.slides.register import register_slide
 from vadflow.tasks.slides.storage import local_path
@@ -129,6 +129,35 @@ def test_gaps_are_counted_and_named(tmp_path: Path) -> None:
         "1 test slides without a label (no metric counts them): test_004",
         "1 anomalous slides without an annotation: tumor_002",
     ]
+
+
+def test_ids_that_differ_only_in_case_get_distinct_ids(tmp_path: Path) -> None:
+    """`Case_A` and `case_a` would share outputs on a case-insensitive file system."""
+    root = camelyon16(tmp_path / "c16", zipped=False)
+    _touch(root / "testing" / "images" / "Case_A.tif")
+    _touch(root / "testing" / "images" / "case_a.tif")
+    found = _by_id(root)
+    ids = sorted(i for i in found if i.casefold().startswith("case_a"))
+    assert ids[0] == "Case_A" and ids[1].startswith("case_a--case-") and len(ids) == 2
+    assert len({i.casefold() for i in found}) == len(found)
+    assert found[ids[1]].uri.endswith("case_a.tif") and found[ids[1]].reject is None
+    gaps = label_gaps(list(found.values()))
+    assert gaps.renamed_for_case == (ids[1],)
+    assert any("differed from another only in case" in line for line in gaps.lines())
+
+
+def test_a_test_slide_that_copies_a_training_slide_is_named() -> None:
+    rows = [
+        {"slide_id": "normal_001", "split": "train", "sha256": "aa"},
+        {"slide_id": "normal_002", "split": "val", "sha256": "bb"},
+        {"slide_id": "test_001", "split": "test", "sha256": "aa"},
+        {"slide_id": "test_002", "split": "test", "sha256": "bb"},
+        {"slide_id": "test_003", "split": "test", "sha256": "cc"},
+        {"slide_id": "test_004", "split": "test", "sha256": None},  # never hashed
+    ]
+    copies = train_test_copies(rows)
+    assert copies == ("test_001 = normal_001", "test_002 = normal_002")
+    assert train_test_copies([r for r in rows if r["split"] == "test"]) == ()
 
 
 def test_camelyon17_release_node_labels_from_stage_labels(tmp_path: Path) -> None:

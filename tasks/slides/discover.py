@@ -109,6 +109,7 @@ def discover(
     root = None if is_remote(source) else Path(source).resolve()
     found = [_screened(s, root) for s in found]
     found = _one_file_per_id(found, source, storage)
+    found = _distinct_ignoring_case(found)
     found = _hold_out_val(sorted(found, key=lambda s: s.slide_id), val_fraction, domain)
     if pseudonym_key is not None:
         found = [replace(s, slide_id=pseudonymise(s.slide_id, pseudonym_key)) for s in found]
@@ -224,6 +225,22 @@ def label_gaps(sources: list[SlideSource]) -> LabelGaps:
         anomalous_without_annotation=tuple(
             s.slide_id for s in usable if s.label == "anomalous" and s.annotation_uri is None
         ),
+        renamed_for_case=tuple(s.slide_id for s in usable if CASE_SUFFIX in s.slide_id),
+    )
+
+
+def train_test_copies(slides: list[dict]) -> tuple[str, ...]:
+    """Test slides whose bytes equal a training or validation slide's (registered rows with a
+    `sha256`): `"<test id> = <train id>"` each. A copy in the test set scores as normal as the
+    model's own training data and inflates every metric."""
+    seen: dict[str, str] = {}
+    for row in sorted(slides, key=lambda r: r["slide_id"]):
+        if row.get("sha256") and row["split"] in ("train", "val"):
+            seen.setdefault(row["sha256"], row["slide_id"])
+    return tuple(
+        f"{row['slide_id']} = {seen[row['sha256']]}"
+        for row in sorted(slides, key=lambda r: r["slide_id"])
+        if row["split"] == "test" and row.get("sha256") in seen
     )
 
 
@@ -371,6 +388,27 @@ def _relative(uri: str, source: str | Path) -> str:
     if not is_remote(source) and Path(uri).is_relative_to(Path(source).resolve()):
         return Path(uri).relative_to(Path(source).resolve()).as_posix()
     return uri
+
+
+CASE_SUFFIX = "--case-"  # marks an id renamed because another differed from it only in case
+
+
+def _distinct_ignoring_case(found: list[SlideSource]) -> list[SlideSource]:
+    """Ids that differ only in case (`Case_A`, `case_a`) would write the same outputs on a
+    case-insensitive file system (macOS, Windows, many NAS shares): the first (sorted) keeps
+    its id, the others get `<id>--case-<hash of id>`; `label_gaps` lists them."""
+    groups: dict[str, list[SlideSource]] = {}
+    for item in found:
+        groups.setdefault(item.slide_id.casefold(), []).append(item)
+    out: list[SlideSource] = []
+    for items in groups.values():
+        items = sorted(items, key=lambda s: s.slide_id)
+        out.append(items[0])
+        for item in items[1:]:
+            suffix = f"{CASE_SUFFIX}{hashlib.sha256(item.slide_id.encode()).hexdigest()[:8]}"
+            renamed = item.slide_id[: MAX_ID_LENGTH - len(suffix)].rstrip("._-") + suffix
+            out.append(replace(item, slide_id=renamed))
+    return out
 
 
 def _dup_id(slide_id: str, uri: str) -> str:
