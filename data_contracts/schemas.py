@@ -36,6 +36,7 @@ SLIDE_SCHEMA: dict[str, pl.DataType] = {
     "annotation_uri": pl.String,  # ASAP XML (pathology) or mask PNG (industrial); null if none
     "status": pl.String,  # one of SLIDE_STATUSES
     "reason": pl.String,  # why a slide was quarantined or has no tissue; null when ok
+    "artefact_share": pl.Float64,  # share of tissue under the QC mask; null until tiled
 }
 
 TILE_SCHEMA: dict[str, pl.DataType] = {
@@ -52,7 +53,12 @@ TILE_SCHEMA: dict[str, pl.DataType] = {
     "tissue_fraction": pl.Float64,
     "label_fraction": pl.Float64,
     "split": pl.String,  # one of SPLITS
+    "artefact": pl.Boolean,  # most of the tile's tissue is under the QC mask; null: no QC ran
 }
+
+#: Columns added after a schema's first files were written: a frame without one reads it as
+#: null (no QC ran), so older manifests and hand-built frames still conform.
+LATER_COLUMNS = frozenset({"artefact_share", "artefact"})
 
 # The columns of a ``<slide_id>.tiles.parquet`` file that scoring writes and the tile-scores
 # contract reads (the file may carry more).

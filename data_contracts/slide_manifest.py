@@ -49,6 +49,7 @@ BETWEEN: dict[str, tuple[float | None, float | None, bool]] = {
     "levels": (0, None, True),
     "size_bytes": (0, None, False),
     "mpp": (*MPP_RANGE, False),
+    "artefact_share": (0.0, 1.0, False),  # null until the slide is tiled
 }
 IN_SET: dict[str, tuple[object, ...]] = {
     "schema_version": (SCHEMA_VERSION,),

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import polars as pl
 
-from vadflow.data_contracts.schemas import SCHEMA_VERSION, SLIDE_SCHEMA, TILE_SCHEMA
+from vadflow.data_contracts.schemas import (
+    LATER_COLUMNS,
+    SCHEMA_VERSION,
+    SLIDE_SCHEMA,
+    TILE_SCHEMA,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,7 +34,11 @@ def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
 
 
 def conform(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Select and cast to the schema's columns, in order; a missing column is an error."""
+    """Select and cast to the schema's columns, in order; a missing column is an error, except
+    a column added later (`LATER_COLUMNS`), which reads as null."""
+    later = [c for c in schema if c not in df.columns and c in LATER_COLUMNS]
+    if later:
+        df = df.with_columns(pl.lit(None, schema[c]).alias(c) for c in later)
     missing = [c for c in schema if c not in df.columns]
     if missing:
         raise ValueError(f"manifest is missing columns {missing}")

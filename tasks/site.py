@@ -67,6 +67,23 @@ class TilingConfig(BaseModel):
         return self
 
 
+class QcConfig(BaseModel):
+    """Artefact quality control (tasks/tiling/qc.py) between tissue masking and tiling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="look for artefacts on pathology slides")
+    kinds: tuple[Literal["pen", "bubble", "crack", "fold", "edge", "blur"], ...] = Field(
+        ("pen", "bubble", "crack", "fold", "edge", "blur"), description="which artefacts to find"
+    )
+    edge_um: float = Field(15.0, ge=0, description="band inside the tissue's border that is QC'd")
+    qc_mpp: float = Field(2.0, gt=0, description="resolution (um/px) the artefacts are found at")
+    keep_artefacts: bool = Field(
+        False,
+        description="True: tiles under QC count in slide scores and lesion candidates as well",
+    )
+
+
 class StorageConfig(BaseModel):
     """How to reach an S3(-compatible) store for `s3://` sources and outputs."""
 
@@ -186,6 +203,7 @@ class SiteConfig(BaseModel):
     source: str = Field(description="folder (or URI) holding the site's slides or images")
     families: list[str] = Field(default_factory=lambda: ["ae_l2"])
     tiling: TilingConfig = Field(default_factory=TilingConfig)
+    qc: QcConfig = Field(default_factory=QcConfig)
     detectors: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-family overrides of the family's config dataclass"
     )

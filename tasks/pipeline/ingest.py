@@ -4,6 +4,7 @@ body so that importing a flow costs none of the stages' libraries (scipy, scikit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
@@ -87,8 +88,29 @@ def tile_site_task(rows: list[dict], site: SiteConfig, layout: SiteLayout) -> li
         report("tile", len(finished), len(rows), f"{result.slide_id}: {what}")
 
     results = tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=on_result)
+    record_artefact_shares(layout.slides_manifest, results)
     report("tile", len(results), len(rows), _tiling_summary(results))
     return results
+
+
+def record_artefact_shares(manifest: Path, results: list[TilingResult]) -> None:
+    """Write each tiled slide's QC share of tissue (`artefact_share`) into the slide manifest."""
+    import polars as pl
+
+    from vadflow.tasks.manifests import SLIDE_SCHEMA, conform, write_parquet_atomic
+
+    shares = {r.slide_id: r.artefact_share for r in results if r.artefact_share is not None}
+    if not shares or not Path(manifest).exists():
+        return
+    frame = conform(pl.read_parquet(manifest), SLIDE_SCHEMA)
+    found = pl.DataFrame(
+        {"slide_id": list(shares), "_share": list(shares.values())},
+        schema={"slide_id": pl.String, "_share": pl.Float64},
+    )
+    frame = frame.join(found, on="slide_id", how="left").with_columns(
+        pl.coalesce("_share", "artefact_share").alias("artefact_share")
+    )
+    write_parquet_atomic(conform(frame, SLIDE_SCHEMA), manifest)
 
 
 def _tiling_summary(results: list[TilingResult]) -> str:

@@ -262,14 +262,34 @@ def candidate_spacing(suppress_um: float, mpp: float | None, downsample: float) 
     return max(1, math.ceil(level0_px / downsample))
 
 
+def _on_grid(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A (h, w) mask resized (nearest) to a heatmap grid `shape` covering the same slide."""
+    if mask.ndim != 2:
+        raise ValueError(f"exclusion mask must be 2-D, got shape {mask.shape}")
+    if mask.shape == shape:
+        return mask
+    rows = np.minimum(
+        ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int), mask.shape[0] - 1
+    )
+    cols = np.minimum(
+        ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int), mask.shape[1] - 1
+    )
+    return mask[rows[:, None], cols[None, :]]
+
+
 def lesion_candidates(
     heatmap: np.ndarray,
     downsample: float,
     threshold: float,
     min_distance: int = 2,
     max_candidates: int | None = None,
+    exclude: np.ndarray | None = None,
 ) -> list[Candidate]:
     """Lesion candidates (x, y, p) from a slide heatmap, strongest first.
+
+    ``exclude`` is a bool mask (any size: it is resized to the heatmap's grid, nearest) of
+    where no candidate may be, such as the artefact QC mask; those cells count as below the
+    threshold, so an artefact neither gives a candidate nor suppresses one beside it.
 
     A candidate is a local maximum of the heatmap above ``threshold`` (strictly greater), where
     "local" means the largest value within ``min_distance`` heatmap pixels (Chebyshev). A flat
@@ -294,6 +314,8 @@ def lesion_candidates(
         raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")
     # A float64 scalar: compared at full precision, cast in the ufunc's buffers, not by a copy.
     above = np.isfinite(hm) & (hm > np.float64(threshold))
+    if exclude is not None:
+        above &= ~_on_grid(np.asarray(exclude, dtype=bool), hm.shape)
     if not above.any():
         return []
     masked = np.where(above, hm, -np.inf)

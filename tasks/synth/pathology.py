@@ -150,6 +150,7 @@ def make_pathology_site(
     progress: Progress | None = None,
     stain: Stain = DEFAULT_STAIN,
     mode: Mode = "easy",
+    artefacts: bool = False,
 ) -> Path:
     """Write a Camelyon16-shaped site folder `out_dir/name` and return its path.
 
@@ -159,6 +160,9 @@ def make_pathology_site(
     from `seed` and its role and index, so adding slides of one kind leaves the others unchanged.
     A folder this function wrote before is replaced; any other non-empty folder is refused.
     `mode` picks "easy" or "hard" slides (see the module docstring); easy is the default.
+    `artefacts=True` plants one of each `ARTEFACT_KINDS` on every normal slide (drawn after the
+    slide, from its own random stream, so the tissue and lesions stay as without it) and writes
+    each slide's artefact masks to `artefacts/<stem>.<kind>.png` (see `write_synthetic_slide`).
     """
     _check_geometry(width, height, mpp, lesion_strength)
     _check_mode(mode)
@@ -166,7 +170,8 @@ def make_pathology_site(
     if min(counts) < 0:
         raise ValueError(f"slide counts must be >= 0, got {counts}")
     site = prepare_synthetic_site(
-        Path(out_dir) / name, ("training", "testing", "lesion_annotations", "ground_truth")
+        Path(out_dir) / name,
+        ("training", "testing", "lesion_annotations", "ground_truth", ARTEFACT_DIR),
     )
     # Synthetic lesions start at ~10 um; Camelyon16's 275 um isolated-cell rule would leave
     # every one of them out of the FROC, so the site says which rule fits its lesions.
@@ -214,6 +219,8 @@ def make_pathology_site(
             mask_path=mask_path,
             stain=stain,
             mode=mode,
+            artefacts=artefacts and not tumour,
+            artefact_dir=site / ARTEFACT_DIR if artefacts else None,
         )
         if tumour:
             write_asap_xml(site / "lesion_annotations" / f"{path.stem}.xml", polygons)
@@ -234,17 +241,25 @@ def write_synthetic_slide(
     mask_path: Path | None = None,
     stain: Stain = DEFAULT_STAIN,
     mode: Mode = "easy",
+    artefacts: bool = False,
+    artefact_dir: Path | None = None,
 ) -> list[np.ndarray]:
     """Render one slide to a pyramidal JPEG TIFF; return its lesion outlines, (N, 2) x, y level 0.
 
     With `mask_path` the lesion mask is written beside it (pyramidal deflate TIFF, 0/255). The
     mask and outlines are geometry only: `lesion_strength` changes the texture, never the mask.
     `mode="hard"` draws colour-matched lesions in tissue with folds, fat, cracks and stroma bands.
+    `artefacts=True` plants one of each `ARTEFACT_KINDS` on the tissue (a second pass over the
+    rendered pixels, from the slide's own random stream). With `artefact_dir`, one 0/255 PNG per
+    kind, `<artefact_dir>/<stem>.<kind>.png` at `ARTEFACT_MASK_DS` level-0 px per pixel, marks
+    where the artefacts are: the planted ones, and hard mode's own folds and cracks.
     """
     _check_geometry(width, height, mpp, lesion_strength)
     _check_mode(mode)
     if n_lesions < 0:
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
+    if artefacts and n_lesions:
+        raise ValueError("artefacts are planted on normal slides only: use n_lesions=0")
     seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     rng = np.random.default_rng(_child_of(seq, 0))
     cell = _cell_size(width, height)
@@ -285,6 +300,14 @@ def write_synthetic_slide(
             finally:
                 if mask_out is not None:
                     mask_out.close()
+        if artefacts or artefact_dir is not None:
+            # Drawn over the finished pixels from a stream of their own, so a slide with
+            # artefacts is the same slide without them, plus the artefacts.
+            art_rng = np.random.default_rng(_child_of(seq, 3))
+            planted = _plan_artefacts(art_rng, plan, width, height, mpp) if artefacts else None
+            masks = _draw_artefacts(raw_rgb, plan, planted, width, height, mpp)
+            if artefact_dir is not None:
+                _write_artefact_masks(Path(artefact_dir), path.stem, masks)
         xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
         image = pyvips.Image.rawload(str(raw_rgb), width, height, 3).copy(interpretation="srgb")
         image.tiffsave(
@@ -399,6 +422,7 @@ class _HardParts:
     crack_half_px: float  # half width of a crack
     h_gain: float  # this slide's hematoxylin strength, for nuclei too
     fibre_angles: tuple[float, float, float]  # radians; local weights in the fields
+    fold: np.ndarray | None = None  # (Hc, Wc) fold coverage in [0, 1]: the artefact masks' truth
 
 
 # Hard mode's extra coarse fields, after the easy ones: crack distance (px), crack presence, and
@@ -575,6 +599,7 @@ def _plan_slide_hard(
             crack_half_px=float(crack_half),
             h_gain=float(h_gain),
             fibre_angles=tuple(float(a) for a in fibre_angles),
+            fold=(fold * alpha).astype(np.float32),
         ),
     )
 
@@ -1002,3 +1027,291 @@ def _stamp_nuclei(nuclei: _Nuclei, bank: np.ndarray, y0: int, y1: int, width: in
         weights = bank[nuclei.stamp[sel]] * nuclei.amp[sel, None, None]
         summed += np.bincount(flat[inside], weights=weights[inside], minlength=h * width)
     return summed.astype(np.float32).reshape(h, width)
+
+
+# --- artefacts: what the QC stage has to find -----------------------------------------------------
+
+#: The artefact kinds the generator plants and the QC stage (tasks/tiling/qc.py) looks for.
+ARTEFACT_KINDS: tuple[str, ...] = ("fold", "crack", "pen", "bubble", "blur", "edge")
+ARTEFACT_DIR = "artefacts"  # under the site folder: artefacts/<slide stem>.<kind>.png
+ARTEFACT_MASK_DS = 16  # level-0 px per artefact-mask pixel (4 um at 0.25 um/px)
+
+
+@dataclass(frozen=True)
+class _ArtefactLook:
+    """How the planted artefacts look. Widths are in um; extents are shares of the slide's
+    short side, so a small test slide gets each kind whole."""
+
+    fold_half_um: tuple[float, float] = (12.0, 25.0)
+    fold_od: float = 1.0  # relative optical density gain: a second layer of section
+    crack_half_um: tuple[float, float] = (2.5, 5.0)
+    pen_half_um: tuple[float, float] = (10.0, 20.0)
+    # Marker inks as optical densities (R, G, B): green, blue, black.
+    pen_inks: tuple[tuple[float, float, float], ...] = (
+        (0.95, 0.2, 0.8),
+        (0.9, 0.55, 0.1),
+        (1.0, 1.0, 0.95),
+    )
+    pen_od: tuple[float, float] = (0.7, 1.1)
+    bubble_radius: tuple[float, float] = (0.07, 0.12)
+    bubble_ring_um: float = 2.0  # half width of the dark outline a bubble's edge refracts into
+    bubble_ring_od: float = 0.9
+    bubble_inside: float = 0.55  # share of the stain's optical density seen through a bubble
+    blur_radius: tuple[float, float] = (0.08, 0.13)
+    blur_sigma_um: float = 3.0
+    edge_band_um: tuple[float, float] = (25.0, 45.0)
+    edge_od: float = 0.9  # relative optical density gain at a burnt edge
+    edge_brown: tuple[float, float, float] = (0.1, 0.25, 0.45)  # optical density added
+    edge_length: float = 0.5  # how much of the slide's short side the burnt stretch reaches
+    curve_length: tuple[float, float] = (0.35, 0.6)
+
+
+_ART = _ArtefactLook()
+_FOLD_D, _TEAR_D, _PEN_D, _EDGE_C = range(4)
+
+
+@dataclass(frozen=True)
+class _Planted:
+    """The artefacts planted on one slide: distance fields to the curved ones (level-0 px, on
+    the plan's coarse grid), the burnt edge's coverage, and the discs (y, x, radius) of the
+    bubble and the blurred region."""
+
+    fields: np.ndarray  # (4, Hc, Wc): fold, crack and pen distance; edge coverage
+    fold_half: float
+    crack_half: float
+    pen_half: float
+    ink: np.ndarray  # (3,) optical density of the pen's ink at full strength
+    bubble: tuple[float, float, float]
+    blur: tuple[float, float, float]
+    blur_sigma: float
+
+
+def _plan_artefacts(
+    rng: np.random.Generator, plan: _Plan, width: int, height: int, mpp: float
+) -> _Planted:
+    """Place one of each artefact kind on the tissue, apart from each other where there is room."""
+    look, um, cell = _ART, 1.0 / mpp, plan.cell
+    tissue = plan.alpha > 0.5  # (Hc, Wc)
+    if not tissue.any():
+        raise ValueError("artefacts need tissue to sit on; this slide drew none")
+    depth = ndimage.distance_transform_edt(tissue) * cell  # px to the tissue's edge
+    short = min(width, height)
+    used = np.zeros(tissue.shape, dtype=bool)
+    gy = (np.arange(tissue.shape[0]) + 0.5) * cell - 0.5
+    gx = (np.arange(tissue.shape[1]) + 0.5) * cell - 0.5
+
+    def disc(radius: float) -> tuple[float, float, float]:
+        # A centre deep enough in tissue that most of the disc is tissue, off earlier artefacts.
+        room = ndimage.distance_transform_edt(~used) * cell if used.any() else np.inf
+        for need in (1.0, 0.6, 0.3, 0.0):
+            ok = (depth > need * radius) & (room > 1.2 * radius)
+            if ok.any():
+                break
+        else:
+            ok = tissue
+        pick = rng.choice(np.flatnonzero(ok.ravel()))
+        cy, cx = gy[pick // tissue.shape[1]], gx[pick % tissue.shape[1]]
+        used[np.hypot(gy[:, None] - cy, gx[None, :] - cx) < radius * 1.2] = True
+        return float(cy), float(cx), float(radius)
+
+    bubble = disc(rng.uniform(*look.bubble_radius) * short)
+    blur = disc(rng.uniform(*look.blur_radius) * short)
+
+    def curve(half: float) -> np.ndarray:
+        """Distance (px, coarse grid) to a gently bending line that starts inside tissue."""
+        best, best_overlap = None, np.inf
+        for _ in range(12):
+            start = rng.choice(np.flatnonzero((tissue & ~used).ravel() | (not used.any())))
+            row, col = divmod(int(start), tissue.shape[1])
+            angle = rng.uniform(0, 2 * np.pi)
+            steps = int(rng.uniform(*look.curve_length) * short / (2 * cell))
+            line = np.zeros(tissue.shape, dtype=bool)
+            # Walk both ways from the start so the line crosses the tissue, not leaves it.
+            for direction in (0.0, np.pi):
+                r, c, a = float(row), float(col), angle + direction
+                for _ in range(steps // 2):
+                    a += rng.normal(0, 0.08)
+                    r2, c2 = r + 2 * math.sin(a), c + 2 * math.cos(a)
+                    if not (0 <= r2 < tissue.shape[0] and 0 <= c2 < tissue.shape[1]):
+                        break
+                    rr = np.linspace(r, r2, 4).round().astype(int)
+                    cc = np.linspace(c, c2, 4).round().astype(int)
+                    line[rr, cc] = True
+                    r, c = r2, c2
+            distance = ndimage.distance_transform_edt(~line) * cell
+            band = distance < half + cell
+            overlap = float((band & used).sum()) / max(int(band.sum()), 1)
+            if overlap < best_overlap:
+                best, best_overlap = distance, overlap
+            if overlap < 0.02:
+                break
+        assert best is not None
+        used[best < half + 2 * cell] = True
+        return best.astype(np.float32)
+
+    fold_half = rng.uniform(*look.fold_half_um) * um
+    crack_half = rng.uniform(*look.crack_half_um) * um
+    pen_half = rng.uniform(*look.pen_half_um) * um
+    fold_d = curve(fold_half)
+    crack_d = curve(crack_half)
+    pen_d = curve(pen_half)
+
+    # A burnt (dried, over-stained) stretch of the tissue's border, away from what is there.
+    band_um = rng.uniform(*look.edge_band_um) * um
+    border = tissue & (depth <= cell) & ~used
+    if not border.any():
+        border = tissue & (depth <= cell)
+    pick = rng.choice(np.flatnonzero(border.ravel()))
+    by, bx = gy[pick // tissue.shape[1]], gx[pick % tissue.shape[1]]
+    reach = look.edge_length * short / 2
+    near = np.clip((reach - np.hypot(gy[:, None] - by, gx[None, :] - bx)) / (4 * um), 0, 1)
+    band = np.clip((band_um - depth) / (4 * um) + 0.5, 0, 1)
+    edge = (band * near * plan.alpha).astype(np.float32)
+
+    ink = np.asarray(look.pen_inks[int(rng.integers(len(look.pen_inks)))], dtype=np.float32)
+    ink *= rng.uniform(*look.pen_od)
+    return _Planted(
+        fields=np.stack([fold_d, crack_d, pen_d, edge]).astype(np.float32),
+        fold_half=float(fold_half),
+        crack_half=float(crack_half),
+        pen_half=float(pen_half),
+        ink=ink,
+        bubble=bubble,
+        blur=blur,
+        blur_sigma=look.blur_sigma_um * um,
+    )
+
+
+def _disc_cover(
+    disc: tuple[float, float, float], y0: int, y1: int, width: int, soft: float
+) -> np.ndarray:
+    """(h, W) coverage of a disc over rows [y0, y1), with an edge `soft` px wide."""
+    cy, cx, r = disc
+    ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    return np.clip((r - np.hypot(ys - cy, xs - cx)) / soft + 0.5, 0, 1)
+
+
+def _artefact_cover(
+    plan: _Plan, planted: _Planted | None, y0: int, y1: int, width: int, mpp: float
+) -> dict[str, np.ndarray]:
+    """Per kind, (h, W) float32 coverage in [0, 1] of rows [y0, y1): where each artefact is.
+
+    Hard mode's own folds and cracks count as artefacts too: they are what QC should catch on a
+    real slide."""
+    h = y1 - y0
+    zero = np.zeros((h, width), dtype=np.float32)
+    cover = {kind: zero for kind in ARTEFACT_KINDS}
+    alpha = _upsample_rows(plan.alpha[None], plan.cell, y0, y1, width)[0]
+    if plan.hard is not None and plan.hard.fold is not None:
+        fold = _upsample_rows(plan.hard.fold[None], plan.cell, y0, y1, width)[0]
+        crack_d, crack_on = _upsample_rows(
+            plan.fields[[_CRACK_D, _CRACK_ON]], plan.cell, y0, y1, width
+        )
+        crack = np.clip(plan.hard.crack_half_px + 0.5 - np.abs(crack_d), 0, 1) * crack_on
+        cover["fold"] = np.clip(fold, 0, 1)
+        cover["crack"] = crack * np.minimum(alpha * 2, 1)
+    if planted is None:
+        return cover
+    um = 1.0 / mpp
+    fold_d, tear_d, pen_d, edge = _upsample_rows(planted.fields, plan.cell, y0, y1, width)
+    inside = np.minimum(alpha * 2, 1)  # folds and tears are of tissue; glass has none
+    fold = np.clip((planted.fold_half - fold_d) / (2 * um) + 0.5, 0, 1) * inside
+    tear = np.clip(planted.crack_half + 0.5 - tear_d, 0, 1) * inside
+    cover["fold"] = np.maximum(cover["fold"], fold)
+    cover["crack"] = np.maximum(cover["crack"], tear)
+    cover["pen"] = np.clip(planted.pen_half + 0.5 - pen_d, 0, 1)
+    cover["bubble"] = _disc_cover(planted.bubble, y0, y1, width, 1.0)
+    cover["blur"] = _disc_cover(planted.blur, y0, y1, width, 4 * planted.blur_sigma)
+    cover["edge"] = np.clip(edge, 0, 1)
+    return cover
+
+
+def _draw_artefacts(
+    raw_rgb: Path,
+    plan: _Plan,
+    planted: _Planted | None,
+    width: int,
+    height: int,
+    mpp: float,
+) -> dict[str, np.ndarray]:
+    """Draw `planted` into the raw RGB file in place (strip by strip), and return each kind's
+    mask, (ceil(H / ARTEFACT_MASK_DS), ceil(W / ARTEFACT_MASK_DS)) bool: mean coverage >= 0.5."""
+    look, ds = _ART, ARTEFACT_MASK_DS
+    pixels = None
+    if planted is not None:
+        pixels = np.memmap(raw_rgb, dtype=np.uint8, mode="r+", shape=(height, width, 3))
+        _blur_region(pixels, planted, width, height)
+    hm, wm = -(-height // ds), -(-width // ds)
+    sums = {kind: np.zeros((hm, wm), dtype=np.float64) for kind in ARTEFACT_KINDS}
+    counts = np.zeros((hm, wm), dtype=np.float64)
+    ring_half = look.bubble_ring_um / mpp
+    for y0 in range(0, height, STRIP_ROWS):
+        y1 = min(y0 + STRIP_ROWS, height)
+        cover = _artefact_cover(plan, planted, y0, y1, width, mpp)
+        if pixels is not None and planted is not None:
+            od = -np.log((pixels[y0:y1].astype(np.float32) + 1.0) / 256.0)  # (h, W, 3)
+            fold, edge = cover["fold"][..., None], cover["edge"][..., None]
+            od *= 1 + look.fold_od * fold
+            od = od * (1 + look.edge_od * edge) + edge * np.asarray(look.edge_brown, np.float32)
+            tear = cover["crack"][..., None]
+            od = od * (1 - tear) + tear * plan.glass_od
+            cy, cx, r = planted.bubble
+            ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+            xs = np.arange(width, dtype=np.float32)[None, :]
+            signed = np.hypot(ys - cy, xs - cx) - r
+            ring = np.clip(ring_half + 0.5 - np.abs(signed), 0, 1)[..., None]
+            within = np.clip(0.5 - signed, 0, 1)[..., None]
+            od *= 1 - (1 - look.bubble_inside) * within
+            od += ring * look.bubble_ring_od
+            od += cover["pen"][..., None] * planted.ink
+            pixels[y0:y1] = np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+        # Block sums onto the mask grid: strips start on multiples of ds (STRIP_ROWS is one).
+        r0, r1 = y0 // ds, -(-y1 // ds)
+        pad = ((0, (r1 - r0) * ds - (y1 - y0)), (0, wm * ds - width))
+        ones = np.pad(np.ones((y1 - y0, width), np.float32), pad)
+        counts[r0:r1] += ones.reshape(r1 - r0, ds, wm, ds).sum(axis=(1, 3))
+        for kind, values in cover.items():
+            block = np.pad(values, pad).reshape(r1 - r0, ds, wm, ds).sum(axis=(1, 3))
+            sums[kind][r0:r1] += block
+    if pixels is not None:
+        pixels.flush()
+        del pixels
+    return {kind: total / np.maximum(counts, 1) >= 0.5 for kind, total in sums.items()}
+
+
+def _blur_region(pixels: np.ndarray, planted: _Planted, width: int, height: int) -> None:
+    """Defocus: the disc `planted.blur` of the (H, W, 3) image, Gaussian-blurred in place."""
+    cy, cx, r = planted.blur
+    sigma = planted.blur_sigma
+    margin = r + 4 * sigma + 8
+    ya, yb = max(int(cy - margin), 0), min(int(cy + margin) + 1, height)
+    xa, xb = max(int(cx - margin), 0), min(int(cx + margin) + 1, width)
+    box = pixels[ya:yb, xa:xb].astype(np.float32)  # (h, w, 3)
+    blurred = ndimage.gaussian_filter(box, sigma=(sigma, sigma, 0), mode="nearest")
+    local = (cy - ya, cx - xa, r)
+    weight = _disc_cover(local, 0, yb - ya, xb - xa, 4 * sigma)[..., None]
+    out = box * (1 - weight) + blurred * weight
+    pixels[ya:yb, xa:xb] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _write_artefact_masks(folder: Path, stem: str, masks: dict[str, np.ndarray]) -> None:
+    """One 0/255 PNG per kind: `<folder>/<stem>.<kind>.png`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, mask in masks.items():
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{stem}.{kind}.png")
+
+
+def read_artefact_masks(folder: Path, stem: str) -> dict[str, np.ndarray]:
+    """The artefact masks `write_synthetic_slide` wrote for slide `stem`: kind -> (h, w) bool."""
+    from PIL import Image
+
+    out = {}
+    for kind in ARTEFACT_KINDS:
+        path = Path(folder) / f"{stem}.{kind}.png"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no artefact mask; write the slide with artefact_dir")
+        out[kind] = np.asarray(Image.open(path)) > 0
+    return out

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from vadflow.tasks.manifests import SCHEMA_VERSION, TILE_SCHEMA, conform
-from vadflow.tasks.site import TilingConfig
+from vadflow.tasks.site import QcConfig, TilingConfig
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 from vadflow.tasks.slides.identity import check_slide_id
 from vadflow.tasks.slides.reader import Slide
@@ -42,9 +42,11 @@ from vadflow.tasks.slides.storage import (
 )
 from vadflow.tasks.tiling import mask as masking
 from vadflow.tasks.tiling import overlay
+from vadflow.tasks.tiling import qc as quality
 
 # Part of every fingerprint: bump when the masking or grid code changes what it writes.
-TILING_VERSION = 4  # 3: the tissue-percentage overlay PNG; 4: last row and column flush
+# 3: the tissue-percentage overlay PNG; 4: last row and column flush; 5: artefact QC
+TILING_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,8 @@ class TilingResult:
     tissue_fraction: float
     reason: str | None = None  # why a slide failed or has no tissue
     overlay_png: str = ""  # the tissue-percentage overlay (tasks/tiling/overlay.py)
+    qc_png: str = ""  # the QC label image (tasks/tiling/qc.py); "" when QC did not run
+    artefact_share: float | None = None  # share of the tissue under the QC mask
 
 
 def slide_mask(
@@ -144,6 +148,22 @@ def slide_mask(
     return masking.tissue_mask(thumb, preset_for(tiling, domain), um_per_px), ds
 
 
+def runs_qc(qc: QcConfig | None, domain: str) -> bool:
+    """Whether artefact QC runs: pathology slides, with the site's `qc.enabled`."""
+    return qc is not None and qc.enabled and domain == "pathology" and bool(qc.kinds)
+
+
+def slide_qc(
+    slide: Slide, mpp0: float | None, tissue: np.ndarray, qc: QcConfig
+) -> tuple[np.ndarray, float]:
+    """(QC label image (h, w) uint8, level-0 px per QC pixel) for one slide; see tiling/qc.py."""
+    ds = quality.qc_downsample(slide.width, slide.height, mpp0, qc.qc_mpp)
+    rgb = slide.thumbnail(ds)  # (h, w, 3) uint8
+    inside = quality.resize_mask(tissue, rgb.shape[:2])
+    um_per_px = ds * (mpp0 if mpp0 is not None else 1.0)
+    return quality.qc_labels(rgb, inside, um_per_px, qc.kinds, qc.edge_um), ds
+
+
 def tile_slide(
     slide_row: dict,
     tiling: TilingConfig,
@@ -151,8 +171,13 @@ def tile_slide(
     tiles_dir: str | Path,
     masks_dir: str | Path,
     storage: StorageOptions | None = None,
+    qc: QcConfig | None = None,
 ) -> TilingResult:
     """Mask one slide, lay the grid, write `<tiles_dir>/<slide_id>.parquet` and the mask PNG.
+
+    With `qc` (pathology), artefact QC runs on the tissue: its label image goes to
+    `<masks_dir>/qc/<slide_id>.png`, its areas onto the overlay, and each tile's `artefact` is
+    True where most of its tissue is under the QC mask.
 
     `tiles_dir` and `masks_dir` may be local folders or `s3://` prefixes. The done marker is
     written last (see the module docstring).
@@ -170,6 +195,7 @@ def tile_slide(
         colourless = not mask.any() and _colourless(slide, ds, preset_for(tiling, domain))
         overlay_ds = overlay.overlay_downsample(width, height, geometry.extent)
         thumb = slide.thumbnail(overlay_ds)  # (H, W, 3) uint8
+        labels, qc_ds = slide_qc(slide, mpp0, mask, qc) if runs_qc(qc, domain) else (None, 0.0)
     mask_png = join(masks_dir, f"{slide_id}.png")
     storage_for(mask_png, storage).write_bytes(mask_png, overlay.png_bytes(mask.astype(bool)))
 
@@ -179,11 +205,25 @@ def tile_slide(
     drawn = overlay.draw_tissue_overlay(
         thumb, xs, ys, geometry.extent, geometry.step, tissue, overlay_ds
     )
+    qc_png, share, artefact = "", None, None
+    if labels is not None:
+        qc_png = join(masks_dir, quality.QC_DIR, f"{slide_id}.png")
+        storage_for(qc_png, storage).write_bytes(qc_png, overlay.png_bytes(labels))
+        flagged = labels > 0
+        on_tissue = flagged & quality.resize_mask(mask, labels.shape)
+        inside = quality.resize_mask(mask, labels.shape)
+        share = float(on_tissue.sum() / inside.sum()) if inside.any() else 0.0
+        drawn = overlay.draw_qc(drawn, quality.resize_mask(on_tissue, drawn.shape[:2]))
+        # A tile is an artefact when most of its tissue is under QC.
+        under = coverage(on_tissue, xs, ys, geometry.extent, qc_ds)
+        artefact = (under > 0) & (under >= 0.5 * tissue)
     overlay_png = join(masks_dir, overlay.OVERLAY_DIR, f"{slide_id}.png")
     storage_for(overlay_png, storage).write_bytes(overlay_png, overlay.png_bytes(drawn))
     best_tile = float(tissue.max()) if tissue.size else 0.0
     keep = tissue >= tiling.min_tissue_fraction
     xs, ys, tissue = xs[keep], ys[keep], tissue[keep]
+    if artefact is not None:
+        artefact = artefact[keep]
     annotation = slide_row.get("annotation_uri")
     if annotation is not None and is_remote(annotation):
         annotation = str(local_path(annotation, storage))
@@ -193,7 +233,7 @@ def tile_slide(
         truth = ground_truth_mask(annotation, width, height, ds)
         lesion = coverage(truth, xs, ys, geometry.extent, ds)
 
-    frame = tile_frame(slide_row, geometry, xs, ys, tissue, lesion)
+    frame = tile_frame(slide_row, geometry, xs, ys, tissue, lesion, artefact)
     manifest = write_parquet(frame, join(tiles_dir, f"{slide_id}.parquet"), storage)
     result = TilingResult(
         slide_id=slide_id,
@@ -204,9 +244,11 @@ def tile_slide(
         tissue_fraction=float(mask.mean()) if mask.size else 0.0,
         reason=None if frame.height else _no_tissue_reason(colourless, mask, best_tile, tiling),
         overlay_png=overlay_png,
+        qc_png=qc_png,
+        artefact_share=share,
     )
     # Written last: its presence (with a matching fingerprint) means this slide is done.
-    fingerprint = tiling_fingerprint(slide_row["sha256"], tiling, domain)
+    fingerprint = tiling_fingerprint(slide_row["sha256"], tiling, domain, qc)
     body = json.dumps({"fingerprint": fingerprint, **asdict(result)}).encode()
     storage_for(marker, storage).write_bytes(marker, body)
     return result
@@ -250,8 +292,11 @@ def tile_frame(
     ys: np.ndarray,
     tissue: np.ndarray,
     lesion: np.ndarray,
+    artefact: np.ndarray | None = None,
 ) -> pl.DataFrame:
-    """The manifest rows of one slide, in grid (row-major) order, with deterministic tile ids."""
+    """The manifest rows of one slide, in grid (row-major) order, with deterministic tile ids.
+
+    `artefact` (bool per tile) is None when QC did not run: the column is null then."""
     slide_id = slide_row["slide_id"]
     tile_ids = [f"{slide_id}:{x}:{y}" for x, y in zip(xs.tolist(), ys.tolist(), strict=True)]
     frame = pl.DataFrame(
@@ -269,8 +314,9 @@ def tile_frame(
             "tissue_fraction": tissue,
             "label_fraction": lesion,
             "split": slide_row["split"],
+            "artefact": None if artefact is None else np.asarray(artefact, dtype=bool),
         },
-        schema_overrides={"mpp": pl.Float64, "tile_id": pl.String},
+        schema_overrides={"mpp": pl.Float64, "tile_id": pl.String, "artefact": pl.Boolean},
     )
     return conform(frame, TILE_SCHEMA)
 
@@ -281,6 +327,7 @@ def finished_tiling(
     tiles_dir: str | Path,
     storage: StorageOptions | None = None,
     domain: str | None = None,
+    qc: QcConfig | None = None,
 ) -> TilingResult | None:
     """The earlier result for this slide when its tiles are complete and still current."""
     marker = _status_uri(tiles_dir, slide_row["slide_id"])
@@ -291,7 +338,8 @@ def finished_tiling(
         return None
     fingerprint = status.pop("fingerprint", None)
     domains = [domain] if domain else ["pathology", "industrial"]
-    if fingerprint not in {tiling_fingerprint(slide_row["sha256"], tiling, d) for d in domains}:
+    known = {tiling_fingerprint(slide_row["sha256"], tiling, d, qc) for d in domains}
+    if fingerprint not in known:
         return None
     manifest = status.get("manifest", "")
     if not manifest or not storage_for(manifest, storage).exists(manifest):
@@ -303,11 +351,15 @@ def _status_uri(tiles_dir: str | Path, slide_id: str) -> str:
     return join(tiles_dir, f"{slide_id}.done.json")
 
 
-def tiling_fingerprint(slide_sha: str, tiling: TilingConfig, domain: str = "pathology") -> str:
-    """Changes when the slide, the tiling settings, the mask preset or this code change."""
+def tiling_fingerprint(
+    slide_sha: str, tiling: TilingConfig, domain: str = "pathology", qc: QcConfig | None = None
+) -> str:
+    """Changes when the slide, the tiling or QC settings, the mask preset or this code change."""
     preset = asdict(preset_for(tiling, domain))
+    checks = qc.model_dump(mode="json") if runs_qc(qc, domain) and qc is not None else None
     key = json.dumps(
-        [TILING_VERSION, slide_sha, domain, tiling.model_dump(mode="json"), preset], sort_keys=True
+        [TILING_VERSION, slide_sha, domain, tiling.model_dump(mode="json"), preset, checks],
+        sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -319,10 +371,11 @@ def tile_slide_safely(
     tiles_dir: str | Path,
     masks_dir: str | Path,
     storage: StorageOptions | None = None,
+    qc: QcConfig | None = None,
 ) -> TilingResult:
     """`tile_slide`, but a slide that fails becomes a `failed` result with its reason."""
     try:
-        return tile_slide(slide_row, tiling, domain, tiles_dir, masks_dir, storage)
+        return tile_slide(slide_row, tiling, domain, tiles_dir, masks_dir, storage, qc)
     except Exception as exc:  # one bad slide must not stop the batch
         return _failed(slide_row["slide_id"], exc)
 
@@ -350,6 +403,7 @@ def tile_slides(
     executor: Executor | None = None,
     storage: StorageOptions | None = None,
     on_result: Callable[[TilingResult], None] | None = None,
+    qc: QcConfig | None = None,
 ) -> list[TilingResult]:
     """Tile every slide row, skipping finished ones; results in `rows` order.
 
@@ -363,18 +417,27 @@ def tile_slides(
     results: list[TilingResult | None] = [None] * len(rows)
     pending: dict[Future, int] = {}
     for index, row in enumerate(rows):
-        done = finished_tiling(row, tiling, tiles_dir, storage, domain)
+        done = finished_tiling(row, tiling, tiles_dir, storage, domain, qc)
         if done is not None:
             results[index] = done
             if on_result is not None:
                 on_result(done)
         elif executor is None:
-            results[index] = tile_slide_safely(row, tiling, domain, tiles_dir, masks_dir, storage)
+            results[index] = tile_slide_safely(
+                row, tiling, domain, tiles_dir, masks_dir, storage, qc
+            )
             if on_result is not None:
                 on_result(results[index])
         else:
             future = executor.submit(
-                tile_slide_safely, row, tiling, domain, str(tiles_dir), str(masks_dir), storage
+                tile_slide_safely,
+                row,
+                tiling,
+                domain,
+                str(tiles_dir),
+                str(masks_dir),
+                storage,
+                qc,
             )
             pending[future] = index
     for future in as_completed(pending):

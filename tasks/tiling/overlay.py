@@ -24,6 +24,8 @@ BORDER_SHADE = 0.6  # a border pixel takes this share of its tile's colour (dark
 MIN_CELL_PX = 8  # aim for tiles at least this wide on the thumbnail ...
 MAX_SIDE_PX = 4096  # ... unless that makes the thumbnail longer than this
 MIN_BORDER_PX = 6  # narrower tiles get no border: it would hide the colour
+QC_COLOUR = np.array([200, 0, 200], dtype=np.float32)  # magenta: no tissue class uses it
+QC_ALPHA = 0.6  # QC'd areas read through the tile colours
 OVERLAY_DIR = "tile-tissue"  # under the site's masks folder: masks/tile-tissue/<slide>.png
 
 
@@ -92,8 +94,16 @@ def draw_tissue_overlay(
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def draw_qc(image: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """`image` (H, W, 3) uint8 with the artefact QC mask `flagged` (H, W) bool in magenta, so a
+    person sees which tissue the detectors' slide scores leave out."""
+    out = image.astype(np.float32)
+    out[flagged] = (1.0 - QC_ALPHA) * out[flagged] + QC_ALPHA * QC_COLOUR
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 or (H, W) bool (a 1-bit mask) -> PNG file content."""
+    """(H, W, 3) uint8, (H, W) uint8 (a label image) or (H, W) bool (a 1-bit mask) -> PNG."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()

@@ -119,7 +119,7 @@ def tile_site(
     todo = [
         row
         for row in rows
-        if finished_tiling(row, site.tiling, tiles_dir, storage, site.domain) is None
+        if finished_tiling(row, site.tiling, tiles_dir, storage, site.domain, site.qc) is None
     ]
     parallel = site.parallel
     megapixels = sum((row.get("width") or 0) * (row.get("height") or 0) for row in todo) / 1e6
@@ -138,4 +138,5 @@ def tile_site(
             executor=pool,
             storage=storage,
             on_result=on_result,
+            qc=site.qc,
         )
