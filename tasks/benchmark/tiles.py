@@ -97,7 +97,9 @@ def load_benchmark_tiles(
         row = register_slide(source, site.name, site.domain, site.mpp_override)
         if row["status"] != "ok":
             raise ValueError(f"benchmark site slide {row['slide_id']}: {row['reason']}")
-        result = tile_slide(row, site.tiling, site.domain, work / "tiles", work / "masks")
+        result = tile_slide(
+            row, site.tiling, site.domain, work / "tiles", work / "masks", qc=site.qc
+        )
         if result.status != "ok":
             raise ValueError(f"benchmark site slide {row['slide_id']}: {result.reason}")
         rows.append(row)
