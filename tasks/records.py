@@ -133,7 +133,12 @@ class Ingested:
         """Slides quarantined at registration or by a contract, then those that failed tiling."""
         frozen = self.slides.filter(pl.col("status") == "quarantined")
         listed = [Quarantined(r["slide_id"], r["reason"]) for r in frozen.iter_rows(named=True)]
-        listed += [Quarantined(t.slide_id, t.reason or "tiling failed") for t in self.failed]
+        seen = {q.slide_id for q in listed}  # a failed tiling is quarantined in the manifest
+        listed += [
+            Quarantined(t.slide_id, t.reason or "tiling failed")
+            for t in self.failed
+            if t.slide_id not in seen
+        ]
         return tuple(listed)
 
     @property

@@ -160,6 +160,23 @@ def test_a_test_slide_that_copies_a_training_slide_is_named() -> None:
     assert train_test_copies([r for r in rows if r["split"] == "test"]) == ()
 
 
+def test_a_mask_of_the_wrong_size_is_quarantined_at_registration(tmp_path: Path) -> None:
+    """Before: registered `ok`, then tiling failed and no reason file was written (#24, 6)."""
+    from PIL import Image
+
+    from vadflow.tasks.synth.industrial import make_industrial_site
+
+    site = make_industrial_site(tmp_path, "line", n_train=2, n_test_good=1, n_test_per_defect=1)
+    mask = sorted(site.rglob("*_mask.png"))[0]
+    Image.open(mask).resize((7, 5)).save(mask)
+    found = [s for s in discover(site, "industrial") if s.annotation_uri]
+    rows = {s.annotation_uri: register_slide(s, "line", "industrial") for s in found}
+    bad = rows[str(mask.resolve())]
+    assert bad["status"] == "quarantined"
+    assert "is 7x5 px but its image is" in bad["reason"] and mask.name in bad["reason"]
+    assert all(r["status"] == "ok" for uri, r in rows.items() if uri != str(mask.resolve()))
+
+
 def test_camelyon17_release_node_labels_from_stage_labels(tmp_path: Path) -> None:
     found = _by_id(camelyon17(tmp_path / "camelyon17"))
     assert {k: (s.label, s.split, s.annotation_uri is not None) for k, s in found.items()} == {

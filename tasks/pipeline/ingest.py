@@ -89,8 +89,23 @@ def tile_site_task(rows: list[dict], site: SiteConfig, layout: SiteLayout) -> li
 
     results = tile_site(rows, site, layout.tiles_uri, layout.masks_uri, on_result=on_result)
     record_artefact_shares(layout.slides_manifest, results)
+    quarantine_failed(layout, results)
     report("tile", len(results), len(rows), _tiling_summary(results))
     return results
+
+
+def quarantine_failed(layout: SiteLayout, results: list[TilingResult]) -> None:
+    """A slide whose tiling failed is quarantined like any other: status and reason in the
+    slide manifest and `quarantine/<slide_id>.json` (a rerun retries it)."""
+    from vadflow.tasks.validation.quarantine import QuarantinedSlide, quarantine_slides
+
+    failed = [
+        QuarantinedSlide(r.slide_id, f"tiling failed: {r.reason or 'no reason given'}", "tiling")
+        for r in results
+        if r.status == "failed"
+    ]
+    if failed and Path(layout.slides_manifest).exists():
+        quarantine_slides(failed, layout.quarantine, layout.slides_manifest)
 
 
 def record_artefact_shares(manifest: Path, results: list[TilingResult]) -> None:

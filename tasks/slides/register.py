@@ -113,6 +113,8 @@ def register_slide(
             raise ValueError(damage)
         if source.annotation_uri is not None and source.annotation_uri.lower().endswith(".xml"):
             _check_annotation(source.annotation_uri, storage)
+        elif source.annotation_uri is not None:
+            _check_mask_size(source.annotation_uri, row["width"], row["height"], storage)
     except Exception as exc:  # unreadable, truncated, not an image, unreachable: quarantine
         reason = str(exc) if name in str(exc) else f"{name}: {exc}"
         return _quarantined(row, reason)
@@ -171,6 +173,22 @@ def _quarantined(row: dict[str, Any], reason: str) -> dict[str, Any]:
     # A file never read (a link out of the site, an unreachable object) has no content hash;
     # "" says so without breaking the manifest contract's non-null sha256.
     return {**row, "sha256": row["sha256"] or NOT_HASHED, "status": "quarantined", "reason": reason}
+
+
+def _check_mask_size(uri: str, width: int, height: int, storage: StorageOptions | None) -> None:
+    """A ground-truth mask image must cover its image pixel for pixel; read from its header
+    only, so a wrong one is a quarantine reason at registration, not a tiling failure."""
+    import pyvips
+
+    try:
+        mask = pyvips.Image.new_from_file(str(local_path(uri, storage)), access="sequential")
+    except pyvips.Error as exc:
+        raise ValueError(f"mask {name_of(uri)} cannot be read ({exc}); fix or remove it") from None
+    if (mask.width, mask.height) != (width, height):
+        raise ValueError(
+            f"mask {name_of(uri)} is {mask.width}x{mask.height} px but its image is "
+            f"{width}x{height}; a mask must match its image (fix or remove it)"
+        )
 
 
 def _check_annotation(uri: str, storage: StorageOptions | None) -> None:
