@@ -19,12 +19,21 @@ from vadflow.tasks.pipeline import (
 )
 from vadflow.tasks.records import CategoryGroup, Ingested
 from vadflow.tasks.site import SiteConfig, SiteLayout
-from vadflow.tasks.slides.discover import industrial_category, label_gaps, train_test_copies
+from vadflow.tasks.slides.discover import (
+    industrial_category,
+    label_gaps,
+    nothing_to_train_on,
+    train_test_copies,
+)
 
 
-def ingest(site: SiteConfig, layout: SiteLayout, run: str) -> Ingested:
-    """From the site's source to checked manifests; `run` names the contracts report."""
+def ingest(site: SiteConfig, layout: SiteLayout, run: str, *, train: bool = False) -> Ingested:
+    """From the site's source to checked manifests; `run` names the contracts report. With
+    `train` (the nightly run), a site without normal training or test slides stops here,
+    seconds in, before anything is decoded."""
     sources = discover_task(site)
+    if train and (problem := nothing_to_train_on(sources, site.domain)):
+        raise ValueError(f"site {site.name} ({site.source}): {problem}")
     manifest = register_task(site, sources, layout)
     usable = pl.read_parquet(manifest.path).filter(pl.col("status") == "ok").to_dicts()
     copies = train_test_copies(usable)

@@ -101,7 +101,7 @@ def nightly(
     version = run_version()
     contracts = str(report_folder(layout.reports, version))
 
-    data = ingest(site, layout, version)
+    data = ingest(site, layout, version, train=True)
     for line in data.gaps.lines("images" if site.domain == "industrial" else "slides"):
         logger.warning("%s: %s", site.name, line)
     groups = category_groups(site, data)

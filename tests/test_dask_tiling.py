@@ -11,7 +11,7 @@ import pytest
 import pyvips
 from polars.testing import assert_frame_equal
 
-from vadflow.tasks.site import ParallelConfig, SiteConfig, TilingConfig
+from vadflow.tasks.site import ParallelConfig, QcConfig, SiteConfig, TilingConfig
 from vadflow.tasks.slides.discover import SlideSource
 from vadflow.tasks.slides.register import register_slide
 from vadflow.tasks.tiling.grid import tile_slides
@@ -41,7 +41,9 @@ def site_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.fixture(scope="module")
 def serial(site_rows, tmp_path_factory) -> pl.DataFrame:
     out = tmp_path_factory.mktemp("serial")
-    return _manifest(tile_slides(site_rows, TILING, "pathology", out / "t", out / "m"))
+    # The site default runs artefact QC, as tile_site does below.
+    tiled = tile_slides(site_rows, TILING, "pathology", out / "t", out / "m", qc=QcConfig())
+    return _manifest(tiled)
 
 
 def _manifest(results) -> pl.DataFrame:
@@ -94,6 +96,7 @@ def test_dask_cluster_of_two_workers_equals_serial(site_rows, serial, tmp_path: 
                 tmp_path / "m",
                 executor=executor,
                 on_result=seen.append,
+                qc=QcConfig(),
             )
     assert sorted(r.slide_id for r in seen) == [r["slide_id"] for r in site_rows]
     assert_frame_equal(_manifest(results), serial)

@@ -15,7 +15,12 @@ import pytest
 
 from tests.corpus import write_pyramid
 from vadflow.tasks.slides.annotations import read_asap_xml, write_asap_xml
-from vadflow.tasks.slides.discover import discover, label_gaps, train_test_copies
+from vadflow.tasks.slides.discover import (
+    discover,
+    label_gaps,
+    nothing_to_train_on,
+    train_test_copies,
+)
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 from vadflow.tasks.slides.register import register_slide
 from vadflow.tasks.slides.storage import local_path
@@ -175,6 +180,25 @@ def test_a_mask_of_the_wrong_size_is_quarantined_at_registration(tmp_path: Path)
     assert bad["status"] == "quarantined"
     assert "is 7x5 px but its image is" in bad["reason"] and mask.name in bad["reason"]
     assert all(r["status"] == "ok" for uri, r in rows.items() if uri != str(mask.resolve()))
+
+
+def test_a_site_with_nothing_to_train_on_is_named_before_any_decode(tmp_path: Path) -> None:
+    root = camelyon16(tmp_path / "c16", zipped=False)
+    assert nothing_to_train_on(list(_by_id(root).values()), "pathology") is None
+    for path in (root / "training" / "normal").glob("*.tif"):
+        path.unlink()
+    problem = nothing_to_train_on(list(_by_id(root).values()), "pathology")
+    assert problem == (
+        "the site has no usable normal training slide (put them in training/normal "
+        "(Camelyon16 layout))"
+    )
+    line = tmp_path / "mvtec"
+    for n in range(2):
+        _png(line / "vial" / "train" / "good" / f"{n:03d}.png")
+        _png(line / "cable" / "train" / "good" / f"{n:03d}.png")
+    _png(line / "vial" / "test" / "good" / "000.png")
+    found = discover(line, "industrial", val_fraction=0)
+    assert nothing_to_train_on(found, "industrial") == "category cable has no test slide"
 
 
 def test_camelyon17_release_node_labels_from_stage_labels(tmp_path: Path) -> None:

@@ -229,6 +229,31 @@ def label_gaps(sources: list[SlideSource]) -> LabelGaps:
     )
 
 
+def nothing_to_train_on(sources: list[SlideSource], domain: str) -> str | None:
+    """Why a nightly run cannot train and evaluate on what discovery found, or None: no usable
+    normal training slide, no test slide (for an industrial site: per category). Checked right
+    after discovery, so a wrong layout fails in seconds, before anything is decoded."""
+    usable = [s for s in sources if s.reject is None]
+    groups: dict[str | None, list[SlideSource]] = {None: usable}
+    if domain == "industrial":
+        groups = {}
+        for s in usable:
+            groups.setdefault(industrial_category(s.uri), []).append(s)
+    where = (
+        "training/normal (Camelyon16 layout)"
+        if domain == "pathology"
+        else "<category>/train/good (MVTec AD layout)"
+    )
+    problems = []
+    for name, members in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+        scope = f"category {name}" if name else "the site"
+        if not any(s.split in ("train", "val") and s.label == "normal" for s in members):
+            problems.append(f"{scope} has no usable normal training slide (put them in {where})")
+        if not any(s.split == "test" for s in members):
+            problems.append(f"{scope} has no test slide")
+    return "; ".join(problems) or None
+
+
 def train_test_copies(slides: list[dict]) -> tuple[str, ...]:
     """Test slides whose bytes equal a training or validation slide's (registered rows with a
     `sha256`): `"<test id> = <train id>"` each. A copy in the test set scores as normal as the
