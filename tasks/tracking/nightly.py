@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.records import (
     Evaluated,
     NightlySummary,
@@ -30,7 +31,12 @@ from vadflow.tasks.records import (
 )
 from vadflow.tasks.site import SiteConfig
 from vadflow.tasks.tracking.mlflow_runs import (
+    DEFAULT_FLOOR,
+    NORMAL_MAX,
+    NORMAL_MEDIAN,
+    NORMAL_THRESHOLD,
     TAG_CATEGORY,
+    TAG_PROMOTION,
     curve_metrics,
     experiment_name,
     family_params,
@@ -47,11 +53,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PromotionPolicy:
-    """The champion gate's settings (a site's config, e.g. slide AUROC with margin 0.01)."""
+    """The champion gate's settings (a site's config, e.g. slide AUROC with margin 0.01, and
+    the floor `min`: metric -> minimum, checked even with no champion to beat)."""
 
     metric: str = "slide_auroc"
     margin: float = 0.0
     higher_is_better: bool = True
+    min: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FLOOR))
 
 
 def start_nightly(
@@ -108,6 +116,7 @@ def track_family(
     session.log_params(run, family_params(family, fit.config, tiling))
     session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
     session.log_metrics(run, evaluation.all_metrics)
+    session.log_metrics(run, normal_validation_metrics(fit.model_dir))
     session.log_metrics(
         run,
         {
@@ -138,11 +147,26 @@ def track_family(
             contracts_passed=contracts_passed,
             diverged=diverged,
             eval_set_hash=eval_set_hash,
+            floor=promotion.min,
         )
+        if decision is not None:  # the run page says why, beside the registry's version tags
+            outcome = "champion" if decision.promoted else "not promoted"
+            session.set_tags(run, {TAG_PROMOTION: f"{outcome}: {decision.reason}"})
     session.end_run(run, "FAILED" if diverged else "FINISHED")
     return TrackedFamily(
         run_id=run, model_uri=model_uri, decision=decision, spooled=session.spooled > 0
     )
+
+
+def normal_validation_metrics(model_dir: str | Path) -> dict[str, float]:
+    """What the model's own normal validation data says about it (its calibration): the slide
+    threshold and the (median, max) of normal heatmaps. The champion gate's floor reads these
+    where there are no labels to measure an AUROC with; empty when it was never calibrated."""
+    calibration = read_calibration(model_dir)
+    if calibration is None:
+        return {}
+    median, top = calibration.heatmap_value_range
+    return {NORMAL_THRESHOLD: calibration.threshold, NORMAL_MEDIAN: median, NORMAL_MAX: top}
 
 
 def finish_nightly(
