@@ -171,7 +171,7 @@ def promote(
     challenger_hash = eval_set_hash or current.tags.get(EVAL_SET_TAG)
     client.set_registered_model_alias(name, CHALLENGER, version)
     value = _run_metric(client, current.run_id, metric)
-    champion = _alias_version(client, name, CHAMPION)
+    champion = alias_version(client, name, CHAMPION)
     champion_value = _run_metric(client, champion.run_id, metric) if champion is not None else None
 
     def decide(promoted: bool, reason: str) -> PromotionDecision:
@@ -314,7 +314,9 @@ def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float 
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str):
+def alias_version(client: MlflowClient, name: str, alias: str) -> Any:
+    """The model version `name@alias` (an MLflow ModelVersion), or None when the model or the
+    alias does not exist."""
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
@@ -324,7 +326,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
 
 
 def champion_version(client: MlflowClient, site: str, family: str) -> str | None:
-    found = _alias_version(client, registered_model_name(site, family), CHAMPION)
+    found = alias_version(client, registered_model_name(site, family), CHAMPION)
     return str(found.version) if found is not None else None
 
 
@@ -338,7 +340,7 @@ def download_champion(tracking_uri: str, site: str, family: str, dst: Path) -> P
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name = registered_model_name(site, family)
-    version = _alias_version(client, name, CHAMPION)
+    version = alias_version(client, name, CHAMPION)
     if version is None:
         raise LookupError(
             f"{name} has no champion at {tracking_uri}: run the nightly flow (or promote a "
