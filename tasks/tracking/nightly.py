@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,18 +238,47 @@ def nightly_tags(
 
 
 def open_nightly_run(
-    target: TrackingTarget, site: SiteConfig, version: str, tags: Mapping[str, str]
+    target: TrackingTarget,
+    site: SiteConfig,
+    version: str,
+    tags: Mapping[str, str],
+    site_root: str | Path | None = None,
 ) -> str:
     """The night's parent run, with the site and tiling settings as params; a `local-...`
-    reference when the server is down (spooled)."""
-    from vadflow.tasks.tracking.spool import TrackingSession
+    reference when the server is down (spooled).
+
+    First, this site's runs an earlier night left RUNNING (killed: its process is gone, or its
+    heartbeat is stale) are closed as KILLED, and what that night half-wrote under `site_root`
+    is removed (`tasks/tracking/lifecycle.py`)."""
+    from vadflow.tasks.tracking.lifecycle import (
+        close_stale_runs,
+        liveness_tags,
+        remove_partial_outputs,
+    )
+    from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
 
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        try:
+            closed = close_stale_runs(session.client, site.name) if session.online else []
+        except Exception as exc:  # a server that is down is the spool's business, not ours
+            if not is_unreachable(exc):
+                raise
+            closed = []
+        for run in closed:
+            removed = remove_partial_outputs(Path(site_root), run.version) if site_root else []
+            logger.warning(
+                "%s: run %s (%s) was left RUNNING; %s; removed partial outputs: %s",
+                site.name,
+                run.name,
+                run.run_id,
+                run.reason,
+                [str(p) for p in removed] or "none",
+            )
         return start_nightly(
             session,
             site.name,
             version,
-            tags=tags,
+            tags={**tags, **liveness_tags()},
             params={"site": site.name, "domain": site.domain, **site.tiling.model_dump()},
             artifact_root=target.artifact_root,
         )
@@ -282,7 +312,10 @@ def log_family_run(
             "target_fpr": site.target_fpr,
         },
     )
+    from vadflow.tasks.tracking.lifecycle import TAG_HEARTBEAT
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        session.set_tags(parent, {TAG_HEARTBEAT: str(int(time.time() * 1000))})  # still alive
         tracked = track_family(
             session,
             parent,
