@@ -10,9 +10,11 @@ nightly run still finishes; `vadflow tracking sync` sends it later.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +100,7 @@ def track_family(
     eval_set_hash: str | None = None,
     contracts_passed: bool = True,
     category: str | None = None,
+    slides_path: str | Path | None = None,
 ) -> TrackedFamily:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
     curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
@@ -115,6 +118,8 @@ def track_family(
         run_tag[TAG_CATEGORY] = category
     run = session.start_run(experiment_name(site), run_name, {**tags, **run_tag}, parent=parent)
     session.log_params(run, family_params(family, fit.config, tiling))
+    if slides_path is not None and session.online and not run.startswith("local-"):
+        log_manifest_datasets(session.client, run, slides_path, site)
     session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
     session.log_metrics(run, evaluation.all_metrics)
     session.log_metrics(run, normal_validation_metrics(fit.model_dir))
@@ -157,6 +162,50 @@ def track_family(
     return TrackedFamily(
         run_id=run, model_uri=model_uri, decision=decision, spooled=session.spooled > 0
     )
+
+
+# The slide manifest's columns a dataset shows (others hold paths or nested values).
+DATASET_COLUMNS = ("slide_id", "split", "label", "category", "sha256", "width", "height", "mpp")
+DATASET_CONTEXTS = {"train": "training", "test": "test"}  # split -> MLflow's context tag
+
+
+def log_manifest_datasets(
+    client: Any, run: str, slides_path: str | Path, site: str
+) -> dict[str, str]:
+    """Log the training and test slides of the manifest as the run's MLflow datasets (the run
+    page's Datasets panel): named `<site>-<split>`, sourced from the manifest file, digested
+    over their rows (the first 32 hex digits of a sha256 of slide_id, content hash and label),
+    tagged with the context `training` / `test`. Returns split -> digest."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    slides = pl.read_parquet(slides_path)
+    if "status" in slides.columns:
+        slides = slides.filter(pl.col("status") == "ok")
+    columns = [c for c in DATASET_COLUMNS if c in slides.columns]
+    inputs, digests = [], {}
+    for split, context in DATASET_CONTEXTS.items():
+        rows = slides.filter(pl.col("split") == split).select(columns).sort("slide_id")
+        if rows.is_empty():
+            continue
+        key = rows.select([c for c in ("slide_id", "sha256", "label") if c in columns])
+        digest = hashlib.sha256(key.write_csv().encode()).hexdigest()[:32]
+        with warnings.catch_warnings():
+            # mlflow registers two local-file source classes and warns that it picks one.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                rows.to_pandas(),
+                source=str(Path(slides_path).resolve()),
+                name=f"{site}-{split}",
+                digest=digest,
+            )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        digests[split] = digest
+    if inputs:
+        client.log_inputs(run, datasets=inputs)
+    return digests
 
 
 def normal_validation_metrics(model_dir: str | Path) -> dict[str, float]:
@@ -329,6 +378,7 @@ def log_family_run(
             eval_set_hash=eval_hash,
             contracts_passed=contracts_passed,
             category=category,
+            slides_path=slides_path,
         )
     if tracked.spooled:
         log.warning(
