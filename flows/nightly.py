@@ -73,7 +73,31 @@ class _Scored:
     contracts_passed: bool
 
 
-@flow(name="nightly", log_prints=True)
+def _end_night_runs(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect hook: a night that failed (FAILED), crashed or was cancelled (SIGTERM, Ctrl-C:
+    KILLED) leaves no MLflow run RUNNING (`tasks/tracking/lifecycle.py`)."""
+    from vadflow.tasks.tracking.lifecycle import end_flow_runs
+
+    params = flow_run.parameters or {}
+    given = params.get("site")
+    name = given.get("name") if isinstance(given, dict) else getattr(given, "name", None)
+    if name is None and params.get("site_dir"):
+        name = load_site(params["site_dir"]).name
+    if name is None:
+        return
+    status = "FAILED" if state.is_failed() else "KILLED"
+    target = tracking_target(params.get("tracking_uri"), state_home())
+    reason = f"the flow run ended {state.name}: {state.message or ''}".strip()
+    end_flow_runs(target.tracking_uri, name, str(flow_run.id), status, reason)
+
+
+@flow(
+    name="nightly",
+    log_prints=True,
+    on_failure=[_end_night_runs],
+    on_crashed=[_end_night_runs],
+    on_cancellation=[_end_night_runs],
+)
 def nightly(
     site_dir: str | None = None,
     site: SiteConfig | None = None,
@@ -111,7 +135,7 @@ def nightly(
     tags = nightly_tags(
         site, version, data.slides_path, data.tile_paths, str(flow_run.get_id() or "")
     )
-    parent = start_tracking_task(target, site, version, tags)
+    parent = start_tracking_task(target, site, version, tags, str(layout.root))
     scored: list[_Scored] = []
     skipped: dict[str, str] = {}
     for family in site.families:

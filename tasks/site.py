@@ -162,13 +162,20 @@ class CandidatesConfig(BaseModel):
 
 
 class PromotionConfig(BaseModel):
-    """The champion gate: which evaluation metric decides, and by how much it must improve."""
+    """The champion gate: which evaluation metric decides, by how much it must improve, and the
+    floor a version must clear even with no champion to beat (`min`: metric -> minimum; with
+    no labels, the model's normal-validation statistics are checked instead, see
+    `vadflow.tasks.tracking.registry.floor_failure`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     metric: Literal["slide_auroc", "froc", "pixel_auroc", "pro", "slide_f1_max"] = "slide_auroc"
     margin: float = Field(0.0, ge=0, description="challenger must beat the champion by more")
     higher_is_better: bool = True
+    min: dict[str, float] = Field(
+        default_factory=lambda: {"slide_auroc": 0.6},
+        description="metric -> the least a version needs to become champion ({} for no floor)",
+    )
 
 
 class AugmentationConfig(BaseModel):

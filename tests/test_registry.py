@@ -145,13 +145,84 @@ def test_different_evaluation_sets_are_not_compared(client, name) -> None:
 
 
 def test_lower_is_better_and_missing_metrics(client, name) -> None:
+    # slide_auroc stands in for a lower-is-better metric here, so no floor on it.
     first = _version(client, name, 0.30)
-    _gate(client, name, first, higher_is_better=False)
+    _gate(client, name, first, higher_is_better=False, floor={})
     lower = _version(client, name, 0.20)
-    assert _gate(client, name, lower, higher_is_better=False).promoted
+    assert _gate(client, name, lower, higher_is_better=False, floor={}).promoted
     no_metric = _version(client, name, None)
-    decision = _gate(client, name, no_metric, higher_is_better=False)
+    decision = _gate(client, name, no_metric, higher_is_better=False, floor={})
     assert not decision.promoted and "no finite" in decision.reason
+
+
+def _unlabelled_version(
+    client: MlflowClient, name: str, stats: dict[str, float], tags: dict[str, str] | None = None
+) -> str:
+    """A version whose run has no slide AUROC (no labels), only normal-validation statistics."""
+    version = _version(client, name, None)
+    run_id = client.get_model_version(name, version).run_id
+    for key, value in stats.items():
+        client.log_metric(run_id, key, value)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    return version
+
+
+def test_a_first_model_below_the_floor_is_registered_but_not_champion(client, name) -> None:
+    from vadflow.tasks.tracking.mlflow_runs import DEFAULT_FLOOR
+
+    assert DEFAULT_FLOOR == {"slide_auroc": 0.6}
+    zero = _version(client, name, 0.0)  # night one of issue #23: AUROC 0.0 became champion
+    decision = _gate(client, name, zero)
+    assert not decision.promoted
+    assert "promotion floor" in decision.reason and "slide_auroc 0.0000 < 0.6" in decision.reason
+    assert _alias(client, name, CHAMPION) is None
+    assert _alias(client, name, CHALLENGER) == zero  # registered and visible, not served
+    tags = client.get_model_version(name, zero).tags
+    assert tags["promotion"].startswith("not promoted: below the promotion floor")
+    # A site's own floor: 0.55 clears 0.5 but not the default 0.6.
+    assert not _gate(client, name, _version(client, name, 0.55)).promoted
+    decision = _gate(client, name, _version(client, name, 0.55), floor={"slide_auroc": 0.5})
+    assert decision.promoted, decision.reason
+
+
+def test_the_floor_holds_with_a_champion_to_beat(client, name) -> None:
+    weak_champion = _version(client, name, 0.40)
+    assert _gate(client, name, weak_champion, floor={}).promoted  # e.g. an older, floorless gate
+    better_but_low = _version(client, name, 0.55)  # beats it by the margin, still below 0.6
+    decision = _gate(client, name, better_but_low)
+    assert not decision.promoted and "promotion floor" in decision.reason
+    assert _alias(client, name, CHAMPION) == weak_champion
+    assert _gate(client, name, _version(client, name, 0.65)).promoted
+
+
+def test_without_labels_the_floor_is_the_normal_validation_statistics(client, name) -> None:
+    from vadflow.tasks.tracking.mlflow_runs import NORMAL_MAX, NORMAL_MEDIAN, NORMAL_THRESHOLD
+
+    healthy = {NORMAL_THRESHOLD: 0.8, NORMAL_MEDIAN: 0.2, NORMAL_MAX: 1.0}
+    missing = _unlabelled_version(client, name, {})
+    decision = _gate(client, name, missing)
+    assert not decision.promoted and "no normal-validation statistics" in decision.reason
+    collapsed = _unlabelled_version(
+        client, name, {NORMAL_THRESHOLD: 0.5, NORMAL_MEDIAN: 0.5, NORMAL_MAX: 0.5}
+    )
+    decision = _gate(client, name, collapsed)
+    assert not decision.promoted and "out of bounds" in decision.reason
+    inverted = _unlabelled_version(client, name, healthy, tags={"inverted": "true"})
+    decision = _gate(client, name, inverted)
+    assert not decision.promoted and "inverted" in decision.reason
+    assert _alias(client, name, CHAMPION) is None
+    good = _unlabelled_version(client, name, healthy)
+    decision = _gate(client, name, good)
+    assert decision.promoted, decision.reason
+    assert _alias(client, name, CHAMPION) == good
+
+
+def test_an_inverted_run_is_never_promoted_even_with_labels(client, name) -> None:
+    version = _version(client, name, 0.9)
+    client.set_tag(client.get_model_version(name, version).run_id, "inverted", "true")
+    decision = _gate(client, name, version)
+    assert not decision.promoted and "inverted" in decision.reason
 
 
 def test_a_decision_is_made_once(client, name) -> None:

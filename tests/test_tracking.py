@@ -357,3 +357,41 @@ def test_artifacts_and_model_go_to_s3(
         np.testing.assert_allclose(scores, tiny_detector.scores(tiny_detector.tiles[:4]), rtol=1e-6)
     finally:
         server.stop()
+
+
+def test_training_and_test_manifests_are_the_runs_datasets(tmp_path: Path) -> None:
+    """The run page's Datasets panel names the slides a model was trained and tested on."""
+    from mlflow.tracking import MlflowClient
+
+    from vadflow.tasks.tracking.nightly import log_manifest_datasets
+
+    slides = pl.DataFrame(
+        {
+            "slide_id": ["n1", "n2", "t1", "v1", "bad"],
+            "split": ["train", "train", "test", "val", "test"],
+            "label": ["normal", "normal", "tumor", "normal", "tumor"],
+            "sha256": ["a", "b", "c", "d", "e"],
+            "status": ["ok", "ok", "ok", "ok", "quarantined"],
+        }
+    )
+    path = tmp_path / "slides.parquet"
+    slides.write_parquet(path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("datasets")).info.run_id
+    digests = log_manifest_datasets(client, run, path, "site-d")
+    inputs = {d.dataset.name: d for d in client.get_run(run).inputs.dataset_inputs}
+    assert set(inputs) == {"site-d-train", "site-d-test"}
+    for split, context in (("train", "training"), ("test", "test")):
+        found = inputs[f"site-d-{split}"]
+        assert found.dataset.digest == digests[split] and len(digests[split]) == 32
+        assert str(path.resolve()) in found.dataset.source
+        assert {t.key: t.value for t in found.tags}["mlflow.data.context"] == context
+    assert json.loads(inputs["site-d-test"].dataset.profile)["num_rows"] == 1  # no quarantined
+    # Other slides (a changed label) give another digest.
+    slides.with_columns(label=pl.lit("normal")).write_parquet(path)
+    again = client.create_run(client.get_experiment_by_name("datasets").experiment_id)
+    assert (
+        log_manifest_datasets(client, again.info.run_id, path, "site-d")["test"]
+        != (digests["test"])
+    )

@@ -15,13 +15,19 @@ from vadflow.tasks.site import SiteConfig
 
 @task(name="start-tracking")
 def start_tracking_task(
-    target: TrackingTarget, site: SiteConfig, version: str, tags: dict[str, str]
+    target: TrackingTarget,
+    site: SiteConfig,
+    version: str,
+    tags: dict[str, str],
+    site_root: str | None = None,
 ) -> str:
-    """The nightly parent run (a `local-...` reference when the server is down: spooled)."""
+    """The nightly parent run (a `local-...` reference when the server is down: spooled);
+    first, runs a killed night left RUNNING are closed as KILLED and its partial outputs under
+    `site_root` removed."""
     from vadflow.tasks.tracking.nightly import open_nightly_run
 
     report("track", 0, 1, f"opening the night's run in {target.tracking_uri}")
-    parent = open_nightly_run(target, site, version, tags)
+    parent = open_nightly_run(target, site, version, tags, site_root)
     spooled = parent.startswith("local-")
     report("track", 0, 1, "spooled: the server is unreachable" if spooled else "night's run opened")
     return parent

@@ -42,6 +42,20 @@ TAG_MANIFEST_PREFIX = "manifest."  # manifest.<name>.sha256
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests the run under its parent in the UI
 TAG_CATEGORY = "category"  # an industrial category's own model (MVTec AD protocol)
 TAG_RUN_KIND = "vadflow.kind"  # "nightly" (parent) or "family" (child)
+TAG_PROMOTION = "promotion"  # the champion gate's decision, "champion: <why>" / "not promoted: .."
+
+# The floor a version must clear whatever the champion: a slide AUROC of 0.6 is barely better
+# than a coin, and night one's first model (AUROC 0.0 in issue #23) must not serve.
+DEFAULT_FLOOR: dict[str, float] = {"slide_auroc": 0.6}
+# A run tag anyone (a reviewer, the benchmark) may set when a model ranks anomalies *below*
+# normal; such a model is never promoted, labels or not.
+INVERTED_TAG = "inverted"
+# What a run without labels logs about its own normal validation data (`normal_validation_
+# metrics` in tasks/tracking/nightly.py): the calibrated slide threshold and the (median, max)
+# of the held-out normal heatmaps.
+NORMAL_THRESHOLD = "normal_val.threshold"
+NORMAL_MEDIAN = "normal_val.heatmap_median"
+NORMAL_MAX = "normal_val.heatmap_max"
 
 
 def experiment_name(site: str) -> str:

@@ -10,16 +10,20 @@ nightly run still finishes; `vadflow tracking sync` sends it later.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
+import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.records import (
     Evaluated,
     NightlySummary,
@@ -30,7 +34,12 @@ from vadflow.tasks.records import (
 )
 from vadflow.tasks.site import SiteConfig
 from vadflow.tasks.tracking.mlflow_runs import (
+    DEFAULT_FLOOR,
+    NORMAL_MAX,
+    NORMAL_MEDIAN,
+    NORMAL_THRESHOLD,
     TAG_CATEGORY,
+    TAG_PROMOTION,
     curve_metrics,
     experiment_name,
     family_params,
@@ -47,11 +56,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PromotionPolicy:
-    """The champion gate's settings (a site's config, e.g. slide AUROC with margin 0.01)."""
+    """The champion gate's settings (a site's config, e.g. slide AUROC with margin 0.01, and
+    the floor `min`: metric -> minimum, checked even with no champion to beat)."""
 
     metric: str = "slide_auroc"
     margin: float = 0.0
     higher_is_better: bool = True
+    min: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FLOOR))
 
 
 def start_nightly(
@@ -89,6 +100,7 @@ def track_family(
     eval_set_hash: str | None = None,
     contracts_passed: bool = True,
     category: str | None = None,
+    slides_path: str | Path | None = None,
 ) -> TrackedFamily:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
     curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
@@ -106,8 +118,11 @@ def track_family(
         run_tag[TAG_CATEGORY] = category
     run = session.start_run(experiment_name(site), run_name, {**tags, **run_tag}, parent=parent)
     session.log_params(run, family_params(family, fit.config, tiling))
+    if slides_path is not None and session.online and not run.startswith("local-"):
+        log_manifest_datasets(session.client, run, slides_path, site)
     session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
     session.log_metrics(run, evaluation.all_metrics)
+    session.log_metrics(run, normal_validation_metrics(fit.model_dir))
     session.log_metrics(
         run,
         {
@@ -138,11 +153,70 @@ def track_family(
             contracts_passed=contracts_passed,
             diverged=diverged,
             eval_set_hash=eval_set_hash,
+            floor=promotion.min,
         )
+        if decision is not None:  # the run page says why, beside the registry's version tags
+            outcome = "champion" if decision.promoted else "not promoted"
+            session.set_tags(run, {TAG_PROMOTION: f"{outcome}: {decision.reason}"})
     session.end_run(run, "FAILED" if diverged else "FINISHED")
     return TrackedFamily(
         run_id=run, model_uri=model_uri, decision=decision, spooled=session.spooled > 0
     )
+
+
+# The slide manifest's columns a dataset shows (others hold paths or nested values).
+DATASET_COLUMNS = ("slide_id", "split", "label", "category", "sha256", "width", "height", "mpp")
+DATASET_CONTEXTS = {"train": "training", "test": "test"}  # split -> MLflow's context tag
+
+
+def log_manifest_datasets(
+    client: Any, run: str, slides_path: str | Path, site: str
+) -> dict[str, str]:
+    """Log the training and test slides of the manifest as the run's MLflow datasets (the run
+    page's Datasets panel): named `<site>-<split>`, sourced from the manifest file, digested
+    over their rows (the first 32 hex digits of a sha256 of slide_id, content hash and label),
+    tagged with the context `training` / `test`. Returns split -> digest."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    slides = pl.read_parquet(slides_path)
+    if "status" in slides.columns:
+        slides = slides.filter(pl.col("status") == "ok")
+    columns = [c for c in DATASET_COLUMNS if c in slides.columns]
+    inputs, digests = [], {}
+    for split, context in DATASET_CONTEXTS.items():
+        rows = slides.filter(pl.col("split") == split).select(columns).sort("slide_id")
+        if rows.is_empty():
+            continue
+        key = rows.select([c for c in ("slide_id", "sha256", "label") if c in columns])
+        digest = hashlib.sha256(key.write_csv().encode()).hexdigest()[:32]
+        with warnings.catch_warnings():
+            # mlflow registers two local-file source classes and warns that it picks one.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                rows.to_pandas(),
+                source=str(Path(slides_path).resolve()),
+                name=f"{site}-{split}",
+                digest=digest,
+            )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        digests[split] = digest
+    if inputs:
+        client.log_inputs(run, datasets=inputs)
+    return digests
+
+
+def normal_validation_metrics(model_dir: str | Path) -> dict[str, float]:
+    """What the model's own normal validation data says about it (its calibration): the slide
+    threshold and the (median, max) of normal heatmaps. The champion gate's floor reads these
+    where there are no labels to measure an AUROC with; empty when it was never calibrated."""
+    calibration = read_calibration(model_dir)
+    if calibration is None:
+        return {}
+    median, top = calibration.heatmap_value_range
+    return {NORMAL_THRESHOLD: calibration.threshold, NORMAL_MEDIAN: median, NORMAL_MAX: top}
 
 
 def finish_nightly(
@@ -213,18 +287,47 @@ def nightly_tags(
 
 
 def open_nightly_run(
-    target: TrackingTarget, site: SiteConfig, version: str, tags: Mapping[str, str]
+    target: TrackingTarget,
+    site: SiteConfig,
+    version: str,
+    tags: Mapping[str, str],
+    site_root: str | Path | None = None,
 ) -> str:
     """The night's parent run, with the site and tiling settings as params; a `local-...`
-    reference when the server is down (spooled)."""
-    from vadflow.tasks.tracking.spool import TrackingSession
+    reference when the server is down (spooled).
+
+    First, this site's runs an earlier night left RUNNING (killed: its process is gone, or its
+    heartbeat is stale) are closed as KILLED, and what that night half-wrote under `site_root`
+    is removed (`tasks/tracking/lifecycle.py`)."""
+    from vadflow.tasks.tracking.lifecycle import (
+        close_stale_runs,
+        liveness_tags,
+        remove_partial_outputs,
+    )
+    from vadflow.tasks.tracking.spool import TrackingSession, is_unreachable
 
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        try:
+            closed = close_stale_runs(session.client, site.name) if session.online else []
+        except Exception as exc:  # a server that is down is the spool's business, not ours
+            if not is_unreachable(exc):
+                raise
+            closed = []
+        for run in closed:
+            removed = remove_partial_outputs(Path(site_root), run.version) if site_root else []
+            logger.warning(
+                "%s: run %s (%s) was left RUNNING; %s; removed partial outputs: %s",
+                site.name,
+                run.name,
+                run.run_id,
+                run.reason,
+                [str(p) for p in removed] or "none",
+            )
         return start_nightly(
             session,
             site.name,
             version,
-            tags=tags,
+            tags={**tags, **liveness_tags()},
             params={"site": site.name, "domain": site.domain, **site.tiling.model_dump()},
             artifact_root=target.artifact_root,
         )
@@ -258,7 +361,10 @@ def log_family_run(
             "target_fpr": site.target_fpr,
         },
     )
+    from vadflow.tasks.tracking.lifecycle import TAG_HEARTBEAT
+
     with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        session.set_tags(parent, {TAG_HEARTBEAT: str(int(time.time() * 1000))})  # still alive
         tracked = track_family(
             session,
             parent,
@@ -272,6 +378,7 @@ def log_family_run(
             eval_set_hash=eval_hash,
             contracts_passed=contracts_passed,
             category=category,
+            slides_path=slides_path,
         )
     if tracked.spooled:
         log.warning(

@@ -1,8 +1,9 @@
 """The model registry: one registered model per (site, family), and the champion gate.
 
 Every evaluated model version gets the alias `challenger`. It takes the alias `champion` only
-when its evaluation metric beats the current champion's by more than a margin *on the same
-evaluation set*, its data contracts passed and its training did not diverge. The decision and
+when its data contracts passed, its training did not diverge, it clears the site's floor
+(`promotion.min`, see `floor_failure`) and its evaluation metric beats the current champion's by
+more than a margin *on the same evaluation set* (or there is no champion yet). The decision and
 its reason are written on the model version as tags, so the dashboard shows why. Scoring loads
 `models:/<site>-<family>@champion`.
 """
@@ -21,13 +22,21 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vadflow.tasks.records import PromotionDecision
+from vadflow.tasks.tracking.mlflow_runs import (
+    DEFAULT_FLOOR,
+    INVERTED_TAG,
+    NORMAL_MAX,
+    NORMAL_MEDIAN,
+    NORMAL_THRESHOLD,
+    TAG_PROMOTION,
+)
 from vadflow.tasks.tracking.pyfunc import MODEL_NAME, OP_KEY_TAG, find_logged_models
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EVAL_SET_TAG = "eval_set_hash"
 DECISION_TAG = "vadflow.promotion"  # JSON of the PromotionDecision
-REASON_TAG = "promotion"  # the same, readable in the registry UI: "champion: <why>"
+REASON_TAG = TAG_PROMOTION  # the same, readable in the registry UI: "champion: <why>"
 NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
@@ -142,14 +151,16 @@ def promote(
     contracts_passed: bool,
     diverged: bool,
     eval_set_hash: str | None = None,
+    floor: Mapping[str, float] | None = None,
 ) -> PromotionDecision:
     """Make `version` the challenger; make it champion if it earns it.
 
-    It becomes champion only if contracts passed, training did not diverge, and either there is
-    no champion yet, or both were evaluated on the same evaluation set (equal `eval_set_hash`
-    tags; `eval_set_hash` here sets this version's) and its `metric` (read from its run) beats the
-    champion's by more than `margin`. Deciding again for the same version returns the first
-    decision unchanged, so replays cannot flip it.
+    It becomes champion only if contracts passed, training did not diverge, its run clears
+    `floor` (metric -> minimum, default `DEFAULT_FLOOR`; `{}` for none; see `floor_failure`),
+    and either there is no champion yet, or both were evaluated on the same evaluation set
+    (equal `eval_set_hash` tags; `eval_set_hash` here sets this version's) and its `metric`
+    (read from its run) beats the champion's by more than `margin`. Deciding again for the
+    same version returns the first decision unchanged, so replays cannot flip it.
     """
     version = str(version)
     current = client.get_model_version(name, version)
@@ -160,7 +171,7 @@ def promote(
     challenger_hash = eval_set_hash or current.tags.get(EVAL_SET_TAG)
     client.set_registered_model_alias(name, CHALLENGER, version)
     value = _run_metric(client, current.run_id, metric)
-    champion = _alias_version(client, name, CHAMPION)
+    champion = alias_version(client, name, CHAMPION)
     champion_value = _run_metric(client, champion.run_id, metric) if champion is not None else None
 
     def decide(promoted: bool, reason: str) -> PromotionDecision:
@@ -175,10 +186,19 @@ def promote(
             champion_value=champion_value,
         )
 
+    below = (
+        floor_failure(
+            client.get_run(current.run_id).data, DEFAULT_FLOOR if floor is None else floor
+        )
+        if current.run_id
+        else "the version has no run to read its metrics from"
+    )
     if diverged:
         decision = decide(False, "training diverged (NaN/inf loss): never promoted")
     elif not contracts_passed:
         decision = decide(False, "data contracts failed: not promoted")
+    elif below is not None:
+        decision = decide(False, below)
     elif champion is None:
         decision = decide(True, "no champion yet: the first healthy version becomes champion")
     elif str(champion.version) == version:
@@ -247,6 +267,46 @@ def _compare(
     return decide(False, f"does not beat the champion by the margin: {summary}")
 
 
+def floor_failure(run_data: Any, floor: Mapping[str, float]) -> str | None:
+    """Why a run falls below the promotion floor, or None when it clears it.
+
+    `run_data` is an MLflow run's `data` (its `metrics` and `tags`). With labels (any metric of
+    `floor` was logged) every logged floor metric must reach its minimum. Without labels there
+    is nothing to measure against, so the check is on the model's own normal validation data:
+    its calibrated threshold and normal heatmap statistics were logged and are finite, and
+    median < threshold <= max (a collapsed model, whose normal maps are constant, fails). A run
+    tagged `inverted` = true never clears the floor.
+    """
+    metrics = {k: float(v) for k, v in run_data.metrics.items() if math.isfinite(v)}
+    if str(run_data.tags.get(INVERTED_TAG, "")).lower() in ("true", "1", "yes"):
+        return f"the run is tagged {INVERTED_TAG}=true (it ranks anomalies below normal)"
+    if not floor:
+        return None
+    measured = {k: v for k, v in floor.items() if k in metrics}
+    if measured:
+        below = [f"{k} {metrics[k]:.4f} < {v:g}" for k, v in measured.items() if metrics[k] < v]
+        if not below:
+            return None
+        return "below the promotion floor (promotion.min): " + ", ".join(below)
+    stats = {k: metrics.get(k) for k in (NORMAL_THRESHOLD, NORMAL_MEDIAN, NORMAL_MAX)}
+    missing = [k for k, v in stats.items() if v is None]
+    wanted = ", ".join(floor)
+    if missing:
+        return (
+            f"no labels to check the promotion floor ({wanted}) and no normal-validation "
+            f"statistics ({', '.join(missing)}): keep normal validation slides, or label test "
+            "slides"
+        )
+    threshold, median, top = stats[NORMAL_THRESHOLD], stats[NORMAL_MEDIAN], stats[NORMAL_MAX]
+    if not median < threshold <= top:
+        return (
+            f"no labels to check the promotion floor ({wanted}), and the normal-validation "
+            f"statistics are out of bounds: threshold {threshold:.4g} is not within "
+            f"(median {median:.4g}, max {top:.4g}]"
+        )
+    return None
+
+
 def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float | None:
     if not run_id:
         return None
@@ -254,7 +314,9 @@ def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float 
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str):
+def alias_version(client: MlflowClient, name: str, alias: str) -> Any:
+    """The model version `name@alias` (an MLflow ModelVersion), or None when the model or the
+    alias does not exist."""
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
@@ -264,7 +326,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
 
 
 def champion_version(client: MlflowClient, site: str, family: str) -> str | None:
-    found = _alias_version(client, registered_model_name(site, family), CHAMPION)
+    found = alias_version(client, registered_model_name(site, family), CHAMPION)
     return str(found.version) if found is not None else None
 
 
@@ -278,7 +340,7 @@ def download_champion(tracking_uri: str, site: str, family: str, dst: Path) -> P
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name = registered_model_name(site, family)
-    version = _alias_version(client, name, CHAMPION)
+    version = alias_version(client, name, CHAMPION)
     if version is None:
         raise LookupError(
             f"{name} has no champion at {tracking_uri}: run the nightly flow (or promote a "

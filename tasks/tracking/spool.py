@@ -303,6 +303,7 @@ class TrackingSession:
         contracts_passed: bool,
         diverged: bool,
         eval_set_hash: str | None = None,
+        floor: Mapping[str, float] | None = None,
     ) -> PromotionDecision | None:
         """Register the run's model as `<site>-<family>` and put it through the champion gate.
         None when spooled: the gate then runs at `sync`, against the champion of that time."""
@@ -317,6 +318,7 @@ class TrackingSession:
             "contracts_passed": contracts_passed,
             "diverged": diverged,
             "eval_set_hash": eval_set_hash,
+            "floor": None if floor is None else {k: float(v) for k, v in floor.items()},
         }
         return self._call(
             "register_and_promote",
@@ -498,6 +500,7 @@ def _register_and_promote(
         contracts_passed=args["contracts_passed"],
         diverged=args["diverged"],
         eval_set_hash=args.get("eval_set_hash"),
+        floor=args.get("floor"),  # absent in spools written before the floor: the default
     )
 
 
