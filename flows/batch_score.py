@@ -18,7 +18,7 @@ from vadflow.flows.nightly import resolve_site, state_home
 from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.pipeline import evaluate_task, export_task, resolve_model_task, score_task
 from vadflow.tasks.records import BatchScoreSummary
-from vadflow.tasks.runs import run_version
+from vadflow.tasks.runs import run_version, site_lock
 from vadflow.tasks.site import SiteConfig, SiteLayout
 from vadflow.tasks.tracking.mlflow_runs import resolve_tracking_uri
 
@@ -40,14 +40,30 @@ def batch_score(
     held-out normals, and the calls at the model's own calibrated threshold beside them);
     without, nothing is evaluated and predictions use the model's own calibrated threshold.
     """
-    logger = get_run_logger()
     site = resolve_site(site, site_dir)
     family = family or site.families[0]
     layout = SiteLayout(output_root or state_home() / "outputs", site.name)
     tracking_uri = resolve_tracking_uri(tracking_uri, state_home())
-    version = run_version()
-
     run = f"{'batch' if metrics else 'score'}-{family}"
+    version = run_version()
+    # It writes the site's manifests as a nightly does: one run of a site at a time.
+    with site_lock(state_home(), site.name, f"{run}-{version}"):
+        return _score(site, family, layout, model, tracking_uri, run, version, splits, metrics)
+
+
+def _score(
+    site: SiteConfig,
+    family: str,
+    layout: SiteLayout,
+    model: str,
+    tracking_uri: str,
+    run: str,
+    version: str,
+    splits: list[str] | None,
+    metrics: bool,
+) -> BatchScoreSummary:
+    """The scoring stages, run under the site's lock."""
+    logger = get_run_logger()
     data = ingest(site, layout, f"{run}-{version}")
     model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))

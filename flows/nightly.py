@@ -38,9 +38,10 @@ from vadflow.tasks.records import (
     NightlySummary,
     SkippedFamily,
     SlideScore,
+    TrackingTarget,
     TrainedModel,
 )
-from vadflow.tasks.runs import run_version
+from vadflow.tasks.runs import run_version, site_lock
 from vadflow.tasks.site import SiteConfig, SiteLayout, load_site
 from vadflow.tasks.tracking.mlflow_runs import tracking_target
 from vadflow.tasks.tracking.nightly import nightly_tags, summary_markdown
@@ -115,7 +116,6 @@ def nightly(
     trained on its category's good training images only. Without `export` no overlay or
     lesion file is drawn (the run's `scored.json` is saved, so `vadflow export` draws them).
     """
-    logger = get_run_logger()
     site = resolve_site(site, site_dir)
     if families:
         site = site.model_copy(update={"families": families})
@@ -123,6 +123,21 @@ def nightly(
     layout = SiteLayout(output_root or home / "outputs", site.name)
     target = tracking_target(tracking_uri, home)
     version = run_version()
+    # One run of a site at a time: a second fails at once, naming the first (tasks/runs.py).
+    with site_lock(home, site.name, version):
+        return _night(site, layout, target, version, flags, export)
+
+
+def _night(
+    site: SiteConfig,
+    layout: SiteLayout,
+    target: TrackingTarget,
+    version: str,
+    flags: dict[str, Any] | None,
+    export: bool,
+) -> NightlySummary:
+    """The night's stages, run under the site's lock."""
+    logger = get_run_logger()
     contracts = str(report_folder(layout.reports, version))
 
     data = ingest(site, layout, version, train=True)

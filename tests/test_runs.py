@@ -70,3 +70,18 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path):
 def test_lock_file_names_are_safe(tmp_path: Path):
     assert lock_path(tmp_path, "../etc/passwd").parent == tmp_path / "locks"
     assert lock_path(tmp_path, "line a/b").name == "line_a_b.lock"
+
+
+@pytest.mark.flow
+def test_the_nightly_flow_refuses_a_site_another_run_holds(
+    prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from vadflow.flows.nightly import nightly
+    from vadflow.tasks.synth.industrial import make_industrial_site
+
+    site = make_industrial_site(tmp_path, "line-a", n_train=2, n_test_good=1, n_test_per_defect=1)
+    monkeypatch.setenv("VADFLOW_HOME", str(tmp_path / "home"))
+    holder = site_lock(tmp_path / "home", "line-a", "the-first-run")
+    with holder, pytest.raises(SiteBusyError, match="run the-first-run"):
+        nightly(site_dir=str(site), output_root=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "line-a" / "slides.parquet").exists()  # nothing was written

@@ -46,13 +46,16 @@ def checked_site(site_dir: Path) -> SiteConfig:
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """Run a flow against `$PREFECT_API_URL`, or else a local Prefect API that stops when this
-    process ends, however it ends (`flows/local_api.py`); one that does not start becomes one
-    line and exit 1."""
+    process ends, however it ends (`flows/local_api.py`); one that does not start, or a site
+    another run holds (`tasks/runs.py`), becomes one line and exit 1."""
     from vadflow.flows.env import api_start_failure
+    from vadflow.tasks.runs import SiteBusyError
 
     try:
         with _api_server():
             yield
+    except SiteBusyError as exc:  # another run of the site: say who, not a traceback
+        raise fail(str(exc), code=1) from None
     except Exception as exc:
         message = api_start_failure(exc)
         if message is None:
