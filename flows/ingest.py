@@ -36,6 +36,11 @@ def ingest(site: SiteConfig, layout: SiteLayout, run: str, *, train: bool = Fals
         raise ValueError(f"site {site.name} ({site.source}): {problem}")
     manifest = register_task(site, sources, layout)
     usable = pl.read_parquet(manifest.path).filter(pl.col("status") == "ok").to_dicts()
+    # Imported here: registration's module loads scikit-image, which importing a flow must not.
+    from vadflow.tasks.slides.register import run_tile_budget_problem
+
+    if problem := run_tile_budget_problem(usable, site.tiling, site.limits):
+        raise ValueError(f"site {site.name}: {problem}")
     copies = train_test_copies(usable)
     if copies and site.leakage == "refuse":
         raise ValueError(

@@ -143,6 +143,12 @@ class LimitsConfig(BaseModel):
     max_tiles_per_slide: int = Field(
         2_000_000, ge=1, description="tile grid positions at the working resolution"
     )
+    max_tiles_per_run: int = Field(
+        400_000_000,
+        ge=1,
+        description="tile grid positions of all the slides a run would tile (400 Camelyon16 "
+        "slides are ~250 million); past it the run stops before tiling, naming the largest",
+    )
 
 
 class CandidatesConfig(BaseModel):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vadflow.tasks.site import LimitsConfig, TilingConfig
 from vadflow.tasks.slides.discover import SlideSource
-from vadflow.tasks.slides.register import grid_count, register_slide
+from vadflow.tasks.slides.register import grid_count, register_slide, run_tile_budget_problem
 from vadflow.tasks.tiling.grid import grid_starts
 
 
@@ -65,6 +65,19 @@ def test_too_many_tiles_is_quarantined_with_the_figures(tmp_path: Path) -> None:
     fits = LimitsConfig(max_tiles_per_slide=1024)
     row = register_slide(_source(image), "line", "industrial", tiling=tiling, limits=fits)
     assert row["status"] == "ok"
+
+
+def test_a_run_past_its_tile_budget_stops_naming_the_largest_slides() -> None:
+    tiling = TilingConfig(tile_size=64, target_mpp=0.5)
+    rows = [
+        {"slide_id": f"s{i}", "width": 64_000 * (i + 1), "height": 64_000, "mpp": 0.25}
+        for i in range(4)
+    ]  # s0: 500 x 500 = 250,000 positions of 128 px, s3: 2,000 x 500
+    assert run_tile_budget_problem(rows, tiling, LimitsConfig()) is None
+    problem = run_tile_budget_problem(rows, tiling, LimitsConfig(max_tiles_per_run=2_000_000))
+    assert problem is not None
+    assert "the 4 slides to tile hold 2,500,000 tile positions" in problem
+    assert "largest: s3 (1,000,000), s2 (750,000), s1 (500,000)" in problem
 
 
 @settings(max_examples=200, deadline=None)

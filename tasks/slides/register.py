@@ -150,16 +150,40 @@ def grid_count(length: int, extent: int, step: int) -> int:
     return on_grid + (1 if (on_grid - 1) * step + extent < length else 0)
 
 
-def tile_count_problem(
-    row: dict[str, Any], tiling: TilingConfig | None, limits: LimitsConfig
-) -> str | None:
-    """Why a registered slide has too many tile positions to process, from its size and MPP
-    alone; None if it fits. (Too many pixels to mask is caught when the slide is opened.)"""
+def tile_grid(row: dict[str, Any], tiling: TilingConfig | None) -> tuple[int, int, int]:
+    """(grid positions, tile extent, step) in level-0 px of a registered slide, from its size
+    and MPP alone."""
     tiling = tiling or TilingConfig()
     scale = tiling.target_mpp / row["mpp"] if tiling.target_mpp and row["mpp"] else 1.0
     extent = max(1, round(tiling.tile_size * scale))
     step = max(1, round(tiling.step * scale))
     tiles = grid_count(row["width"], extent, step) * grid_count(row["height"], extent, step)
+    return tiles, extent, step
+
+
+def run_tile_budget_problem(
+    rows: list[dict[str, Any]], tiling: TilingConfig | None, limits: LimitsConfig
+) -> str | None:
+    """Why the usable slides of a run hold more tile positions than `limits.max_tiles_per_run`
+    (naming the three largest), or None."""
+    counts = sorted(((tile_grid(r, tiling)[0], r["slide_id"]) for r in rows), reverse=True)
+    total = sum(n for n, _ in counts)
+    if total <= limits.max_tiles_per_run:
+        return None
+    largest = ", ".join(f"{s} ({n:,})" for n, s in counts[:3])
+    return (
+        f"the {len(rows)} slides to tile hold {total:,} tile positions, more than "
+        f"limits.max_tiles_per_run ({limits.max_tiles_per_run:,}); largest: {largest}. "
+        "Raise the limit, tile coarser (tiling.target_mpp, tile_size), or split the site"
+    )
+
+
+def tile_count_problem(
+    row: dict[str, Any], tiling: TilingConfig | None, limits: LimitsConfig
+) -> str | None:
+    """Why a registered slide has too many tile positions to process, from its size and MPP
+    alone; None if it fits. (Too many pixels to mask is caught when the slide is opened.)"""
+    tiles, extent, step = tile_grid(row, tiling)
     if tiles > limits.max_tiles_per_slide:
         return (
             f"{row['width']:,} x {row['height']:,} px makes {tiles:,} tiles of {extent} px every "
