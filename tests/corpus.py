@@ -203,6 +203,21 @@ def malformed_xml(site: Path, pixels: np.ndarray) -> None:
     )
 
 
+def declares_huge(site: Path, pixels: np.ndarray) -> None:
+    """A 1 KB TIFF whose header declares 200,000 x 200,000 px (a size bomb): real tiles of a
+    512 px image, then the size tags overwritten."""
+    path = images_dir(site) / "size_bomb.tif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res = (1e4 / MPP, 1e4 / MPP)  # px per cm
+    tile = np.ascontiguousarray(pixels[:512, :512])
+    tifffile.imwrite(path, tile, photometric="rgb", tile=(256, 256), compression="zlib",
+                     resolution=res, resolutionunit="CENTIMETER")  # fmt: skip
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[0].tags
+        tags["ImageWidth"].overwrite(200_000)
+        tags["ImageLength"].overwrite(200_000)
+
+
 def copy_of_training(site: Path, _: np.ndarray) -> None:
     """A byte copy of a training normal among the test images (leakage)."""
     first = sorted((site / "training" / "normal").glob("*.tif"))[0]
@@ -283,6 +298,12 @@ def cases() -> list[Case]:
         Case("malformed ASAP XML", "bad_xml", "quarantined", "not well-formed XML", malformed_xml,
              "quarantined at registration: the annotation names the slide's label and lesions, "
              "so a broken one is not guessed around"),
+        Case("TIFF whose header declares 200,000 x 200,000 px (1 KB)", "size_bomb",
+             "quarantined", "limits.max_mask_megapixels", declares_huge,
+             "quarantined at registration from the header, in milliseconds, before any pixel is "
+             "decoded: its smallest level is larger than the tissue mask may decode "
+             "(`limits.max_mask_megapixels`); a run whose slides together pass "
+             "`limits.max_tiles_per_run` stops before tiling"),
         Case("test slide that is a byte copy of a training slide", "copy_of_train", "scored", "",
              copy_of_training,
              "scored, and named in the run summary's gaps (`copy_of_train = normal_...`, found by "
