@@ -144,6 +144,30 @@ class CandidatesConfig(BaseModel):
     )
 
 
+class AggregationConfig(BaseModel):
+    """How a slide's tile scores become its slide score (`tasks/scoring/tail.py`).
+
+    `tail` (default): tile scores become tail p-values against the held-out normal tiles, and
+    the slide score is how surprising the slide's count of unlikely tiles (p < `alpha`) is;
+    `max`: the heatmap maximum; `forest`: the cross-validated random forest on heatmap
+    features (needs labelled test slides; slides it cannot score fall back to `max`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slide_score: Literal["tail", "max", "forest"] = "tail"
+    alpha: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="a tile is unlikely when its tail p-value is below this (0.2 measured best "
+        "on the medium synthetic site's ~160-tile slides; large real slides may want 0.01)",
+    )
+    keep_artefacts: bool = Field(
+        False, description="count tiles artefact QC flagged (`artefact`) in slide scores"
+    )
+
+
 class PromotionConfig(BaseModel):
     """The champion gate: which evaluation metric decides, and by how much it must improve."""
 
@@ -204,6 +228,7 @@ class SiteConfig(BaseModel):
     max_train_tiles: int = Field(4000, ge=16)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     contracts: Literal["strict", "quarantine"] = Field(
         "strict", description="on a contract failure: stop the run, or quarantine the slides"
