@@ -161,3 +161,59 @@ def test_a_tail_calibrated_model_scores_new_slides_on_its_own_reference(tmp_path
     tail = Calibration(1.0, 0.05, (0.0, 1.0), "tail", reference, 0.2)
     rescored = calibrated_slide_score(score, tail)
     assert rescored.slide_score == pytest.approx(tail_slide_score(reference.p_value(scores), 0.2))
+
+
+def test_evaluation_thresholds_and_ranks_on_the_chosen_slide_score(tmp_path: Path) -> None:
+    """evaluate_site with `tail`: tumour slides (a cluster of moderately high tiles) rank above
+    normals with two extreme tiles, where the maximum ranks them below; the threshold comes
+    from the val slides' held-out tail scores; `forest` and `max` stay choices."""
+    from vadflow.tasks.evaluation.evaluate import evaluate_site, slide_threshold
+    from vadflow.tasks.scoring.heatmap import HeatmapGeometry, write_heatmap_tiff
+
+    rng = np.random.default_rng(6)
+    block = (np.arange(GRID * GRID) // GRID < 5) & (np.arange(GRID * GRID) % GRID < 6)
+    rows, scores, tiles = [], {}, {}
+    plan = [(f"v{i}", "val", "normal") for i in range(3)]
+    plan += [(f"n{i}", "test", "normal") for i in range(2)]
+    plan += [(f"t{i}", "test", "anomalous") for i in range(2)]
+    for slide_id, split, label in plan:
+        tile_scores = rng.normal(size=GRID * GRID)
+        if slide_id.startswith("n"):
+            tile_scores[[17, 200]] = 12.0
+        if label == "anomalous":
+            tile_scores[block] = rng.uniform(1.5, 2.5, int(block.sum()))
+        heatmap = tile_scores.reshape(GRID, GRID).astype(np.float32)  # one cell per tile
+        path = write_heatmap_tiff(
+            tmp_path / f"{slide_id}.heatmap.tif",
+            heatmap,
+            HeatmapGeometry(slide_id, EXTENT, GRID * EXTENT, GRID * EXTENT, mpp=None),
+        )
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "split": split,
+                "label": label,
+                "category": "good" if label == "normal" else "tumor",
+                "annotation_uri": None,
+                "width": GRID * EXTENT,
+                "height": GRID * EXTENT,
+                "mpp": None,
+            }
+        )
+        scores[slide_id] = (float(heatmap.max()), str(path))
+        tiles[slide_id] = _slide(slide_id, tile_scores)
+    slides = pl.DataFrame(rows)
+    common = {"heatmap_downsample": EXTENT, "target_fpr": 0.05, "domain": "industrial"}
+    tail = evaluate_site(slides, scores, **common, slide_score="tail", tile_scores=tiles)
+    assert tail.slide_score == "tail" and tail.tail_reference is not None
+    assert tail.metrics["slide_auroc"] == 1.0 and tail.metrics["slide_auroc_max"] == 0.0
+    held_out, _ = slide_tail_scores(tiles, ["v0", "v1", "v2"], TailSettings())
+    assert tail.threshold == slide_threshold([held_out[f"v{i}"] for i in range(3)], 0.05)
+    assert set(tail.slide_scores) == {s for s, _, _ in plan}
+    maximum = evaluate_site(slides, scores, **common)
+    assert maximum.slide_score == "max" and maximum.metrics["slide_auroc"] == 0.0
+    assert "slide_auroc_max" not in maximum.metrics
+    forest = evaluate_site(slides, scores, **common, slide_score="forest")
+    assert forest.slide_score == "forest" and np.isfinite(forest.threshold)
+    with pytest.raises(ValueError, match="needs the tile scores"):
+        evaluate_site(slides, scores, **common, slide_score="tail")
