@@ -45,8 +45,9 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
     """Score every val and test slide into heatmaps and evaluate them as a nightly run does.
 
     Returns the pipeline's metrics (slide_auroc, froc, pixel_auroc, ...) plus tile_auroc from
-    the same tile scores. Slide scores follow the site's `aggregation:` setting (default
-    `tail`); `slide_auroc_max` is the heatmap maximum's slide AUC whatever the setting.
+    the same tile scores. The slide AUC is the `tail` slide score's (`tasks/scoring/tail.py`,
+    the site's alpha), whatever the site's default, since the hard site is where the two are
+    compared; `slide_auroc_max` is the heatmap maximum's beside it.
     """
     import polars as pl
 
@@ -75,7 +76,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         site.target_fpr,
         site.domain,
         itc_um=FROC_ITC_UM,
-        slide_score=site.aggregation.slide_score,
+        slide_score="tail",
         tile_scores=tile_files,
         tail=TailSettings(site.aggregation.alpha, site.aggregation.keep_artefacts),
     )
