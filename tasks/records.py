@@ -215,7 +215,8 @@ class SkippedFamily:
 
 @dataclass(frozen=True)
 class SlideScore:
-    """Where a slide's scores went, and its slide-level score (max of the heatmap)."""
+    """Where a slide's scores went, and its slide-level score: the max of the heatmap, or, once
+    scored with a tail-calibrated model, its tail score (`tasks/scoring/tail.py`)."""
 
     slide_id: str
     tiles: int
@@ -256,6 +257,9 @@ class Evaluated:
     report_dir: str
     plots: dict[str, str] = field(default_factory=dict)  # "ROC"/"FROC"/"PRO" -> PNG
     candidates: dict[str, list[Candidate]] = field(default_factory=dict)
+    # The slide score the threshold is on, per evaluated slide (val held out, and test): the
+    # exports call slides with these (`aggregation.slide_score`), not the heatmap maximum.
+    slide_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def all_metrics(self) -> dict[str, float]:

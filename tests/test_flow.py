@@ -88,6 +88,28 @@ def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
     assert 0.0 <= metrics["froc"] <= 1.0
 
 
+def test_the_slide_score_setting_reaches_evaluation_calibration_and_exports(
+    pathology_run,
+) -> None:
+    """The site's `aggregation.slide_score` (default `max`) is what the threshold, the slide
+    table, the model's calibration.json and the exported calls are on."""
+    from vadflow.tasks.evaluation.calibration import read_calibration
+    from vadflow.tasks.site import load_site
+
+    site = load_site(pathology_run["site"])
+    result = pathology_run["summary"].families["ae_l2"]
+    calibration = read_calibration(result.model_dir)
+    assert calibration is not None
+    assert calibration.slide_score == site.aggregation.slide_score
+    assert (calibration.tail_reference is not None) == (calibration.slide_score == "tail")
+    assert result.metrics["threshold"] == pytest.approx(calibration.threshold)
+    out = Path(pathology_run["summary"].outputs)
+    scored = json.loads(next(out.glob("heatmaps/ae_l2-*/scored.json")).read_text())
+    exported = {s["slide_id"]: s["score"] for s in scored["exported"]}
+    for row in result.table:  # the exports call slides on the evaluation's slide scores
+        assert exported[row.slide_id] == pytest.approx(row.score)
+
+
 def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) -> None:
     summary = pathology_run["summary"]
     client = MlflowClient(pathology_run["tracking"])

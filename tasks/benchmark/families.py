@@ -38,21 +38,25 @@ class BenchmarkRow:
     seconds: float
     direction: str  # "ok", "inverted", "failed" (error says why) or "skipped" (needs labels)
     error: str = ""
+    slide_auc_max: float = float("nan")  # slide AUC of the heatmap maximum, for comparison
 
 
 def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dict[str, float]:
     """Score every val and test slide into heatmaps and evaluate them as a nightly run does.
 
     Returns the pipeline's metrics (slide_auroc, froc, pixel_auroc, ...) plus tile_auroc from
-    the same tile scores.
+    the same tile scores. The slide AUC is the `tail` slide score's (`tasks/scoring/tail.py`,
+    the site's alpha), whatever the site's default, since the hard site is where the two are
+    compared; `slide_auroc_max` is the heatmap maximum's beside it.
     """
     import polars as pl
 
     from vadflow.tasks.evaluation.evaluate import evaluate_site
     from vadflow.tasks.scoring.heatmap import score_slide
+    from vadflow.tasks.scoring.tail import TailSettings
 
     site = data.site
-    scores, tile_scores = {}, []
+    scores, tile_scores, tile_files = {}, [], {}
     for row in data.slides.sort("slide_id").to_dicts():
         scored = score_slide(
             detector,
@@ -62,6 +66,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
             site.tiling.heatmap_downsample,
         )
         scores[row["slide_id"]] = (scored.slide_score, scored.heatmap)
+        tile_files[row["slide_id"]] = scored.tile_scores
         if row["split"] == "test":
             tile_scores.append(pl.read_parquet(scored.tile_scores))
     evaluation = evaluate_site(
@@ -71,13 +76,18 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         site.target_fpr,
         site.domain,
         itc_um=FROC_ITC_UM,
+        slide_score="tail",
+        tile_scores=tile_files,
+        tail=TailSettings(site.aggregation.alpha, site.aggregation.keep_artefacts),
     )
+    metrics = dict(evaluation.metrics)
+    metrics.setdefault("slide_auroc_max", metrics.get("slide_auroc", float("nan")))
     by_tile = dict(pl.concat(tile_scores).select("tile_id", "score").iter_rows())
     test_ids = pl.concat([data.manifests[s] for s in data.test.slide_names])["tile_id"]
     ordered = np.array([by_tile[t] for t in test_ids], dtype=np.float64)
     if not np.isfinite(ordered).all():
         raise FloatingPointError(f"{int((~np.isfinite(ordered)).sum())} NaN tile scores")
-    return {**evaluation.metrics, "tile_auroc": tile_auroc(data.test, ordered)}
+    return {**metrics, "tile_auroc": tile_auroc(data.test, ordered)}
 
 
 def benchmark_families() -> list[str]:
@@ -200,6 +210,7 @@ def run_family(
         metrics.get("pixel_auroc", nan),
         time.perf_counter() - started,
         "inverted" if tile < 0.5 else "ok",
+        slide_auc_max=metrics.get("slide_auroc_max", nan),
     )
 
 

@@ -17,13 +17,15 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
         return "n/a" if math.isnan(value) else f"{value:.3f}"
 
     lines = [
-        "| family | tile AUROC | slide AUC | FROC | pixel AUROC | seconds | direction |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| family | tile AUROC | slide AUC | slide AUC (max) | FROC | pixel AUROC | seconds "
+        "| direction |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         direction = f"{row.direction}: {row.error}" if row.error else row.direction
         lines.append(
-            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | {num(row.froc)} | "
+            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | "
+            f"{num(row.slide_auc_max)} | {num(row.froc)} | "
             f"{num(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
         )
     return "\n".join(lines)
@@ -50,7 +52,16 @@ def print_table(
         + (f"{epochs} epochs each" if epochs is not None else "each family's own epochs")
     )
     table = Table(title=title)
-    columns = ("family", "tile AUROC", "slide AUC", "FROC", "pixel AUROC", "seconds", "direction")
+    columns = (
+        "family",
+        "tile AUROC",
+        "slide AUC",
+        "slide AUC (max)",
+        "FROC",
+        "pixel AUROC",
+        "seconds",
+        "direction",
+    )
     for column in columns:
         # Family names never wrap or cut ("supervised_cnn (combined)"); the rest may wrap.
         table.add_column(
@@ -61,7 +72,7 @@ def print_table(
     for row in rows:
         cells = [
             "n/a" if math.isnan(v) else f"{v:.3f}"
-            for v in (row.tile_auroc, row.slide_auc, row.froc, row.pixel_auroc)
+            for v in (row.tile_auroc, row.slide_auc, row.slide_auc_max, row.froc, row.pixel_auroc)
         ]
         if row.direction == "inverted":
             direction = "[red]inverted[/]"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from vadflow.tasks.scoring.aggregate import (
     lesion_candidates,
 )
 from vadflow.tasks.scoring.heatmap import load_heatmap
+from vadflow.tasks.scoring.tail import SLIDE_SCORES, TailReference, TailSettings, slide_tail_scores
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class Evaluation:
     froc_result: FrocResult | None = None
     pro: ProCurve | None = None
     value_range: tuple[float, float] = (0.0, 1.0)
+    slide_score: str = "max"  # the slide score `score` and `threshold` are on
+    slide_scores: dict[str, float] = field(default_factory=dict)  # val (held out) and test
+    tail_reference: TailReference | None = None  # normal val tiles, when slide_score is tail
 
 
 def slide_threshold(val_scores: list[float], target_fpr: float) -> float:
@@ -98,10 +103,18 @@ def evaluate_site(
     model_threshold: float | None = None,
     candidate_rule: CandidateRule | None = None,
     masks_dir: str | Path | None = None,
+    slide_score: str = "max",
+    tile_scores: Mapping[str, str | Path | pl.DataFrame] | None = None,
+    tail: TailSettings | None = None,
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap file: `load_heatmap`), for val and test slides.
+    `slide_score` picks what the threshold and the slide metrics are on: `max` (the heatmap
+    maximum in `scores`), `tail` (`tasks.scoring.tail`: needs `tile_scores`, slide_id -> its
+    `<slide>.tiles.parquet` or frame, and `tail` settings) or `forest` (the cross-validated
+    forest, where labels allow; else `max`). Whenever it is not `max`, `slide_auroc_max`
+    gives the maximum's slide AUC beside it.
     `scored_share` is the share of the test slides' pixels that got a score: of image pixels
     (industrial), of tissue (pathology: the tissue masks `masks_dir/<slide>.png`). Pixel
     metrics count every pixel the ground truth speaks for: an unscored one at the lowest score
@@ -111,13 +124,19 @@ def evaluate_site(
     was calibrated with at its own site, adds the calls it makes here (`model_sensitivity`,
     `model_specificity`): what a model moved to another site without recalibration would do.
     """
+    if slide_score not in SLIDE_SCORES:
+        raise ValueError(f"unknown slide_score {slide_score!r}; choose one of {SLIDE_SCORES}")
     rows = slides.filter(pl.col("slide_id").is_in(list(scores)))
     val_ids = rows.filter(pl.col("split") == "val")["slide_id"].to_list()
-    threshold = slide_threshold([scores[s][0] for s in val_ids], target_fpr)
     value_range = heatmap_value_range([load_heatmap(scores[s][1]) for s in val_ids])
     test = rows.filter(pl.col("split") == "test").sort("slide_id")
+    maxima = {s: float(scores[s][0]) for s in rows["slide_id"]}
+    chosen, used, reference = _chosen_slide_scores(
+        slide_score, rows, scores, maxima, tile_scores, tail, value_range
+    )
+    threshold = slide_threshold([chosen[s] for s in val_ids], target_fpr)
     table = test.select("slide_id", "split", "label", "category").with_columns(
-        pl.Series("score", [scores[s][0] for s in test["slide_id"]], dtype=pl.Float64)
+        pl.Series("score", [chosen[s] for s in test["slide_id"]], dtype=pl.Float64)
     )
     table = table.with_columns(
         predicted=pl.when(pl.lit(bool(np.isfinite(threshold))))
@@ -133,18 +152,32 @@ def evaluate_site(
     }
     if known.height:
         metrics["slide_auroc"] = image_auroc(labels, known["score"].to_numpy())
+        if used != "max":
+            metrics["slide_auroc_max"] = image_auroc(
+                labels, np.array([maxima[s] for s in known["slide_id"]])
+            )
         metrics["slide_f1_max"] = f1_max(labels, known["score"].to_numpy())[0]
         if np.isfinite(threshold):
             predicted = known["score"].to_numpy() > threshold
             metrics["slide_sensitivity"] = _rate(predicted[labels])
             metrics["slide_specificity"] = _rate(~predicted[~labels])
         if model_threshold is not None and np.isfinite(model_threshold):
-            predicted = known["score"].to_numpy() > model_threshold
+            # The model's threshold is on the slide score scoring gave it (`scores`), which
+            # for a tail-calibrated model is against the model's own normal reference.
+            predicted = np.array([scores[s][0] for s in known["slide_id"]]) > model_threshold
             metrics["model_threshold"] = float(model_threshold)
             metrics["model_sensitivity"] = _rate(predicted[labels])
             metrics["model_specificity"] = _rate(~predicted[~labels])
 
-    evaluation = Evaluation(table, metrics, threshold, value_range=value_range)
+    evaluation = Evaluation(
+        table,
+        metrics,
+        threshold,
+        value_range=value_range,
+        slide_score=used,
+        slide_scores=dict(chosen),
+        tail_reference=reference,
+    )
     heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in test.to_dicts()}
     tissue = {} if domain == "industrial" else _tissue_masks(test, masks_dir)
     metrics["scored_share"] = _scored_share(test, heatmaps, heatmap_downsample, tissue)
@@ -156,6 +189,69 @@ def evaluate_site(
     )
     _forest_metrics(evaluation, annotated, heatmaps)
     return evaluation
+
+
+def _chosen_slide_scores(
+    kind: str,
+    rows: pl.DataFrame,
+    scores: Mapping[str, tuple[float, str]],
+    maxima: dict[str, float],
+    tile_scores: Mapping[str, str | Path | pl.DataFrame] | None,
+    tail: TailSettings | None,
+    value_range: tuple[float, float],
+) -> tuple[dict[str, float], str, TailReference | None]:
+    """Every slide's score of `kind`, the kind actually used (`max` where `kind` cannot be
+    computed: no normal tiles for `tail`, too few labelled slides for `forest`), and the tail
+    reference when there is one."""
+    if kind == "tail":
+        if tile_scores is None:
+            raise ValueError(
+                "slide_score 'tail' needs the tile scores of every slide (tile_scores: "
+                "slide_id -> <slide>.tiles.parquet); pass them or choose slide_score 'max'"
+            )
+        missing = [s for s in rows["slide_id"] if s not in tile_scores]
+        if missing:
+            raise ValueError(f"no tile scores for slides {missing[:5]} ({len(missing)} in all)")
+        frames = {
+            s: f if isinstance(f, pl.DataFrame) else pl.read_parquet(f)
+            for s, f in tile_scores.items()
+            if s in maxima
+        }
+        normal_ids = rows.filter(pl.col("split") == "val")["slide_id"].to_list()
+        tail_scores, reference = slide_tail_scores(frames, normal_ids, tail)
+        if reference is None:
+            log.warning("no held-out normal tiles: slide scores fall back to the heatmap maximum")
+            return maxima, "max", None
+        return tail_scores, "tail", reference
+    if kind == "forest":
+        forest = _forest_slide_scores(rows, scores, value_range)
+        if forest is None:
+            log.warning("too few labelled test slides for the forest: slide scores are maxima")
+            return maxima, "max", None
+        return forest, "forest", None
+    return maxima, "max", None
+
+
+def _forest_slide_scores(
+    rows: pl.DataFrame, scores: Mapping[str, tuple[float, str]], value_range: tuple[float, float]
+) -> dict[str, float] | None:
+    """Forest P(tumour) per slide: out-of-fold for labelled test slides, from the forest
+    fitted on all of them for the rest (val slides, unlabelled ones); None below 2 + 2."""
+    labelled = rows.filter((pl.col("split") == "test") & (pl.col("label") != "unknown"))
+    labels = {r["slide_id"]: r["label"] == "anomalous" for r in labelled.to_dicts()}
+    if min(sum(labels.values()), len(labels) - sum(labels.values())) < 2:
+        return None
+    heatmaps = {s: load_heatmap(scores[s][1]) for s in rows["slide_id"]}
+    features = feature_table(heatmaps, (0.5, 0.9), value_range=value_range)
+    inside = features.filter(pl.col("slide_id").is_in(list(labels)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forest = cross_validated_forest(inside, labels)
+        rest = features.filter(~pl.col("slide_id").is_in(list(labels)))
+        out = dict(zip(forest.slide_ids, map(float, forest.oof_probability), strict=True))
+        if rest.height:
+            out |= dict(zip(rest["slide_id"], map(float, forest.predict(rest)), strict=True))
+    return out
 
 
 def _tissue_masks(test: pl.DataFrame, masks_dir: str | Path | None) -> dict[str, np.ndarray]:

@@ -17,9 +17,10 @@ from pathlib import Path
 import polars as pl
 
 from vadflow.tasks.evaluation.calibration import Calibration, write_calibration
-from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site
+from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site, slide_threshold
 from vadflow.tasks.evaluation.plots import evaluation_plots
 from vadflow.tasks.records import Evaluated, SlideResult, SlideScore
+from vadflow.tasks.scoring.tail import TailSettings
 from vadflow.tasks.site import SiteConfig
 
 
@@ -41,6 +42,8 @@ def evaluate_scored_run(
     share of a pathology site is measured against.
     """
     slides = pl.read_parquet(slides_path)
+    aggregation = site.aggregation
+    tail = TailSettings(aggregation.alpha, aggregation.keep_artefacts)
     evaluation = evaluate_site(
         slides,
         {s.slide_id: (s.slide_score, s.heatmap) for s in scores},
@@ -51,6 +54,9 @@ def evaluate_scored_run(
         model_threshold=model_threshold,
         candidate_rule=CandidateRule(site.candidates.suppress_um, site.candidates.max_per_slide),
         masks_dir=masks_dir,
+        slide_score=aggregation.slide_score,
+        tile_scores={s.slide_id: s.tile_scores for s in scores},
+        tail=tail,
     )
     folder = Path(reports_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,9 +66,7 @@ def evaluate_scored_run(
     plots = evaluation_plots(evaluation, folder, f"{site.name} / {name}")
     if model_dir is not None:
         # The threshold travels with the model: scoring new slides predicts with it.
-        write_calibration(
-            model_dir, Calibration(evaluation.threshold, site.target_fpr, evaluation.value_range)
-        )
+        write_calibration(model_dir, _calibration(evaluation, site, slides, scores, tail))
     return Evaluated(
         name=name,
         metrics=dict(evaluation.metrics),
@@ -73,6 +77,30 @@ def evaluate_scored_run(
         report_dir=str(folder),
         plots=plots,
         candidates=dict(evaluation.candidates),
+        slide_scores=dict(evaluation.slide_scores),
+    )
+
+
+def _calibration(
+    evaluation, site: SiteConfig, slides: pl.DataFrame, scores, tail: TailSettings
+) -> Calibration:
+    """What the model carries to new slides. A forest cannot score them (it is refitted per
+    evaluation, on labels new slides lack), so a forest run hands on the threshold of the
+    heatmap maximum, on which new slides are then called."""
+    if evaluation.slide_score == "forest":
+        val = set(slides.filter(pl.col("split") == "val")["slide_id"])
+        threshold = slide_threshold(
+            [s.slide_score for s in scores if s.slide_id in val], site.target_fpr
+        )
+        return Calibration(threshold, site.target_fpr, evaluation.value_range, "max")
+    return Calibration(
+        evaluation.threshold,
+        site.target_fpr,
+        evaluation.value_range,
+        slide_score=evaluation.slide_score,
+        tail_reference=evaluation.tail_reference,
+        alpha=tail.alpha,
+        keep_artefacts=tail.keep_artefacts,
     )
 
 

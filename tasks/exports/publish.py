@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vadflow.tasks.evaluation.calibration import read_calibration
 from vadflow.tasks.evaluation.evaluate import heatmap_value_range
@@ -99,6 +99,12 @@ def export_scored_run(
         return Exported(name, exports_dir, report=str(layout.reports / name / "report.html"))
     if evaluation is not None:
         chosen = _from_evaluation(evaluation)
+        # The evaluation's threshold is on its slide score (aggregation.slide_score): call
+        # each slide with that score, not the heatmap maximum scoring left in the record.
+        scores = [
+            replace(s, slide_score=evaluation.slide_scores.get(s.slide_id, s.slide_score))
+            for s in scores
+        ]
     else:
         chosen = _from_model(model_dir, model, scores, str(layout.reports / name), logger)
     everyone = domain == "pathology"

@@ -24,16 +24,20 @@ def score_task(
 
     The flow maps this task over slides, and the mapped tasks run side by side in threads:
     each waits for a torch slot (at most one per core) and takes its share of the cores.
+    A model calibrated on `tail` slide scores (its calibration.json) gives the slide its tail
+    score against the model's own normal reference, so its threshold applies.
     `slides_in_run` is how many slides the map scores: the progress total, and how many tasks
     share the cores (None: assume the map has a task for every core).
     """
     # Imported here: scoring pulls in torch, which importing a flow should not.
     from vadflow.tasks.detectors.base import read_config
     from vadflow.tasks.detectors.components.threads import torch_slot
+    from vadflow.tasks.evaluation.calibration import calibrated_slide_score, read_calibration
     from vadflow.tasks.scoring.run import score_with_model
 
     family = read_config(Path(model_dir))["family"]
     with torch_slot(slides_in_run):
         score = score_with_model(model_dir, slide_row, tiles_path, out_dir, heatmap_downsample)
+    score = calibrated_slide_score(score, read_calibration(model_dir))
     advance(f"score {family}", slides_in_run, f"{score.slide_id}: {score.tiles} tiles")
     return score

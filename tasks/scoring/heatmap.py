@@ -81,6 +81,10 @@ def score_slide(
     accumulator = HeatmapAccumulator(slide.width, slide.height, heatmap_downsample)
     tile_ids: list[str] = []
     scores: list[float] = []
+    # Positions (and the QC flag where tiling wrote one) go beside the scores: the tail slide
+    # score (tasks/scoring/tail.py) reads where unlikely tiles lie from this file alone.
+    carried = [c for c in ("x", "y", "extent", "artefact") if c in tiles.columns]
+    columns: dict[str, list] = {c: [] for c in carried}
     for rows, pixels in iter_tile_batches(slide, tiles, batch_size):
         if transform is not None:
             pixels = transform(pixels)
@@ -88,6 +92,8 @@ def score_slide(
         for row, anomaly_map in zip(rows.iter_rows(named=True), output.anomaly_map, strict=True):
             accumulator.add(row["x"], row["y"], row["extent"], anomaly_map)
         tile_ids.extend(rows["tile_id"].to_list())
+        for column in carried:
+            columns[column].extend(rows[column].to_list())
         scores.extend(output.tile_score.tolist())
         if on_batch is not None:
             on_batch(rows.height)
@@ -101,13 +107,14 @@ def score_slide(
         mpp=slide_row.get("mpp"),
     )
     tiff_path = write_heatmap_tiff(out_dir / f"{slide_id}.heatmap.tif", heatmap, geometry)
-    scores_path = write_parquet_atomic(
-        pl.DataFrame(
-            {"slide_id": slide_id, "tile_id": tile_ids, "score": scores},
-            schema={"slide_id": pl.String, "tile_id": pl.String, "score": pl.Float64},
-        ),
-        out_dir / f"{slide_id}.tiles.parquet",
+    frame = pl.DataFrame(
+        {"slide_id": slide_id, "tile_id": tile_ids, "score": scores},
+        schema={"slide_id": pl.String, "tile_id": pl.String, "score": pl.Float64},
     )
+    if carried:
+        extra = pl.DataFrame(columns, schema={c: tiles.schema[c] for c in carried})
+        frame = pl.concat([frame, extra], how="horizontal")
+    scores_path = write_parquet_atomic(frame, out_dir / f"{slide_id}.tiles.parquet")
     finite = heatmap[np.isfinite(heatmap)]
     return SlideScore(
         slide_id=slide_id,
