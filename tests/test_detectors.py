@@ -350,15 +350,15 @@ OWN_FIELDS = {
         "base_channels dropout norm passes slide_aggregate stages tile_size top_k warmup_epochs"
     ),
     "padim": (
-        "backbone backbone_sha256 backbone_weights base_channels feature_pool features "
-        "filter_window imagenet_upsample "
-        "map_smoothing_sigma n_features pretext ridge score_top_fraction shrinkage "
+        "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
+        "contamination feature_pool features filter_window imagenet_upsample "
+        "map_smoothing_sigma n_features pretext ridge robust score_top_fraction shrinkage "
         "temperature tile_size"
     ),
     "patch_knn": (
-        "backbone backbone_sha256 backbone_weights base_channels coreset_size feature_pool "
-        "features filter_window imagenet_upsample knn "
-        "map_smoothing_sigma max_bank_patches pretext projection_dim score_top_fraction "
+        "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
+        "contamination coreset_size feature_pool features filter_window imagenet_upsample knn "
+        "map_smoothing_sigma max_bank_patches pretext projection_dim robust score_top_fraction "
         "temperature"
     ),
     "spatial_vae": (

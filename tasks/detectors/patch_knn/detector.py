@@ -1,9 +1,13 @@
 """patch_knn: PatchCore-style nearest-neighbour distance to a memory bank of normal patches.
 
-Fit: get the patch features ready (backbones.py: the fixed texture filter bank by default, or a
-CNN with random, pretext-trained or user-supplied weights), standardise them on the normal
-training tiles, keep a random `max_bank_patches` of the training patches, and reduce those to
-`coreset_size` by k-center greedy on a random projection. Score: each patch's distance to its
+Fit: get the patch features ready (backbones.py: the fixed texture filter bank by default, a
+CNN with random, pretext-trained or user-supplied weights, or a pretrained network), standardise
+them on the normal training tiles, keep a uniform random `max_bank_patches` of the training
+patches (sampled while the tiles' features stream, so peak memory stays bounded however many
+tiles there are), in robust mode drop the `contamination` fraction of them that lie farthest
+from their neighbours (SoftPatch, Jiang et al. 2022: anomalies among the training tiles must not
+enter the bank), and reduce the rest to `coreset_size` by k-center greedy on a random
+projection. Score: each patch's distance to its
 nearest bank entry is the anomaly map (upsampled to the tile, lightly smoothed); the tile score
 is the mean of its top `score_top_fraction` (10 %; 0 gives PatchCore's plain maximum).
 
@@ -30,7 +34,11 @@ from vadflow.tasks.detectors.components.backbones import (
     PatchScoreConfig,
     new_features,
 )
-from vadflow.tasks.detectors.components.memory_bank import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.components.memory_bank import (
+    drop_outliers,
+    k_center_greedy,
+    nearest_distances,
+)
 from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel
 from vadflow.tasks.detectors.registry import register
 
@@ -40,7 +48,7 @@ class PatchKNNConfig(PatchScoreConfig):
     """Hyperparameters of patch_knn (backbone, pretext and map fields from PatchScoreConfig)."""
 
     coreset_size: int = 4096  # memory bank entries kept after k-center greedy
-    max_bank_patches: int = 65536  # random patches the coreset is chosen from (bounds time)
+    max_bank_patches: int = 65536  # random patches the coreset is chosen from (bounds memory)
     projection_dim: int = 64  # random projection for the coreset distances; 0 = none
     knn: int = 1  # patch score = mean distance to the k nearest bank entries
 
@@ -67,15 +75,18 @@ class PatchKNNDetector(PatchFeatureDetector):
         self.model = PatchKNNModel(new_features(cfg), cfg.knn)
         self.model.to(self.device)
 
+    def bank_patches(self) -> int:
+        return self.config.max_bank_patches
+
     def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
-        """Build the coreset memory bank from the training patches; returns how far normal
-        patches the coreset left out lie from it."""
+        """Build the coreset memory bank from the sampled training patches (M, C); returns how
+        far normal patches the coreset left out lie from it."""
         cfg = self.config
-        patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (N*h*w, C)
+        patches = features  # (M, C), M <= max_bank_patches
         generator = torch.Generator().manual_seed(cfg.seed)
-        if len(patches) > cfg.max_bank_patches:
-            keep = torch.randperm(len(patches), generator=generator)[: cfg.max_bank_patches]
-            patches = patches[keep]
+        if cfg.robust:
+            keep = drop_outliers(patches.to(self.device), cfg.contamination, seed=cfg.seed)
+            patches = patches[keep.cpu()]
         # The coreset search runs where the model does: on a GPU its passes are near free.
         picked = k_center_greedy(
             patches.to(self.device),
