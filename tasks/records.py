@@ -79,7 +79,10 @@ class LabelGaps:
         out = []
         for ids, what in (
             (self.unlabelled_test, f"test {noun} without a label (no metric counts them)"),
-            (self.anomalous_without_annotation, f"anomalous {noun} without an annotation"),
+            (
+                self.anomalous_without_annotation,
+                f"anomalous {noun} without an annotation (left out of pixel metrics and FROC)",
+            ),
             (
                 self.renamed_for_case,
                 f"{noun} renamed: their ids differed from another only in case",

@@ -132,7 +132,7 @@ def test_gaps_are_counted_and_named(tmp_path: Path) -> None:
     assert gaps.anomalous_without_annotation == ("tumor_002",)
     assert gaps.lines() == [
         "1 test slides without a label (no metric counts them): test_004",
-        "1 anomalous slides without an annotation: tumor_002",
+        "1 anomalous slides without an annotation (left out of pixel metrics and FROC): tumor_002",
     ]
 
 

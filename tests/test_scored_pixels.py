@@ -73,6 +73,28 @@ def test_industrial_scored_share_and_unscored_pixels_count_as_lowest(tmp_path: P
     assert strip.metrics["pro"] < whole.metrics["pro"]
 
 
+def test_a_defect_without_its_mask_is_left_out_of_pixel_metrics_not_counted_normal(
+    tmp_path: Path,
+) -> None:
+    """#24 case 5: before, a defective image whose mask was missing counted as all normal."""
+    slides, scores = _image_site(tmp_path, unscored_cols=0)
+    lost = np.full((32, 32), 0.1, dtype=np.float32)
+    lost[:16] = 0.95  # a defect nobody drew a mask for
+    path = write_heatmap_tiff(
+        tmp_path / "lost.heatmap.tif", lost, HeatmapGeometry("lost", 1, 32, 32, mpp=None)
+    )
+    row = {**slides.row(by_predicate=pl.col("slide_id") == "bad", named=True)}
+    row.update(slide_id="lost", annotation_uri=None)
+    slides = pl.concat([slides, pl.DataFrame([row], schema=slides.schema)])
+    scores["lost"] = (0.95, str(path))
+    result = evaluate_site(slides, scores, 1, 0.05, "industrial")
+    assert result.metrics["n_ground_truth_missing"] == 1.0
+    assert result.metrics["n_pixel_slides"] == 2.0
+    assert result.metrics["pixel_auroc"] == 1.0  # its 0.95 pixels are not "normal" pixels
+    assert result.metrics["slide_auroc"] == 1.0  # the image still counts at image level
+    assert result.metrics["n_test_anomalous"] == 2.0
+
+
 def test_pathology_scored_share_is_of_tissue(tmp_path: Path) -> None:
     """Glass is not counted; tissue the heatmap left unscored is."""
     heatmap = np.full((8, 8), 0.2, dtype=np.float32)

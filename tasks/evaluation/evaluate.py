@@ -181,13 +181,29 @@ def evaluate_site(
     heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in test.to_dicts()}
     tissue = {} if domain == "industrial" else _tissue_masks(test, masks_dir)
     metrics["scored_share"] = _scored_share(test, heatmaps, heatmap_downsample, tissue)
-    annotated = test.filter(pl.col("label") != "unknown")
-    heatmaps = {s: heatmaps[s] for s in annotated["slide_id"]}
+    labelled = test.filter(pl.col("label") != "unknown")
+    # Ground truth declared missing (an anomalous slide without its annotation, a defective
+    # image without its mask) is unknown, not "no lesion": the slide keeps its slide-level
+    # label, but pixel metrics, PRO and FROC leave it out instead of counting its lesion as
+    # normal tissue.
+    located = labelled.filter(
+        (pl.col("label") == "normal") | pl.col("annotation_uri").is_not_null()
+    )
+    metrics["n_pixel_slides"] = float(located.height)
+    metrics["n_ground_truth_missing"] = float(labelled.height - located.height)
+    heatmaps = {s: heatmaps[s] for s in labelled["slide_id"]}
     rule = candidate_rule or CandidateRule()
     _pixel_metrics(
-        evaluation, annotated, heatmaps, heatmap_downsample, domain, itc_um, rule, tissue
+        evaluation,
+        located,
+        {s: heatmaps[s] for s in located["slide_id"]},
+        heatmap_downsample,
+        domain,
+        itc_um,
+        rule,
+        tissue,
     )
-    _forest_metrics(evaluation, annotated, heatmaps)
+    _forest_metrics(evaluation, labelled, heatmaps)
     return evaluation
 
 
