@@ -189,9 +189,6 @@ class AggregationConfig(BaseModel):
         description="a tile is unlikely when its tail p-value is below this (0.2 measured best "
         "on the medium synthetic site's ~160-tile slides; large real slides may want 0.01)",
     )
-    keep_artefacts: bool = Field(
-        False, description="count tiles artefact QC flagged (`artefact`) in slide scores"
-    )
 
 
 class PromotionConfig(BaseModel):

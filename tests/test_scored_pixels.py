@@ -164,3 +164,20 @@ def test_overlay_reads_the_pyramid_level_that_fits(tmp_path: Path) -> None:
         1,
     )
     assert tiny.shape == (224, 224) and ds == 1
+
+
+def test_candidates_under_the_qc_mask_are_left_out_unless_kept() -> None:
+    from vadflow.tasks.evaluation.evaluate import CandidateRule
+
+    heatmap = np.full((40, 40), 0.05, dtype=np.float32)
+    heatmap[5, 5] = 0.9  # a fold's hot spot
+    heatmap[30, 30] = 0.8  # a lesion's
+    qc = np.zeros((80, 80), bool)  # the QC mask at its own (finer) grid
+    qc[:20, :20] = True
+    rule = CandidateRule(suppress_um=10.0, max_per_slide=10)
+    everything = rule.pick(heatmap, 16, 0.1, 0.5)
+    assert len(everything) == 2
+    (only,) = rule.pick(heatmap, 16, 0.1, 0.5, qc)
+    assert only[2] == pytest.approx(0.8)
+    kept = CandidateRule(suppress_um=10.0, max_per_slide=10, keep_artefacts=True)
+    assert len(kept.pick(heatmap, 16, 0.1, 0.5, qc)) == 2

@@ -51,7 +51,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
     """
     import polars as pl
 
-    from vadflow.tasks.evaluation.evaluate import evaluate_site
+    from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site
     from vadflow.tasks.scoring.heatmap import score_slide
     from vadflow.tasks.scoring.tail import TailSettings
 
@@ -78,7 +78,9 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         itc_um=FROC_ITC_UM,
         slide_score="tail",
         tile_scores=tile_files,
-        tail=TailSettings(site.aggregation.alpha, site.aggregation.keep_artefacts),
+        tail=TailSettings(site.aggregation.alpha, site.qc.keep_artefacts),
+        candidate_rule=CandidateRule(keep_artefacts=site.qc.keep_artefacts),
+        masks_dir=data.masks_dir or None,
     )
     metrics = dict(evaluation.metrics)
     metrics.setdefault("slide_auroc_max", metrics.get("slide_auroc", float("nan")))

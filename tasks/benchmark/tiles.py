@@ -36,6 +36,7 @@ class BenchmarkData:
     tile_paths: list[str] = field(default_factory=list)  # train and val slides' tile manifests
     contaminated: tuple[str, ...] = ()  # tumour slides trained on as if normal (`contamination`)
     train_slides: tuple[str, ...] = ()  # the slides whose tiles are `train`
+    masks_dir: str = ""  # tissue masks and, under qc/, the artefact QC masks
 
 
 def contaminated_training(
@@ -147,6 +148,7 @@ def load_benchmark_tiles(
         tile_paths=tile_paths,
         contaminated=tuple(contaminated),
         train_slides=tuple(train_ids),
+        masks_dir=str(work / "masks"),
     )
 
 

@@ -32,6 +32,7 @@ from vadflow.tasks.scoring.aggregate import (
 from vadflow.tasks.scoring.heatmap import load_heatmap
 from vadflow.tasks.scoring.tail import SLIDE_SCORES, TailReference, TailSettings, slide_tail_scores
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
+from vadflow.tasks.tiling.qc import QC_DIR
 
 log = logging.getLogger(__name__)
 FROC_DOWNSAMPLE = 32  # the official evaluation mask is at level 5 (32x)
@@ -44,17 +45,25 @@ class CandidateRule:
 
     suppress_um: float = 100.0
     max_per_slide: int | None = 100
+    keep_artefacts: bool = False  # the site's `qc.keep_artefacts`: candidates under QC count
 
     def pick(
-        self, heatmap: np.ndarray, downsample: int, floor: float, mpp: float | None
+        self,
+        heatmap: np.ndarray,
+        downsample: int,
+        floor: float,
+        mpp: float | None,
+        artefacts: np.ndarray | None = None,
     ) -> list[tuple[float, float, float]]:
-        """Candidates (x, y, p) of one heatmap; unscored cells count as the floor."""
+        """Candidates (x, y, p) of one heatmap; unscored cells count as the floor. Cells under
+        `artefacts` (the slide's QC mask, any size) give none unless `keep_artefacts`."""
         return lesion_candidates(
             np.nan_to_num(heatmap, nan=floor),
             downsample,
             floor,
             min_distance=candidate_spacing(self.suppress_um, mpp, downsample),
             max_candidates=self.max_per_slide,
+            exclude=None if self.keep_artefacts else artefacts,
         )
 
 
@@ -180,6 +189,7 @@ def evaluate_site(
     )
     heatmaps = {r["slide_id"]: load_heatmap(scores[r["slide_id"]][1]) for r in test.to_dicts()}
     tissue = {} if domain == "industrial" else _tissue_masks(test, masks_dir)
+    artefacts = {} if domain == "industrial" else _tissue_masks(test, masks_dir, QC_DIR)
     metrics["scored_share"] = _scored_share(test, heatmaps, heatmap_downsample, tissue)
     labelled = test.filter(pl.col("label") != "unknown")
     # Ground truth declared missing (an anomalous slide without its annotation, a defective
@@ -202,6 +212,7 @@ def evaluate_site(
         itc_um,
         rule,
         tissue,
+        artefacts,
     )
     _forest_metrics(evaluation, labelled, heatmaps)
     return evaluation
@@ -270,13 +281,16 @@ def _forest_slide_scores(
     return out
 
 
-def _tissue_masks(test: pl.DataFrame, masks_dir: str | Path | None) -> dict[str, np.ndarray]:
-    """The tissue masks tiling saved for the test slides (those found), as booleans."""
+def _tissue_masks(
+    test: pl.DataFrame, masks_dir: str | Path | None, subfolder: str = ""
+) -> dict[str, np.ndarray]:
+    """The tissue masks tiling saved for the test slides (those found), as booleans; with
+    `subfolder` "qc", the artefact QC masks (any QC label counts)."""
     if masks_dir is None:
         return {}
     out = {}
     for slide_id in test["slide_id"]:
-        path = Path(masks_dir) / f"{slide_id}.png"
+        path = Path(masks_dir) / subfolder / f"{slide_id}.png"
         if path.is_file():
             out[slide_id] = np.asarray(Image.open(path).convert("L")) > 0
     return out
@@ -326,6 +340,7 @@ def _pixel_metrics(
     itc_um: float,
     rule: CandidateRule,
     tissue: dict[str, np.ndarray],
+    artefacts: dict[str, np.ndarray] | None = None,
 ) -> None:
     truths, maps, valid = [], [], []
     lesion_masks, candidates = {}, {}
@@ -352,7 +367,8 @@ def _pixel_metrics(
             lesion_masks[row["slide_id"]] = evaluation_mask(
                 coarse >= 0.5, FROC_DOWNSAMPLE, row["mpp"], dilation_um=DILATION_UM, itc_um=itc_um
             )
-            candidates[row["slide_id"]] = rule.pick(heatmap, downsample, floor, row["mpp"])
+            qc = (artefacts or {}).get(row["slide_id"])
+            candidates[row["slide_id"]] = rule.pick(heatmap, downsample, floor, row["mpp"], qc)
     if not any(t.any() for t in truths):
         return
     metrics = evaluation.metrics

@@ -43,7 +43,7 @@ def evaluate_scored_run(
     """
     slides = pl.read_parquet(slides_path)
     aggregation = site.aggregation
-    tail = TailSettings(aggregation.alpha, aggregation.keep_artefacts)
+    tail = TailSettings(aggregation.alpha, site.qc.keep_artefacts)
     evaluation = evaluate_site(
         slides,
         {s.slide_id: (s.slide_score, s.heatmap) for s in scores},
@@ -52,7 +52,9 @@ def evaluate_scored_run(
         site.domain,
         itc_um=site.froc_itc_um,
         model_threshold=model_threshold,
-        candidate_rule=CandidateRule(site.candidates.suppress_um, site.candidates.max_per_slide),
+        candidate_rule=CandidateRule(
+            site.candidates.suppress_um, site.candidates.max_per_slide, site.qc.keep_artefacts
+        ),
         masks_dir=masks_dir,
         slide_score=aggregation.slide_score,
         tile_scores={s.slide_id: s.tile_scores for s in scores},

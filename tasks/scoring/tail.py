@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike
-from scipy.stats import binom
 
 SLIDE_SCORES = ("tail", "max", "forest")  # the site's `aggregation.slide_score` choices
 DEFAULT_ALPHA = 0.2  # measured on the medium hard site: see `tail_slide_score`
@@ -225,6 +224,8 @@ def tail_slide_score(p_values: ArrayLike, alpha: float = DEFAULT_ALPHA) -> float
     if p.size == 0:
         return float("nan")
     unlikely = int((p < alpha).sum())
+    from scipy.stats import binom  # here: importing a flow must not load scipy
+
     return float(-binom.logsf(unlikely - 1, p.size, alpha) / math.log(10))
 
 
