@@ -394,6 +394,11 @@ def test_the_shared_budget_or_each_familys_own():
     assert knn["features"] == "imagenet"
     ae = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu", features="cnn")
     assert "features" not in ae
+    # --robust too: the feature families' robust mode, nothing for the others.
+    knn = benchmark_settings("padim", epochs=3, tile_size=64, seed=1, device="cpu", robust=True)
+    assert knn["robust"] is True
+    ae = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu", robust=True)
+    assert "robust" not in ae
 
 
 def test_benchmark_refuses_unknown_families_and_sizes():

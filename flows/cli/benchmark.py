@@ -45,6 +45,10 @@ def benchmark_detectors_command(
             help="share of the normal training slides replaced by unlabelled tumour slides",
         ),
     ] = 0.0,
+    robust: Annotated[
+        bool,
+        typer.Option(help="robust mode of the feature families (outlier patches left out)"),
+    ] = False,
     markdown: Annotated[
         Path | None, typer.Option(help="also write the table as Markdown here")
     ] = None,
@@ -62,6 +66,7 @@ def benchmark_detectors_command(
             score=score,
             features=features,
             contamination=contamination,
+            robust=robust,
         )
     except (KeyError, ValueError) as exc:
         raise fail(str(exc)) from None

@@ -111,6 +111,7 @@ def benchmark_settings(
     device: str,
     score: str = "residual",
     features: str | None = None,
+    robust: bool = False,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
@@ -124,7 +125,9 @@ def benchmark_settings(
 
     flags = {"epochs": epochs, "seed": seed, "device": device, "score": score}
     return family_settings(
-        family, shared={"tile_size": tile_size}, flags={**flags, "features": features}
+        family,
+        shared={"tile_size": tile_size},
+        flags={**flags, "features": features, "robust": True if robust else None},
     )
 
 
@@ -159,6 +162,7 @@ def run_family(
     device: str,
     score: str = "residual",
     features: str | None = None,
+    robust: bool = False,
 ) -> BenchmarkRow:
     """Fit one family, score and evaluate the slides; failures and missing labels become a row."""
     from vadflow.tasks.detectors.registry import create_detector, detector_class
@@ -174,10 +178,13 @@ def run_family(
         device=device,
         score=score,
         features=features,
+        robust=robust,
     )
     # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
     asked = {"score": None if score == "residual" else score, "features": features}
     variant = [v for k, v in asked.items() if v is not None and budget.get(k) == v]
+    if robust and budget.get("robust"):
+        variant.append("robust")
     family_label = f"{family} ({', '.join(variant)})" if variant else family
     try:
         detector = create_detector(family, **budget)
@@ -227,6 +234,7 @@ def benchmark_detectors(
     score: str = "residual",
     features: str | None = None,
     contamination: float = 0.0,
+    robust: bool = False,
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
@@ -236,7 +244,9 @@ def benchmark_detectors(
     instead of one shared number. `score` picks how the families with a latent space score
     (residual, latent, combined); `features` which patch features the feature families compare
     (filters, cnn, both, imagenet; None: their default). `contamination` replaces that share of
-    the normal training slides by unlabelled tumour slides (`contaminated_training`).
+    the normal training slides by unlabelled tumour slides (`contaminated_training`); `robust`
+    turns on the robust mode of the families that have one (patch_knn, padim: outlier patches
+    left out of the memory bank or the Gaussians).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
@@ -274,6 +284,7 @@ def benchmark_detectors(
                 device=device,
                 score=score,
                 features=features,
+                robust=robust,
             )
             rows.append(row)
             if show:  # each result as it lands: the slow families take tens of minutes on CPU
