@@ -150,7 +150,7 @@ def close_stale_runs(
 def _why_stale(run, now_ms: float, stale_after_s: float) -> str | None:
     tags = run.data.tags
     host, _, pid = tags.get(TAG_OWNER, "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+    if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
         return f"its process {pid} on {host} is gone"
     beat = float(tags.get(TAG_HEARTBEAT) or run.info.start_time or 0)
     age_s = (now_ms - beat) / 1000
@@ -159,7 +159,8 @@ def _why_stale(run, now_ms: float, stale_after_s: float) -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts as alive)."""
     if pid == os.getpid():
         return True
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vadflow.tasks.tracking.lifecycle import process_alive
 from vadflow.tasks.tracking.pyfunc import find_logged_models
 from vadflow.tasks.tracking.registry import (
     CHAMPION,
@@ -119,22 +120,10 @@ def remove_partial_downloads(folder: Path) -> list[Path]:
     removed = []
     for path in folder.glob(f"*{PARTIAL}*"):
         pid = path.name.rpartition(PARTIAL)[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _registered_location(client: MlflowClient, uri: str) -> str:
