@@ -342,8 +342,8 @@ OWN_FIELDS = {
         "latent_lr latent_steps map_smoothing_sigma tile_size val_search_steps val_tiles"
     ),
     "draem": (
-        "anomaly_colour_match anomaly_max_blend anomaly_probability anomaly_sources "
-        "anomaly_threshold base_channels depth focal_gamma map_smoothing_sigma "
+        "anomaly_colour_match anomaly_edge_softness anomaly_max_blend anomaly_probability "
+        "anomaly_sources anomaly_threshold base_channels depth focal_gamma map_smoothing_sigma "
         "recon_weight reconstruction tile_size"
     ),
     "fanogan": (

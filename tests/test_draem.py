@@ -74,7 +74,9 @@ def test_masks_are_binary_and_their_size_follows_the_threshold():
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_each_source_changes_only_the_masked_pixels(batch: torch.Tensor, source: str):
-    settings = AnomalySynthesis(probability=1.0, sources=(source,), max_blend=0.0)
+    settings = AnomalySynthesis(
+        probability=1.0, sources=(source,), max_blend=0.0, edge_softness=0.0
+    )
     corrupted, mask = synthesise(batch, settings, torch.Generator().manual_seed(2))
     assert corrupted.shape == batch.shape and mask.shape == (12, 1, 32, 32)
     assert corrupted.min() >= 0 and corrupted.max() <= 1
@@ -83,6 +85,19 @@ def test_each_source_changes_only_the_masked_pixels(batch: torch.Tensor, source:
     assert mask.sum() > 0
     inside = (mask == 1).expand_as(batch)
     assert (corrupted[inside] - batch[inside]).abs().mean() > 0.02  # really changed
+
+
+def test_soft_edges_blend_just_outside_the_mask_and_nowhere_far(batch: torch.Tensor):
+    hard = AnomalySynthesis(probability=1.0, sources=("stain",), edge_softness=0.0)
+    soft = dataclasses.replace(hard, edge_softness=1.5)
+    sharp, mask = synthesise(batch, hard, torch.Generator().manual_seed(2))
+    blurred, same_mask = synthesise(batch, soft, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(mask, same_mask)  # the target stays the binary mask
+    near = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1) - mask  # 1 px ring
+    far = torch.nn.functional.max_pool2d(mask, 19, stride=1, padding=9) == 0
+    ring = (near == 1).expand_as(batch)
+    assert (blurred[ring] - batch[ring]).abs().mean() > (sharp[ring] - batch[ring]).abs().mean()
+    torch.testing.assert_close(blurred[far.expand_as(batch)], batch[far.expand_as(batch)])
 
 
 def test_probability_zero_leaves_every_tile_normal(batch: torch.Tensor):

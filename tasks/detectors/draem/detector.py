@@ -61,6 +61,7 @@ class DraemConfig(SmoothedMapConfig):
     anomaly_colour_match: float = 0.75
     anomaly_max_blend: float = 0.5
     anomaly_threshold: tuple[float, float] = (0.2, 0.5)
+    anomaly_edge_softness: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +84,7 @@ class DraemConfig(SmoothedMapConfig):
             colour_match=self.anomaly_colour_match,
             max_blend=self.anomaly_max_blend,
             threshold=tuple(self.anomaly_threshold),  # type: ignore[arg-type]
+            edge_softness=self.anomaly_edge_softness,
         )
 
 

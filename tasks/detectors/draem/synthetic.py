@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from vadflow.tasks.detectors.base import gaussian_smooth
 from vadflow.tasks.detectors.components.augment import hed_to_rgb, rgb_to_hed
 
 SOURCES: tuple[str, ...] = ("foreign", "enlarge", "dense", "stain")
@@ -47,7 +48,9 @@ class AnomalySynthesis:
     uniformly. `colour_match`: share of sources moved onto the host's mean colour. `max_blend`:
     the host's share inside the mask is drawn from U(0, max_blend). `threshold`: the Perlin
     value (about [-0.7, 0.7]) above which a pixel is in the mask is drawn from this range;
-    lower thresholds give larger blobs.
+    lower thresholds give larger blobs. `edge_softness`: Gaussian sigma in px of the blend
+    weights at the mask's edge (the target mask stays binary); a lesion blends into its host,
+    and a segmenter trained on hard seams learns to find seams.
     """
 
     probability: float = 0.5
@@ -55,6 +58,7 @@ class AnomalySynthesis:
     colour_match: float = 0.75
     max_blend: float = 0.5
     threshold: tuple[float, float] = (0.2, 0.5)
+    edge_softness: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sources) - set(SOURCES))
@@ -67,6 +71,8 @@ class AnomalySynthesis:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"anomaly {name} must be in [0, 1], got {value}")
+        if self.edge_softness < 0:
+            raise ValueError(f"anomaly edge_softness must be >= 0, got {self.edge_softness}")
         low, high = self.threshold
         if not -1.0 < low <= high < 1.0:
             raise ValueError(
@@ -226,6 +232,7 @@ def synthesise(
     )
     blend = (settings.max_blend * torch.rand(b, 1, 1, 1, generator=generator)).to(tiles.device)
     masks = masks.to(device=tiles.device, dtype=tiles.dtype)
+    weights = gaussian_smooth(masks, settings.edge_softness)  # (B, 1, H, W) soft-edged
     inside = blend * tiles + (1.0 - blend) * source
-    corrupted = tiles * (1.0 - masks) + inside * masks
+    corrupted = tiles * (1.0 - weights) + inside * weights
     return corrupted, masks
