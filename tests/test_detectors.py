@@ -341,6 +341,11 @@ OWN_FIELDS = {
         "base_channels collapse_min_ratio collapse_patience feature_weight latent_dim "
         "latent_lr latent_steps map_smoothing_sigma tile_size val_search_steps val_tiles"
     ),
+    "draem": (
+        "anomaly_colour_match anomaly_edge_softness anomaly_max_blend anomaly_probability "
+        "anomaly_sources anomaly_threshold base_channels depth focal_gamma map_smoothing_sigma "
+        "recon_weight reconstruction tile_size"
+    ),
     "fanogan": (
         "base_channels collapse_min_ratio collapse_patience encoder_epochs encoder_lr "
         "gp_weight kappa latent_dim map_smoothing_sigma n_critic score tile_size "
