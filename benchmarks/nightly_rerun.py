@@ -139,7 +139,7 @@ def phase(args: argparse.Namespace, name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slides", type=int, default=400)
-    parser.add_argument("--size", type=int, default=512, help="slide width and height, px")
+    parser.add_argument("--size", type=int, default=2048, help="slide width and height, px")
     parser.add_argument("--keep", type=Path, help="folder to keep the site and outputs in")
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=("setup", "old", "new"), help=argparse.SUPPRESS)
