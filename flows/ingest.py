@@ -27,14 +27,17 @@ from vadflow.tasks.slides.discover import (
 )
 
 
-def ingest(site: SiteConfig, layout: SiteLayout, run: str, *, train: bool = False) -> Ingested:
+def ingest(
+    site: SiteConfig, layout: SiteLayout, run: str, *, train: bool = False, force: bool = False
+) -> Ingested:
     """From the site's source to checked manifests; `run` names the contracts report. With
     `train` (the nightly run), a site without normal training or test slides stops here,
-    seconds in, before anything is decoded."""
+    seconds in, before anything is decoded. Unchanged slides and manifests are not hashed,
+    opened or checked again unless `force`."""
     sources = discover_task(site)
     if train and (problem := nothing_to_train_on(sources, site.domain)):
         raise ValueError(f"site {site.name} ({site.source}): {problem}")
-    manifest = register_task(site, sources, layout)
+    manifest = register_task(site, sources, layout, force=force)
     usable = pl.read_parquet(manifest.path).filter(pl.col("status") == "ok").to_dicts()
     # Imported here: registration's module loads scikit-image, which importing a flow must not.
     from vadflow.tasks.slides.register import run_tile_budget_problem
@@ -50,7 +53,9 @@ def ingest(site: SiteConfig, layout: SiteLayout, run: str, *, train: bool = Fals
     tiling = tile_site_task(usable, site, layout)
     failed = tuple(t for t in tiling if t.status == "failed")
     tiled = [t for t in tiling if t.status != "failed"]
-    checked = validate_manifests_task(manifest.path, [t.manifest for t in tiled], site, layout, run)
+    checked = validate_manifests_task(
+        manifest.path, [t.manifest for t in tiled], site, layout, run, force=force
+    )
     dropped = set(checked.quarantined_ids)
     kept = tuple(t for t in tiled if t.slide_id not in dropped)
     gaps = replace(label_gaps(sources), train_test_copies=copies)

@@ -107,6 +107,7 @@ def nightly(
     families: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     export: bool = True,
+    force: bool = False,
 ) -> NightlySummary:
     """Retrain, evaluate, track and gate every configured detector family on one site.
 
@@ -115,6 +116,11 @@ def nightly(
     An industrial site with several categories gets one model per category and family, each
     trained on its category's good training images only. Without `export` no overlay or
     lesion file is drawn (the run's `scored.json` is saved, so `vadflow export` draws them).
+
+    A night costs what changed: unchanged slides are not hashed or opened again, unchanged
+    manifests not re-checked, a family whose training manifests, config and code are unchanged
+    is not retrained (its earlier model is reused) and only new or changed slides are scored
+    with it. `force` redoes everything.
     """
     site = resolve_site(site, site_dir)
     if families:
@@ -125,7 +131,7 @@ def nightly(
     version = run_version()
     # One run of a site at a time: a second fails at once, naming the first (tasks/runs.py).
     with site_lock(home, site.name, version):
-        return _night(site, layout, target, version, flags, export)
+        return _night(site, layout, target, version, flags, export, force)
 
 
 def _night(
@@ -135,12 +141,13 @@ def _night(
     version: str,
     flags: dict[str, Any] | None,
     export: bool,
+    force: bool = False,
 ) -> NightlySummary:
     """The night's stages, run under the site's lock."""
     logger = get_run_logger()
     contracts = str(report_folder(layout.reports, version))
 
-    data = ingest(site, layout, version, train=True)
+    data = ingest(site, layout, version, train=True, force=force)
     for line in data.gaps.lines("images" if site.domain == "industrial" else "slides"):
         logger.warning("%s: %s", site.name, line)
     groups = category_groups(site, data)
@@ -158,11 +165,12 @@ def _night(
             name = group.label(family)
             model_dir = _in_group(layout.model_dir(family, version), group)
             trained = train_task(
-                family, site, data.slides_path, list(group.tile_paths), model_dir, flags
+                family, site, data.slides_path, list(group.tile_paths), model_dir, flags, force
             )
             if isinstance(trained, SkippedFamily):  # a labelled family on a site without labels
                 skipped[family] = trained.reason
                 break
+            model_dir = trained.model_dir  # an unchanged family's earlier folder
             rows = [r for r in to_score if r["slide_id"] in set(group.slide_ids)]
             scores = score_task.map(
                 unmapped(model_dir),
@@ -171,6 +179,7 @@ def _night(
                 out_dir=unmapped(_in_group(layout.heatmaps(f"{family}-{version}"), group)),
                 heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
                 slides_in_run=unmapped(len(rows)),
+                reuse=unmapped(not force),
             ).result()
             checked = validate_scores_task(
                 name, scores, data.slides_path, list(group.tile_paths), site, layout, version

@@ -46,10 +46,26 @@ def run_command(
             "draws them later)",
         ),
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="redo everything: rehash and re-register every slide, recheck the manifests, "
+            "retrain every family and rescore every slide (default: only what changed)",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Run the nightly flow on one site and print its results."""
-    run_nightly(site_dir, family_values(family), epochs, home, export=export, verbose=verbose)
+    run_nightly(
+        site_dir,
+        family_values(family),
+        epochs,
+        home,
+        export=export,
+        force=force,
+        verbose=verbose,
+    )
 
 
 def demo_command(
@@ -87,6 +103,7 @@ def run_nightly(
     home: Path | None,
     *,
     export: bool = True,
+    force: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Check the site, run the nightly flow on it with a progress line per stage, print the
@@ -113,6 +130,7 @@ def run_nightly(
                     tracking_uri=state.tracking_uri,
                     families=families,
                     export=export,
+                    force=force,
                     **flags,
                 )
         except BaseException:

@@ -32,29 +32,50 @@ def discover_task(site: SiteConfig) -> list[SlideSource]:
 
 @task(name="register")
 def register_task(
-    site: SiteConfig, sources: list[SlideSource], layout: SiteLayout
+    site: SiteConfig, sources: list[SlideSource], layout: SiteLayout, force: bool = False
 ) -> SlideManifest:
-    """Slide manifest for the site; quarantined slides get a JSON file with their reason."""
+    """Slide manifest for the site; quarantined slides get a JSON file with their reason.
+
+    Unchanged slides keep their previous row (the site's fingerprint index,
+    `tasks/slides/register.py`); `force` hashes and opens every slide again."""
     from vadflow.tasks.manifests import write_parquet_atomic
-    from vadflow.tasks.slides.register import register_slide, slide_frame, write_quarantine
+    from vadflow.tasks.slides.register import (
+        INDEX_FILE,
+        register_slides,
+        slide_frame,
+        write_quarantine,
+    )
+    from vadflow.tasks.slides.storage import join
 
     logger = get_run_logger()
     options = site.storage.options()
-    rows = []
     report("register", 0, len(sources))
-    for source in sources:
-        row = register_slide(
-            source,
-            site.name,
-            site.domain,
-            site.mpp_override,
-            site.mpp_bounds,
-            options,
-            tiling=site.tiling,
-            limits=site.limits,
-        )
-        rows.append(row)
-        report("register", len(rows), len(sources), f"{row['slide_id']} {row['status']}")
+    done: list[dict] = []
+
+    def on_row(row: dict) -> None:
+        done.append(row)
+        report("register", len(done), len(sources), f"{row['slide_id']} {row['status']}")
+
+    registered = register_slides(
+        sources,
+        site.name,
+        site.domain,
+        site.mpp_override,
+        site.mpp_bounds,
+        options,
+        tiling=site.tiling,
+        limits=site.limits,
+        index_uri=join(layout.root_uri, INDEX_FILE),
+        force=force,
+        on_row=on_row,
+    )
+    rows = registered.rows
+    logger.info(
+        "registered %d slides: %d unchanged (previous row kept), %d hashed in full",
+        len(rows),
+        len(registered.reused),
+        len(registered.hashed),
+    )
     quarantined = tuple(
         Quarantined(r["slide_id"], r["reason"]) for r in rows if r["status"] == "quarantined"
     )

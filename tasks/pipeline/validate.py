@@ -36,9 +36,15 @@ def _checked(what: str, check: BoundaryCheck) -> BoundaryCheck:
 
 @task(name="validate-manifests")
 def validate_manifests_task(
-    slides_path: str, tile_paths: list[str], site: SiteConfig, layout: SiteLayout, run: str
+    slides_path: str,
+    tile_paths: list[str],
+    site: SiteConfig,
+    layout: SiteLayout,
+    run: str,
+    force: bool = False,
 ) -> BoundaryCheck:
-    """Slide and tile manifest contracts before training: strict stops, quarantine drops."""
+    """Slide and tile manifest contracts before training: strict stops, quarantine drops.
+    Manifests identical to ones that passed before are not checked again unless `force`."""
     # Imported here, like every stage: great-expectations itself loads only when a suite runs.
     from vadflow.tasks.validation import check_manifests
 
@@ -48,6 +54,7 @@ def validate_manifests_task(
         tiling=site.tiling,
         mode=site.contracts,
         quarantine_dir=layout.quarantine,
+        reuse=not force,
         **_reporting(site, layout, run),
     )
     return _checked("manifests", check)

@@ -6,12 +6,22 @@ discovery rejected (a link out of the site, two files for one slide id) is quara
 reason; it never stops the batch. Where the MPP came from is recorded: `metadata` (the file), `site`
 (the site file's `mpp_override`, used when the file has none or an implausible one) or `none`
 (industrial images, which need none).
+
+A rerun costs what changed (`register_slides`): each slide is fingerprinted cheaply (size,
+mtime, inode and a hash of its first and last 64 KiB; the ETag on S3) and its full sha256 is
+computed only when it is first seen or its fingerprint changed. A slide whose fingerprint and
+registration inputs (its place in the site, annotation file, site settings, code version) are
+unchanged keeps its previous manifest row, TIFF structure check included: nothing is opened.
+The fingerprints live in `<outputs>/<site>/slide_index.json`, written atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +39,15 @@ from vadflow.tasks.slides.storage import (
     join,
     local_path,
     name_of,
+    split_member,
     storage_for,
 )
 
 DEFAULT_MPP_BOUNDS = (0.05, 20.0)  # um/px: a 0.5x overview to a 200x oil objective
 NOT_HASHED = ""  # sha256 of a quarantined slide whose bytes were never read
+INDEX_FILE = "slide_index.json"  # fingerprints and rows of registered slides, per site
+INDEX_VERSION = 1
+SAMPLE_BYTES = 64 * 1024  # hashed from each end of a file: a cheap check that catches edits
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -66,12 +80,14 @@ def register_slide(
     storage: StorageOptions | None = None,
     tiling: TilingConfig | None = None,
     limits: LimitsConfig | None = None,
+    known_sha256: str | None = None,
 ) -> dict[str, Any]:
     """One slide-manifest row; status `quarantined` with a reason when the slide is unusable.
 
     With `limits`, a slide whose header says it is too large to mask (`Slide`'s
     `max_decode_megapixels`) or to tile (`tile_count_problem`) is quarantined before any pixel
-    is decoded.
+    is decoded. `known_sha256` is the slide's content hash when its fingerprint says it is
+    unchanged since it was last hashed (`register_slides`): the file is then not read twice.
     """
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -98,7 +114,7 @@ def register_slide(
         return _quarantined(row, source.reject)
     try:
         row["size_bytes"] = storage_for(source.uri, storage).size(source.uri)
-        row["sha256"] = slide_sha256(source.uri, storage)
+        row["sha256"] = known_sha256 or slide_sha256(source.uri, storage)
         max_mp = limits.max_mask_megapixels if limits is not None else None
         with Slide(source.uri, storage, max_decode_megapixels=max_mp) as slide:
             row.update(
@@ -250,3 +266,198 @@ def write_quarantine(
         store.write_bytes(uri, body.encode())
         written.append(uri)
     return written if is_remote(folder) else [Path(p) for p in written]
+
+
+# --- a rerun costs what changed -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What says a slide file is the one hashed before, without reading it all.
+
+    Local files: size, mtime (ns), inode and `sample` (sha256 of the first and last
+    `SAMPLE_BYTES`, which catches an edit that kept the size and restored the mtime). S3
+    objects: size and ETag (the store's own content tag; no byte is fetched)."""
+
+    size: int
+    mtime_ns: int | None = None
+    inode: int | None = None
+    etag: str | None = None
+    sample: str = ""
+
+
+def fingerprint(uri: str, storage: StorageOptions | None = None) -> Fingerprint:
+    """The cheap fingerprint of a slide (a stat and 128 KiB read, or a HEAD request)."""
+    container, _ = split_member(uri)
+    store = storage_for(container, storage)
+    if is_remote(container):
+        return Fingerprint(size=store.size(container), etag=store.etag(container))
+    stat = os.stat(container)
+    digest = hashlib.sha256()
+    with open(container, "rb") as handle:
+        digest.update(handle.read(SAMPLE_BYTES))
+        if stat.st_size > SAMPLE_BYTES:
+            handle.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
+            digest.update(handle.read(SAMPLE_BYTES))
+    return Fingerprint(stat.st_size, stat.st_mtime_ns, stat.st_ino, None, digest.hexdigest())
+
+
+class SlideIndex:
+    """The site's fingerprint index: per slide URI its fingerprint, full sha256 and the
+    manifest row it was registered as (with the key of the inputs that row came from).
+
+    Stored as JSON under the site's outputs (`INDEX_FILE`); a missing, unreadable or
+    older-version index is an empty one (every slide is hashed again, nothing is lost)."""
+
+    def __init__(self, uri: str, storage: StorageOptions | None = None) -> None:
+        self.uri = uri
+        self.storage = storage
+        self.entries: dict[str, dict[str, Any]] = {}
+        store = storage_for(uri, storage)
+        try:
+            if store.exists(uri):
+                body = json.loads(store.read_bytes(uri))
+                if body.get("version") == INDEX_VERSION:
+                    self.entries = dict(body.get("slides", {}))
+        except (OSError, ValueError):
+            self.entries = {}  # a damaged index costs one full rehash, never a wrong row
+
+    def known_sha256(self, uri: str, found: Fingerprint) -> str | None:
+        """The slide's full sha256 if its fingerprint is the one recorded with it."""
+        entry = self.entries.get(uri)
+        if entry is None or entry.get("fingerprint") != asdict(found):
+            return None
+        return entry.get("sha256") or None
+
+    def known_row(self, uri: str, found: Fingerprint, key: str) -> dict[str, Any] | None:
+        """The slide's previous usable row if neither its bytes nor its inputs changed."""
+        entry = self.entries.get(uri)
+        if self.known_sha256(uri, found) is None or entry.get("key") != key:
+            return None
+        row = entry.get("row")
+        return dict(row) if row and row.get("status") == "ok" else None
+
+    def record(self, uri: str, found: Fingerprint, key: str, row: dict[str, Any]) -> None:
+        if not row.get("sha256"):  # never read: nothing to remember
+            self.entries.pop(uri, None)
+            return
+        self.entries[uri] = {
+            "fingerprint": asdict(found),
+            "sha256": row["sha256"],
+            "key": key,
+            "row": row,
+        }
+
+    def save(self, keep: set[str]) -> None:
+        """Write the index atomically, keeping only the slides of this run (`keep`)."""
+        slides = {u: e for u, e in sorted(self.entries.items()) if u in keep}
+        body = json.dumps({"version": INDEX_VERSION, "slides": slides}, default=str)
+        storage_for(self.uri, self.storage).write_bytes(self.uri, body.encode())
+
+
+@dataclass
+class Registration:
+    """The rows of one registration pass and what it cost: the slides whose full sha256 was
+    computed, and those whose earlier row was reused without opening the file."""
+
+    rows: list[dict[str, Any]]
+    hashed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+
+def registration_key(
+    source: SlideSource,
+    site: str,
+    domain: str,
+    settings: dict[str, Any],
+    storage: StorageOptions | None = None,
+) -> str | None:
+    """A hash of everything besides the slide's bytes that its manifest row depends on: where
+    it sits in the site (label, split, category, annotation and that file's fingerprint), the
+    site's registration settings and the code version. None when the annotation cannot be
+    fingerprinted (the slide is registered again, which reports why)."""
+    from vadflow import __version__
+
+    annotation = None
+    if source.annotation_uri is not None:
+        container, _ = split_member(source.annotation_uri)
+        try:
+            if is_remote(container):
+                annotation = storage_for(container, storage).etag(container)
+            else:
+                stat = os.stat(container)
+                annotation = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        except OSError:
+            return None
+    body = {
+        "source": asdict(source),
+        "annotation": annotation,
+        "site": site,
+        "domain": domain,
+        "settings": settings,
+        "schema": SCHEMA_VERSION,
+        "code": __version__,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def register_slides(
+    sources: Sequence[SlideSource],
+    site: str,
+    domain: str,
+    mpp_override: float | None = None,
+    mpp_bounds: tuple[float, float] = DEFAULT_MPP_BOUNDS,
+    storage: StorageOptions | None = None,
+    tiling: TilingConfig | None = None,
+    limits: LimitsConfig | None = None,
+    *,
+    index_uri: str | None = None,
+    force: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> Registration:
+    """Register every slide, reusing what the index at `index_uri` knows (see the module's
+    docstring); `force` hashes and opens every slide again. `on_row` is called with each row
+    as it is ready (progress). Without `index_uri` every slide is registered from scratch."""
+    index = SlideIndex(index_uri, storage) if index_uri is not None else None
+    settings = {
+        "mpp_override": mpp_override,
+        "mpp_bounds": list(mpp_bounds),
+        "tiling": tiling.model_dump() if tiling is not None else None,
+        "limits": limits.model_dump() if limits is not None else None,
+    }
+    out = Registration(rows=[])
+    for source in sources:
+        row, found, key = None, None, None
+        if index is not None and source.reject is None:
+            try:
+                found = fingerprint(source.uri, storage)
+            except (OSError, ValueError):
+                found = None  # unreachable or gone: register_slide says why and quarantines
+            key = registration_key(source, site, domain, settings, storage)
+        known = None if force or found is None else index.known_sha256(source.uri, found)
+        if known is not None and key is not None:
+            row = index.known_row(source.uri, found, key)
+        if row is not None:
+            out.reused.append(source.slide_id)
+        else:
+            row = register_slide(
+                source,
+                site,
+                domain,
+                mpp_override,
+                mpp_bounds,
+                storage,
+                tiling=tiling,
+                limits=limits,
+                known_sha256=known,
+            )
+            if known is None and row["sha256"]:
+                out.hashed.append(source.slide_id)
+        if index is not None and found is not None and key is not None:
+            index.record(source.uri, found, key, row)
+        out.rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    if index is not None:
+        index.save({s.uri for s in sources})
+    return out

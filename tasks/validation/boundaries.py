@@ -9,6 +9,7 @@ the first error, so a failed night still leaves the reason on disk.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import polars as pl
 
 from vadflow.data_contracts.schemas import TILE_SCHEMA, TILE_SCORES_SCHEMA
 from vadflow.tasks.validation.frames import read_frames, slide_scores_frame, tile_grids
+from vadflow.tasks.validation.passed import PassedResults, contract_key
 from vadflow.tasks.validation.publish import MarkdownArtifact, publish_markdown
 from vadflow.tasks.validation.quarantine import (
     QuarantinedSlide,
@@ -26,6 +28,8 @@ from vadflow.tasks.validation.quarantine import (
     quarantine_slides,
 )
 from vadflow.tasks.validation.stage import Mode, StageValidation, check_stage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def check_manifests(
     quarantine_dir: str | Path | None = None,
     markdown_artifact: MarkdownArtifact | None = None,
     artifact_key: str = "data-contracts",
+    reuse: bool = False,
 ) -> BoundaryCheck:
     """The slide and tile manifest contracts, before training.
 
@@ -58,7 +63,21 @@ def check_manifests(
     reported before anything raises. In quarantine mode the failing slides get a quarantine
     file and the status ``quarantined`` in the slide manifest; leave their tiles out of training
     and scoring (``BoundaryCheck.quarantined_ids``).
+
+    With ``reuse`` (the nightly), manifests whose bytes, parameters and contracts code match a
+    check that passed before are not checked again (``passed.json`` beside the run reports,
+    ``tasks/validation/passed.py``); the returned check's stages say which run passed them.
     """
+    remembered = PassedResults(Path(report_dir).parent) if reuse else None
+    key = None
+    if remembered is not None:
+        tiling_params = tiling.model_dump() if hasattr(tiling, "model_dump") else tiling
+        params = {"check": "manifests", "tiling": tiling_params, "mode": mode}
+        key = contract_key([slides_path, *tile_paths], params)
+        if (run := remembered.passed_in(key)) is not None:
+            log.info("manifest contracts: manifests unchanged since run %s, which passed", run)
+            labels = [f"{s} (unchanged since {run})" for s in ("slide_manifest", "tile_manifest")]
+            return BoundaryCheck([], str(report_dir), labels)
     slides = pl.read_parquet(slides_path)
     tiles = read_frames(tile_paths, TILE_SCHEMA)
     grids = tile_grids(slides, tiling) if tiling is not None else None
@@ -66,9 +85,12 @@ def check_manifests(
         check_stage("slide_manifest", slides, mode=mode, report_dir=report_dir),
         check_stage("tile_manifest", tiles, slides, mode=mode, report_dir=report_dir, grids=grids),
     ]
-    return _conclude(
+    check = _conclude(
         stages, report_dir, quarantine_dir, slides_path, markdown_artifact, artifact_key
     )
+    if remembered is not None and key is not None and all(s.result.success for s in stages):
+        remembered.record(key, Path(report_dir).name, report_dir)
+    return check
 
 
 def declared_score_range(family: str) -> tuple[float, float]:
