@@ -474,12 +474,14 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
     level-0: heatmap (row, col) maps to x = (col + 0.5) * ds, y = (row + 0.5) * ds, as for
     ``lesion_candidates``. Strongest region (by max value) first.
     """
-    hm = np.asarray(heatmap, dtype=np.float64)
+    hm = np.asarray(heatmap)
+    if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy
+        hm = hm.astype(np.float64)
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, got {downsample}")
-    above = np.isfinite(hm) & (hm > threshold)
+    above = np.isfinite(hm) & (hm > np.float64(threshold))  # compared at full precision
     labelled, n = ndimage.label(above, structure=_EIGHT)
     regions: list[Region] = []
     for index, box in enumerate(ndimage.find_objects(labelled), start=1):
@@ -492,7 +494,7 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
             rings.append(np.column_stack([(cols + 0.5) * downsample, (rows + 0.5) * downsample]))
         # The outer boundary encloses the most area; every other ring is a hole.
         rings.sort(key=lambda r: -abs(_ring_area(r)))
-        values = hm[box][labelled[box] == index]
+        values = hm[box][labelled[box] == index].astype(np.float64)  # this region only
         regions.append(
             Region(
                 label=index,
