@@ -121,3 +121,68 @@ def test_heatmap_regions_outline_the_pixels() -> None:
     inside = points_in_poly(centres, ring.outline) & ~points_in_poly(centres, ring.holes[0])
     assert np.array_equal(inside.reshape(10, 12), (hm == 0.7))
     assert heatmap_regions(hm, 16.0, 0.95) == []
+
+
+def _lesion_candidates_before_streaming(heatmap, downsample, threshold, min_distance, exclude):
+    """The whole-image algorithm `lesion_candidates` replaced (an argsort of every pixel inside
+    `ndimage.maximum` / `maximum_position`), kept to hold the new one to the same output."""
+    from scipy import ndimage
+
+    from vadflow.tasks.scoring.aggregate import _EIGHT, _on_grid, _suppress_near
+
+    hm = np.asarray(heatmap)
+    above = np.isfinite(hm) & (hm > np.float64(threshold))
+    if exclude is not None:
+        above &= ~_on_grid(np.asarray(exclude, dtype=bool), hm.shape)
+    if not above.any():
+        return []
+    masked = np.where(above, hm, -np.inf)
+    window = 2 * min_distance + 1
+    peaks = above & (
+        masked == ndimage.maximum_filter(masked, size=window, mode="constant", cval=-np.inf)
+    )
+    points = []
+    plateau, n_plateau = ndimage.label(peaks, structure=_EIGHT)
+    if n_plateau:
+        idx = np.arange(1, n_plateau + 1)
+        centres = ndimage.center_of_mass(peaks, plateau, idx)
+        values = ndimage.maximum(masked, plateau, idx)
+        points += [(r, c, float(v)) for (r, c), v in zip(centres, values, strict=True)]
+    regions, n_regions = ndimage.label(above, structure=_EIGHT)
+    has_peak = np.zeros(n_regions + 1, dtype=bool)
+    has_peak[np.unique(regions[peaks])] = True
+    peakless = np.flatnonzero(~has_peak[1:]) + 1
+    if peakless.size:
+        for r, c in ndimage.maximum_position(masked, regions, peakless):
+            points.append((float(r), float(c), float(hm[r, c])))
+    points.sort(key=lambda t: -t[2])
+    kept = _suppress_near(points, min_distance)
+    return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("min_distance", [1, 2, 5])
+def test_lesion_candidates_equal_the_whole_image_algorithm(dtype, min_distance, monkeypatch):
+    from scipy import ndimage
+
+    from vadflow.tasks.scoring import aggregate
+
+    # Strips far smaller than the heatmap, so peaks near strip edges are tested too.
+    monkeypatch.setattr(aggregate, "LOCAL_MAX_STRIP_ROWS", 37)
+    rng = np.random.default_rng(min_distance)
+    heat = ndimage.gaussian_filter(rng.random((230, 410)), 1.5).astype(dtype)
+    heat = (heat - heat.min()) / (heat.max() - heat.min())
+    heat[rng.random(heat.shape) < 0.02] = np.nan  # scattered unscored cells
+    heat[:20, :60] = np.nan  # glass
+    heat[100:104, 200:207] = 0.97  # a plateau: one candidate at its centre
+    heat[150:152, 40:41] = 0.95
+    exclude = np.zeros((23, 41), dtype=bool)  # a coarse QC mask, resized to the heatmap
+    exclude[5:8, 10:20] = True
+    for threshold, mask in ((0.55, None), (0.6, exclude), (0.99, None)):
+        expected = _lesion_candidates_before_streaming(heat, 16.0, threshold, min_distance, mask)
+        got = aggregate.lesion_candidates(
+            heat, 16.0, threshold, min_distance=min_distance, exclude=mask
+        )
+        assert got == expected
+        if threshold < 0.9:
+            assert len(got) > 20  # many peaks, plateaus and suppressed regions compared

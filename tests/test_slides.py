@@ -353,16 +353,48 @@ def test_dataloader_with_spawned_workers_reads_every_tile_once(two_slides) -> No
 
 
 def test_tile_cache_fills_once_and_serves_the_same_pixels(two_slides, tmp_path: Path) -> None:
+    """JPEG cache: every epoch, the first included, sees the cached pixels; the file is a
+    fraction of the decoded pixels (these tiles are noise, where JPEG gains least)."""
     from vadflow.tasks.slides.tiles import TileDataset
 
     frame, uris, expected = two_slides
     first = TileDataset(frame, uris, cache_dir=tmp_path)
     assert first.cache.filled == 0
-    np.stack(first.__getitems__(list(range(len(first)))))
+    filling = np.stack(first.__getitems__(list(range(len(first)))))
     assert first.cache.filled == len(first)
+    assert first.cache.nbytes() < filling.nbytes  # noise tiles: JPEG gains least
+    assert not np.array_equal(filling[:32], expected)  # lossy: the cached version it is
     again = TileDataset(frame, uris, cache_dir=tmp_path)  # a later epoch or run
     assert again.cache.filled == len(first)
     again._slide = None  # a cache hit must not open the slide at all
-    np.testing.assert_array_equal(np.stack(again.__getitems__(list(range(32)))), expected)
+    np.testing.assert_array_equal(np.stack(again.__getitems__(list(range(32)))), filling[:32])
     other = TileDataset(frame.head(10), uris, cache_dir=tmp_path)  # other rows, other file
     assert other.cache.key != first.cache.key and other.cache.filled == 0
+
+
+def test_jpeg_tile_round_trip_is_within_a_grey_level_or_two_on_smooth_tissue() -> None:
+    from scipy import ndimage
+
+    from vadflow.tasks.slides.tiles import decode_tile_into, encode_tile
+
+    rng = np.random.default_rng(0)
+    tissue = ndimage.gaussian_filter(rng.random((256, 256, 3)) * 255, (3, 3, 0))
+    tile = np.clip(tissue * 4 - 380, 0, 255).astype(np.uint8)  # blobs of colour, some edges
+    encoded = encode_tile(tile, "jpeg")
+    back = np.empty_like(tile)
+    decode_tile_into(encoded, back)
+    assert len(encoded) < tile.nbytes / 6
+    assert np.abs(back.astype(int) - tile).mean() < 2
+
+
+def test_png_tile_cache_serves_the_decoded_pixels_exactly(two_slides, tmp_path: Path) -> None:
+    from vadflow.tasks.slides.tiles import TileDataset
+
+    frame, uris, expected = two_slides
+    first = TileDataset(frame.head(32), uris, cache_dir=tmp_path, cache_codec="png")
+    np.testing.assert_array_equal(np.stack(first.__getitems__(list(range(32)))), expected)
+    again = TileDataset(frame.head(32), uris, cache_dir=tmp_path, cache_codec="png")
+    again._slide = None
+    np.testing.assert_array_equal(np.stack(again.__getitems__(list(range(32)))), expected)
+    with pytest.raises(ValueError, match="codec 'webp'"):
+        TileDataset(frame, uris, cache_dir=tmp_path, cache_codec="webp")

@@ -300,6 +300,11 @@ def lesion_candidates(
     [col*ds, (col+1)*ds) x [row*ds, (row+1)*ds), so candidates are reported at pixel centres:
     x = (col + 0.5) * ds, y = (row + 0.5) * ds. Use ``candidate_spacing`` to turn a lesion
     scale in microns into ``min_distance``.
+
+    Work and memory scale with the heatmap and its peaks, not with sorting it: the local-maximum
+    filter runs in strips of rows, plateau centres are sums over peak coordinates, and the
+    maximum of a region without a peak is looked up inside that region's bounding box
+    (``ndimage.find_objects``); a tie there goes to the first cell in raster order.
     """
     hm = np.asarray(heatmap)
     if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy of them
@@ -318,28 +323,47 @@ def lesion_candidates(
         above &= ~_on_grid(np.asarray(exclude, dtype=bool), hm.shape)
     if not above.any():
         return []
-    masked = np.where(above, hm, -np.inf)
-    window = 2 * min_distance + 1
-    peaks = above & (
-        masked == ndimage.maximum_filter(masked, size=window, mode="constant", cval=-np.inf)
-    )
+    peaks = _local_maxima(hm, above, min_distance)
 
     points: list[tuple[float, float, float]] = []  # (row, col, p)
-    # Plateaus: one point per 8-connected group of equal maxima, at its centre of mass.
+    # Plateaus: one point per 8-connected group of equal maxima, at its centre of mass. Peaks
+    # are sparse, so the sums run over their coordinates (in raster order, as a bincount over
+    # the whole label image would add them) instead of over every pixel.
     plateau, n_plateau = ndimage.label(peaks, structure=_EIGHT)
+    peak_rows, peak_cols = np.nonzero(peaks)
+    group = plateau[peak_rows, peak_cols]
+    del plateau, peaks  # a label image the size of the heatmap: not kept beside the next one
     if n_plateau:
-        idx = np.arange(1, n_plateau + 1)
-        centres = ndimage.center_of_mass(peaks, plateau, idx)
-        values = ndimage.maximum(masked, plateau, idx)
-        points += [(r, c, float(v)) for (r, c), v in zip(centres, values, strict=True)]
-    # Regions above threshold with no surviving peak still get their own maximum.
+        size = np.bincount(group, minlength=n_plateau + 1)[1:]
+        row_mean = np.bincount(group, weights=peak_rows.astype(float), minlength=n_plateau + 1)
+        col_mean = np.bincount(group, weights=peak_cols.astype(float), minlength=n_plateau + 1)
+        # Equal values within a plateau (adjacent peaks bound each other), so any is its max.
+        value = np.full(n_plateau + 1, -np.inf, dtype=hm.dtype)
+        np.maximum.at(value, group, hm[peak_rows, peak_cols])
+        points += [
+            (float(r), float(c), float(v))
+            for r, c, v in zip(
+                row_mean[1:] / size, col_mean[1:] / size, value[1:].tolist(), strict=True
+            )
+        ]
+    # Regions above threshold with no surviving peak still get their own maximum (the first
+    # in raster order on a tie). Only their cells are gathered and sorted, not the heatmap.
     regions, n_regions = ndimage.label(above, structure=_EIGHT)
     has_peak = np.zeros(n_regions + 1, dtype=bool)
-    has_peak[np.unique(regions[peaks])] = True
-    peakless = np.flatnonzero(~has_peak[1:]) + 1
-    if peakless.size:
-        for r, c in ndimage.maximum_position(masked, regions, peakless):
-            points.append((float(r), float(c), float(hm[r, c])))
+    has_peak[0] = True  # background
+    has_peak[regions[peak_rows, peak_cols]] = True
+    if not has_peak.all():
+        cells = np.flatnonzero(~has_peak[regions])  # raster order
+        label = regions.ravel()[cells]
+        del regions
+        value = hm.ravel()[cells]
+        order = np.lexsort((cells, -value, label))  # by region, strongest, then first
+        first = order[np.r_[True, label[order][1:] != label[order][:-1]]]  # one per region
+        rows, cols = np.divmod(cells[first], hm.shape[1])
+        points += [
+            (float(r), float(c), float(v))
+            for r, c, v in zip(rows.tolist(), cols.tolist(), value[first].tolist(), strict=True)
+        ]
 
     # Greedy suppression, strongest first, so equal peaks a pixel or two apart count once.
     points.sort(key=lambda t: -t[2])
@@ -347,16 +371,64 @@ def lesion_candidates(
     return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
 
 
+LOCAL_MAX_STRIP_ROWS = 512  # heatmap rows per maximum-filter pass: bounds its scratch arrays
+
+
+def _local_maxima(hm: np.ndarray, above: np.ndarray, min_distance: int) -> np.ndarray:
+    """Cells of `above` equal to the largest `above` value within `min_distance` (Chebyshev).
+
+    Computed in strips of rows with a halo of `min_distance` rows on each side, so the
+    scratch arrays (the masked values and their maximum filter) are a strip, not the slide;
+    the maximum is exact, so the result is the whole-image filter's.
+    """
+    rows = hm.shape[0]
+    window = 2 * min_distance + 1
+    peaks = np.zeros_like(above)
+    for start in range(0, rows, LOCAL_MAX_STRIP_ROWS):
+        stop = min(rows, start + LOCAL_MAX_STRIP_ROWS)
+        lo, hi = max(0, start - min_distance), min(rows, stop + min_distance)
+        masked = np.where(above[lo:hi], hm[lo:hi], -np.inf)
+        local = ndimage.maximum_filter(masked, size=window, mode="constant", cval=-np.inf)
+        inner = slice(start - lo, stop - lo)
+        peaks[start:stop] = above[start:stop] & (masked[inner] == local[inner])
+    return peaks
+
+
 def _suppress_near(
     points: list[tuple[float, float, float]], min_distance: int
 ) -> list[tuple[float, float, float]]:
     """Keep each (row, col, p), strongest first, unless a kept one is closer than `min_distance`
-    (Chebyshev). Kept points sit in buckets of `min_distance` cells, so a point is compared
-    with the 3 x 3 buckets around it only: linear time where comparing with every kept point
-    took minutes on a whole slide's tens of thousands of peaks."""
+    (Chebyshev).
+
+    Only points with another point within `min_distance` can be dropped or drop one, and on a
+    heatmap they are few (distinct local maxima are farther apart than that), so a k-d tree
+    finds them at once and only they go through the greedy pass; every other point is kept.
+    """
+    if len(points) < 2:
+        return list(points)
+    from scipy.spatial import cKDTree
+
+    coords = np.array([(r, c) for r, c, _ in points], dtype=np.float64)
+    # Radius `min_distance` inclusive: a superset of the pairs closer than it; the greedy
+    # pass below applies the exact strict test to them.
+    pairs = cKDTree(coords).query_pairs(float(min_distance), p=np.inf, output_type="ndarray")
+    crowded = np.zeros(len(points), dtype=bool)
+    crowded[pairs.ravel()] = True
+    if not crowded.any():
+        return list(points)
+    crowded_at = np.flatnonzero(crowded)
+    keep = ~crowded
+    keep[crowded_at] = ~_suppress_greedy([points[i] for i in crowded_at], min_distance)
+    return [point for point, kept in zip(points, keep.tolist(), strict=True) if kept]
+
+
+def _suppress_greedy(points: list[tuple[float, float, float]], min_distance: int) -> np.ndarray:
+    """Which of `points` (strongest first) the greedy suppression drops, as a bool array. Kept
+    points sit in buckets of `min_distance` cells, so a point is compared with the 3 x 3
+    buckets around it only."""
     buckets: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    kept = []
-    for r, c, p in points:
+    dropped = np.zeros(len(points), dtype=bool)
+    for i, (r, c, _) in enumerate(points):
         br, bc = int(r // min_distance), int(c // min_distance)
         near = (
             (kr, kc)
@@ -365,9 +437,10 @@ def _suppress_near(
             for kr, kc in buckets.get((br + dr, bc + dc), ())
         )
         if all(max(abs(r - kr), abs(c - kc)) >= min_distance for kr, kc in near):
-            kept.append((r, c, p))
             buckets.setdefault((br, bc), []).append((r, c))
-    return kept
+        else:
+            dropped[i] = True
+    return dropped
 
 
 @dataclass(frozen=True, eq=False)
@@ -401,12 +474,14 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
     level-0: heatmap (row, col) maps to x = (col + 0.5) * ds, y = (row + 0.5) * ds, as for
     ``lesion_candidates``. Strongest region (by max value) first.
     """
-    hm = np.asarray(heatmap, dtype=np.float64)
+    hm = np.asarray(heatmap)
+    if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy
+        hm = hm.astype(np.float64)
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, got {downsample}")
-    above = np.isfinite(hm) & (hm > threshold)
+    above = np.isfinite(hm) & (hm > np.float64(threshold))  # compared at full precision
     labelled, n = ndimage.label(above, structure=_EIGHT)
     regions: list[Region] = []
     for index, box in enumerate(ndimage.find_objects(labelled), start=1):
@@ -419,7 +494,7 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
             rings.append(np.column_stack([(cols + 0.5) * downsample, (rows + 0.5) * downsample]))
         # The outer boundary encloses the most area; every other ring is a hole.
         rings.sort(key=lambda r: -abs(_ring_area(r)))
-        values = hm[box][labelled[box] == index]
+        values = hm[box][labelled[box] == index].astype(np.float64)  # this region only
         regions.append(
             Region(
                 label=index,

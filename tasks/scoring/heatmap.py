@@ -1,7 +1,10 @@
 """Score a slide's tiles in batches and stitch their anomaly maps into a slide heatmap.
 
-Memory is bounded by one batch of tiles plus the heatmap itself (a slide at
-1/`heatmap_downsample` scale), never the slide. Overlapping tiles are averaged.
+Memory is bounded by one batch of tiles, a band of heatmap rows and the heatmap's reduced
+pyramid levels (a quarter of it and less), never the slide or its whole heatmap: tiles are
+scored in row order, `HeatmapStrips` averages overlapping tiles in float32 over a band of rows
+and hands out rows once no later tile can reach them, and `write_heatmap_tiff` compresses
+them into the TIFF as they come.
 
 Each heatmap is saved once, as `<slide>.heatmap.tif`: a tiled, zlib-compressed, pyramidal
 float32 TIFF that carries its geometry (downsample, level-0 size, MPP), so it can be opened and
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,32 +37,126 @@ def heatmap_shape(width: int, height: int, downsample: int) -> tuple[int, int]:
     return math.ceil(height / downsample), math.ceil(width / downsample)
 
 
+def _footprint(
+    x: int, y: int, extent: int, downsample: int, shape: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1): the heatmap cells a tile at level-0 (x, y) of side `extent`
+    covers (at least one), or None when it lies past the heatmap's edge."""
+    rows, cols = shape
+    x0, y0 = int(x // downsample), int(y // downsample)
+    if x0 >= cols or y0 >= rows:
+        return None
+    x1 = min(cols, max(x0 + 1, round((x + extent) / downsample)))
+    y1 = min(rows, max(y0 + 1, round((y + extent) / downsample)))
+    return y0, y1, x0, x1
+
+
+def _resized(anomaly_map: torch.Tensor, rows: int, cols: int) -> np.ndarray:
+    """A tile's (1, H, W) map resized by area to (rows, cols) float32 heatmap cells."""
+    return F.adaptive_avg_pool2d(anomaly_map[None].float(), (rows, cols))[0, 0].numpy()
+
+
+def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """total / count as float32; NaN where nothing was added."""
+    out = np.full(total.shape, np.nan, dtype=np.float32)
+    np.divide(total, count, out=out, where=count > 0)
+    return out
+
+
 class HeatmapAccumulator:
-    """Running sum and count of anomaly values per heatmap cell; the mean is the heatmap."""
+    """Running sum and count of anomaly values per heatmap cell; the mean is the heatmap.
+
+    The whole heatmap in float32 (8 bytes a cell), tiles in any order; scoring streams with
+    `HeatmapStrips` instead, which holds a band of rows."""
 
     def __init__(self, width: int, height: int, downsample: int) -> None:
         self.downsample = downsample
-        self.total = np.zeros(heatmap_shape(width, height, downsample), dtype=np.float64)
+        self.total = np.zeros(heatmap_shape(width, height, downsample), dtype=np.float32)
         self.count = np.zeros_like(self.total)
 
     def add(self, x: int, y: int, extent: int, anomaly_map: torch.Tensor) -> None:
         """Paste one tile's (1, H, W) map over its level-0 footprint, resized by area."""
-        ds = self.downsample
-        rows, cols = self.total.shape
-        x0, y0 = int(x // ds), int(y // ds)
-        x1 = min(cols, max(x0 + 1, round((x + extent) / ds)))
-        y1 = min(rows, max(y0 + 1, round((y + extent) / ds)))
-        if x0 >= cols or y0 >= rows:
+        cells = _footprint(x, y, extent, self.downsample, self.total.shape)
+        if cells is None:
             return
-        cell = F.adaptive_avg_pool2d(anomaly_map[None].float(), (y1 - y0, x1 - x0))[0, 0]
-        self.total[y0:y1, x0:x1] += cell.numpy()
+        y0, y1, x0, x1 = cells
+        self.total[y0:y1, x0:x1] += _resized(anomaly_map, y1 - y0, x1 - x0)
         self.count[y0:y1, x0:x1] += 1
 
     def heatmap(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.total / self.count
-        out[self.count == 0] = np.nan
-        return out.astype(np.float32)
+        return _mean(self.total, self.count)
+
+
+HEATMAP_BAND_ROWS = 256  # heatmap rows HeatmapStrips holds at first (grows to a tile's height)
+
+
+class HeatmapStrips:
+    """A heatmap built from tiles that arrive in order of y, handed out as finished rows.
+
+    Holds float32 sum and count for a band of rows only (`HEATMAP_BAND_ROWS`, or a tile's
+    footprint if taller): once a tile starts at heatmap row r, no later tile touches the rows
+    above r, so they are final and leave as a strip (rows, cols) float32, NaN where no tile
+    was scored. `add` and `close` return the strips that became final, top to bottom;
+    together they tile the heatmap exactly. Memory: 8 bytes x band x heatmap width,
+    whatever the slide's height.
+    """
+
+    def __init__(
+        self, width: int, height: int, downsample: int, band_rows: int = HEATMAP_BAND_ROWS
+    ) -> None:
+        self.downsample = downsample
+        self.shape = heatmap_shape(width, height, downsample)
+        self.top = 0  # heatmap row of the band's first row; rows above it are handed out
+        self.total = np.zeros((max(1, band_rows), self.shape[1]), dtype=np.float32)
+        self.count = np.zeros_like(self.total)
+
+    def add(self, x: int, y: int, extent: int, anomaly_map: torch.Tensor) -> list[np.ndarray]:
+        """Add one tile's (1, H, W) map; return the strips its start row made final."""
+        cells = _footprint(x, y, extent, self.downsample, self.shape)
+        if cells is None:
+            return []
+        y0, y1, x0, x1 = cells
+        if y0 < self.top:
+            raise ValueError(
+                f"tile at level-0 y={y} arrived after heatmap rows 0-{self.top - 1} were "
+                "handed out: stream tiles in order of y (sort the tile manifest by y, x)"
+            )
+        done = []
+        if y1 > self.top + len(self.total):
+            done = self._release(y0)
+            if y1 - self.top > len(self.total):  # a tile taller than the band: widen it
+                grow = y1 - self.top - len(self.total)
+                self.total = np.pad(self.total, ((0, grow), (0, 0)))
+                self.count = np.pad(self.count, ((0, grow), (0, 0)))
+        band = slice(y0 - self.top, y1 - self.top)
+        self.total[band, x0:x1] += _resized(anomaly_map, y1 - y0, x1 - x0)
+        self.count[band, x0:x1] += 1
+        return done
+
+    def close(self) -> list[np.ndarray]:
+        """The rest of the heatmap, as strips; call once, after the last tile."""
+        done = []
+        while self.top < self.shape[0]:
+            done += self._release(min(self.shape[0], self.top + len(self.total)))
+        return done
+
+    def _release(self, row: int) -> list[np.ndarray]:
+        """Hand out rows [top, row) and move the band down to start at `row`."""
+        n = row - self.top
+        if n <= 0:
+            return []
+        band = len(self.total)
+        kept = min(n, band)
+        done = [_mean(self.total[:kept], self.count[:kept])]
+        # Rows past the band no tile reached (glass): NaN strips, a band at a time.
+        for start in range(self.top + kept, row, band):
+            done.append(np.full((min(band, row - start), self.shape[1]), np.nan, np.float32))
+        # Shift the band up (numpy buffers the overlapping copy) and clear what is new.
+        for array in (self.total, self.count):
+            array[: band - kept] = array[kept:]
+            array[band - kept :] = 0
+        self.top = row
+        return done
 
 
 def score_slide(
@@ -78,26 +175,43 @@ def score_slide(
     """
     slide_id = slide_row["slide_id"]
     slide = Slide(slide_row["uri"])
-    accumulator = HeatmapAccumulator(slide.width, slide.height, heatmap_downsample)
+    # Row order (the tiler's grid order already) lets the heatmap leave in finished strips.
+    tiles = tiles.sort(["y", "x"], maintain_order=True)
+    stream = HeatmapStrips(slide.width, slide.height, heatmap_downsample)
     tile_ids: list[str] = []
     scores: list[float] = []
+    finite_max = [-math.inf]  # largest finite heatmap value, updated as strips pass
     # Positions (and the QC flag where tiling wrote one) go beside the scores: the tail slide
     # score (tasks/scoring/tail.py) reads where unlikely tiles lie from this file alone.
     carried = [c for c in ("x", "y", "extent", "artefact") if c in tiles.columns]
     columns: dict[str, list] = {c: [] for c in carried}
-    for rows, pixels in iter_tile_batches(slide, tiles, batch_size):
-        if transform is not None:
-            pixels = transform(pixels)
-        output = detector.score(pixels)  # anomaly_map (B, 1, H, W), tile_score (B,)
-        for row, anomaly_map in zip(rows.iter_rows(named=True), output.anomaly_map, strict=True):
-            accumulator.add(row["x"], row["y"], row["extent"], anomaly_map)
-        tile_ids.extend(rows["tile_id"].to_list())
-        for column in carried:
-            columns[column].extend(rows[column].to_list())
-        scores.extend(output.tile_score.tolist())
-        if on_batch is not None:
-            on_batch(rows.height)
-    heatmap = accumulator.heatmap()
+
+    def heatmap_strips() -> Iterator[np.ndarray]:
+        """Score the tiles batch by batch, yielding heatmap rows as they become final; the
+        TIFF writer pulls these, so no whole-slide array is ever held."""
+        for rows, pixels in iter_tile_batches(slide, tiles, batch_size):
+            if transform is not None:
+                pixels = transform(pixels)
+            output = detector.score(pixels)  # anomaly_map (B, 1, H, W), tile_score (B,)
+            for row, anomaly_map in zip(
+                rows.iter_rows(named=True), output.anomaly_map, strict=True
+            ):
+                yield from stream.add(row["x"], row["y"], row["extent"], anomaly_map)
+            tile_ids.extend(rows["tile_id"].to_list())
+            for column in carried:
+                columns[column].extend(rows[column].to_list())
+            scores.extend(output.tile_score.tolist())
+            if on_batch is not None:
+                on_batch(rows.height)
+        yield from stream.close()
+
+    def watched(strips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for strip in strips:
+            finite = strip[np.isfinite(strip)]
+            if finite.size:
+                finite_max[0] = max(finite_max[0], float(finite.max()))
+            yield strip
+
     out_dir.mkdir(parents=True, exist_ok=True)
     geometry = HeatmapGeometry(
         slide_id=slide_id,
@@ -106,7 +220,9 @@ def score_slide(
         level0_height=slide.height,
         mpp=slide_row.get("mpp"),
     )
-    tiff_path = write_heatmap_tiff(out_dir / f"{slide_id}.heatmap.tif", heatmap, geometry)
+    tiff_path = write_heatmap_tiff(
+        out_dir / f"{slide_id}.heatmap.tif", watched(heatmap_strips()), geometry
+    )
     frame = pl.DataFrame(
         {"slide_id": slide_id, "tile_id": tile_ids, "score": scores},
         schema={"slide_id": pl.String, "tile_id": pl.String, "score": pl.Float64},
@@ -115,11 +231,10 @@ def score_slide(
         extra = pl.DataFrame(columns, schema={c: tiles.schema[c] for c in carried})
         frame = pl.concat([frame, extra], how="horizontal")
     scores_path = write_parquet_atomic(frame, out_dir / f"{slide_id}.tiles.parquet")
-    finite = heatmap[np.isfinite(heatmap)]
     return SlideScore(
         slide_id=slide_id,
         tiles=len(scores),
-        slide_score=float(finite.max()) if finite.size else float("nan"),
+        slide_score=finite_max[0] if math.isfinite(finite_max[0]) else float("nan"),
         heatmap=str(tiff_path),
         tile_scores=str(scores_path),
         heatmap_downsample=heatmap_downsample,
@@ -163,9 +278,17 @@ def _halve(heatmap: np.ndarray) -> np.ndarray:
 
 
 def write_heatmap_tiff(
-    path: Path, heatmap: np.ndarray, geometry: HeatmapGeometry, tile: int = TIFF_TILE_PX
+    path: Path,
+    heatmap: np.ndarray | Iterable[np.ndarray],
+    geometry: HeatmapGeometry,
+    tile: int = TIFF_TILE_PX,
 ) -> Path:
-    """Write `heatmap` as a tiled, zlib-compressed, pyramidal float32 TIFF; return its path.
+    """Write a heatmap as a tiled, zlib-compressed, pyramidal float32 TIFF; return its path.
+
+    `heatmap` is the whole (rows, cols) array, or an iterable of strips (k, cols) that stack,
+    top to bottom, into it (as `HeatmapStrips` hands them out): then level 0 is compressed
+    and written a band of `tile` rows at a time as the strips arrive, and only the reduced
+    levels (a quarter of the heatmap and less) are held until the end.
 
     Values are the detector's raw anomaly scores (NaN where no tile was scored), not rescaled,
     so thresholds apply to the file as they do to the `.npy`. Level 0 is the heatmap itself;
@@ -175,22 +298,26 @@ def write_heatmap_tiff(
     """
     import tifffile
 
-    heatmap = np.asarray(heatmap, dtype=np.float32)
-    if heatmap.shape != geometry.shape:
-        raise ValueError(
-            f"{geometry.slide_id}: heatmap is {heatmap.shape} but a {geometry.level0_width}x"
-            f"{geometry.level0_height} slide at downsample {geometry.downsample} needs "
-            f"{geometry.shape}"
-        )
-    levels = [heatmap]
-    while max(levels[-1].shape) > tile:
-        levels.append(_halve(levels[-1]))
+    if tile % 16:
+        raise ValueError(f"TIFF tiles are a multiple of 16 pixels, got {tile}")
+    rows, cols = geometry.shape
+    if isinstance(heatmap, np.ndarray):
+        if heatmap.shape != geometry.shape:
+            raise ValueError(
+                f"{geometry.slide_id}: heatmap is {heatmap.shape} but a "
+                f"{geometry.level0_width}x{geometry.level0_height} slide at downsample "
+                f"{geometry.downsample} needs {geometry.shape}"
+            )
+        heatmap = [heatmap]
+    shapes = [(rows, cols)]
+    while max(shapes[-1]) > tile:
+        shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
     description = json.dumps(
         {
             HEATMAP_TIFF_KEY: 1,
             **asdict(geometry),
             "heatmap_mpp": geometry.heatmap_mpp,
-            "levels": len(levels),
+            "levels": len(shapes),
             "values": "float32 anomaly score of the detector; NaN: not scored (background)",
         }
     )
@@ -199,23 +326,77 @@ def write_heatmap_tiff(
         resolution, unit = (per_cm, per_cm), "CENTIMETER"
     else:  # no physical size: heatmap pixels per level-0 pixel
         resolution, unit = (1 / geometry.downsample,) * 2, "NONE"
+    halves: list[np.ndarray] = []  # level 1, a band at a time
+
+    def level0_tiles() -> Iterator[np.ndarray]:
+        """Level 0 as tifffile wants it: tiles in row-major order, a band of `tile` rows at a
+        time. Each band's half goes to level 1 (bands start on even rows, so halving band by
+        band equals halving the whole)."""
+        done = 0
+        for band in _bands(heatmap, tile, geometry):
+            done += len(band)
+            if len(shapes) > 1:
+                halves.append(_halve(band))
+            for col in range(0, cols, tile):
+                yield band[:, col : col + tile]  # tifffile zero-pads edge tiles
+        if done != rows:
+            raise ValueError(
+                f"{geometry.slide_id}: heatmap strips gave {done} rows, its geometry needs {rows}"
+            )
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     options = {"tile": (tile, tile), "compression": "zlib", "metadata": None}
-    with tifffile.TiffWriter(partial) as tif:
-        tif.write(
-            levels[0],
-            subifds=len(levels) - 1,
-            description=description,
-            resolution=resolution,
-            resolutionunit=unit,
-            **options,
-        )
-        for level in levels[1:]:
-            tif.write(level, subfiletype=1, **options)  # reduced-resolution image
+    try:
+        with tifffile.TiffWriter(partial) as tif:
+            tif.write(
+                level0_tiles(),
+                shape=(rows, cols),
+                dtype=np.float32,
+                subifds=len(shapes) - 1,
+                description=description,
+                resolution=resolution,
+                resolutionunit=unit,
+                **options,
+            )
+            level = np.concatenate(halves) if halves else None
+            halves.clear()
+            for _ in shapes[1:]:
+                tif.write(level, subfiletype=1, **options)  # reduced-resolution image
+                level = _halve(level)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed scoring leaves no half-written heatmap
+        raise
     partial.replace(path)  # a reader never sees a half-written file
     return path
+
+
+def _bands(
+    strips: Iterable[np.ndarray], height: int, geometry: HeatmapGeometry
+) -> Iterator[np.ndarray]:
+    """Regroup strips (k, cols) of any heights into float32 bands of `height` rows (the last
+    one shorter), copying only strips that straddle a band edge."""
+    cols = geometry.shape[1]
+    pending: list[np.ndarray] = []
+    have = 0
+    for strip in strips:
+        strip = np.asarray(strip, dtype=np.float32)
+        if strip.ndim != 2 or strip.shape[1] != cols:
+            raise ValueError(
+                f"{geometry.slide_id}: heatmap strip of shape {strip.shape}, expected "
+                f"(rows, {cols})"
+            )
+        while len(strip):
+            take = min(height - have, len(strip))
+            pending.append(strip[:take])
+            have += take
+            strip = strip[take:]
+            if have == height:
+                yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, have = [], 0
+    if pending:
+        yield np.concatenate(pending)
 
 
 def read_heatmap_tiff(path: str | Path, level: int = 0) -> tuple[np.ndarray, HeatmapGeometry]:

@@ -6,15 +6,17 @@
   only coordinates; each DataLoader worker opens the slides it needs lazily and keeps one handle
   per slide (a few at most), and `__getitems__` lets the DataLoader ask for a whole batch at once,
   so a batch is read slide by slide in grid order.
-- `TileCache`: decoded tiles in a flat file on local disk, for training runs that read the same
-  tiles for many epochs. benchmarks/tiling.py measures when it pays: a hit is several times
-  cheaper than decoding a JPEG tile, the first epoch pays for writing it, and the file is about
-  12x the size of the JPEG tiles it holds.
+- `TileCache`: encoded tiles (JPEG, or lossless PNG) in one file on local disk, for training
+  runs that read the same tiles for many epochs, about the size of the slide's own JPEG tiles
+  (decoded pixels took 12x that). benchmarks/tiling.py measures when it pays and
+  benchmarks/whole_slide.py its size.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -70,31 +72,70 @@ def load_tiles(
     return dataset.read_batch(range(len(dataset)))
 
 
-class TileCache:
-    """Decoded tiles of one dataset in `<folder>/<key>.tiles`, filled as tiles are first read.
+TILE_CACHE_CODECS = ("jpeg", "png")
+TILE_CACHE_JPEG_QUALITY = 90
+_INDEX_RECORD = np.dtype([("offset", "<i8"), ("length", "<i8")])  # 16 bytes per tile
 
-    A flat file of (count, size, size, 3) uint8 written with `pwrite` and read with `preadv`
-    (several times faster than filling a memory map, which faults in every page), shared by
-    DataLoader workers through the page cache. A tile's flag byte (in `<key>.filled`) is written
-    after its pixels, so a killed run leaves unfilled tiles, never torn ones; after a machine crash
-    (no fsync) delete the folder. `key` names the exact rows, so a changed manifest gets a new
-    file rather than stale pixels.
+
+def encode_tile(tile: np.ndarray, codec: str) -> bytes:
+    """One (H, W, 3) uint8 tile as `codec` bytes: JPEG (quality `TILE_CACHE_JPEG_QUALITY`,
+    4:4:4, lossy: about 1.5 grey levels off on tissue) or PNG (lossless, several times the
+    JPEG's size)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(tile, dtype=np.uint8))
+    if codec == "jpeg":
+        # 4:4:4: chroma subsampling would blur stain colour by several levels at tissue edges.
+        image.save(buffer, format="JPEG", quality=TILE_CACHE_JPEG_QUALITY, subsampling=0)
+    elif codec == "png":
+        image.save(buffer, format="PNG", compress_level=1)  # fast; higher levels gain ~5%
+    else:
+        raise ValueError(f"tile cache codec {codec!r}: use one of {TILE_CACHE_CODECS}")
+    return buffer.getvalue()
+
+
+def decode_tile_into(data: bytes, out: np.ndarray) -> None:
+    """Decode `encode_tile` bytes into `out`, a (H, W, 3) uint8 array of the tile's shape."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        out[...] = np.asarray(image.convert("RGB"))
+
+
+class TileCache:
+    """Tiles of one dataset, encoded, in `<folder>/<key>.<codec>`, filled as first read.
+
+    Each tile is stored compressed (`encode_tile`): JPEG by default, about the size of the
+    slide's own JPEG tiles where the decoded pixels took 12x that; `codec="png"` is lossless
+    at about 4x. With JPEG a tile is handed out as its cached version from the first read on
+    (`put` returns the round-tripped pixels), so every epoch sees the same pixels; they differ
+    from the slide's by about one grey level (benchmarks/whole_slide.py measures it).
+
+    Layout: `<key>.<codec>` holds the encoded tiles back to back, appended under an exclusive
+    `flock`, so DataLoader workers can fill it together; `<key>.<codec>.index` holds (offset,
+    length) per tile, written after the bytes, so a killed run leaves unfilled tiles, never torn
+    ones (length 0 = not cached). After a machine crash (no fsync) delete the folder. `key`
+    names the exact rows, so a changed manifest gets a new file rather than stale pixels.
     """
 
-    def __init__(self, folder: str | Path, key: str, count: int, size: int) -> None:
+    def __init__(
+        self, folder: str | Path, key: str, count: int, size: int, codec: str = "jpeg"
+    ) -> None:
+        if codec not in TILE_CACHE_CODECS:
+            raise ValueError(f"tile cache codec {codec!r}: use one of {TILE_CACHE_CODECS}")
         self.folder = Path(folder)
-        self.key, self.count, self.size = key, count, size
-        self.tile_bytes = size * size * 3
+        self.key, self.count, self.size, self.codec = key, count, size, codec
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._pixels_path = self.folder / f"{key}.tiles"
-        self._flags_path = self.folder / f"{key}.filled"
-        if not self._flags_path.exists():  # created once, by the process building the dataset
-            with open(self._pixels_path, "wb") as handle:
-                handle.truncate(count * self.tile_bytes)  # sparse: disk is used as tiles arrive
-            tmp = self.folder / f"{key}.filled.tmp"
-            tmp.write_bytes(bytes(count))
-            tmp.replace(self._flags_path)  # last: its presence means both files are whole
-        self._fds: tuple[int, int, int] | None = None  # (pid, pixels fd, flags fd)
+        self._data_path = self.folder / f"{key}.{codec}"
+        self._index_path = self.folder / f"{key}.{codec}.index"
+        if not self._index_path.exists():  # created once, by the process building the dataset
+            self._data_path.write_bytes(b"")
+            tmp = self.folder / f"{key}.{codec}.index.tmp"
+            with open(tmp, "wb") as handle:
+                handle.truncate(count * _INDEX_RECORD.itemsize)  # all zero: nothing cached
+            tmp.replace(self._index_path)  # last: its presence means both files are whole
+        self._fds: tuple[int, int, int] | None = None  # (pid, data fd, index fd)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": None}  # each worker opens its own descriptors
@@ -106,34 +147,55 @@ class TileCache:
 
     def _open(self) -> tuple[int, int]:
         if self._fds is None or self._fds[0] != os.getpid():
-            pixels = os.open(self._pixels_path, os.O_RDWR)
-            flags = os.open(self._flags_path, os.O_RDWR)
-            self._fds = (os.getpid(), pixels, flags)
+            data = os.open(self._data_path, os.O_RDWR)
+            index = os.open(self._index_path, os.O_RDWR)
+            self._fds = (os.getpid(), data, index)
         return self._fds[1], self._fds[2]
 
     def get_into(self, index: int, out: np.ndarray) -> bool:
-        """Copy tile `index` into `out` (a C-contiguous (size, size, 3) uint8 view) if cached."""
-        pixels, flags = self._open()
-        if os.pread(flags, 1, index) != b"\x01":
+        """Decode tile `index` into `out` (a (size, size, 3) uint8 array) if it is cached."""
+        data, table = self._open()
+        record = np.frombuffer(
+            os.pread(table, _INDEX_RECORD.itemsize, index * _INDEX_RECORD.itemsize),
+            _INDEX_RECORD,
+        )[0]
+        if record["length"] == 0:
             return False
-        os.preadv(pixels, [memoryview(out).cast("B")], index * self.tile_bytes)
+        decode_tile_into(os.pread(data, int(record["length"]), int(record["offset"])), out)
         return True
 
     def get(self, index: int) -> np.ndarray | None:
         out = np.empty((self.size, self.size, 3), dtype=np.uint8)
         return out if self.get_into(index, out) else None
 
-    def put(self, index: int, tile: np.ndarray) -> None:
-        pixels, flags = self._open()
-        os.pwrite(pixels, np.ascontiguousarray(tile, dtype=np.uint8), index * self.tile_bytes)
-        os.pwrite(flags, b"\x01", index)
+    def put(self, index: int, tile: np.ndarray) -> np.ndarray:
+        """Cache tile `index`; return the pixels a later `get` gives (after JPEG, not `tile`)."""
+        encoded = encode_tile(tile, self.codec)
+        data, table = self._open()
+        fcntl.flock(data, fcntl.LOCK_EX)  # one appender at a time across workers
+        try:
+            offset = os.fstat(data).st_size
+            os.pwrite(data, encoded, offset)
+        finally:
+            fcntl.flock(data, fcntl.LOCK_UN)
+        record = np.array([(offset, len(encoded))], dtype=_INDEX_RECORD)
+        os.pwrite(table, record.tobytes(), index * _INDEX_RECORD.itemsize)
+        if self.codec == "png":
+            return tile
+        out = np.empty_like(tile)
+        decode_tile_into(encoded, out)
+        return out
+
+    def _lengths(self) -> np.ndarray:
+        return np.fromfile(self._index_path, dtype=_INDEX_RECORD)["length"]
 
     @property
     def filled(self) -> int:
-        return self._flags_path.read_bytes().count(1)
+        return int((self._lengths() > 0).sum())
 
     def nbytes(self) -> int:
-        return self.count * self.tile_bytes
+        """Bytes the cache takes on disk now (encoded tiles and index)."""
+        return self._data_path.stat().st_size + self._index_path.stat().st_size
 
 
 class TileDataset(Dataset):
@@ -141,7 +203,8 @@ class TileDataset(Dataset):
 
     The default collate turns a batch into a (B, H, W, 3) uint8 tensor, which every detector's
     `fit`/`score` accepts. `uri_by_slide` maps slide ids to their URIs (the slide manifest's
-    `uri` column). With `cache_dir`, decoded tiles are kept in a `TileCache` there.
+    `uri` column). With `cache_dir`, tiles are kept encoded in a `TileCache` there
+    (`cache_codec`: "jpeg", or "png" for pixels exactly as decoded from the slide).
     """
 
     def __init__(
@@ -151,6 +214,7 @@ class TileDataset(Dataset):
         *,
         storage: StorageOptions | None = None,
         cache_dir: str | Path | None = None,
+        cache_codec: str = "jpeg",
         transform: Callable[[np.ndarray], object] | None = None,
         max_open_slides: int = 4,
     ) -> None:
@@ -173,7 +237,9 @@ class TileDataset(Dataset):
             size = int(self.size[0])
             if (self.size != size).any():
                 raise ValueError("a tile cache needs tiles of one size")
-            self.cache = TileCache(cache_dir, self.cache_key(), len(self.slide), size)
+            self.cache = TileCache(
+                cache_dir, self.cache_key(), len(self.slide), size, codec=cache_codec
+            )
         self._open: OrderedDict[int, Slide] = OrderedDict()
 
     def cache_key(self) -> str:
@@ -223,7 +289,7 @@ class TileDataset(Dataset):
                 int(self.size[i]),
             )
             if self.cache is not None:
-                self.cache.put(i, out[k])
+                out[k] = self.cache.put(i, out[k])  # the pixels later epochs will get
         return out
 
     def __getitem__(self, i: int):
