@@ -71,7 +71,8 @@ def test_the_newcomer_sequence(
     compared = vadflow("compare", name, *home)
     assert "ae_l2" in compared and "logged compare.csv" in compared
 
-    scored = vadflow("score", str(site), "--model", "champion", *home)
+    # A registered version: a one-epoch model may sit below the champion floor (promotion.min).
+    scored = vadflow("score", str(site), "--model", f"models:/{name}-ae_l2/1", *home)
     assert "threshold" in scored and "redraw" in scored
 
     exported = vadflow("export", str(tmp_path / "home" / "outputs" / name), "--alpha", "0.3")
