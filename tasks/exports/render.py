@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -475,11 +476,9 @@ def find_scored_run(folder: str | Path) -> Path:
         return folder
     if (folder / SCORED_RUN_FILE).is_file():
         return folder / SCORED_RUN_FILE
-    # Run folders are "<name>-<UTC version>": the newest run has the largest version.
-    runs = sorted(
-        (folder / "heatmaps").glob(f"*/{SCORED_RUN_FILE}"),
-        key=lambda p: p.parent.name.rsplit("-", 1)[-1],
-    )
+    # Run folders are "<name>-<UTC stamp>[-<suffix>]": the newest run has the latest stamp
+    # (the random suffix of newer versions must not decide).
+    runs = sorted((folder / "heatmaps").glob(f"*/{SCORED_RUN_FILE}"), key=_run_stamp)
     if runs:
         return runs[-1]
     raise FileNotFoundError(
@@ -487,6 +486,15 @@ def find_scored_run(folder: str | Path) -> Path:
         "(<outputs>/<site>/heatmaps/<run>/) or the site's output folder; runs scored before "
         "exports were re-renderable have none, so score them again"
     )
+
+
+_STAMP = re.compile(r"\d{8}T\d{6}(?:\.\d+)?")
+
+
+def _run_stamp(path: Path) -> str:
+    """The UTC stamp in a run folder's name (its last part where it has none)."""
+    found = _STAMP.findall(path.parent.name)
+    return found[-1] if found else path.parent.name.rsplit("-", 1)[-1]
 
 
 def _slide_score(record: dict[str, Any]) -> SlideScore:
