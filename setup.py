@@ -20,6 +20,6 @@ setup(
     # Patterns are relative to each package's folder: templates/ (no __init__.py) needs its own.
     package_data={
         "vadflow": ["deployments/sites/*.yaml"],
-        "": ["*.html", "*.md.j2", "*.j2", "templates/*.j2"],
+        "": ["*.html", "*.md.j2", "*.j2", "templates/*.j2", "templates/*.css"],
     },
 )

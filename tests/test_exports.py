@@ -32,7 +32,7 @@ from vadflow.tasks.exports.geojson import (
 from vadflow.tasks.exports.overlay import BAR_STRIP_PX, heatmap_overlay, with_colour_bar
 from vadflow.tasks.exports.report import write_html_report
 from vadflow.tasks.scoring.aggregate import heatmap_regions, lesion_candidates
-from vadflow.tasks.slides.annotations import rasterize_annotations, read_asap_xml
+from vadflow.tasks.slides.annotations import Polygon, rasterize_annotations, read_asap_xml
 
 
 def _heatmap() -> np.ndarray:
@@ -53,9 +53,11 @@ def test_geojson_candidates_parse_back_in_level0(tmp_path: Path) -> None:
     # Heatmap pixel (row 2, col 3) at 32x: level-0 centre (3.5 * 32, 2.5 * 32).
     assert first["geometry"] == {"type": "Point", "coordinates": [112.0, 80.0]}
     props = first["properties"]
-    assert props["objectType"] == "annotation"
-    assert props["classification"]["name"] == "Tumor"
-    assert props["measurements"] == {"probability": 0.9}
+    assert props["objectType"] == "detection"  # predictions, not a pathologist's annotations
+    assert props["classification"]["name"] == "Anomaly"
+    # No tail reference: the raw score only, and the name says why there is no probability.
+    assert props["measurements"] == {"raw_score": 0.9}
+    assert "no calibrated probability" in props["name"]
 
 
 def test_geojson_regions_are_closed_polygons_with_holes(tmp_path: Path) -> None:
@@ -71,7 +73,7 @@ def test_geojson_regions_are_closed_polygons_with_holes(tmp_path: Path) -> None:
     # The ring covers heatmap cols 2..5, rows 6..9: level-0 x [32, 96), y [96, 160).
     assert (outer[:, 0].min(), outer[:, 0].max()) == (32.0, 96.0)
     assert (outer[:, 1].min(), outer[:, 1].max()) == (96.0, 160.0)
-    assert ring_region["properties"]["measurements"]["area (level-0 px^2)"] == 12 * 256
+    assert ring_region["properties"]["measurements"]["area_level0_px2"] == 12 * 256
     written = export_slide_geojson(tmp_path, "s1", [(1.0, 2.0, 0.5)], _heatmap(), 16.0, 0.5)
     assert [p.name for p in written] == ["s1.candidates.geojson", "s1.regions.geojson"]
     with pytest.raises(ValueError, match="downsample"):
@@ -82,8 +84,9 @@ def test_asap_candidates_round_trip(tmp_path: Path) -> None:
     cands = [(112.0, 80.5, 0.9), (10.25, 20.0, 1 / 3)]
     path = write_candidates_asap(tmp_path / "c.xml", cands)
     assert read_candidates_asap(path) == cands
-    types = {a.get("Type") for a in ET.parse(path).getroot().iter("Annotation")}
-    assert types == {"Dot"}
+    annotations = list(ET.parse(path).getroot().iter("Annotation"))
+    assert {a.get("Type") for a in annotations} == {"Dot"}
+    assert {a.get("PartOfGroup") for a in annotations} == {"vadflow"}
     # Dots are ignored when the file is rasterised as a lesion annotation.
     assert not rasterize_annotations(read_asap_xml(path), 256, 256, 16).any()
 
@@ -93,9 +96,19 @@ def test_asap_regions_rasterise_back_to_the_heatmap_mask(tmp_path: Path) -> None
     ds = 16
     path = write_regions_asap(tmp_path / "r.xml", heatmap_regions(hm, ds, 0.5))
     polygons = read_asap_xml(path)
-    assert sorted({p.group for p in polygons}) == ["Tumor", "_2"]
-    mask = rasterize_annotations(polygons, hm.shape[1] * ds, hm.shape[0] * ds, ds)
+    # Predictions in their own groups, never ground truth's Tumor / _0 / _1 / _2.
+    assert sorted({p.group for p in polygons}) == ["vadflow", "vadflow holes"]
+    # A ground-truth reader ignores them ...
+    assert not rasterize_annotations(polygons, hm.shape[1] * ds, hm.shape[0] * ds, ds).any()
+    # ... and, read as truth on purpose, they are exactly the heatmap's regions.
+    mask = rasterize_annotations(_as_truth(polygons), hm.shape[1] * ds, hm.shape[0] * ds, ds)
     assert np.array_equal(mask, hm > 0.5)
+
+
+def _as_truth(polygons: list[Polygon]) -> list[Polygon]:
+    """Predictions relabelled as Camelyon16 ground truth: outlines Tumor, holes _2."""
+    group = {"vadflow": "Tumor", "vadflow holes": "_2"}
+    return [Polygon(p.name, group[p.group], p.coords) for p in polygons]
 
 
 def test_asap_hole_with_an_island_keeps_the_island() -> None:
@@ -104,8 +117,8 @@ def test_asap_hole_with_an_island_keeps_the_island() -> None:
     hm[2:7, 2:7] = 0.0  # hole ...
     hm[4, 4] = 0.9  # ... with an island
     polygons = region_polygons(heatmap_regions(hm, 16.0, 0.5))
-    assert [p.group for p in polygons] == ["Tumor", "Tumor"]  # the hole is left out
-    mask = rasterize_annotations(polygons, 9 * 16, 9 * 16, 16)
+    assert [p.group for p in polygons] == ["vadflow", "vadflow"]  # the hole is left out
+    mask = rasterize_annotations(_as_truth(polygons), 9 * 16, 9 * 16, 16)
     assert mask[4, 4] and mask[1:8, 1:8].all()
 
 

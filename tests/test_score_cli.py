@@ -150,10 +150,9 @@ def test_score_calls_new_slides_at_the_models_calibrated_threshold(trained, scor
         assert line.predicted == (line.score > run.threshold)
         assert ("anomalous" if line.predicted else "normal") in output
         features = json.loads(Path(line.candidates_geojson).read_text())["features"]
-        above = [
-            f for f in features if f["properties"]["measurements"]["probability"] > run.threshold
-        ]
-        assert line.candidates == len(above)
+        # Only predictions: candidates above the model's calibrated threshold.
+        assert all(f["properties"]["measurements"]["raw_score"] > run.threshold for f in features)
+        assert line.candidates == len(features)
         assert line.predicted == (line.candidates > 0)  # the slide score is the heatmap's top
         heat, geometry = read_heatmap_tiff(line.heatmap_tiff)
         row = slides.filter(pl.col("slide_id") == line.slide_id).row(0, named=True)
@@ -240,9 +239,9 @@ def test_export_redraws_without_rescoring(trained, scored) -> None:
         assert line.predicted and line.score == old.score
         assert line.candidates >= old.candidates
         regions = json.loads(Path(line.regions_geojson).read_text())["features"]
-        area = sum(f["properties"]["measurements"]["area (level-0 px^2)"] for f in regions)
+        area = sum(f["properties"]["measurements"]["area_level0_px2"] for f in regions)
         old_regions = json.loads(files[line.slide_id]["regions_geojson"])["features"]
-        old_area = sum(f["properties"]["measurements"]["area (level-0 px^2)"] for f in old_regions)
+        old_area = sum(f["properties"]["measurements"]["area_level0_px2"] for f in old_regions)
         assert area > old_area
     assert {p: p.read_bytes() for p in heatmaps} == before  # nothing was rescored
     assert f"{low:.5g}" in redrawn.report.read_text()

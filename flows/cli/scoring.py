@@ -140,6 +140,21 @@ def export_command(
             "metrics in the report stay as computed",
         ),
     ] = None,
+    all_candidates: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="write every lesion candidate to the GeoJSON and ASAP files, not only those "
+            "above the model's calibrated threshold",
+        ),
+    ] = False,
+    qupath_objects: Annotated[
+        str,
+        typer.Option(
+            "--qupath-objects",
+            help="QuPath object type of the predictions: detection (default) or annotation",
+        ),
+    ] = "detection",
 ) -> None:
     """Draw (or redraw) a scored run's overlays, GeoJSON, ASAP XML and report, without
     rescoring: a run exported before, or one run with `--no-export`. A family's heatmap folder
@@ -163,7 +178,9 @@ def export_command(
         raise fail(str(exc)) from None
     for run in runs:
         try:
-            rendered = render_exports(run, style, threshold)
+            rendered = render_exports(
+                run, style, threshold, all_candidates=all_candidates, qupath_objects=qupath_objects
+            )
         except (FileNotFoundError, ValueError) as exc:  # a slide or heatmap moved since scoring
             raise fail(f"cannot redraw {scored}: {exc}", code=1) from None
         print_scored_run(rendered)

@@ -14,13 +14,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from vadflow.tasks.evaluation.calibration import Calibration, write_calibration
 from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site, slide_threshold
 from vadflow.tasks.evaluation.plots import evaluation_plots
 from vadflow.tasks.records import Evaluated, SlideResult, SlideScore
-from vadflow.tasks.scoring.tail import TailSettings
+from vadflow.tasks.scoring.tail import TailReference, TailSettings, scored_tiles
 from vadflow.tasks.site import SiteConfig
 
 
@@ -66,9 +67,12 @@ def evaluate_scored_run(
     metrics = {**evaluation.metrics, **evaluation.froc_points}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = evaluation_plots(evaluation, folder, f"{site.name} / {name}")
+    calibration = _calibration(evaluation, site, slides, scores, tail)
+    # The run's own copy: its exports read their probabilities and prediction level from it.
+    write_calibration(folder, calibration)
     if model_dir is not None:
         # The threshold travels with the model: scoring new slides predicts with it.
-        write_calibration(model_dir, _calibration(evaluation, site, slides, scores, tail))
+        write_calibration(model_dir, calibration)
     return Evaluated(
         name=name,
         metrics=dict(evaluation.metrics),
@@ -88,22 +92,41 @@ def _calibration(
 ) -> Calibration:
     """What the model carries to new slides. A forest cannot score them (it is refitted per
     evaluation, on labels new slides lack), so a forest run hands on the threshold of the
-    heatmap maximum, on which new slides are then called."""
+    heatmap maximum, on which new slides are then called. Whatever the slide score, the
+    model carries the tail reference of its normal validation tiles: the exports' raw score ->
+    anomaly probability."""
+    reference = evaluation.tail_reference or _normal_tile_reference(slides, scores, tail)
     if evaluation.slide_score == "forest":
         val = set(slides.filter(pl.col("split") == "val")["slide_id"])
         threshold = slide_threshold(
             [s.slide_score for s in scores if s.slide_id in val], site.target_fpr
         )
-        return Calibration(threshold, site.target_fpr, evaluation.value_range, "max")
+        return Calibration(
+            threshold, site.target_fpr, evaluation.value_range, "max", tail_reference=reference
+        )
     return Calibration(
         evaluation.threshold,
         site.target_fpr,
         evaluation.value_range,
         slide_score=evaluation.slide_score,
-        tail_reference=evaluation.tail_reference,
+        tail_reference=reference,
         alpha=tail.alpha,
         keep_artefacts=tail.keep_artefacts,
     )
+
+
+def _normal_tile_reference(
+    slides: pl.DataFrame, scores: Sequence[SlideScore], tail: TailSettings
+) -> TailReference | None:
+    """The tail reference of the run's normal validation tiles (None without any)."""
+    val = set(slides.filter(pl.col("split") == "val")["slide_id"])
+    frames = [
+        scored_tiles(pl.read_parquet(s.tile_scores), tail.keep_artefacts)["score"].to_numpy()
+        for s in scores
+        if s.slide_id in val
+    ]
+    values = np.concatenate(frames) if frames else np.zeros(0)
+    return TailReference.fit(values) if values.size else None
 
 
 def slide_results(table: pl.DataFrame) -> tuple[SlideResult, ...]:

@@ -15,8 +15,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from vadflow.tasks.evaluation.calibration import read_calibration
+from vadflow.tasks.evaluation.calibration import Calibration, read_calibration
 from vadflow.tasks.evaluation.evaluate import heatmap_value_range
+from vadflow.tasks.exports.probability import prediction_cut
 from vadflow.tasks.exports.render import (
     SCORED_RUN_FILE,
     ScoredRun,
@@ -41,9 +42,12 @@ class _Threshold:
     metrics: dict[str, float]
     plots: dict[str, str]
     candidates: dict[str, list[Candidate]]
+    calibration: Calibration | None = None  # its slide score kind and tail reference
 
 
 def _from_evaluation(evaluation: Evaluated) -> _Threshold:
+    # Evaluation wrote the run's calibration into its report folder: the tail reference and
+    # which slide score its threshold is on (a forest's calibration is the maximum's).
     return _Threshold(
         evaluation.threshold,
         "from held-out normal slides",
@@ -52,6 +56,7 @@ def _from_evaluation(evaluation: Evaluated) -> _Threshold:
         evaluation.all_metrics,
         evaluation.plots,
         evaluation.candidates,
+        read_calibration(evaluation.report_dir),
     )
 
 
@@ -69,8 +74,31 @@ def _from_model(
         return _Threshold(math.nan, "none", value_range, report_dir, {}, {}, {})
     source = f"the model's calibration, target FPR {calibration.target_fpr:g}"
     return _Threshold(
-        calibration.threshold, source, calibration.heatmap_value_range, report_dir, {}, {}, {}
+        calibration.threshold,
+        source,
+        calibration.heatmap_value_range,
+        report_dir,
+        {},
+        {},
+        {},
+        calibration,
     )
+
+
+def _calibration_fields(calibration: Calibration | None) -> dict:
+    """What a ScoredRun keeps of a calibration beyond its threshold: the slide score kind,
+    the prediction level and the tail reference (`tasks/exports/probability.py`)."""
+    if calibration is None:
+        return {}
+    reference = calibration.tail_reference
+    return {
+        "slide_score": calibration.slide_score,
+        "prediction_level": prediction_cut(
+            calibration.slide_score, calibration.threshold, reference, calibration.alpha
+        ),
+        "tail_reference": None if reference is None else reference.to_dict(),
+        "alpha": calibration.alpha,
+    }
 
 
 def export_scored_run(
@@ -127,6 +155,7 @@ def export_scored_run(
         max_candidates=rule.max_per_slide,
         metrics=chosen.metrics,
         plots=chosen.plots,
+        **_calibration_fields(chosen.calibration),
     )
     if not render:
         record = save_scored_run(run)

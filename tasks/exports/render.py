@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -36,22 +37,25 @@ from matplotlib import colormaps
 from vadflow.tasks.evaluation.camelyon import write_camelyon_csv
 from vadflow.tasks.evaluation.evaluate import CandidateRule
 from vadflow.tasks.exports.asap import write_candidates_asap
-from vadflow.tasks.exports.geojson import export_slide_geojson
+from vadflow.tasks.exports.geojson import check_object_type, export_slide_geojson, region_area_um2
 from vadflow.tasks.exports.overlay import COLOUR_MAP, TARGET_EDGE_PX, heatmap_overlay
-from vadflow.tasks.exports.report import write_html_report
-from vadflow.tasks.scoring.aggregate import Candidate, heatmap_regions
+from vadflow.tasks.exports.probability import ProbabilityScale
+from vadflow.tasks.exports.report import SlideSection, write_html_report
+from vadflow.tasks.scoring.aggregate import Candidate, Region, heatmap_regions
 from vadflow.tasks.scoring.heatmap import (
     SlideScore,
     heatmap_file_shape,
     load_heatmap,
     read_heatmap_tiff,
 )
+from vadflow.tasks.scoring.tail import DEFAULT_ALPHA
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
 # The site's `candidates:` defaults (tasks/site.py CandidatesConfig), for runs saved before.
 DEFAULT_SUPPRESS_UM = CandidateRule.suppress_um
 DEFAULT_MAX_CANDIDATES = CandidateRule.max_per_slide
+TOP_REGIONS = 3  # regions per slide the report lists
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,14 @@ class SlideExport:
     candidates_geojson: str = ""
     regions_geojson: str = ""
     asap_xml: str = ""
+    # The slide's strongest location: its raw heatmap score and calibrated probability
+    # (None: the model has no tail reference, or nothing was scored).
+    peak_raw: float | None = None
+    probability: float | None = None
+    thumbnail: str = ""  # the plain slide thumbnail the overlay is drawn on
+    # The strongest regions above the prediction level: rank, anomaly_probability (None
+    # without a reference), raw_score, x, y (level-0 centre), area_um2 (None without mpp).
+    top_regions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,18 @@ class ScoredRun:
     max_candidates: int | None = DEFAULT_MAX_CANDIDATES  # the strongest this many per slide
     metrics: dict[str, float] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
+    # The model's calibration beyond its threshold (`tasks/exports/probability.py`): the
+    # slide score the threshold is on, the raw level a location is a prediction above (NaN:
+    # none) and the tail reference of its normal tiles (`TailReference.to_dict`; None: the
+    # model has none, so exports show raw scores only and say so).
+    slide_score: str = "max"
+    prediction_level: float = math.nan
+    tail_reference: dict[str, Any] | None = None
+    alpha: float = DEFAULT_ALPHA
+    # Lesion files: every candidate, or (default) only those above the prediction level; and
+    # the QuPath object type predictions are written as.
+    all_candidates: bool = False
+    qupath_objects: str = "detection"
     # Filled in by `render_exports`: the threshold and style used and what was written.
     threshold: float = math.nan
     style: ExportStyle = ExportStyle()
@@ -154,18 +178,31 @@ def render_exports(
     candidates: Mapping[str, Sequence[Candidate]] | None = None,
     notes: Sequence[str] = (),
     workers: int | None = None,
+    *,
+    all_candidates: bool | None = None,
+    qupath_objects: str | None = None,
 ) -> ScoredRun:
     """Write every slide's exports and the run's report; save and return the updated record.
 
-    `threshold` replaces the calibrated one for regions, predictions and the colour scale
-    (metrics stay as computed at the calibrated threshold, and the report says so).
+    `threshold` replaces the calibrated one for predictions (slide calls) and, on a `max`
+    calibration, for the prediction level of regions, lesion files and overlay colour (metrics
+    stay as computed at the calibrated threshold, and the report says so).
     The slides in `run.candidate_slides` get lesion candidates: `candidates` (evaluation's) where
-    given, else `slide_candidates`, the same rule. Heatmaps and scores are only read.
+    given, else `slide_candidates`, the same rule. The Camelyon16 CSV holds all of them with
+    their calibrated probability as `p`; the GeoJSON and ASAP files those above the prediction
+    level, or every one with `all_candidates`. `qupath_objects` is the GeoJSON object type
+    (`detection` or `annotation`); both default to the run's saved choice.
+    Heatmaps and scores are only read.
     Slides are drawn by `workers` threads (default: one per CPU, at most one per slide).
     """
     used = run.calibrated_threshold if threshold is None else float(threshold)
     if not run.scores:
         raise ValueError(f"{run.site}/{run.name}: the run scored no slides, nothing to export")
+    run = replace(
+        run,
+        all_candidates=run.all_candidates if all_candidates is None else bool(all_candidates),
+        qupath_objects=check_object_type(qupath_objects or run.qupath_objects),
+    )
     slides = pl.read_parquet(run.slides_path)
     rows = {r["slide_id"]: r for r in slides.iter_rows(named=True)}
     missing = [s.slide_id for s in run.scores if s.slide_id not in rows]
@@ -175,22 +212,59 @@ def render_exports(
             "was the site re-ingested since scoring? Re-run `vadflow score`"
         )
     vmin, vmax = colour_scale(run.value_range, used)
-    cut = used if math.isfinite(used) else vmax  # regions: above the threshold
+    scale = probability_scale(run, threshold)
+    cut = scale.cut if scale.has_cut else vmax  # regions: above the prediction level
     out = Path(run.exports_dir)
     given = candidates or {}
 
     def render(score: SlideScore) -> SlideExport:
         row = rows[score.slide_id]
         return _render_slide(
-            run, score, row, out, style, used, (vmin, vmax), cut, given.get(score.slide_id)
+            run, score, row, out, style, used, (vmin, vmax), cut, scale, given.get(score.slide_id)
         )
 
     with ThreadPoolExecutor(max_workers=export_workers(len(run.scores), workers)) as pool:
         exported = list(pool.map(render, run.scores))  # in the run's slide order
     rendered = replace(run, threshold=used, style=style, exported=tuple(exported))
-    _write_report(rendered, notes)
+    _write_report(rendered, scale, notes)
     save_scored_run(rendered)
     return rendered
+
+
+def probability_scale(run: ScoredRun, threshold: float | None = None) -> ProbabilityScale:
+    """The run's raw score -> probability map and prediction level. On a `max` calibration the
+    level is the slide threshold itself (a raw heatmap level), so a `threshold` given for
+    this rendering moves it; runs saved before the level was recorded use their threshold."""
+    level = run.prediction_level
+    if run.slide_score == "max" and (threshold is not None or not math.isfinite(level)):
+        level = run.calibrated_threshold if threshold is None else float(threshold)
+    return ProbabilityScale.from_record(run.tail_reference, level)
+
+
+def predicted_candidates(
+    candidates: Sequence[Candidate], scale: ProbabilityScale
+) -> list[Candidate]:
+    """The candidates above the prediction level (every one when there is none)."""
+    return [c for c in candidates if scale.is_prediction(c[2])]
+
+
+def _region_rows(
+    regions: Sequence[Region], scale: ProbabilityScale, mpp: float | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for rank, region in enumerate(regions[:TOP_REGIONS], start=1):
+        x, y = np.asarray(region.outline, dtype=np.float64).mean(axis=0)
+        rows.append(
+            {
+                "rank": rank,
+                "anomaly_probability": scale.probability_of(region.max_probability),
+                "raw_score": float(region.max_probability),  # raw: aggregate's field name
+                "x": round(float(x)),
+                "y": round(float(y)),
+                "area_um2": region_area_um2(region, mpp),
+            }
+        )
+    return rows
 
 
 def _render_slide(
@@ -200,22 +274,26 @@ def _render_slide(
     out: Path,
     style: ExportStyle,
     threshold: float,
-    scale: tuple[float, float],
+    colours: tuple[float, float],
     cut: float,
+    scale: ProbabilityScale,
     candidates: Sequence[Candidate] | None,
 ) -> SlideExport:
     sid, ds = score.slide_id, score.heatmap_downsample
     small, small_ds = overlay_heatmap(score.heatmap, ds)
     truth = ground_truth_mask(row["annotation_uri"], row["width"], row["height"], small_ds)
+    thumbnail = out / f"{sid}.thumbnail.png"
     png = heatmap_overlay(
         row["uri"],
         small,
         small_ds,
         out / f"{sid}.png",
-        *scale,
+        *colours,
         truth,
         alpha=style.alpha,
         colour_map=style.colour_map,
+        scale=scale,
+        thumbnail_png=thumbnail,
     )
     files: dict[str, str] = {}
     wanted = candidates is not None or sid in run.candidate_slides
@@ -224,24 +302,38 @@ def _render_slide(
         candidates = slide_candidates(
             heatmap, ds, run.value_range[0], row["mpp"], run.suppress_um, run.max_candidates
         )
+    regions: list[Region] = []
     if candidates is not None and heatmap is not None:
         regions = heatmap_regions(heatmap, ds, cut)
-        csv_path = write_camelyon_csv(out / f"{sid}.csv", candidates)
-        points, outlines = export_slide_geojson(out, sid, candidates, regions=regions)
-        xml = write_candidates_asap(out / f"{sid}.xml", candidates, regions)
+        shown = list(candidates) if run.all_candidates else predicted_candidates(candidates, scale)
+        # Camelyon16's p: the calibrated probability, strictly increasing in the raw score, so
+        # FROC ranks exactly as on raw scores; raw where the model has no reference.
+        probabilities = scale.probability([c[2] for c in candidates]) if candidates else []
+        submitted = [
+            (x, y, float(p)) if scale.calibrated else (x, y, raw)
+            for (x, y, raw), p in zip(candidates, probabilities, strict=True)
+        ]
+        csv_path = write_camelyon_csv(out / f"{sid}.csv", submitted)
+        points, outlines = export_slide_geojson(
+            out,
+            sid,
+            shown,
+            regions=regions,
+            scale=scale,
+            object_type=run.qupath_objects,
+            mpp=row.get("mpp"),
+        )
+        xml = write_candidates_asap(out / f"{sid}.xml", shown, regions, scale)
         files = {
             "candidates_csv": str(csv_path),
             "candidates_geojson": str(points),
             "regions_geojson": str(outlines),
             "asap_xml": str(xml),
         }
+    # Above the prediction level; without one, every candidate counts.
+    count = None if candidates is None else len(predicted_candidates(candidates, scale))
+    peak = _peak(score, run, heatmap if heatmap is not None else small)
     calibrated = math.isfinite(threshold)
-    if candidates is None:
-        count = None
-    elif calibrated:
-        count = sum(p > threshold for _, _, p in candidates)
-    else:  # nothing to compare with: every candidate counts
-        count = len(candidates)
     return SlideExport(
         slide_id=sid,
         split=row["split"],
@@ -252,7 +344,20 @@ def _render_slide(
         heatmap_tiff=score.heatmap,
         overlay=str(png),
         **files,
+        peak_raw=peak,
+        probability=None if peak is None else scale.probability_of(peak),
+        thumbnail=str(thumbnail),
+        top_regions=_region_rows(regions, scale, row.get("mpp")),
     )
+
+
+def _peak(score: SlideScore, run: ScoredRun, heatmap: np.ndarray) -> float | None:
+    """The slide's strongest raw score: its `max` slide score where that is what it is, else
+    the maximum of the heatmap at hand (full resolution where it was read)."""
+    if run.slide_score == "max" and math.isfinite(score.slide_score):
+        return float(score.slide_score)
+    finite = heatmap[np.isfinite(heatmap)]
+    return float(finite.max()) if finite.size else None
 
 
 def export_workers(slides: int, workers: int | None = None) -> int:
@@ -276,9 +381,16 @@ def overlay_heatmap(path: str, downsample: int) -> tuple[np.ndarray, int]:
     return heatmap, geometry.downsample
 
 
-def _write_report(run: ScoredRun, notes: Sequence[str]) -> Path:
+def _write_report(run: ScoredRun, scale: ProbabilityScale, notes: Sequence[str]) -> Path:
     columns = ("slide_id", "split", "label", "score", "predicted", "candidates")
-    table = [{c: getattr(s, c) for c in columns} for s in run.exported]
+    table = [
+        {
+            **{c: getattr(s, c) for c in columns},
+            "peak raw score": s.peak_raw,
+            "peak probability": s.probability,
+        }
+        for s in run.exported
+    ]
     lines = [f"model: {run.model}"] if run.model else []
     if math.isfinite(run.threshold):
         lines.append(f"threshold {run.threshold:.5g} ({run.threshold_source})")
@@ -289,23 +401,60 @@ def _write_report(run: ScoredRun, notes: Sequence[str]) -> Path:
             )
     else:
         lines.append("no calibrated threshold: slides are ranked by score, not called")
+    lines.append(_probability_note(scale))
     if run.candidate_slides:
         most = f"the {run.max_candidates} strongest" if run.max_candidates else "every one"
+        which = "every candidate" if run.all_candidates else "the candidates above it"
         lines.append(
-            "candidates: lesion candidates above the threshold (all of them without one); "
-            f"the CSV, GeoJSON and XML files hold {most} per slide of the local maxima above "
-            f"the normal floor, one per {run.suppress_um:g} um"
+            f"lesion files: the Camelyon16 CSV holds {most} per slide of the local maxima above "
+            f"the normal floor, one per {run.suppress_um:g} um, with p the calibrated "
+            f"probability; the QuPath GeoJSON ({run.qupath_objects}s of class Anomaly) and the "
+            f"ASAP XML (group vadflow) hold {which} and the regions above the prediction level"
         )
     if "scored_share" in run.metrics and math.isfinite(run.metrics["scored_share"]):
         lines.append(f"scored: {run.metrics['scored_share']:.1%} of the test pixels")
+    sections = [
+        SlideSection(
+            slide_id=s.slide_id,
+            call=_call(s),
+            score=s.score,
+            peak_raw=s.peak_raw,
+            probability=s.probability,
+            top_regions=s.top_regions,
+            thumbnail=s.thumbnail,
+            overlay=s.overlay,
+        )
+        for s in run.exported
+    ]
     return write_html_report(
         run.report,
         f"{run.site} / {run.name}",
         table,
         run.metrics,
         plots=run.plots,
-        overlays={s.slide_id: s.overlay for s in run.exported},
         notes=[*lines, *notes],
+        sections=sections,
+    )
+
+
+def _call(line: SlideExport) -> str:
+    if line.predicted is None:
+        return "not called (no calibrated threshold)"
+    return "anomalous" if line.predicted else "normal"
+
+
+def _probability_note(scale: ProbabilityScale) -> str:
+    if not scale.calibrated:
+        return (
+            "no calibrated probability: this model carries no tail reference of normal tiles "
+            "(calibrated before it did), so raw scores are shown and the CSV's p is raw; "
+            "re-run the nightly flow to recalibrate it"
+        )
+    level = scale.cut_probability
+    where = f"; predictions start at probability {level:.3f}" if level is not None else ""
+    return (
+        "probability: the calibrated anomaly probability, the share of the model's normal "
+        f"validation tiles scoring below a raw score{where}; heatmaps keep raw scores"
     )
 
 
@@ -327,11 +476,9 @@ def find_scored_run(folder: str | Path) -> Path:
         return folder
     if (folder / SCORED_RUN_FILE).is_file():
         return folder / SCORED_RUN_FILE
-    # Run folders are "<name>-<UTC version>": the newest run has the largest version.
-    runs = sorted(
-        (folder / "heatmaps").glob(f"*/{SCORED_RUN_FILE}"),
-        key=lambda p: p.parent.name.rsplit("-", 1)[-1],
-    )
+    # Run folders are "<name>-<UTC stamp>[-<suffix>]": the newest run has the latest stamp
+    # (the random suffix of newer versions must not decide).
+    runs = sorted((folder / "heatmaps").glob(f"*/{SCORED_RUN_FILE}"), key=_run_stamp)
     if runs:
         return runs[-1]
     raise FileNotFoundError(
@@ -339,6 +486,15 @@ def find_scored_run(folder: str | Path) -> Path:
         "(<outputs>/<site>/heatmaps/<run>/) or the site's output folder; runs scored before "
         "exports were re-renderable have none, so score them again"
     )
+
+
+_STAMP = re.compile(r"\d{8}T\d{6}(?:\.\d+)?")
+
+
+def _run_stamp(path: Path) -> str:
+    """The UTC stamp in a run folder's name (its last part where it has none)."""
+    found = _STAMP.findall(path.parent.name)
+    return found[-1] if found else path.parent.name.rsplit("-", 1)[-1]
 
 
 def _slide_score(record: dict[str, Any]) -> SlideScore:

@@ -11,6 +11,7 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,55 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; border: 1px solid #ddd; }
+section.slide { border-top: 1px solid #ccc; margin-top: 1.5em; }
+.pair { display: flex; gap: 0.5em; align-items: flex-start; flex-wrap: wrap; }
+.pair figure { margin: 0; max-width: 49%; }
+.call-anomalous { color: #b00; font-weight: bold; }
+.call-normal { color: #070; font-weight: bold; }
 """
+
+
+@dataclass(frozen=True)
+class SlideSection:
+    """One slide's part of the report: the call, its probability, its strongest regions, and
+    the slide thumbnail beside its overlay."""
+
+    slide_id: str
+    call: str  # "anomalous", "normal", or why there is none
+    score: float  # the slide score the call is on
+    peak_raw: float | None  # the strongest location's raw score
+    probability: float | None  # ... and its calibrated probability (None: none)
+    top_regions: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    thumbnail: str = ""
+    overlay: str = ""
+
+
+def _slide_section(section: SlideSection) -> str:
+    sid = html.escape(section.slide_id)
+    css = f"call-{section.call}" if section.call in ("anomalous", "normal") else ""
+    if section.probability is not None:
+        peak = f"probability {section.probability:.3f} (raw score {section.peak_raw:.4g})"
+    elif section.peak_raw is not None:
+        peak = f"raw score {section.peak_raw:.4g} (no calibrated probability)"
+    else:
+        peak = "nothing scored"
+    parts = [
+        f'<section class="slide" id="slide-{html.escape(section.slide_id, quote=True)}">',
+        f"<h3>{sid}</h3>",
+        f'<p>Call: <span class="{css}">{html.escape(section.call)}</span> '
+        f"(slide score {_cell(section.score)[0]}). Strongest location: {peak}.</p>",
+    ]
+    if section.top_regions:
+        columns = ["rank", "anomaly_probability", "raw_score", "x", "y", "area_um2"]
+        parts += ["<p>Top regions (level-0 pixels):</p>", _table(section.top_regions, columns)]
+    else:
+        parts.append("<p>No region above the prediction level.</p>")
+    images = {"slide": section.thumbnail, "overlay": section.overlay}
+    shown = {k: v for k, v in images.items() if v and Path(v).is_file()}
+    if shown:
+        parts.append(f'<div class="pair">{_figures(shown, 512, photo=True)}</div>')
+    parts.append("</section>")
+    return "\n".join(parts)
 
 
 def _cell(value: Any) -> tuple[str, bool]:
@@ -90,8 +139,11 @@ def write_html_report(
     plots: Mapping[str, str | Path] | None = None,
     overlays: Mapping[str, str | Path] | None = None,
     notes: Sequence[str] = (),
+    sections: Sequence[SlideSection] = (),
 ) -> Path:
-    """Write the run report: metrics table, plots, the table of slides, then slide overlays.
+    """Write the run report: metrics table, plots, the table of slides, then one section per
+    slide (``sections``: the call, the probability, the top regions, thumbnail | overlay)
+    and any further ``overlays``.
 
     ``slides`` is the per-slide table (a DataFrame or rows), shown as is; ``plots`` and
     ``overlays`` map a caption (e.g. "ROC", a slide id) to a PNG file, embedded inline.
@@ -118,6 +170,9 @@ def write_html_report(
     if plots:
         parts += ['<h2 id="plots">Curves</h2>', _figures(plots, 800)]
     parts += [f'<h2 id="slides">Slides ({len(rows)})</h2>', _table(rows, columns)]
+    if sections:
+        parts.append('<h2 id="calls">Per slide: call, probability, top regions</h2>')
+        parts += [_slide_section(s) for s in sections]
     if overlays:
         parts += ['<h2 id="overlays">Heatmap overlays</h2>', _figures(overlays, 512, photo=True)]
     parts.append("</body></html>")

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ def write_stage_report(stage: StageValidation, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = safe_name(stage.label)
-    gx_page = _write_data_docs(stage.result, folder / f"{name}.gx.html")
+    gx_page = _write_data_docs(stage.result, folder / f"{name}.gx.html", stage.label)
     record = {
         "label": stage.label,
         "mode": stage.mode,
@@ -66,9 +67,10 @@ def write_stage_report(stage: StageValidation, folder: str | Path) -> Path:
     return index
 
 
-def _write_data_docs(result: ContractResult, path: Path) -> Path | None:
+def _write_data_docs(result: ContractResult, path: Path, asset: str = "") -> Path | None:
     """great-expectations' own Data Docs page for the validation (rendered, not site-built:
-    no store, no context files). A rendering failure costs the page, never the check."""
+    no store, no context files), made to open offline (``offline_page``) and naming its data
+    asset. A rendering failure costs the page, never the check."""
     if result.gx_result is None:
         return None
     try:
@@ -77,12 +79,56 @@ def _write_data_docs(result: ContractResult, path: Path) -> Path | None:
         )
         from great_expectations.render.view.view import DefaultJinjaPageView
 
+        name_data_asset(result.gx_result, asset or result.suite)
         document = ValidationResultsPageRenderer().render(result.gx_result)
-        path.write_text(DefaultJinjaPageView().render(document))
+        path.write_text(offline_page(DefaultJinjaPageView().render(document)))
     except Exception as exc:  # noqa: BLE001 - a report page must never fail the pipeline
         log.warning("could not render Data Docs for %s: %s", result.suite, exc)
         return None
     return path
+
+
+def name_data_asset(gx_result: Any, fallback: str) -> None:
+    """Give a validation result the data asset name its Data Docs page shows.
+
+    GX 1.x keeps the name in ``meta["active_batch_definition"]`` but its page renderer reads
+    ``meta["batch_spec"]["data_asset_name"]``, so an in-memory frame's page said "Data asset:
+    None"; the name is copied across (``fallback``, the check's label, where there is none).
+    """
+    meta = gx_result.meta
+    definition = meta.get("active_batch_definition") or {}
+    asset = definition.get("data_asset_name") if isinstance(definition, dict) else None
+    spec = dict(meta.get("batch_spec") or {})
+    spec["data_asset_name"] = str(asset or fallback)
+    meta["batch_spec"] = spec
+
+
+_EXTERNAL_TAG = re.compile(
+    r"<(?:link|script|img)\b[^>]*\b(?:href|src)\s*=\s*[\"']?(?:https?:)?//[^>]*>"
+    r"(?:\s*</script>)?",
+    re.IGNORECASE,
+)
+_EXTERNAL_HREF = re.compile(r"\s(?:href|src)\s*=\s*[\"'](?:https?:)?//[^\"']*[\"']", re.I)
+_EXTERNAL_URL = re.compile(r"url\(\s*[\"']?(?:https?:)?//[^)]*\)", re.IGNORECASE)  # CSS
+OFFLINE_CSS = "data_docs_offline.css"
+
+
+def offline_page(page: str) -> str:
+    """A Data Docs page that renders with no network: every stylesheet, script and image it
+    would fetch from a CDN is dropped (tags, and CSS ``url()`` backgrounds), links out of the
+    page lose their target, and our
+    own stylesheet (``templates/data_docs_offline.css``, shipped in this package) is inlined
+    in their place. Vega charts, which need their script, are not drawn; the tables are."""
+    css = resources.files(TEMPLATES).joinpath("templates", OFFLINE_CSS).read_text()
+    page = _EXTERNAL_TAG.sub("", page)
+    page = _EXTERNAL_HREF.sub("", page)
+    page = _EXTERNAL_URL.sub("none", page)
+    note = (
+        '<div class="vadflow-offline-note">Rendered for offline reading: charts that need '
+        "scripts from the internet are left out; every table is here.</div>"
+    )
+    page = page.replace("</head>", f"<style>{css}</style>\n</head>", 1)
+    return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + note, page, count=1)
 
 
 def load_report(folder: str | Path) -> list[dict[str, Any]]:
