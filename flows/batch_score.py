@@ -92,6 +92,7 @@ def _score(
         model,
         model_dir,
         candidates=site.candidates,
+        keep_artefacts=site.qc.keep_artefacts,
     )
     logger.info("scored %d slides with %s; overlays in %s", len(scores), model, layout.exports)
     return BatchScoreSummary(

@@ -203,6 +203,7 @@ def _night(
             layout,
             render=export,
             candidates=site.candidates,
+            keep_artefacts=site.qc.keep_artefacts,
         )
 
     results: dict[str, FamilyResult] = {}

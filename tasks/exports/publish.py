@@ -27,6 +27,7 @@ from vadflow.tasks.exports.render import (
 from vadflow.tasks.records import Candidate, Evaluated, Exported, SlideScore
 from vadflow.tasks.scoring.heatmap import load_heatmap
 from vadflow.tasks.site import CandidatesConfig, SiteLayout
+from vadflow.tasks.tiling.qc import QC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def export_scored_run(
     logger: logging.Logger | logging.LoggerAdapter = log,
     render: bool = True,
     candidates: CandidatesConfig | None = None,
+    keep_artefacts: bool = False,
 ) -> Exported:
     """What people open for run `name`: overlays, lesion files and the report.
 
@@ -153,6 +155,7 @@ def export_scored_run(
         ),
         suppress_um=rule.suppress_um,
         max_candidates=rule.max_per_slide,
+        qc_dir="" if keep_artefacts else str(layout.masks / QC_DIR),
         metrics=chosen.metrics,
         plots=chosen.plots,
         **_calibration_fields(chosen.calibration),

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 from matplotlib import colormaps
+from PIL import Image
 
 from vadflow.tasks.evaluation.camelyon import write_camelyon_csv
 from vadflow.tasks.evaluation.evaluate import CandidateRule
@@ -120,6 +121,7 @@ class ScoredRun:
     candidate_slides: tuple[str, ...] = ()  # slides that get lesion candidates (pathology)
     suppress_um: float = DEFAULT_SUPPRESS_UM  # candidates: one per neighbourhood this wide
     max_candidates: int | None = DEFAULT_MAX_CANDIDATES  # the strongest this many per slide
+    qc_dir: str = ""  # artefact QC masks (<slide>.png): no candidate under one; "": keep all
     metrics: dict[str, float] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
     # The model's calibration beyond its threshold (`tasks/exports/probability.py`): the
@@ -164,11 +166,23 @@ def slide_candidates(
     mpp: float | None = None,
     suppress_um: float = DEFAULT_SUPPRESS_UM,
     max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+    artefacts: np.ndarray | None = None,
 ) -> list[Candidate]:
     """Candidates of a slide with no evaluation to supply them, by evaluation's own rule:
     local maxima above the run's normal floor, one per `suppress_um`, the strongest
-    `max_candidates`, unscored cells counting as the floor."""
-    return CandidateRule(suppress_um, max_candidates).pick(heatmap, downsample, floor, mpp)
+    `max_candidates`, unscored cells counting as the floor, none under `artefacts` (the
+    slide's QC mask)."""
+    rule = CandidateRule(suppress_um, max_candidates)
+    return rule.pick(heatmap, downsample, floor, mpp, artefacts)
+
+
+def _qc_mask(folder: str, slide_id: str) -> np.ndarray | None:
+    """A slide's artefact QC mask (any QC label), if the run leaves artefacts out and tiling
+    made one."""
+    path = Path(folder) / f"{slide_id}.png" if folder else None
+    if path is None or not path.is_file():
+        return None
+    return np.asarray(Image.open(path).convert("L")) > 0
 
 
 def render_exports(
@@ -300,7 +314,13 @@ def _render_slide(
     heatmap = load_heatmap(score.heatmap) if wanted else None  # full resolution: lesion files
     if candidates is None and heatmap is not None:
         candidates = slide_candidates(
-            heatmap, ds, run.value_range[0], row["mpp"], run.suppress_um, run.max_candidates
+            heatmap,
+            ds,
+            run.value_range[0],
+            row["mpp"],
+            run.suppress_um,
+            run.max_candidates,
+            _qc_mask(run.qc_dir, sid),
         )
     regions: list[Region] = []
     if candidates is not None and heatmap is not None:

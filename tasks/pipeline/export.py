@@ -21,6 +21,7 @@ def export_task(
     model_dir: str | None = None,
     render: bool = True,
     candidates: CandidatesConfig | None = None,
+    keep_artefacts: bool = False,
 ) -> Exported:
     """Overlays, lesion files and the HTML report of run `name`, at the evaluation's threshold
     or, without one, at the model's own calibration; without `render`, only the run's
@@ -42,6 +43,7 @@ def export_task(
         logger=get_run_logger(),
         render=render,
         candidates=candidates,
+        keep_artefacts=keep_artefacts,
     )
     report(stage, 1, 1, f"{len(exported.overlays)} overlays")
     return exported
