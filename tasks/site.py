@@ -171,17 +171,19 @@ class AggregationConfig(BaseModel):
     """How a slide's tile scores become its slide score (`tasks/scoring/tail.py`).
 
     `tail`: tile scores become tail p-values against the held-out normal tiles, and the slide
-    score is how surprising the slide's count of unlikely tiles (p < `alpha`) is; `max`
-    (default): the heatmap maximum. `tail` won on the medium hard site (slide AUC 0.83 against
-    0.67, seeds 0-2, patch_knn and padim) but lost on the easy tiny site of the flow test
-    (ae_l2: 0.67 where the maximum passes 0.8), so the default stays `max` until the 5-seed
-    measurement decides; `forest`: the cross-validated random forest on heatmap
-    features (needs labelled test slides; slides it cannot score fall back to `max`).
+    score is how surprising the slide's count of unlikely tiles (p < `alpha`) is; `max`: the
+    heatmap maximum; `auto` (default): `tail` when the site holds out at least two normal
+    slides (the reference must see how normal slides differ from each other), else `max`;
+    `forest`: the cross-validated random forest on heatmap features (needs labelled test
+    slides; slides it cannot score fall back to `max`). On the medium hard synthetic site
+    (seeds 0-4, with artefact QC) `tail` gave slide AUC 0.82 on average against the maximum's
+    0.66 (patch_knn and padim): normal slides have isolated outlier tiles (folds, edges),
+    lesions many.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slide_score: Literal["tail", "max", "forest"] = "max"
+    slide_score: Literal["auto", "tail", "max", "forest"] = "auto"
     alpha: float = Field(
         0.2,
         gt=0,

@@ -77,8 +77,11 @@ def test_heatmaps_match_slide_aspect(pathology_run) -> None:
         heat = load_heatmap(path)
         assert heat.shape == (-(-row["height"] // 16), -(-row["width"] // 16))
         assert np.isfinite(heat).any()
-    overlays = sorted((out / "exports" / "ae_l2").glob("*.png"))
+    overlays = sorted(
+        p for p in (out / "exports" / "ae_l2").glob("*.png") if ".thumbnail" not in p.name
+    )
     assert len(overlays) == 7
+    assert len(list((out / "exports" / "ae_l2").glob("*.thumbnail.png"))) == 7
 
 
 def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
@@ -91,7 +94,7 @@ def test_autoencoder_ranks_tumour_slides_above_normal(pathology_run) -> None:
 def test_the_slide_score_setting_reaches_evaluation_calibration_and_exports(
     pathology_run,
 ) -> None:
-    """The site's `aggregation.slide_score` (default `max`) is what the threshold, the slide
+    """The site's `aggregation.slide_score` (default `auto`) is what the threshold, the slide
     table, the model's calibration.json and the exported calls are on."""
     from vadflow.tasks.evaluation.calibration import read_calibration
     from vadflow.tasks.site import load_site
@@ -100,8 +103,10 @@ def test_the_slide_score_setting_reaches_evaluation_calibration_and_exports(
     result = pathology_run["summary"].families["ae_l2"]
     calibration = read_calibration(result.model_dir)
     assert calibration is not None
-    assert calibration.slide_score == site.aggregation.slide_score
-    assert (calibration.tail_reference is not None) == (calibration.slide_score == "tail")
+    assert site.aggregation.slide_score == "auto"
+    # One held-out normal slide here: `auto` calls slides on the maximum (tail needs two).
+    assert calibration.slide_score == "max"
+    assert calibration.tail_reference is not None  # every model carries its probability scale
     assert result.metrics["threshold"] == pytest.approx(calibration.threshold)
     out = Path(pathology_run["summary"].outputs)
     scored = json.loads(next(out.glob("heatmaps/ae_l2-*/scored.json")).read_text())

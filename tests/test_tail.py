@@ -217,3 +217,10 @@ def test_evaluation_thresholds_and_ranks_on_the_chosen_slide_score(tmp_path: Pat
     assert forest.slide_score == "forest" and np.isfinite(forest.threshold)
     with pytest.raises(ValueError, match="needs the tile scores"):
         evaluate_site(slides, scores, **common, slide_score="tail")
+    # `auto` (the site default): tail with two or more held-out normal slides, else the maximum.
+    auto = evaluate_site(slides, scores, **common, slide_score="auto", tile_scores=tiles)
+    assert auto.slide_score == "tail" and auto.slide_scores == tail.slide_scores
+    one_normal = slides.filter(~pl.col("slide_id").is_in(["v1", "v2"]))
+    fewer = {s: v for s, v in scores.items() if s not in ("v1", "v2")}
+    auto = evaluate_site(one_normal, fewer, **common, slide_score="auto", tile_scores=tiles)
+    assert auto.slide_score == "max"

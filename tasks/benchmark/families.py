@@ -76,7 +76,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         site.target_fpr,
         site.domain,
         itc_um=FROC_ITC_UM,
-        slide_score="tail",
+        slide_score=site.aggregation.slide_score,
         tile_scores=tile_files,
         tail=TailSettings(site.aggregation.alpha, site.qc.keep_artefacts),
         candidate_rule=CandidateRule(keep_artefacts=site.qc.keep_artefacts),

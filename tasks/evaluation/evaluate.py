@@ -30,7 +30,13 @@ from vadflow.tasks.scoring.aggregate import (
     lesion_candidates,
 )
 from vadflow.tasks.scoring.heatmap import load_heatmap
-from vadflow.tasks.scoring.tail import SLIDE_SCORES, TailReference, TailSettings, slide_tail_scores
+from vadflow.tasks.scoring.tail import (
+    MIN_TAIL_NORMAL_SLIDES,
+    SLIDE_SCORES,
+    TailReference,
+    TailSettings,
+    slide_tail_scores,
+)
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 from vadflow.tasks.tiling.qc import QC_DIR
 
@@ -119,7 +125,8 @@ def evaluate_site(
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap file: `load_heatmap`), for val and test slides.
-    `slide_score` picks what the threshold and the slide metrics are on: `max` (the heatmap
+    `slide_score` picks what the threshold and the slide metrics are on: `auto` (`tail` from
+    two held-out normal slides up, else `max`), `max` (the heatmap
     maximum in `scores`), `tail` (`tasks.scoring.tail`: needs `tile_scores`, slide_id -> its
     `<slide>.tiles.parquet` or frame, and `tail` settings) or `forest` (the cross-validated
     forest, where labels allow; else `max`). Whenever it is not `max`, `slide_auroc_max`
@@ -229,7 +236,12 @@ def _chosen_slide_scores(
 ) -> tuple[dict[str, float], str, TailReference | None]:
     """Every slide's score of `kind`, the kind actually used (`max` where `kind` cannot be
     computed: no normal tiles for `tail`, too few labelled slides for `forest`), and the tail
-    reference when there is one."""
+    reference when there is one. `auto` is `tail` with tile scores and at least
+    MIN_TAIL_NORMAL_SLIDES held-out normal slides, else `max`."""
+    if kind == "auto":
+        n_normal = rows.filter(pl.col("split") == "val").height
+        enough = tile_scores is not None and n_normal >= MIN_TAIL_NORMAL_SLIDES
+        kind = "tail" if enough else "max"
     if kind == "tail":
         if tile_scores is None:
             raise ValueError(

@@ -33,7 +33,12 @@ import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike
 
-SLIDE_SCORES = ("tail", "max", "forest")  # the site's `aggregation.slide_score` choices
+SLIDE_SCORES = ("auto", "tail", "max", "forest")  # the site's `aggregation.slide_score` choices
+# `auto` takes `tail` from this many held-out normal slides up, else `max`: with a single one the
+# reference cannot see how normal slides differ from each other (stain, thickness), and whole
+# normal test slides turn "unlikely" (easy flow-test site, patch_knn: slide AUC 0.00 for `tail`,
+# 1.00 for `max`).
+MIN_TAIL_NORMAL_SLIDES = 2
 DEFAULT_ALPHA = 0.2  # measured on the medium hard site: see `tail_slide_score`
 MAX_QUANTILES = 2048  # knots a reference keeps: ~40 KB of JSON, tail resolution 1/2048
 TAIL_SHARE = 0.1  # the top (and bottom) tenth of normal tiles sets the scale of each tail
