@@ -24,6 +24,7 @@ the forward pass's (target: >= 0.5, i.e. within 2x). Both loops' tile scores are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from whole_slide import make_slide, tissue_tiles  # noqa: E402
 
-from vadflow.tasks.detectors.registry import create_detector  # noqa: E402
+from vadflow.tasks.detectors.registry import create_detector, detector_class  # noqa: E402
 from vadflow.tasks.scoring.heatmap import score_slide  # noqa: E402
 from vadflow.tasks.slides.reader import Slide  # noqa: E402
 from vadflow.tasks.slides.tiles import read_tiles  # noqa: E402
@@ -53,10 +54,9 @@ def _sync(device: str) -> None:
 
 def fitted(family: str, size: int, device: str, batch: int, train: np.ndarray):
     """A detector of `family` fitted on `train` (one epoch where the family trains)."""
-    overrides: dict = {"tile_size": size, "device": device, "batch_size": batch}
-    detector = create_detector(family, **overrides)
-    if hasattr(detector.config, "epochs"):
-        detector = create_detector(family, **overrides, epochs=1)
+    wanted = {"tile_size": size, "device": device, "batch_size": batch, "epochs": 1}
+    fields = {f.name for f in dataclasses.fields(detector_class(family).config_cls)}
+    detector = create_detector(family, **{k: v for k, v in wanted.items() if k in fields})
     half = len(train) // 2
     detector.fit(train[:half], train[half:])
     return detector
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent")
-    parser.add_argument("--side", type=int, default=4096, help="slide side, level-0 px")
+    parser.add_argument("--side", type=int, default=8192, help="slide side, level-0 px")
     parser.add_argument("--extent", type=int, default=128, help="tile side, level-0 px")
     parser.add_argument("--size", type=int, default=64, help="tile side as scored, px")
     parser.add_argument("--batch", type=int, default=64)

@@ -248,7 +248,11 @@ def run_suite(
     suite, rules = _compiled(name, params)
     # GX vectorises a range check only on int64/float64 columns; an Int32 column (level,
     # size) would be checked value by value in Python.
-    pdf = frame.with_columns(cs.integer().cast(pl.Int64), cs.float().cast(pl.Float64)).to_pandas()
+    # split_blocks: each column stays its own block, so numeric columns are handed over
+    # without the copy pandas makes to consolidate them (~140 MB less on 1,000,000 tiles).
+    pdf = frame.with_columns(cs.integer().cast(pl.Int64), cs.float().cast(pl.Float64)).to_pandas(
+        split_blocks=True
+    )
     with _LOCK:
         batch = _batch_definition(name).get_batch(batch_parameters={"dataframe": pdf})
         out = batch.validate(
