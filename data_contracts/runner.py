@@ -248,13 +248,23 @@ def run_suite(
     suite, rules = _compiled(name, params)
     # GX vectorises a range check only on int64/float64 columns; an Int32 column (level,
     # size) would be checked value by value in Python.
-    pdf = frame.with_columns(cs.integer().cast(pl.Int64), cs.float().cast(pl.Float64)).to_pandas()
+    # split_blocks: each column stays its own block, so numeric columns are handed over
+    # without the copy pandas makes to consolidate them (~140 MB less on 1,000,000 tiles).
+    pdf = frame.with_columns(cs.integer().cast(pl.Int64), cs.float().cast(pl.Float64)).to_pandas(
+        split_blocks=True
+    )
     with _LOCK:
         batch = _batch_definition(name).get_batch(batch_parameters={"dataframe": pdf})
-        out = batch.validate(
-            suite,
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
-        )
+        try:
+            out = batch.validate(
+                suite,
+                result_format={
+                    "result_format": "SUMMARY",
+                    "partial_unexpected_count": MAX_EXAMPLES,
+                },
+            )
+        finally:
+            _forget_batch(batch)
     del pdf
     failed = [r for r in out.results if not r.success]
     # In suite order: column-exists rules come first, and a missing column explains the
@@ -271,6 +281,19 @@ def run_suite(
         notes=list(notes),
         gx_result=out,
     )
+
+
+def _forget_batch(batch: Any) -> None:
+    """Drop GX's reference to a validated batch's data.
+
+    The execution engine's batch manager keeps the last batch of each asset (the whole pandas
+    frame, ~200 MB for 1,000,000 tiles) until the next validation of that asset replaces it,
+    so the next call held two frames at once. Nothing reads the cached batch after `validate`;
+    a GX without these attributes (an upgrade) just keeps caching.
+    """
+    manager = getattr(getattr(batch.data, "execution_engine", None), "batch_manager", None)
+    for name in ("_batch_cache", "_batch_data_cache"):
+        getattr(manager, name, {}).pop(batch.id, None)
 
 
 def validate_slide_manifest(slides: pl.DataFrame) -> ContractResult:

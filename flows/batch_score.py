@@ -11,12 +11,12 @@ discover -> register -> mask + tile -> validate -> resolve model -> score -> [ev
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 
 from vadflow.flows.ingest import ingest
-from vadflow.flows.nightly import resolve_site, state_home
+from vadflow.flows.nightly import resolve_site, score_slides, state_home
 from vadflow.tasks.evaluation.calibration import read_calibration
-from vadflow.tasks.pipeline import evaluate_task, export_task, resolve_model_task, score_task
+from vadflow.tasks.pipeline import evaluate_task, export_task, resolve_model_task
 from vadflow.tasks.records import BatchScoreSummary
 from vadflow.tasks.runs import run_version, site_lock
 from vadflow.tasks.site import SiteConfig, SiteLayout
@@ -67,14 +67,13 @@ def _score(
     data = ingest(site, layout, f"{run}-{version}")
     model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))
-    scores = score_task.map(
-        unmapped(model_dir),
+    scores = score_slides(
+        site,
+        model_dir,
         to_score,
         [data.manifest_of(r["slide_id"]) for r in to_score],
-        out_dir=unmapped(str(layout.heatmaps(f"{run}-{version}"))),
-        heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
-        slides_in_run=unmapped(len(to_score)),
-    ).result()
+        str(layout.heatmaps(f"{run}-{version}")),
+    )
     evaluated = None
     if metrics:
         calibration = read_calibration(model_dir)

@@ -23,6 +23,7 @@ from vadflow.tasks.pipeline import (
     evaluate_task,
     export_task,
     finish_tracking_task,
+    score_site_task,
     score_task,
     start_tracking_task,
     track_task,
@@ -172,15 +173,14 @@ def _night(
                 break
             model_dir = trained.model_dir  # an unchanged family's earlier folder
             rows = [r for r in to_score if r["slide_id"] in set(group.slide_ids)]
-            scores = score_task.map(
-                unmapped(model_dir),
+            scores = score_slides(
+                site,
+                model_dir,
                 rows,
                 [data.manifest_of(r["slide_id"]) for r in rows],
-                out_dir=unmapped(_in_group(layout.heatmaps(f"{family}-{version}"), group)),
-                heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
-                slides_in_run=unmapped(len(rows)),
-                reuse=unmapped(not force),
-            ).result()
+                _in_group(layout.heatmaps(f"{family}-{version}"), group),
+                reuse=not force,
+            )
             checked = validate_scores_task(
                 name, scores, data.slides_path, list(group.tile_paths), site, layout, version
             )
@@ -270,6 +270,37 @@ def _night(
     )
     create_markdown_artifact(summary_markdown(summary), key=f"nightly-{site.name}")
     return summary
+
+
+def score_slides(
+    site: SiteConfig,
+    model_dir: str,
+    rows: list[dict[str, Any]],
+    tiles_paths: list[str],
+    out_dir: str,
+    reuse: bool = False,
+) -> list[SlideScore]:
+    """Score `rows` with one model where the site's `parallel` setting says: one task on its
+    Dask cluster for the `dask` backend, else one mapped task per slide in this process."""
+    if site.parallel.backend == "dask" and rows:
+        return score_site_task(
+            site.parallel,
+            model_dir,
+            rows,
+            tiles_paths,
+            out_dir,
+            site.tiling.heatmap_downsample,
+            reuse=reuse,
+        )
+    return score_task.map(
+        unmapped(model_dir),
+        rows,
+        tiles_paths,
+        out_dir=unmapped(out_dir),
+        heatmap_downsample=unmapped(site.tiling.heatmap_downsample),
+        slides_in_run=unmapped(len(rows)),
+        reuse=unmapped(reuse),
+    ).result()
 
 
 def _in_group(folder: Path, group: CategoryGroup) -> str:

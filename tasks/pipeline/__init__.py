@@ -4,7 +4,7 @@
 - validate: `validate_manifests_task`, `validate_scores_task`, `validate_metrics_task`
   (tasks/validation)
 - train: `train_task` (tasks/training/train.py)
-- score: `score_task` (tasks/scoring/run.py)
+- score: `score_task`, `score_site_task` (on the site's Dask cluster) (tasks/scoring/run.py)
 - evaluate: `evaluate_task` (tasks/evaluation/scored_run.py)
 - export: `export_task` (tasks/exports/publish.py)
 - track: `start_tracking_task`, `track_task`, `finish_tracking_task` (tasks/tracking/nightly.py),
@@ -19,7 +19,7 @@ flow loads no torch, MLflow or great-expectations, and reports how far it got th
 from vadflow.tasks.pipeline.evaluate import evaluate_task
 from vadflow.tasks.pipeline.export import export_task
 from vadflow.tasks.pipeline.ingest import discover_task, register_task, tile_site_task
-from vadflow.tasks.pipeline.score import score_task
+from vadflow.tasks.pipeline.score import score_site_task, score_task
 from vadflow.tasks.pipeline.track import (
     finish_tracking_task,
     resolve_model_task,
@@ -40,6 +40,7 @@ __all__ = [
     "finish_tracking_task",
     "register_task",
     "resolve_model_task",
+    "score_site_task",
     "score_task",
     "start_tracking_task",
     "tile_site_task",

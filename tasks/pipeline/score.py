@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from vadflow.tasks.progress import advance
 from vadflow.tasks.records import SlideScore
+from vadflow.tasks.site import ParallelConfig
 
 
 @task(name="score")
@@ -36,22 +35,49 @@ def score_task(
     (`tasks/scoring/reuse.py`).
     """
     # Imported here: scoring pulls in torch, which importing a flow should not.
-    from vadflow.tasks.detectors.base import read_config
-    from vadflow.tasks.detectors.components.threads import torch_slot
-    from vadflow.tasks.evaluation.calibration import calibrated_slide_score, read_calibration
-    from vadflow.tasks.scoring.reuse import earlier_score, remember_score
-    from vadflow.tasks.scoring.run import score_with_model
+    from vadflow.tasks.scoring.run import score_one
 
-    family = read_config(Path(model_dir))["family"]
-    if reuse and (
-        earlier := earlier_score(model_dir, slide_row, tiles_path, out_dir, heatmap_downsample)
-    ):
-        advance(f"score {family}", slides_in_run, f"{earlier.slide_id}: unchanged, reused")
-        return calibrated_slide_score(earlier, read_calibration(model_dir))
-    with torch_slot(slides_in_run):
-        score = score_with_model(model_dir, slide_row, tiles_path, out_dir, heatmap_downsample)
-    if reuse:
-        remember_score(model_dir, slide_row, tiles_path, heatmap_downsample, score)
-    score = calibrated_slide_score(score, read_calibration(model_dir))
-    advance(f"score {family}", slides_in_run, f"{score.slide_id}: {score.tiles} tiles")
-    return score
+    return score_one(
+        model_dir,
+        slide_row,
+        tiles_path,
+        out_dir,
+        heatmap_downsample,
+        slides_in_run,
+        reuse,
+        side_by_side=slides_in_run,
+    )
+
+
+@task(name="score-site")
+def score_site_task(
+    parallel: ParallelConfig,
+    model_dir: str,
+    slide_rows: list[dict[str, Any]],
+    tiles_paths: list[str],
+    out_dir: str,
+    heatmap_downsample: int,
+    reuse: bool = False,
+) -> list[SlideScore]:
+    """Score many slides with one model on the site's `parallel` engine (a Dask cluster, local
+    or at `dask_address`, or local processes): one job per slide, results in the slides'
+    order. Used when the site's `parallel.backend` is `dask`; the same outputs as mapping
+    `score_task` over the slides."""
+    from vadflow.tasks.scoring.run import score_slides
+    from vadflow.tasks.tiling.runners import tiling_executor, worker_count
+
+    if not slide_rows:
+        return []
+    workers = min(worker_count(parallel), len(slide_rows))
+    local = parallel.dask_address is None
+    with tiling_executor(parallel.model_copy(update={"workers": workers})) as pool:
+        return score_slides(
+            model_dir,
+            slide_rows,
+            tiles_paths,
+            out_dir,
+            heatmap_downsample,
+            executor=pool,
+            workers=workers if local else None,
+            reuse=reuse,
+        )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from vadflow.tasks.manifests import write_parquet_atomic
 from vadflow.tasks.records import SlideScore
 from vadflow.tasks.slides.reader import Slide
-from vadflow.tasks.slides.tiles import iter_tile_batches
+from vadflow.tasks.slides.tiles import PREFETCH_BATCHES, iter_tile_batches
 
 
 def heatmap_shape(width: int, height: int, downsample: int) -> tuple[int, int]:
@@ -168,10 +168,13 @@ def score_slide(
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    prefetch: int = PREFETCH_BATCHES,
 ) -> SlideScore:
     """Score every tile of one slide; write its tile scores and heatmap under `out_dir`.
 
     `transform` maps a (B, H, W, 3) uint8 batch before scoring (e.g. stain normalisation).
+    `prefetch` batches are decoded ahead in a loader thread (0: decode in this thread, between
+    forward passes; the results are the same).
     """
     slide_id = slide_row["slide_id"]
     slide = Slide(slide_row["uri"])
@@ -189,9 +192,9 @@ def score_slide(
     def heatmap_strips() -> Iterator[np.ndarray]:
         """Score the tiles batch by batch, yielding heatmap rows as they become final; the
         TIFF writer pulls these, so no whole-slide array is ever held."""
-        for rows, pixels in iter_tile_batches(slide, tiles, batch_size):
-            if transform is not None:
-                pixels = transform(pixels)
+        # The loader decodes (and transforms) the next batches while this one is scored.
+        batches = iter_tile_batches(slide, tiles, batch_size, prefetch, transform)
+        for rows, pixels in batches:
             output = detector.score(pixels)  # anomaly_map (B, 1, H, W), tile_score (B,)
             for row, anomaly_map in zip(
                 rows.iter_rows(named=True), output.anomaly_map, strict=True

@@ -2,6 +2,8 @@
 
 - `read_tiles(slide, rows)`: one batch of one slide's tiles, read in grid order so neighbouring
   tiles share decoded image tiles, returned in the rows' order.
+- `iter_tile_batches(slide, tiles, batch_size)`: consecutive batches for scoring, decoded by a
+  background thread a bounded number of batches ahead, so decode overlaps the model.
 - `TileDataset`: a torch map-style dataset over manifest rows of any number of slides. It holds
   only coordinates; each DataLoader worker opens the slides it needs lazily and keeps one handle
   per slide (a few at most), and `__getitems__` lets the DataLoader ask for a whole batch at once,
@@ -18,6 +20,8 @@ import fcntl
 import hashlib
 import io
 import os
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,13 +50,82 @@ def read_tiles(slide: Slide, rows: pl.DataFrame) -> np.ndarray:
     return out
 
 
+PREFETCH_BATCHES = 2  # batches decoded ahead of the one being scored
+
+
 def iter_tile_batches(
-    slide: Slide, tiles: pl.DataFrame, batch_size: int
+    slide: Slide,
+    tiles: pl.DataFrame,
+    batch_size: int,
+    prefetch: int = PREFETCH_BATCHES,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[pl.DataFrame, np.ndarray]]:
-    """Yield (rows, pixels (B, H, W, 3) uint8) for consecutive batches of one slide's tiles."""
-    for start in range(0, tiles.height, batch_size):
-        rows = tiles.slice(start, batch_size)
-        yield rows, read_tiles(slide, rows)
+    """Yield (rows, pixels (B, H, W, 3)) for consecutive batches of one slide's tiles.
+
+    With `prefetch` > 0 a background thread decodes (and `transform`s, e.g. stain-normalises)
+    up to `prefetch` batches ahead while the caller scores the current one: libvips and the
+    JPEG decoder release the GIL, so decode and the model's forward pass overlap. The queue is
+    bounded, so at most `prefetch` + 2 batches are held (queued, being decoded, being scored).
+    `prefetch=0` reads each batch when asked, in this thread. Only the loader thread touches
+    `slide` while the iterator runs. An error in the loader is raised here, at the batch it
+    hit; closing the iterator early stops the loader.
+    """
+    batches = (tiles.slice(start, batch_size) for start in range(0, tiles.height, batch_size))
+
+    def load(rows: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+        pixels = read_tiles(slide, rows)
+        return rows, pixels if transform is None else transform(pixels)
+
+    if prefetch <= 0:
+        for rows in batches:
+            yield load(rows)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def hand_over(item: object) -> bool:
+        """Put `item` on the queue unless the consumer went away; False when it did."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def loader() -> None:
+        try:
+            for rows in batches:
+                if stop.is_set() or not hand_over(load(rows)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised at its batch
+            hand_over(_LoaderFailed(error))
+            return
+        hand_over(_END)
+
+    thread = threading.Thread(target=loader, name=f"tile-loader:{slide.uri}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _LoaderFailed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early (error, close) ends the loader
+        thread.join()
+
+
+_END = object()  # the loader's last item: no more batches
+
+
+class _LoaderFailed:
+    """An exception raised in the loader thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 def sample_tiles(tiles: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:
