@@ -8,7 +8,12 @@ Three readings of one heatmap, as in the Camelyon16 winners' pipeline (Wang et a
   cross-validation so every labelled slide gets an out-of-fold probability (an honest score to
   evaluate), plus a forest fitted on all labelled slides for new ones;
 - ``lesion_candidates``: local maxima as (x, y, p) in level-0 pixels, the Camelyon16 lesion
-  submission format; ``heatmap_regions``: outlines of the regions above a threshold.
+  submission format; ``heatmap_regions``: outlines of the regions above a threshold
+  (``strongest_regions``: only the strongest few, and how many there are in all).
+
+Each works in strips of heatmap rows or per region's bounding box on the float32 heatmap, so
+a whole slide's heatmap (12,500 x 6,250 at Camelyon size) costs itself, a bool mask and a
+label image, never float64 copies of it.
 
 The slide score "max of the heatmap" (Liu et al. 2017) is ``heatmap_max``.
 Heatmap convention (``tasks.scoring.heatmap``): pixel (row, col) covers level-0
