@@ -8,13 +8,17 @@ patch repeated inside a few blobs of tissue, white glass elsewhere), written to 
 folder (`--workdir`) and deleted at the end; its size is printed. Then, for that one slide:
 scoring (`score_slide` with a cheap darkness scorer through the detectors' `score` interface,
 tiles of `--extent` level-0 px read at 128 px, every tissue tile), aggregation (heatmap read
-back, `slide_features`), `lesion_candidates`, and export (`heatmap_regions` to GeoJSON and the
-overlay's pyramid level). Each stage's peak RSS comes from a thread sampling /proc every 20 ms.
+back, `slide_features`), `lesion_candidates`, and export as `vadflow export` does it (the
+strongest regions, as many as the candidates cap, to GeoJSON and ASAP XML with the strongest
+candidates, and the overlay drawn from the heatmap's pyramid level on a slide thumbnail).
+Each stage's peak RSS comes from a thread sampling /proc every 20 ms.
 
 Beside today's approach, in the same run: the float64 heatmap accumulator's memory (computed:
 sum, count, the division and the float32 copy, 28 bytes a cell, as the old `heatmap()` made
 them) against the streamed one's measured; the old `lesion_candidates` (an argsort of the whole
-label image) against the new one on the same crop of the heatmap; and the tile cache's bytes
+label image) against the new one on the same crop of the heatmap; the old `slide_features`
+(whole-slide float64 copies) and the old region export (every region outlined and written)
+against the new ones on that crop, values checked equal; and the tile cache's bytes
 for 2,000 level-0 tiles against those tiles' JPEG bytes in the slide and the decoded pixels
 the cache stored before.
 """
@@ -159,6 +163,40 @@ def old_lesion_candidates(heatmap: np.ndarray, downsample: float, threshold: flo
     return [((c + 0.5) * downsample, (r + 0.5) * downsample, p) for r, c, p in kept]
 
 
+def old_slide_features(heatmap: np.ndarray, thresholds) -> dict[str, float]:
+    """`slide_features` before it went strip-wise: whole-slide float64 copies of the heatmap,
+    a copy of the tissue values for q99, regionprops on the largest region's box."""
+    from skimage.measure import regionprops
+
+    from vadflow.tasks.scoring.aggregate import _EIGHT
+
+    values = np.asarray(heatmap, dtype=np.float64)
+    tissue = np.isfinite(values)
+    inside = values[tissue]
+    out = {"max": float(inside.max()), "mean": float(inside.mean())}
+    out["q99"] = float(np.quantile(inside, 0.99))
+    filled = np.where(tissue, values, -np.inf)
+    for t in thresholds:
+        above = filled > t
+        labelled, n = ndimage.label(above, structure=_EIGHT)
+        sfx = f"t{float(t):g}".replace("-", "m")
+        out[f"area_{sfx}"] = float(above.sum())
+        out[f"tissue_fraction_{sfx}"] = float(above.sum()) / inside.size
+        out[f"n_regions_{sfx}"] = float(n)
+        sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        big = int(np.argmax(sizes))
+        box = ndimage.find_objects(labelled, max_label=big)[big - 1]
+        (p,) = regionprops((labelled[box] == big).astype(np.int32), intensity_image=values[box])
+        out[f"largest_area_{sfx}"] = float(p.area)
+        out[f"largest_major_axis_{sfx}"] = float(p.axis_major_length)
+        out[f"largest_eccentricity_{sfx}"] = float(p.eccentricity)
+        out[f"largest_extent_{sfx}"] = float(p.extent)
+        out[f"largest_mean_{sfx}"] = float(p.intensity_mean)
+        out[f"largest_max_{sfx}"] = float(p.intensity_max)
+    return out
+
+
 def cache_bytes(path: Path, slide_id: str, mask: np.ndarray, workdir: Path, n: int = 2000):
     """(cache bytes, source JPEG bytes, decoded bytes) for `n` level-0 tissue tiles."""
     import tifffile
@@ -193,12 +231,16 @@ def main() -> None:
     width = args.width or (25_000 if args.quick else 100_000)
     height = args.height or (50_000 if args.quick else 200_000)
 
+    from vadflow.tasks.evaluation.evaluate import CandidateRule
+    from vadflow.tasks.exports.asap import write_candidates_asap
     from vadflow.tasks.exports.geojson import export_slide_geojson
+    from vadflow.tasks.exports.overlay import heatmap_overlay
     from vadflow.tasks.exports.render import overlay_heatmap
     from vadflow.tasks.scoring.aggregate import (
         heatmap_regions,
         lesion_candidates,
         slide_features,
+        strongest_regions,
     )
     from vadflow.tasks.scoring.heatmap import heatmap_shape, load_heatmap, score_slide
     from vadflow.tasks.slides.reader import Slide
@@ -221,6 +263,7 @@ def main() -> None:
         level = slide.best_level_for_downsample(args.extent / size)
         tiles = tissue_tiles("s1", mask, args.extent, size, level)
         row = {"slide_id": "s1", "uri": str(path), "mpp": 0.25}
+        first = len(table)  # scoring to export: the stages the 2 GB target is for
         scored = stage(
             f"score {tiles.height:,} tiles + write heatmap",
             "new: streamed float32",
@@ -231,12 +274,47 @@ def main() -> None:
         table[-1] = (*table[-1][:3], cells * 28 / 2**20)
         heatmap = stage("read heatmap", "new", lambda: load_heatmap(scored.heatmap))
         threshold = float(np.nanquantile(heatmap[::8, ::8], 0.9))
-        stage("slide_features", "new", lambda: slide_features(heatmap, (threshold,)))
+        stage(
+            "slide_features", "new: float32, strips", lambda: slide_features(heatmap, (threshold,))
+        )
         candidates = stage(
             "lesion_candidates, whole heatmap",
             "new",
             lambda: lesion_candidates(heatmap, args.downsample, threshold),
         )
+        cap = CandidateRule.max_per_slide  # the site's candidates cap, regions' cap too
+        vmax = float(np.nanmax(heatmap[::8, ::8]))
+
+        def export(image: np.ndarray, points: list, name: str) -> int:
+            found = strongest_regions(image, args.downsample, threshold, cap)
+            shown = points[:cap]  # strongest first: lesion_candidates(max_candidates=cap)
+            out = work / "exports" / name
+            export_slide_geojson(
+                out, "s1", shown, regions=found.regions, regions_omitted=found.omitted, mpp=0.25
+            )
+            write_candidates_asap(out / "s1.xml", shown, found.regions)
+            return found.total
+
+        def old_export(image: np.ndarray, points: list) -> int:
+            regions = heatmap_regions(image, args.downsample, threshold)  # every region
+            out = work / "exports" / "old"
+            export_slide_geojson(out, "s1", points, regions=regions, mpp=0.25)
+            write_candidates_asap(out / "s1.xml", points, regions)
+            return len(regions)
+
+        def overlay() -> None:
+            small, small_ds = overlay_heatmap(scored.heatmap, args.downsample)
+            heatmap_overlay(str(path), small, small_ds, work / "s1.png", threshold, vmax)
+
+        n_regions = stage(
+            "export regions + candidates, whole",
+            f"new: strongest {cap}",
+            lambda: export(heatmap, candidates, "whole"),
+        )
+        stage("overlay PNG (heatmap pyramid level)", "new", overlay)
+        measured = [row for row in table[first:] if not row[1].startswith("old")]
+        pipeline_peak = max(peak for _, _, _, peak in measured)
+        # Today's approach beside the old one, on a crop the old one can afford.
         crop = np.ascontiguousarray(heatmap[: args.crop_rows])
         new = stage(
             f"lesion_candidates, {crop.shape[0]} x {crop.shape[1]} crop",
@@ -250,13 +328,30 @@ def main() -> None:
         )
         if new != old:
             raise SystemExit("new lesion_candidates disagrees with the old one on the crop")
-
-        def export() -> None:
-            regions = heatmap_regions(heatmap, args.downsample, threshold)
-            export_slide_geojson(work / "exports", "s1", candidates, regions=regions)
-            overlay_heatmap(scored.heatmap, args.downsample)
-
-        stage("export (regions GeoJSON, overlay level)", "new", export)
+        crop_name = f"{crop.shape[0]} x {crop.shape[1]} crop"
+        new_f = stage(
+            f"slide_features, {crop_name}",
+            "new: float32, strips",
+            lambda: slide_features(crop, (threshold,)),
+        )
+        old_f = stage(
+            f"slide_features, {crop_name}",
+            "old: float64 copies",
+            lambda: old_slide_features(crop, (threshold,)),
+        )
+        worst = max(abs(new_f[k] - v) / max(1.0, abs(v)) for k, v in old_f.items())
+        if new_f.keys() != old_f.keys() or worst > 1e-6:
+            raise SystemExit(f"new slide_features disagrees with the old one (by {worst:.2g})")
+        stage(
+            f"export regions + candidates, {crop_name}",
+            f"new: strongest {cap}",
+            lambda: export(crop, new, "crop"),
+        )
+        stage(
+            f"export regions + candidates, {crop_name}",
+            "old: every one",
+            lambda: old_export(crop, new),
+        )
         stored, jpeg, decoded = stage(
             "tile cache, 2,000 level-0 tiles",
             "new: JPEG",
@@ -267,16 +362,18 @@ def main() -> None:
 
     print(
         f"heatmap {heatmap_shape(width, height, args.downsample)} at downsample "
-        f"{args.downsample}; {len(candidates):,} candidates; slide score {scored.slide_score:.3f}"
+        f"{args.downsample}; {len(candidates):,} candidates; {n_regions:,} regions above "
+        f"{threshold:.3f}; slide score {scored.slide_score:.3f}"
     )
-    print(f"{'stage':<44}{'approach':<26}{'seconds':>9}{'peak RSS MiB':>14}")
+    print(f"{'stage':<50}{'approach':<26}{'seconds':>9}{'peak RSS MiB':>14}")
     for name, approach, seconds, peak in table:
-        print(f"{name:<44}{approach:<26}{seconds:>9.1f}{peak:>14.0f}")
+        print(f"{name:<50}{approach:<26}{seconds:>9.1f}{peak:>14.0f}")
     print(
         f"tile cache per {2000:,} tiles: {stored / 1e6:.1f} MB encoded "
         f"({stored / jpeg:.2f}x the slide's {jpeg / 1e6:.1f} MB of JPEG; "
         f"decoded pixels, as cached before: {decoded / 1e6:.0f} MB)"
     )
+    print(f"peak RSS, scoring + aggregation + candidates + export: {pipeline_peak:,.0f} MiB")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of the process: {peak_mib:.0f} MiB")
 

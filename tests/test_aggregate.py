@@ -186,3 +186,147 @@ def test_lesion_candidates_equal_the_whole_image_algorithm(dtype, min_distance, 
         assert got == expected
         if threshold < 0.9:
             assert len(got) > 20  # many peaks, plateaus and suppressed regions compared
+
+
+def _slide_features_before_streaming(heatmap, thresholds, value_range=None, tissue=None):
+    """`slide_features` as it was before it went strip-wise (whole-slide float64 copies and
+    regionprops on the largest region's box), kept to hold the new one to the same values."""
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    eight = np.ones((3, 3), dtype=bool)
+    hm = np.asarray(heatmap, dtype=np.float64)
+    values = normalise_heatmap(hm, value_range) if value_range is not None else hm
+    finite = np.isfinite(values)
+    tissue_mask = finite if tissue is None else np.asarray(tissue).astype(bool) & finite
+    n_tissue = int(tissue_mask.sum())
+    inside = values[tissue_mask]
+    out = {
+        "max": float(inside.max()) if inside.size else 0.0,
+        "mean": float(inside.mean()) if inside.size else 0.0,
+        "q99": float(np.quantile(inside, 0.99)) if inside.size else 0.0,
+    }
+    filled = np.where(tissue_mask, values, -np.inf)
+    for t in thresholds:
+        above = filled > t
+        labelled, n_regions = ndimage.label(above, structure=eight)
+        sfx = f"t{float(t):g}".replace("-", "m")
+        area = int(above.sum())
+        out[f"area_{sfx}"] = float(area)
+        out[f"tissue_fraction_{sfx}"] = area / n_tissue if n_tissue else 0.0
+        out[f"n_regions_{sfx}"] = float(n_regions)
+        largest = dict.fromkeys(("area", "major_axis", "eccentricity", "extent"), 0.0)
+        largest |= {"mean": 0.0, "max": 0.0}
+        if n_regions:
+            sizes = np.bincount(labelled.ravel(), minlength=n_regions + 1)
+            sizes[0] = 0
+            big_label = int(np.argmax(sizes))
+            box = ndimage.find_objects(labelled, max_label=big_label)[big_label - 1]
+            (big,) = regionprops(
+                (labelled[box] == big_label).astype(np.int32), intensity_image=values[box]
+            )
+            largest = {
+                "area": float(big.area),
+                "major_axis": float(big.axis_major_length),
+                "eccentricity": float(big.eccentricity),
+                "extent": float(big.extent),
+                "mean": float(big.intensity_mean),
+                "max": float(big.intensity_max),
+            }
+        out |= {f"largest_{k}_{sfx}": v for k, v in largest.items()}
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("strip_rows", [3, 512])
+def test_slide_features_equal_the_whole_slide_float64_version(seed, strip_rows, monkeypatch):
+    from scipy import ndimage
+
+    from vadflow.tasks.scoring import aggregate
+
+    monkeypatch.setattr(aggregate, "FEATURE_STRIP_ROWS", strip_rows)  # strips must not matter
+    rng = np.random.default_rng(seed)
+    # Smooth noise: regions of many shapes and sizes, some touching strip borders.
+    hm = ndimage.gaussian_filter(rng.random((41, 53)), 1.5).astype(np.float32) * 4 - 1
+    hm[rng.random(hm.shape) < 0.1] = np.nan  # unscored cells
+    tissue = rng.random(hm.shape) > 0.2
+    low, high = float(np.nanmin(hm)), float(np.nanmax(hm))
+    cases = [
+        {"thresholds": (0.5, 0.9), "value_range": (low, high)},
+        {"thresholds": (float(np.nanquantile(hm, 0.6)), 10.0), "tissue": tissue},
+        {"thresholds": (0.2,), "value_range": (low + 0.3, high - 0.3), "tissue": tissue},
+    ]
+    for case in cases:
+        want = _slide_features_before_streaming(hm, **case)
+        got = slide_features(hm, **case)
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+        assert want[f"n_regions_t{case['thresholds'][0]:g}"] > 1  # the case has regions
+
+
+def test_slide_features_q99_is_numpys_on_ties_and_tiny_tissue() -> None:
+    hm = np.array([[1.0, 1.0, 1.0, 2.0], [np.nan, 3.0, 3.0, 3.0]], dtype=np.float32)
+    for tissue in (None, np.array([[0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)):
+        want = _slide_features_before_streaming(hm, (0.5,), tissue=tissue)
+        assert slide_features(hm, (0.5,), tissue=tissue) == pytest.approx(want, rel=1e-12)
+
+
+def _heatmap_regions_before_bounding(heatmap, downsample, threshold):
+    """`heatmap_regions` before regions were capped: every region outlined (find_objects over
+    the label image), then sorted strongest first."""
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    from vadflow.tasks.scoring.aggregate import _ring_area
+
+    hm = np.asarray(heatmap)
+    above = np.isfinite(hm) & (hm > np.float64(threshold))
+    labelled, _ = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    regions = []
+    for index, box in enumerate(ndimage.find_objects(labelled), start=1):
+        own = np.pad(labelled[box] == index, 1).astype(np.float64)
+        rings = []
+        for contour in find_contours(own, 0.5, fully_connected="high"):
+            contour = approximate_polygon(contour, tolerance=0)
+            rows = contour[:, 0] - 1 + box[0].start
+            cols = contour[:, 1] - 1 + box[1].start
+            rings.append(np.column_stack([(cols + 0.5) * downsample, (rows + 0.5) * downsample]))
+        rings.sort(key=lambda r: -abs(_ring_area(r)))
+        values = hm[box][labelled[box] == index].astype(np.float64)
+        regions.append(
+            (index, rings, values.size * downsample**2, float(values.max()), values.mean())
+        )
+    regions.sort(key=lambda r: -r[3])
+    return regions
+
+
+@pytest.mark.parametrize("strip_rows", [4, 512])
+def test_strongest_regions_are_the_first_of_every_region(strip_rows, monkeypatch) -> None:
+    from scipy import ndimage
+
+    from vadflow.tasks.scoring import aggregate
+
+    monkeypatch.setattr(aggregate, "FEATURE_STRIP_ROWS", strip_rows)
+    rng = np.random.default_rng(7)
+    hm = ndimage.gaussian_filter(rng.random((48, 60)), 1.0).astype(np.float32)
+    hm[5:9, 5:9] = 0.9  # equal maxima in two regions: label (raster) order breaks the tie
+    hm[30:33, 40:44] = 0.9
+    hm[rng.random(hm.shape) < 0.05] = np.nan
+    threshold = float(np.nanquantile(hm, 0.7))
+    want = _heatmap_regions_before_bounding(hm, 8.0, threshold)
+    assert len(want) > 10
+    every = aggregate.strongest_regions(hm, 8.0, threshold)
+    assert every.total == len(want) and every.omitted == 0
+    for region, (label, rings, area, peak, mean) in zip(every.regions, want, strict=True):
+        assert region.label == label and region.area == area
+        assert region.max_probability == peak and region.mean_probability == mean
+        assert len(region.holes) + 1 == len(rings)
+        for got, ring in zip((region.outline, *region.holes), rings, strict=True):
+            assert np.array_equal(got, ring)
+    capped = aggregate.strongest_regions(hm, 8.0, threshold, max_regions=5)
+    assert capped.total == len(want) and capped.omitted == len(want) - 5
+    assert [r.label for r in capped.regions] == [w[0] for w in want[:5]]
+    assert [r.label for r in heatmap_regions(hm, 8.0, threshold, 5)] == [w[0] for w in want[:5]]
+    with pytest.raises(ValueError, match="max_regions"):
+        aggregate.strongest_regions(hm, 8.0, threshold, max_regions=-1)

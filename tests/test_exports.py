@@ -80,6 +80,22 @@ def test_geojson_regions_are_closed_polygons_with_holes(tmp_path: Path) -> None:
         export_slide_geojson(tmp_path, "s1", [], _heatmap())
 
 
+def test_geojson_regions_capped_say_how_many_were_left_out(tmp_path: Path) -> None:
+    from vadflow.tasks.scoring.aggregate import strongest_regions
+
+    found = strongest_regions(_heatmap(), 16.0, 0.5, max_regions=2)
+    assert found.total == 3 and found.omitted == 1
+    assert [r.max_probability for r in found.regions] == [0.9, 0.8]  # the strongest kept
+    written = export_slide_geojson(
+        tmp_path, "s1", [], regions=found.regions, regions_omitted=found.omitted
+    )
+    data = json.loads(written[1].read_text())
+    assert len(data["features"]) == 2
+    assert data["properties"]["regions_written"] == 2
+    assert data["properties"]["regions_omitted"] == 1
+    assert "properties" not in regions_geojson(heatmap_regions(_heatmap(), 16.0, 0.5))
+
+
 def test_asap_candidates_round_trip(tmp_path: Path) -> None:
     cands = [(112.0, 80.5, 0.9), (10.25, 20.0, 1 / 3)]
     path = write_candidates_asap(tmp_path / "c.xml", cands)

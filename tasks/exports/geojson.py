@@ -101,13 +101,15 @@ def regions_geojson(
     scale: ProbabilityScale = NO_SCALE,
     object_type: str = "detection",
     mpp: float | None = None,
+    omitted: int = 0,
 ) -> dict[str, Any]:
     """Heatmap regions (``heatmap_regions``) as Polygon objects of class Anomaly, holes kept
     as inner rings.
 
     Measurements: ``anomaly_probability`` and ``raw_score`` of the region's strongest
     location, ``mean_raw_score``, ``area_level0_px2`` and, given the slide's ``mpp``,
-    ``area_um2``.
+    ``area_um2``. ``omitted``: weaker regions left out (``strongest_regions``' cap); when
+    there are any, the collection's ``properties`` say how many (QuPath ignores them).
     """
     features = []
     for rank, region in enumerate(regions, start=1):
@@ -129,7 +131,15 @@ def regions_geojson(
                 ),
             )
         )
-    return {"type": "FeatureCollection", "features": features}
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if omitted:
+        collection["properties"] = {
+            "regions_written": len(features),
+            "regions_omitted": int(omitted),
+            "note": f"the {len(features)} strongest of {len(features) + omitted} regions; "
+            "weaker ones are left out so a noisy heatmap stays a file one can open",
+        }
+    return collection
 
 
 def write_geojson(path: str | Path, collection: dict[str, Any]) -> Path:
@@ -155,12 +165,14 @@ def export_slide_geojson(
     scale: ProbabilityScale = NO_SCALE,
     object_type: str = "detection",
     mpp: float | None = None,
+    regions_omitted: int = 0,
 ) -> list[Path]:
     """``<slide>.candidates.geojson``, and ``<slide>.regions.geojson`` when given a heatmap
     (or its ``regions``, already outlined with ``heatmap_regions``).
 
     Regions are the heatmap's 8-connected areas strictly above ``threshold`` (a raw level);
-    the heatmap's ``downsample`` maps them to level 0.
+    the heatmap's ``downsample`` maps them to level 0. ``regions_omitted``: how many weaker
+    regions the caller left out of ``regions`` (said in the file's properties).
     """
     out = Path(out_dir)
     points = candidates_geojson(candidates, scale, object_type)
@@ -170,6 +182,6 @@ def export_slide_geojson(
             raise ValueError(f"{slide_id}: regions need the heatmap's downsample and a threshold")
         regions = heatmap_regions(heatmap, downsample, threshold)
     if regions is not None:
-        outlines = regions_geojson(regions, scale, object_type, mpp)
+        outlines = regions_geojson(regions, scale, object_type, mpp, regions_omitted)
         written.append(write_geojson(out / f"{slide_id}.regions.geojson", outlines))
     return written

@@ -42,7 +42,7 @@ from vadflow.tasks.exports.geojson import check_object_type, export_slide_geojso
 from vadflow.tasks.exports.overlay import COLOUR_MAP, TARGET_EDGE_PX, heatmap_overlay
 from vadflow.tasks.exports.probability import ProbabilityScale
 from vadflow.tasks.exports.report import SlideSection, write_html_report
-from vadflow.tasks.scoring.aggregate import Candidate, Region, heatmap_regions
+from vadflow.tasks.scoring.aggregate import Candidate, Region, strongest_regions
 from vadflow.tasks.scoring.heatmap import (
     SlideScore,
     heatmap_file_shape,
@@ -57,6 +57,9 @@ SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
 DEFAULT_SUPPRESS_UM = CandidateRule.suppress_um
 DEFAULT_MAX_CANDIDATES = CandidateRule.max_per_slide
 TOP_REGIONS = 3  # regions per slide the report lists
+# Regions a slide's GeoJSON/ASAP files hold when the run sets no candidates cap: a noisy
+# heatmap has up to a million regions, which no viewer opens and no reader uses.
+MAX_REGIONS_UNCAPPED = 10_000
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class SlideExport:
     # The strongest regions above the prediction level: rank, anomaly_probability (None
     # without a reference), raw_score, x, y (level-0 centre), area_um2 (None without mpp).
     top_regions: list[dict[str, Any]] = field(default_factory=list)
+    regions_omitted: int = 0  # weaker regions above the prediction level left out of the files
 
 
 @dataclass(frozen=True)
@@ -322,9 +326,13 @@ def _render_slide(
             run.max_candidates,
             _qc_mask(run.qc_dir, sid),
         )
-    regions: list[Region] = []
+    regions: Sequence[Region] = ()
+    omitted = 0
     if candidates is not None and heatmap is not None:
-        regions = heatmap_regions(heatmap, ds, cut)
+        # The strongest regions, as many as candidates (the site's cap), the rest counted.
+        cap = run.max_candidates if run.max_candidates is not None else MAX_REGIONS_UNCAPPED
+        found = strongest_regions(heatmap, ds, cut, cap)
+        regions, omitted = found.regions, found.omitted
         shown = list(candidates) if run.all_candidates else predicted_candidates(candidates, scale)
         # Camelyon16's p: the calibrated probability, strictly increasing in the raw score, so
         # FROC ranks exactly as on raw scores; raw where the model has no reference.
@@ -342,6 +350,7 @@ def _render_slide(
             scale=scale,
             object_type=run.qupath_objects,
             mpp=row.get("mpp"),
+            regions_omitted=omitted,
         )
         xml = write_candidates_asap(out / f"{sid}.xml", shown, regions, scale)
         files = {
@@ -368,6 +377,7 @@ def _render_slide(
         probability=None if peak is None else scale.probability_of(peak),
         thumbnail=str(thumbnail),
         top_regions=_region_rows(regions, scale, row.get("mpp")),
+        regions_omitted=omitted,
     )
 
 
@@ -430,6 +440,12 @@ def _write_report(run: ScoredRun, scale: ProbabilityScale, notes: Sequence[str])
             f"the normal floor, one per {run.suppress_um:g} um, with p the calibrated "
             f"probability; the QuPath GeoJSON ({run.qupath_objects}s of class Anomaly) and the "
             f"ASAP XML (group vadflow) hold {which} and the regions above the prediction level"
+        )
+    capped = [f"{s.slide_id} {s.regions_omitted:,}" for s in run.exported if s.regions_omitted]
+    if capped:
+        lines.append(
+            f"regions: each slide's files hold its {run.max_candidates or MAX_REGIONS_UNCAPPED:,} "
+            f"strongest regions; weaker ones left out: {', '.join(capped)}"
         )
     if "scored_share" in run.metrics and math.isfinite(run.metrics["scored_share"]):
         lines.append(f"scored: {run.metrics['scored_share']:.1%} of the test pixels")

@@ -8,7 +8,12 @@ Three readings of one heatmap, as in the Camelyon16 winners' pipeline (Wang et a
   cross-validation so every labelled slide gets an out-of-fold probability (an honest score to
   evaluate), plus a forest fitted on all labelled slides for new ones;
 - ``lesion_candidates``: local maxima as (x, y, p) in level-0 pixels, the Camelyon16 lesion
-  submission format; ``heatmap_regions``: outlines of the regions above a threshold.
+  submission format; ``heatmap_regions``: outlines of the regions above a threshold
+  (``strongest_regions``: only the strongest few, and how many there are in all).
+
+Each works in strips of heatmap rows or per region's bounding box on the float32 heatmap, so
+a whole slide's heatmap (12,500 x 6,250 at Camelyon size) costs itself, a bool mask and a
+label image, never float64 copies of it.
 
 The slide score "max of the heatmap" (Liu et al. 2017) is ``heatmap_max``.
 Heatmap convention (``tasks.scoring.heatmap``): pixel (row, col) covers level-0
@@ -26,7 +31,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike
 from scipy import ndimage
-from skimage.measure import approximate_polygon, find_contours, regionprops
+from skimage.measure import approximate_polygon, find_contours
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedKFold
 
@@ -44,21 +49,143 @@ def heatmap_max(heatmap: np.ndarray) -> float:
     return float(finite.max()) if finite.size else float("nan")
 
 
+def _check_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    low, high = float(value_range[0]), float(value_range[1])
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"value_range must be finite with high > low, got {value_range}")
+    return low, high
+
+
 def normalise_heatmap(heatmap: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     """Map ``value_range`` (low, high) linearly to [0, 1], clipping outside; NaN stays NaN.
 
     Use one range for every slide of a run (e.g. from held-out normal slides), never per slide:
     a per-slide range would stretch every normal slide's own maximum to 1.
     """
-    low, high = float(value_range[0]), float(value_range[1])
-    if not (math.isfinite(low) and math.isfinite(high) and high > low):
-        raise ValueError(f"value_range must be finite with high > low, got {value_range}")
+    low, high = _check_range(value_range)
     hm = np.asarray(heatmap, dtype=np.float64)
     return np.clip((hm - low) / (high - low), 0.0, 1.0)
 
 
 def _suffix(threshold: float) -> str:
     return f"t{threshold:g}".replace("-", "m")
+
+
+FEATURE_STRIP_ROWS = 512  # heatmap rows per pass of slide_features: bounds its float64 scratch
+
+
+def _row_strips(rows: int):
+    """(start, stop) of consecutive strips of ``FEATURE_STRIP_ROWS`` rows covering `rows`."""
+    step = FEATURE_STRIP_ROWS  # read at call time, so a test can make strips tiny
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+class _StripValues:
+    """A heatmap read a strip at a time as slide_features sees it: float64, normalised when
+    a value range is given, and the strip's tissue (given mask, finite cells only).
+
+    Each strip is computed from the float32 heatmap the same way the whole-slide float64 copy
+    was, so values are bit-identical while only a strip is ever float64."""
+
+    def __init__(
+        self,
+        heatmap: np.ndarray,
+        value_range: tuple[float, float] | None,
+        tissue: np.ndarray | None,
+    ) -> None:
+        self.heatmap = heatmap
+        self.value_range = value_range
+        self.tissue = tissue
+
+    def values(self, rows: slice, cols: slice = slice(None)) -> np.ndarray:
+        part = np.asarray(self.heatmap[rows, cols], dtype=np.float64)  # (strip, W)
+        if self.value_range is not None:
+            return normalise_heatmap(part, self.value_range)
+        return part
+
+    def strips(self):
+        """(start, stop, values, tissue) per strip of rows."""
+        for start, stop in _row_strips(self.heatmap.shape[0]):
+            values = self.values(slice(start, stop))
+            inside = np.isfinite(values)
+            if self.tissue is not None:
+                inside &= self.tissue[start:stop].astype(bool)
+            yield start, stop, values, inside
+
+
+def _top_values(source: _StripValues, keep: int) -> np.ndarray:
+    """The `keep` largest tissue values of the heatmap, ascending, gathered strip by strip
+    (a running partition: never more than `keep` plus one strip's values are held)."""
+    best = np.empty(0, dtype=np.float64)
+    for _, _, values, inside in source.strips():
+        pool = np.concatenate([best, values[inside]])
+        if pool.size > keep:
+            pool = np.partition(pool, pool.size - keep)[pool.size - keep :]
+        best = pool
+    return np.sort(best)
+
+
+def _streamed_quantile(source: _StripValues, n: int, q: float) -> float:
+    """``np.quantile(tissue values, q)`` (linear method) without a copy of the tissue values:
+    only the order statistics it interpolates between are kept (for q99, the top 1 %)."""
+    index = q * (n - 1)  # numpy's virtual index for the linear method
+    below = math.floor(index)
+    top = _top_values(source, n - below)  # ascending: top[0] has rank `below`
+    a, b = float(top[0]), float(top[min(1, top.size - 1)])
+    t = index - below
+    # numpy's _lerp: from the nearer end, so q = 1 gives exactly the maximum.
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+
+def _largest_region(
+    source: _StripValues, labelled: np.ndarray, label: int, pixel_area: float
+) -> dict[str, float]:
+    """regionprops' area, major axis, eccentricity, extent and intensity mean and max of one
+    labelled region, computed in strips of its bounding box: its mask, coordinates and values
+    are never whole-slide (or whole-box) arrays, however large the region is."""
+    rows = labelled.shape[0]
+    top, bottom, left, right = rows, -1, labelled.shape[1], -1
+    for start, stop in _row_strips(rows):
+        own = labelled[start:stop] == label
+        if own.any():
+            hit_rows = np.flatnonzero(own.any(axis=1))
+            hit_cols = np.flatnonzero(own.any(axis=0))
+            top, bottom = min(top, start + int(hit_rows[0])), start + int(hit_rows[-1])
+            left, right = min(left, int(hit_cols[0])), max(right, int(hit_cols[-1]))
+    cols = slice(left, right + 1)
+    # Pass 1: count, centroid (box-local, as regionprops' moments are), intensity.
+    count, row_sum, col_sum, value_sum, value_max = 0, 0.0, 0.0, 0.0, -math.inf
+    for start, stop in _row_strips(bottom + 1 - top):
+        strip = slice(top + start, top + stop)
+        r, c = np.nonzero(labelled[strip, cols] == label)
+        values = source.values(strip, cols)[r, c]
+        count += r.size
+        row_sum += float((r + start).sum())
+        col_sum += float(c.sum())
+        value_sum += float(values.sum())
+        value_max = max(value_max, float(values.max(initial=-math.inf)))
+    row_mean, col_mean = row_sum / count, col_sum / count
+    # Pass 2: second central moments about that centroid (skimage's moments_central, order 2).
+    mu20 = mu02 = mu11 = 0.0
+    for start, stop in _row_strips(bottom + 1 - top):
+        r, c = np.nonzero(labelled[top + start : top + stop, cols] == label)
+        dr, dc = r + start - row_mean, c - col_mean
+        mu20 += float(np.dot(dr, dr))
+        mu02 += float(np.dot(dc, dc))
+        mu11 += float(np.dot(dr, dc))
+    # skimage's inertia tensor of a 2-D image and its eigenvalues, largest first.
+    tensor = np.array([[mu02, -mu11], [-mu11, mu20]]) / count
+    small, large = np.clip(np.linalg.eigvalsh(tensor), 0, None)
+    box_area = (bottom + 1 - top) * (right + 1 - left)
+    return {
+        "area": float(count) * pixel_area,
+        "major_axis": 4 * math.sqrt(large) * math.sqrt(pixel_area),
+        "eccentricity": math.sqrt(1 - small / large) if large != 0 else 0.0,
+        "extent": count / box_area,
+        "mean": value_sum / count,
+        "max": value_max,
+    }
 
 
 def slide_features(
@@ -82,54 +209,55 @@ def slide_features(
     (area / bounding-box area), ``largest_mean`` and ``largest_max`` (values inside it).
     Regardless of t: ``max``, ``mean`` and ``q99`` over tissue. Without regions the
     region features are 0, so a forest can use the rows as they are.
+
+    Memory is the float32 heatmap, one bool mask and one label image at a time: values are
+    made float64 (and normalised) a strip of rows at a time, q99 keeps only the top 1 % of
+    the values, and the largest region is measured in strips of its bounding box.
     """
-    hm = np.asarray(heatmap, dtype=np.float64)
+    hm = np.asarray(heatmap)
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
-    values = normalise_heatmap(hm, value_range) if value_range is not None else hm
-    finite = np.isfinite(values)
-    if tissue is None:
-        tissue_mask = finite
-    else:
-        tissue_mask = np.asarray(tissue).astype(bool)
+    if value_range is not None:
+        value_range = _check_range(value_range)
+    tissue_mask = None
+    if tissue is not None:
+        tissue_mask = np.asarray(tissue)
         if tissue_mask.shape != hm.shape:
             raise ValueError(f"tissue mask shape {tissue_mask.shape} != heatmap {hm.shape}")
-        tissue_mask = tissue_mask & finite
-    n_tissue = int(tissue_mask.sum())
-    inside = values[tissue_mask]
+    source = _StripValues(hm, value_range, tissue_mask)
+    n_tissue, total, peak = 0, 0.0, -math.inf
+    for _, _, values, inside in source.strips():
+        picked = values[inside]
+        n_tissue += picked.size
+        total += float(picked.sum())
+        peak = max(peak, float(picked.max(initial=-math.inf)))
     out: dict[str, float] = {
-        "max": float(inside.max()) if inside.size else 0.0,
-        "mean": float(inside.mean()) if inside.size else 0.0,
-        "q99": float(np.quantile(inside, 0.99)) if inside.size else 0.0,
+        "max": peak if n_tissue else 0.0,
+        "mean": total / n_tissue if n_tissue else 0.0,
+        "q99": _streamed_quantile(source, n_tissue, 0.99) if n_tissue else 0.0,
     }
-    filled = np.where(tissue_mask, values, -np.inf)
     for t in thresholds:
-        above = filled > t
+        above = np.zeros(hm.shape, dtype=bool)
+        for start, stop, values, inside in source.strips():
+            np.greater(values, t, out=above[start:stop], where=inside)
         labelled, n_regions = ndimage.label(above, structure=_EIGHT)
         sfx = _suffix(float(t))
-        area = int(above.sum())
+        area = int(np.count_nonzero(above))
+        del above
         out[f"area_{sfx}"] = float(area) * pixel_area
         out[f"tissue_fraction_{sfx}"] = area / n_tissue if n_tissue else 0.0
         out[f"n_regions_{sfx}"] = float(n_regions)
         largest = {"area": 0.0, "major_axis": 0.0, "eccentricity": 0.0, "extent": 0.0}
         largest |= {"mean": 0.0, "max": 0.0}
         if n_regions:
-            # Largest by area; ties go to the lowest label (first in raster order).
-            sizes = np.bincount(labelled.ravel(), minlength=n_regions + 1)
+            # Largest by area; ties go to the lowest label (first in raster order). Counted
+            # strip by strip: bincount casts its input to int64, a strip's worth at a time.
+            sizes = np.zeros(n_regions + 1, dtype=np.int64)
+            for start, stop in _row_strips(hm.shape[0]):
+                sizes += np.bincount(labelled[start:stop].ravel(), minlength=n_regions + 1)
             sizes[0] = 0
-            big_label = int(np.argmax(sizes))
-            box = ndimage.find_objects(labelled, max_label=big_label)[big_label - 1]
-            (big,) = regionprops(
-                (labelled[box] == big_label).astype(np.int32), intensity_image=values[box]
-            )
-            largest = {
-                "area": float(big.area) * pixel_area,
-                "major_axis": float(big.axis_major_length) * math.sqrt(pixel_area),
-                "eccentricity": float(big.eccentricity),
-                "extent": float(big.extent),
-                "mean": float(big.intensity_mean),
-                "max": float(big.intensity_max),
-            }
+            largest = _largest_region(source, labelled, int(np.argmax(sizes)), pixel_area)
+        del labelled
         out |= {f"largest_{k}_{sfx}": v for k, v in largest.items()}
     return out
 
@@ -464,15 +592,29 @@ def _ring_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
-def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) -> list[Region]:
-    """Outlines of the 8-connected regions of the heatmap strictly above ``threshold``.
+@dataclass(frozen=True, eq=False)
+class SlideRegions:
+    """The regions a slide exports: the ``max_regions`` strongest of ``total`` regions above
+    the threshold, strongest first (``omitted``: how many weaker ones were left out)."""
 
-    Each outline runs half way between pixel centres (marching squares at 0.5 on the region's
-    own mask, diagonal neighbours joined), so a heatmap pixel is inside the polygon exactly
-    when it belongs to the region: rasterising the outlines at the same downsample, pixel
-    centres tested, gives the region back. Collinear vertices are dropped. Coordinates are
-    level-0: heatmap (row, col) maps to x = (col + 0.5) * ds, y = (row + 0.5) * ds, as for
-    ``lesion_candidates``. Strongest region (by max value) first.
+    regions: tuple[Region, ...]
+    total: int
+
+    @property
+    def omitted(self) -> int:
+        return self.total - len(self.regions)
+
+
+def strongest_regions(
+    heatmap: np.ndarray, downsample: float, threshold: float, max_regions: int | None = None
+) -> SlideRegions:
+    """``heatmap_regions``, only the ``max_regions`` strongest outlined (None: all), and how
+    many there are in all.
+
+    The regions' maxima and bounding boxes are gathered in strips of rows over the label
+    image (no per-region Python work, no sort of the heatmap), so a noisy heatmap with a
+    million regions costs the label image and a few numbers per region; outlines are traced
+    only for the kept regions, each inside its own bounding box.
     """
     hm = np.asarray(heatmap)
     if hm.dtype not in (np.float32, np.float64):  # heatmaps are float32: no float64 copy
@@ -481,11 +623,36 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
         raise ValueError(f"heatmap must be 2-D, got shape {hm.shape}")
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, got {downsample}")
-    above = np.isfinite(hm) & (hm > np.float64(threshold))  # compared at full precision
+    if max_regions is not None and max_regions < 0:
+        raise ValueError(f"max_regions must be >= 0 or None, got {max_regions}")
+    above = np.zeros(hm.shape, dtype=bool)
+    for start, stop in _row_strips(hm.shape[0]):
+        part = hm[start:stop]
+        above[start:stop] = np.isfinite(part) & (part > np.float64(threshold))  # full precision
     labelled, n = ndimage.label(above, structure=_EIGHT)
+    del above
+    # Per label (index 0: background): its maximum and bounding box, strip by strip.
+    peak = np.full(n + 1, -np.inf)
+    top = np.full(n + 1, hm.shape[0], dtype=np.int64)
+    bottom = np.full(n + 1, -1, dtype=np.int64)
+    left = np.full(n + 1, hm.shape[1], dtype=np.int64)
+    right = np.full(n + 1, -1, dtype=np.int64)
+    for start, stop in _row_strips(hm.shape[0]):
+        rows, cols = np.nonzero(labelled[start:stop])
+        label = labelled[start:stop][rows, cols]
+        np.maximum.at(peak, label, hm[start:stop][rows, cols])
+        rows += start
+        np.minimum.at(top, label, rows)
+        np.maximum.at(bottom, label, rows)
+        np.minimum.at(left, label, cols)
+        np.maximum.at(right, label, cols)
+    # Strongest first; a stable sort keeps equal maxima in label (raster) order.
+    kept = np.argsort(-peak[1:], kind="stable")[:max_regions] + 1
     regions: list[Region] = []
-    for index, box in enumerate(ndimage.find_objects(labelled), start=1):
-        own = np.pad(labelled[box] == index, 1).astype(np.float64)  # closed contours
+    for index in kept.tolist():
+        box = (slice(top[index], bottom[index] + 1), slice(left[index], right[index] + 1))
+        mask = labelled[box] == index
+        own = np.pad(mask, 1).astype(np.float64)  # closed contours
         rings = []
         for contour in find_contours(own, 0.5, fully_connected="high"):
             contour = approximate_polygon(contour, tolerance=0)  # (K, 2) row, col
@@ -494,7 +661,7 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
             rings.append(np.column_stack([(cols + 0.5) * downsample, (rows + 0.5) * downsample]))
         # The outer boundary encloses the most area; every other ring is a hole.
         rings.sort(key=lambda r: -abs(_ring_area(r)))
-        values = hm[box][labelled[box] == index].astype(np.float64)  # this region only
+        values = hm[box][mask].astype(np.float64)  # this region only
         regions.append(
             Region(
                 label=index,
@@ -505,5 +672,20 @@ def heatmap_regions(heatmap: np.ndarray, downsample: float, threshold: float) ->
                 mean_probability=float(values.mean()),
             )
         )
-    regions.sort(key=lambda r: -r.max_probability)
-    return regions
+    return SlideRegions(tuple(regions), n)
+
+
+def heatmap_regions(
+    heatmap: np.ndarray, downsample: float, threshold: float, max_regions: int | None = None
+) -> list[Region]:
+    """Outlines of the 8-connected regions of the heatmap strictly above ``threshold``.
+
+    Each outline runs half way between pixel centres (marching squares at 0.5 on the region's
+    own mask, diagonal neighbours joined), so a heatmap pixel is inside the polygon exactly
+    when it belongs to the region: rasterising the outlines at the same downsample, pixel
+    centres tested, gives the region back. Collinear vertices are dropped. Coordinates are
+    level-0: heatmap (row, col) maps to x = (col + 0.5) * ds, y = (row + 0.5) * ds, as for
+    ``lesion_candidates``. Strongest region (by max value) first; with ``max_regions`` only
+    that many (``strongest_regions`` also says how many were left out).
+    """
+    return list(strongest_regions(heatmap, downsample, threshold, max_regions).regions)
