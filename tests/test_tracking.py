@@ -464,3 +464,27 @@ def test_a_family_run_opened_before_training_is_the_one_logged_and_ended(
     assert version.tags["dataset.training.digest"] == inputs["early-open-train"]
     assert version.tags["dataset.test.name"] == "early-open-test"
     assert version.tags["dataset.test.digest"] == inputs["early-open-test"]
+
+
+def test_a_skipped_familys_early_run_ends_with_the_reason(tmp_path: Path) -> None:
+    """A family skipped after its child run opened (no labels for a supervised baseline)
+    leaves no RUNNING run: it ends, the reason in `vadflow.end_reason`, and the night's
+    parent got a heartbeat when the child opened."""
+    from vadflow.tasks.records import TrackingTarget
+    from vadflow.tasks.site import SiteConfig
+    from vadflow.tasks.tracking.lifecycle import TAG_END_REASON, TAG_HEARTBEAT
+    from vadflow.tasks.tracking.nightly import end_family_run, open_family_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    target = TrackingTarget(uri, str(tmp_path / "spool"))
+    site = SiteConfig(name="skip-site", domain="pathology", source=str(tmp_path))
+    with TrackingSession(uri, target.spool_dir) as session:
+        parent = start_nightly(session, site.name, "v1", tags={}, params={})
+    child = open_family_run(target, parent, site, "supervised_cnn", {"prefect_flow_run_id": "f"})
+    client = MlflowClient(uri)
+    assert client.get_run(child).info.status == "RUNNING"
+    assert TAG_HEARTBEAT in client.get_run(parent).data.tags
+    end_family_run(target, child, "FINISHED", "skipped: the site has no labels")
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.info.run_name == "supervised_cnn"
+    assert run.data.tags[TAG_END_REASON] == "skipped: the site has no labels"
