@@ -20,9 +20,11 @@ from prefect.runtime import flow_run
 
 from vadflow.flows.ingest import category_groups, ingest
 from vadflow.tasks.pipeline import (
+    end_family_run_task,
     evaluate_task,
     export_task,
     finish_tracking_task,
+    open_family_run_task,
     score_site_task,
     score_task,
     start_tracking_task,
@@ -73,6 +75,7 @@ class _Scored:
     scores: list[SlideScore]
     evaluated: Evaluated
     contracts_passed: bool
+    run_id: str  # its MLflow child run, open since before training
 
 
 def _end_night_runs(flow: Any, flow_run: Any, state: Any) -> None:
@@ -165,11 +168,14 @@ def _night(
         for group in groups:
             name = group.label(family)
             model_dir = _in_group(layout.model_dir(family, version), group)
+            # The child run opens now and ends in track_task: it spans training and scoring.
+            child = open_family_run_task(target, parent, site, family, tags, group.name)
             trained = train_task(
                 family, site, data.slides_path, list(group.tile_paths), model_dir, flags, force
             )
             if isinstance(trained, SkippedFamily):  # a labelled family on a site without labels
                 skipped[family] = trained.reason
+                end_family_run_task(target, child, f"skipped: {trained.reason}")
                 break
             model_dir = trained.model_dir  # an unchanged family's earlier folder
             rows = [r for r in to_score if r["slide_id"] in set(group.slide_ids)]
@@ -188,7 +194,7 @@ def _night(
             evaluated = evaluate_task(site, name, data.slides_path, scores, layout, model_dir)
             validate_metrics_task(name, evaluated, site, layout, version)
             passed = not (data.contracts_quarantined or checked.quarantined)
-            scored.append(_Scored(family, group, trained, scores, evaluated, passed))
+            scored.append(_Scored(family, group, trained, scores, evaluated, passed, child))
             logger.info("%s: %s", name, _metric_line(evaluated.metrics))
 
     # Exports after every family is scored: drawing them never delays the next family's model.
@@ -221,6 +227,7 @@ def _night(
             tags,
             contracts_passed=run.contracts_passed,
             category=run.group.name,
+            run_id=run.run_id,
         )
         if run.group.name is None:
             results[run.family] = FamilyResult.of(

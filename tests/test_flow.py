@@ -138,6 +138,33 @@ def test_mlflow_run_has_metrics_artifacts_and_a_loadable_model(pathology_run) ->
     assert np.asarray(scores).shape == (3,) and np.isfinite(scores).all()
 
 
+def test_the_family_run_spans_training_and_scoring(pathology_run) -> None:
+    """The child run opens before the model folder is written and ends after the heatmaps
+    and exports are: its duration is the family's night, not the logging after it."""
+    summary = pathology_run["summary"]
+    family = summary.families["ae_l2"]
+    run = MlflowClient(pathology_run["tracking"]).get_run(family.mlflow_run_id)
+    out = Path(summary.outputs)
+    model_files = [p for p in Path(family.model_dir).rglob("*") if p.is_file()]
+    heatmap_files = [p for p in out.glob(f"heatmaps/ae_l2-{summary.version}/**/*") if p.is_file()]
+    export_files = [p for p in Path(family.exports_dir).rglob("*") if p.is_file()]
+    assert model_files and heatmap_files and export_files
+    first_trained = min(p.stat().st_mtime for p in model_files) * 1000
+    last_scored = max(p.stat().st_mtime for p in heatmap_files + export_files) * 1000
+    assert run.info.start_time <= first_trained, (run.info.start_time, first_trained)
+    assert run.info.end_time >= last_scored, (run.info.end_time, last_scored)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect_flow_run_id"]  # the flow's failure hooks find it by this
+    client = MlflowClient(pathology_run["tracking"], registry_uri=pathology_run["tracking"])
+    [version] = client.search_model_versions(
+        f"name = 'tiny-path-ae_l2' and run_id = '{run.info.run_id}'"
+    )
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert version.tags["dataset.training.name"] == "tiny-path-train"
+    assert version.tags["dataset.training.digest"] == inputs["tiny-path-train"]
+    assert version.tags["dataset.test.digest"] == inputs["tiny-path-test"]
+
+
 @pytest.fixture(scope="module")
 def industrial_run(prefect_harness, state_dir: Path) -> NightlySummary:
     from vadflow.flows.nightly import nightly

@@ -29,7 +29,7 @@ from vadflow.tasks.tracking.mlflow_runs import (
     run_tags,
     tracking_target,
 )
-from vadflow.tasks.tracking.nightly import open_nightly_run
+from vadflow.tasks.tracking.nightly import open_nightly_run, start_family
 from vadflow.tasks.tracking.spool import TrackingSession
 
 SITE = "lifecycle-site"
@@ -42,7 +42,7 @@ from pathlib import Path
 from vadflow.tasks.records import TrackingTarget
 from vadflow.tasks.site import SiteConfig
 from vadflow.tasks.tracking.mlflow_runs import run_tags
-from vadflow.tasks.tracking.nightly import open_nightly_run
+from vadflow.tasks.tracking.nightly import open_nightly_run, start_family
 from vadflow.tasks.tracking.spool import TrackingSession
 
 target = TrackingTarget(**json.loads(sys.argv[1]))
@@ -137,10 +137,12 @@ def test_a_failed_flow_ends_its_runs(target) -> None:
         ours = run_tags(SITE, flow_run_id="flow-a")
         parent = session.start_run(experiment, "nightly", ours)
         child = session.start_run(experiment, "ae_l2", ours, parent=parent)
+        # A family's child opened before its training, as the flow does, ends with the night.
+        early = start_family(session, parent, site=SITE, family="padim", tags=ours)
         other = session.start_run(experiment, "nightly", run_tags(SITE, flow_run_id="flow-b"))
     ended = end_flow_runs(target.tracking_uri, SITE, "flow-a", "FAILED", "ValueError: boom")
-    assert sorted(ended) == sorted([parent, child])
-    for run_id in (parent, child):
+    assert sorted(ended) == sorted([parent, child, early])
+    for run_id in (parent, child, early):
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags[TAG_END_REASON] == "ValueError: boom"
     assert client.get_run(other).info.status == "RUNNING"

@@ -395,3 +395,96 @@ def test_training_and_test_manifests_are_the_runs_datasets(tmp_path: Path) -> No
         log_manifest_datasets(client, again.info.run_id, path, "site-d")["test"]
         != (digests["test"])
     )
+
+
+def test_a_family_run_opened_before_training_is_the_one_logged_and_ended(
+    tiny_detector, tmp_path: Path
+) -> None:
+    """`start_family` opens the child before training; `track_family(run=...)` logs into
+    that run (no second child), ends it, and tags the registered version with the datasets
+    that the run's Datasets panel shows."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from vadflow.tasks.tracking.nightly import start_family
+
+    slides = tmp_path / "slides.parquet"
+    pl.DataFrame(
+        {
+            "slide_id": ["n1", "n2", "t1"],
+            "split": ["train", "train", "test"],
+            "label": ["normal", "normal", "tumor"],
+            "sha256": ["a", "b", "c"],
+            "status": ["ok", "ok", "ok"],
+        }
+    ).write_parquet(slides)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    site, tags = "early-open", {"prefect_flow_run_id": "flow-2"}
+    records = _records(tmp_path, tiny_detector, slide_auroc=0.8)
+    with TrackingSession(uri, tmp_path / "spool") as session:
+        parent = start_nightly(session, site, "v1", tags=tags, params={"site": site})
+        child = start_family(
+            session, parent, site=site, family="ae_l2", tags=tags, category="bottle"
+        )
+        client = MlflowClient(uri, registry_uri=uri)
+        opened = client.get_run(child)
+        assert opened.info.status == "RUNNING"
+        assert opened.data.tags["prefect_flow_run_id"] == "flow-2"  # the hooks can end it
+        assert opened.data.tags["mlflow.parentRunId"] == parent
+        time.sleep(0.05)  # "training"
+        result = track_family(
+            session,
+            parent,
+            site=site,
+            fit=records["fit"],
+            evaluation=records["evaluation"],
+            overlays=records["overlays"],
+            tags=tags,
+            tiling=TilingConfig(),
+            promotion=PromotionPolicy(),
+            category="bottle",
+            slides_path=slides,
+            run=child,
+        )
+    assert result.run_id == child
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.info.run_name == "ae_l2/bottle"
+    assert run.info.start_time == opened.info.start_time
+    assert run.info.end_time - run.info.start_time >= 50
+    assert run.data.tags["category"] == "bottle" and run.data.tags["contracts"] == "passed"
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    assert [c.info.run_id for c in children] == [child]
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    version = client.get_model_version_by_alias(f"{site}-ae_l2-bottle", "champion")
+    assert version.run_id == child
+    assert version.tags["dataset.training.name"] == "early-open-train"
+    assert version.tags["dataset.training.digest"] == inputs["early-open-train"]
+    assert version.tags["dataset.test.name"] == "early-open-test"
+    assert version.tags["dataset.test.digest"] == inputs["early-open-test"]
+
+
+def test_a_skipped_familys_early_run_ends_with_the_reason(tmp_path: Path) -> None:
+    """A family skipped after its child run opened (no labels for a supervised baseline)
+    leaves no RUNNING run: it ends, the reason in `vadflow.end_reason`, and the night's
+    parent got a heartbeat when the child opened."""
+    from vadflow.tasks.records import TrackingTarget
+    from vadflow.tasks.site import SiteConfig
+    from vadflow.tasks.tracking.lifecycle import TAG_END_REASON, TAG_HEARTBEAT
+    from vadflow.tasks.tracking.nightly import end_family_run, open_family_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    target = TrackingTarget(uri, str(tmp_path / "spool"))
+    site = SiteConfig(name="skip-site", domain="pathology", source=str(tmp_path))
+    with TrackingSession(uri, target.spool_dir) as session:
+        parent = start_nightly(session, site.name, "v1", tags={}, params={})
+    child = open_family_run(target, parent, site, "supervised_cnn", {"prefect_flow_run_id": "f"})
+    client = MlflowClient(uri)
+    assert client.get_run(child).info.status == "RUNNING"
+    assert TAG_HEARTBEAT in client.get_run(parent).data.tags
+    end_family_run(target, child, "FINISHED", "skipped: the site has no labels")
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.info.run_name == "supervised_cnn"
+    assert run.data.tags[TAG_END_REASON] == "skipped: the site has no labels"

@@ -367,3 +367,95 @@ def test_nightly_logging_finishes_with_the_server_down(
     champion = client.get_model_version_by_alias(f"{site}-ae_l2", "champion")
     assert champion.run_id == run.info.run_id
     assert client.get_run(report.runs[parent]).data.metrics["ae_l2.slide_auroc"] == 0.9
+
+
+def test_a_family_run_opened_while_down_is_created_at_sync_with_its_start(
+    store_uri: str, tiny_detector, tmp_path: Path
+) -> None:
+    """A child run opened before training while the server is down (`start_family`) and
+    logged into by a later session is created at sync with its own start time, so its run
+    spans training; the registered version carries the manifest datasets' digests."""
+    import time
+
+    import polars as pl
+
+    from vadflow.tasks.detectors.base import FitReport
+    from vadflow.tasks.records import EpochLoss, Evaluated, TrainedModel
+    from vadflow.tasks.site import TilingConfig
+    from vadflow.tasks.tracking.nightly import (
+        PromotionPolicy,
+        manifest_datasets,
+        start_family,
+        start_nightly,
+        track_family,
+    )
+
+    spool, dead, site = tmp_path / "spool", _dead_uri(), "down-early"
+    slides = tmp_path / "slides.parquet"
+    pl.DataFrame(
+        {
+            "slide_id": ["n1", "t1"],
+            "split": ["train", "test"],
+            "label": ["normal", "tumor"],
+            "sha256": ["a", "b"],
+            "status": ["ok", "ok"],
+        }
+    ).write_parquet(slides)
+    fit = TrainedModel(
+        family="ae_l2",
+        model_dir=str(tiny_detector.directory),
+        supervision="none",
+        train_tiles=16,
+        val_tiles=8,
+        config={"tile_size": 32},
+        report=FitReport(1, 1, [0.5], [0.6], seconds=1.0, device="cpu"),
+        curves=(EpochLoss(1, 0.5, 0.6),),
+    )
+    evaluation = Evaluated(
+        name="ae_l2",
+        metrics={"slide_auroc": 0.9},
+        froc_points={},
+        threshold=0.5,
+        value_range=(0.0, 1.0),
+        table=(),
+        report_dir="",
+    )
+    tags = {"prefect_flow_run_id": "flow-early"}
+    with TrackingSession(dead, spool) as session:
+        parent = start_nightly(session, site, "v1", tags=tags, params={"site": site})
+    with TrackingSession(dead, spool) as session:
+        child = start_family(session, parent, site=site, family="ae_l2", tags=tags)
+    opened_ms = time.time() * 1000
+    time.sleep(0.05)  # "training"
+    with TrackingSession(dead, spool) as session:
+        tracked = track_family(
+            session,
+            parent,
+            site=site,
+            fit=fit,
+            evaluation=evaluation,
+            overlays=[],
+            tags=tags,
+            tiling=TilingConfig(),
+            promotion=PromotionPolicy(min={}),
+            eval_set_hash="f" * 64,
+            slides_path=slides,
+            run=child,
+        )
+    assert child.startswith(LOCAL_PREFIX) and tracked.run_id == child and tracked.spooled
+
+    report = sync(spool, store_uri)
+    assert report.ok, report.errors
+    client = MlflowClient(store_uri, registry_uri=store_uri)
+    run = client.get_run(report.runs[child])
+    assert run.data.tags["mlflow.parentRunId"] == report.runs[parent]
+    assert run.data.tags["prefect_flow_run_id"] == "flow-early"
+    assert run.data.tags["contracts"] == "passed" and run.info.status == "FINISHED"
+    assert run.info.start_time <= opened_ms < run.info.end_time
+    assert run.info.end_time - run.info.start_time >= 50
+    version = client.get_model_version_by_alias(f"{site}-ae_l2", "champion")
+    assert version.run_id == run.info.run_id
+    expected = {d.context: (d.name, d.digest) for d in manifest_datasets(slides, site)}
+    for context, (name, digest) in expected.items():
+        assert version.tags[f"dataset.{context}.name"] == name
+        assert version.tags[f"dataset.{context}.digest"] == digest

@@ -7,7 +7,8 @@
 - score: `score_task`, `score_site_task` (on the site's Dask cluster) (tasks/scoring/run.py)
 - evaluate: `evaluate_task` (tasks/evaluation/scored_run.py)
 - export: `export_task` (tasks/exports/publish.py)
-- track: `start_tracking_task`, `track_task`, `finish_tracking_task` (tasks/tracking/nightly.py),
+- track: `start_tracking_task`, `open_family_run_task`, `end_family_run_task`, `track_task`,
+  `finish_tracking_task` (tasks/tracking/nightly.py),
   `resolve_model_task` (tasks/tracking/resolve.py)
 
 Tasks take and return paths and the records of `tasks/records.py`, never arrays; call
@@ -21,7 +22,9 @@ from vadflow.tasks.pipeline.export import export_task
 from vadflow.tasks.pipeline.ingest import discover_task, register_task, tile_site_task
 from vadflow.tasks.pipeline.score import score_site_task, score_task
 from vadflow.tasks.pipeline.track import (
+    end_family_run_task,
     finish_tracking_task,
+    open_family_run_task,
     resolve_model_task,
     start_tracking_task,
     track_task,
@@ -35,9 +38,11 @@ from vadflow.tasks.pipeline.validate import (
 
 __all__ = [
     "discover_task",
+    "end_family_run_task",
     "evaluate_task",
     "export_task",
     "finish_tracking_task",
+    "open_family_run_task",
     "register_task",
     "resolve_model_task",
     "score_site_task",

@@ -33,6 +33,31 @@ def start_tracking_task(
     return parent
 
 
+@task(name="open-family-run")
+def open_family_run_task(
+    target: TrackingTarget,
+    parent_run_id: str,
+    site: SiteConfig,
+    family: str,
+    tags: dict[str, str],
+    category: str | None = None,
+) -> str:
+    """A family's (per category: `category`) child run, opened before its training so that
+    the run spans training, scoring and evaluation; `track_task` logs into it and ends it.
+    A `local-...` reference when the server is down (spooled, created at `sync`)."""
+    from vadflow.tasks.tracking.nightly import open_family_run
+
+    return open_family_run(target, parent_run_id, site, family, tags, category)
+
+
+@task(name="end-family-run")
+def end_family_run_task(target: TrackingTarget, run_id: str, reason: str) -> None:
+    """End a family's child run that has nothing to log (the family was skipped: `reason`)."""
+    from vadflow.tasks.tracking.nightly import end_family_run
+
+    end_family_run(target, run_id, "FINISHED", reason)
+
+
 @task(name="track")
 def track_task(
     target: TrackingTarget,
@@ -45,9 +70,11 @@ def track_task(
     tags: dict[str, str],
     contracts_passed: bool,
     category: str | None = None,
+    run_id: str | None = None,
 ) -> TrackedFamily:
     """One child run per family (per family and category: `category`); its model registered
-    as <site>-<family> (<site>-<family>-<category>) and gated."""
+    as <site>-<family> (<site>-<family>-<category>) and gated. `run_id` is the child that
+    `open_family_run_task` opened before training (created here without it); it ends here."""
     from vadflow.tasks.tracking.nightly import log_family_run
 
     stage = f"track {trained.family}"
@@ -64,6 +91,7 @@ def track_task(
         contracts_passed=contracts_passed,
         category=category,
         log=get_run_logger(),
+        run=run_id,
     )
     report(stage, 1, 1, _outcome(tracked))
     return tracked

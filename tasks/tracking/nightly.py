@@ -1,7 +1,8 @@
 """What one nightly run logs, as three plain functions the Prefect tasks wrap.
 
     parent = start_nightly(session, ...)                 # the night's parent run
-    result = track_family(session, parent, ...)          # one nested child run per family
+    child = start_family(session, parent, ...)           # a family's child, before training
+    result = track_family(session, parent, run=child, ...)  # its logging, model, gate, end
     finish_nightly(session, parent, ...)                 # per-family summary, comparison, end
 
 Each takes a `TrackingSession`, so with the tracking server down everything is spooled and the
@@ -86,6 +87,37 @@ def start_nightly(
     return run
 
 
+def family_run_identity(
+    site: str, family: str, category: str | None, tags: Mapping[str, str]
+) -> tuple[str, str, dict[str, str]]:
+    """A family's child run: (run name, registered-model suffix, tags). With `category` (an
+    industrial site trained per category) `<family>/<category>`, `<family>-<category>` and
+    the `category` tag. `tags` are the night's (flow run, manifests), which the flow hooks use
+    to end a failed night's runs."""
+    run_name, registered = family, family
+    run_tag = run_tags(site, family=family)
+    if category is not None:
+        run_name, registered = f"{family}/{category}", f"{family}-{category}"
+        run_tag[TAG_CATEGORY] = category
+    return run_name, registered, {**tags, **run_tag}
+
+
+def start_family(
+    session: TrackingSession,
+    parent: str,
+    *,
+    site: str,
+    family: str,
+    tags: Mapping[str, str],
+    category: str | None = None,
+) -> str:
+    """Open a family's child run under `parent` before it is trained, so the run's start and
+    end (in `track_family`) span training, scoring and evaluation. Returns its reference
+    (`local-...` when spooled: `vadflow tracking sync` creates it with its start time)."""
+    run_name, _, run_tag = family_run_identity(site, family, category, tags)
+    return session.start_run(experiment_name(site), run_name, run_tag, parent=parent)
+
+
 def track_family(
     session: TrackingSession,
     parent: str,
@@ -101,25 +133,31 @@ def track_family(
     contracts_passed: bool = True,
     category: str | None = None,
     slides_path: str | Path | None = None,
+    run: str | None = None,
 ) -> TrackedFamily:
     """One child run for a trained and evaluated family: config and tiling as params, per-epoch
     curves, evaluation metrics, reports, overlays, the evaluation's plots, the model; then
-    register it and put it through the champion gate (when `promotion` is given).
+    register it and put it through the champion gate (when `promotion` is given), and end it.
+
+    `run` is the child opened before training (`start_family`), so the run spans training and
+    scoring; without it the child is created here. The registered version is tagged with the
+    manifest datasets' names and digests (`dataset_version_tags`) beside its run.
 
     `fit` and `evaluation` are the train and evaluate stages' records. With `category` (an
     industrial site trained per category) the run is one category's model: named
     `<family>/<category>`, tagged `category`, registered as `<site>-<family>-<category>` with
     its own champion gate, since each category's model is deployed and judged on its own."""
     family, report, diverged = fit.family, fit.report, fit.diverged
-    run_name, registered = family, family
-    run_tag = run_tags(site, family=family, contracts_passed=contracts_passed)
-    if category is not None:
-        run_name, registered = f"{family}/{category}", f"{family}-{category}"
-        run_tag[TAG_CATEGORY] = category
-    run = session.start_run(experiment_name(site), run_name, {**tags, **run_tag}, parent=parent)
+    run_name, registered, run_tag = family_run_identity(site, family, category, tags)
+    run_tag |= run_tags(site, family=family, contracts_passed=contracts_passed)
+    if run is None:
+        run = session.start_run(experiment_name(site), run_name, run_tag, parent=parent)
+    else:  # opened before training: the contracts' outcome is known only now
+        session.set_tags(run, run_tag)
     session.log_params(run, family_params(family, fit.config, tiling))
-    if slides_path is not None and session.online and not run.startswith("local-"):
-        log_manifest_datasets(session.client, run, slides_path, site)
+    datasets = manifest_datasets(slides_path, site) if slides_path is not None else []
+    if datasets and session.online and not run.startswith("local-"):
+        log_manifest_datasets(session.client, run, datasets)
     session.log_metric_series(run, curve_metrics([asdict(c) for c in fit.curves]))
     session.log_metrics(run, evaluation.all_metrics)
     session.log_metrics(run, normal_validation_metrics(fit.model_dir))
@@ -154,6 +192,7 @@ def track_family(
             diverged=diverged,
             eval_set_hash=eval_set_hash,
             floor=promotion.min,
+            version_tags=dataset_version_tags(datasets),
         )
         if decision is not None:  # the run page says why, beside the registry's version tags
             outcome = "champion" if decision.promoted else "not promoted"
@@ -167,42 +206,82 @@ def track_family(
 # The slide manifest's columns a dataset shows (others hold paths or nested values).
 DATASET_COLUMNS = ("slide_id", "split", "label", "category", "sha256", "width", "height", "mpp")
 DATASET_CONTEXTS = {"train": "training", "test": "test"}  # split -> MLflow's context tag
+DATASET_TAG_PREFIX = "dataset."  # model version tags: dataset.<context>.{name,digest}
 
 
-def log_manifest_datasets(
-    client: Any, run: str, slides_path: str | Path, site: str
-) -> dict[str, str]:
-    """Log the training and test slides of the manifest as the run's MLflow datasets (the run
-    page's Datasets panel): named `<site>-<split>`, sourced from the manifest file, digested
-    over their rows (the first 32 hex digits of a sha256 of slide_id, content hash and label),
-    tagged with the context `training` / `test`. Returns split -> digest."""
-    import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+@dataclass(frozen=True)
+class ManifestDataset:
+    """One split of the slide manifest as an MLflow dataset: `<site>-<split>`, its MLflow
+    context (`training` / `test`), a digest over its rows, the rows and the manifest file."""
 
+    name: str
+    split: str
+    context: str
+    digest: str
+    rows: pl.DataFrame
+    source: str
+
+
+def manifest_datasets(slides_path: str | Path, site: str) -> list[ManifestDataset]:
+    """The training and test slides of the manifest (usable rows only), each digested over its
+    rows: the first 32 hex digits of a sha256 of slide_id, content hash and label, so the same
+    slides give the same digest on every night. Splits with no slide are left out."""
     slides = pl.read_parquet(slides_path)
     if "status" in slides.columns:
         slides = slides.filter(pl.col("status") == "ok")
     columns = [c for c in DATASET_COLUMNS if c in slides.columns]
-    inputs, digests = [], {}
+    found = []
     for split, context in DATASET_CONTEXTS.items():
         rows = slides.filter(pl.col("split") == split).select(columns).sort("slide_id")
         if rows.is_empty():
             continue
         key = rows.select([c for c in ("slide_id", "sha256", "label") if c in columns])
         digest = hashlib.sha256(key.write_csv().encode()).hexdigest()[:32]
+        source = str(Path(slides_path).resolve())
+        found.append(ManifestDataset(f"{site}-{split}", split, context, digest, rows, source))
+    return found
+
+
+def dataset_version_tags(datasets: Sequence[ManifestDataset]) -> dict[str, str]:
+    """Model version tags naming the datasets a model was trained and tested on:
+    `dataset.<context>.name` and `dataset.<context>.digest` (the digests the run's Datasets
+    panel shows). MLflow 3 links a logged model to datasets only through metrics, and a
+    registered version not at all, so the registry page gets them as tags."""
+    tags = {}
+    for dataset in datasets:
+        tags[f"{DATASET_TAG_PREFIX}{dataset.context}.name"] = dataset.name
+        tags[f"{DATASET_TAG_PREFIX}{dataset.context}.digest"] = dataset.digest
+    return tags
+
+
+def log_manifest_datasets(
+    client: Any, run: str, datasets: str | Path | Sequence[ManifestDataset], site: str = ""
+) -> dict[str, str]:
+    """Log the training and test slides of the manifest as the run's MLflow datasets (the run
+    page's Datasets panel): named `<site>-<split>`, sourced from the manifest file, digested
+    over their rows (`manifest_datasets`), tagged with the context `training` / `test`.
+    `datasets` is their list, or the manifest's path (then `site` names them). Returns
+    split -> digest."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if isinstance(datasets, (str, Path)):
+        datasets = manifest_datasets(datasets, site)
+    inputs, digests = [], {}
+    for dataset in datasets:
         with warnings.catch_warnings():
             # mlflow registers two local-file source classes and warns that it picks one.
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(
-                rows.to_pandas(),
-                source=str(Path(slides_path).resolve()),
-                name=f"{site}-{split}",
-                digest=digest,
+            logged = mlflow.data.from_pandas(
+                dataset.rows.to_pandas(),
+                source=dataset.source,
+                name=dataset.name,
+                digest=dataset.digest,
             )
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
-        digests[split] = digest
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, dataset.context)]
+        inputs.append(DatasetInput(logged._to_mlflow_entity(), tags))
+        digests[dataset.split] = dataset.digest
     if inputs:
         client.log_inputs(run, datasets=inputs)
     return digests
@@ -333,6 +412,37 @@ def open_nightly_run(
         )
 
 
+def open_family_run(
+    target: TrackingTarget,
+    parent: str,
+    site: SiteConfig,
+    family: str,
+    tags: Mapping[str, str],
+    category: str | None = None,
+) -> str:
+    """A family's (or one category's) child run, opened before its training; `log_family_run`
+    logs into it and ends it. Also a heartbeat for the night's parent run."""
+    from vadflow.tasks.tracking.lifecycle import TAG_HEARTBEAT
+    from vadflow.tasks.tracking.spool import TrackingSession
+
+    with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        session.set_tags(parent, {TAG_HEARTBEAT: str(int(time.time() * 1000))})
+        return start_family(
+            session, parent, site=site.name, family=family, tags=tags, category=category
+        )
+
+
+def end_family_run(target: TrackingTarget, run: str, status: str, reason: str) -> None:
+    """End a child run that will log nothing more (its family was skipped), with `reason` as
+    the tag `vadflow.end_reason`."""
+    from vadflow.tasks.tracking.lifecycle import TAG_END_REASON
+    from vadflow.tasks.tracking.spool import TrackingSession
+
+    with TrackingSession(target.tracking_uri, target.spool_dir) as session:
+        session.set_tags(run, {TAG_END_REASON: reason})
+        session.end_run(run, status)
+
+
 def log_family_run(
     target: TrackingTarget,
     parent: str,
@@ -346,10 +456,12 @@ def log_family_run(
     contracts_passed: bool,
     category: str | None = None,
     log: logging.Logger | logging.LoggerAdapter = logger,
+    run: str | None = None,
 ) -> TrackedFamily:
     """One child run for a family (or one category's model of it), its model registered as
     `<site>-<family>` (`<site>-<family>-<category>`) and put through the site's champion gate
-    on this night's evaluation set (the slides that were usable)."""
+    on this night's evaluation set (the slides that were usable). `run` is the child that
+    `open_family_run` opened before training (created here without it); it ends here."""
     from vadflow.tasks.tracking.registry import evaluation_set_hash
     from vadflow.tasks.tracking.spool import TrackingSession
 
@@ -379,6 +491,7 @@ def log_family_run(
             contracts_passed=contracts_passed,
             category=category,
             slides_path=slides_path,
+            run=run,
         )
     if tracked.spooled:
         log.warning(

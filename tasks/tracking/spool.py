@@ -304,9 +304,11 @@ class TrackingSession:
         diverged: bool,
         eval_set_hash: str | None = None,
         floor: Mapping[str, float] | None = None,
+        version_tags: Mapping[str, str] | None = None,
     ) -> PromotionDecision | None:
-        """Register the run's model as `<site>-<family>` and put it through the champion gate.
-        None when spooled: the gate then runs at `sync`, against the champion of that time."""
+        """Register the run's model as `<site>-<family>` (the version tagged `version_tags`,
+        e.g. its datasets) and put it through the champion gate. None when spooled: the gate
+        then runs at `sync`, against the champion of that time."""
         key = _key()
         args = {
             "run": run,
@@ -319,6 +321,7 @@ class TrackingSession:
             "diverged": diverged,
             "eval_set_hash": eval_set_hash,
             "floor": None if floor is None else {k: float(v) for k, v in floor.items()},
+            "version_tags": {k: str(v) for k, v in (version_tags or {}).items()},
         }
         return self._call(
             "register_and_promote",
@@ -489,7 +492,9 @@ def _register_and_promote(
     client: MlflowClient, args: dict, resolve: Resolve, key: str
 ) -> PromotionDecision:
     run = resolve(args["run"])
-    version = register_model(client, run, args["site"], args["family"], op_key=key)
+    version = register_model(
+        client, run, args["site"], args["family"], tags=args.get("version_tags"), op_key=key
+    )
     return promote(
         client,
         f"{args['site']}-{args['family']}",
