@@ -20,6 +20,7 @@ import polars as pl
 from vadflow.tasks.evaluation.calibration import Calibration, write_calibration
 from vadflow.tasks.evaluation.evaluate import CandidateRule, evaluate_site, slide_threshold
 from vadflow.tasks.evaluation.plots import evaluation_plots
+from vadflow.tasks.exports.latest import run_folder, run_key
 from vadflow.tasks.records import Evaluated, SlideResult, SlideScore
 from vadflow.tasks.scoring.tail import TailReference, TailSettings, scored_tiles
 from vadflow.tasks.site import SiteConfig
@@ -61,7 +62,8 @@ def evaluate_scored_run(
         tile_scores={s.slide_id: s.tile_scores for s in scores},
         tail=tail,
     )
-    folder = Path(reports_dir) / name
+    # The run's own folder; the export publishes it as reports/<name> (tasks/exports/latest.py).
+    folder = run_folder(reports_dir, name, run_key(name, scores))
     folder.mkdir(parents=True, exist_ok=True)
     evaluation.table.write_csv(folder / "slides.csv")
     metrics = {**evaluation.metrics, **evaluation.froc_points}

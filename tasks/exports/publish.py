@@ -14,9 +14,11 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from vadflow.tasks.evaluation.calibration import Calibration, read_calibration
 from vadflow.tasks.evaluation.evaluate import heatmap_value_range
+from vadflow.tasks.exports.latest import publish_latest, run_folder, run_key
 from vadflow.tasks.exports.probability import prediction_cut
 from vadflow.tasks.exports.render import (
     SCORED_RUN_FILE,
@@ -124,9 +126,13 @@ def export_scored_run(
     `candidates` setting). Without `render` only the run's `scored.json` is saved (nothing is
     drawn): `vadflow export` draws it all later, exactly as it would have been now.
     """
-    exports_dir = str(layout.exports / name)
+    # Written into the run's own folders, published as exports/<name> and reports/<name> only
+    # when complete (tasks/exports/latest.py).
+    key = run_key(name, scores)
+    exports_dir = str(run_folder(layout.exports, name, key))
+    reports_dir = str(run_folder(layout.reports, name, key))
     if not scores:
-        return Exported(name, exports_dir, report=str(layout.reports / name / "report.html"))
+        return Exported(name, exports_dir, report=str(Path(reports_dir) / "report.html"))
     if evaluation is not None:
         chosen = _from_evaluation(evaluation)
         # The evaluation's threshold is on its slide score (aggregation.slide_score): call
@@ -136,7 +142,7 @@ def export_scored_run(
             for s in scores
         ]
     else:
-        chosen = _from_model(model_dir, model, scores, str(layout.reports / name), logger)
+        chosen = _from_model(model_dir, model, scores, reports_dir, logger)
     everyone = domain == "pathology"
     rule = candidates or CandidatesConfig()
     run = ScoredRun(
@@ -162,9 +168,13 @@ def export_scored_run(
     )
     if not render:
         record = save_scored_run(run)
+        if Path(reports_dir).is_dir():  # the evaluation's metrics and plots: complete
+            publish_latest(layout.reports, name, key)
         logger.info("%s: exports skipped; `vadflow export %s` draws them", name, record.parent)
         return Exported(name, exports_dir, report="", scored_run=str(record))
     rendered = render_exports(run, candidates=chosen.candidates)
+    publish_latest(layout.exports, name, key)
+    publish_latest(layout.reports, name, key)
     return Exported(
         name=name,
         exports_dir=exports_dir,
