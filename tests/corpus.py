@@ -218,6 +218,13 @@ def declares_huge(site: Path, pixels: np.ndarray) -> None:
         tags["ImageLength"].overwrite(200_000)
 
 
+def tumour_without_annotation(site: Path, pixels: np.ndarray) -> None:
+    """A test slide labelled Tumor in reference.csv whose lesion annotation is missing."""
+    write_pyramid(images_dir(site) / "no_xml.tif", pixels)
+    with (site / "testing" / "reference.csv").open("a") as handle:
+        handle.write("no_xml,Tumor\n")
+
+
 def copy_of_training(site: Path, _: np.ndarray) -> None:
     """A byte copy of a training normal among the test images (leakage)."""
     first = sorted((site / "training" / "normal").glob("*.tif"))[0]
@@ -304,6 +311,11 @@ def cases() -> list[Case]:
              "decoded: its smallest level is larger than the tissue mask may decode "
              "(`limits.max_mask_megapixels`); a run whose slides together pass "
              "`limits.max_tiles_per_run` stops before tiling"),
+        Case("tumour slide whose annotation is missing", "no_xml", "scored", "",
+             tumour_without_annotation,
+             "scored and counted at slide level as tumour; left out of pixel AUROC and FROC "
+             "(never counted as lesion-free), `n_ground_truth_missing` in the metrics, and "
+             "named in the run summary's gaps"),
         Case("test slide that is a byte copy of a training slide", "copy_of_train", "scored", "",
              copy_of_training,
              "scored, and named in the run summary's gaps (`copy_of_train = normal_...`, found by "

@@ -71,6 +71,15 @@ def test_both_files_sharing_an_id_are_quarantined(corpus_run: dict) -> None:
         assert (corpus_run["outputs"] / "quarantine" / f"{slide_id}.json").is_file()
 
 
+def test_a_tumour_without_its_annotation_is_left_out_of_pixel_metrics(corpus_run: dict) -> None:
+    summary = corpus_run["summary"]
+    assert "no_xml" in summary.gaps.anomalous_without_annotation
+    metrics = summary.families["ae_l2"].metrics
+    assert metrics["n_ground_truth_missing"] >= 1
+    row = _scored(corpus_run)["no_xml"]
+    assert row.label == "anomalous"  # it still counts at slide level
+
+
 def test_copies_and_case_collisions_are_named_in_the_summary(corpus_run: dict) -> None:
     gaps = corpus_run["summary"].gaps
     assert len(gaps.train_test_copies) == 1
