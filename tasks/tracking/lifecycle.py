@@ -82,6 +82,14 @@ def end_run_tree(client: MlflowClient, run_id: str, status: str, reason: str) ->
     return ended
 
 
+def _no_store_yet(tracking_uri: str) -> bool:
+    """A local SQLite or file store that does not exist: opening it would create it."""
+    for scheme in ("sqlite:///", "file://"):
+        if tracking_uri.startswith(scheme):
+            return not Path(tracking_uri.removeprefix(scheme)).exists()
+    return False
+
+
 def end_flow_runs(
     tracking_uri: str, site: str, flow_run_id: str, status: str, reason: str
 ) -> list[str]:
@@ -93,6 +101,8 @@ def end_flow_runs(
     effort: the night is failing already, and a tracking error must not hide why."""
     from mlflow.tracking import MlflowClient
 
+    if not flow_run_id or _no_store_yet(tracking_uri):
+        return []  # nothing was tracked (the night failed before tracking): create nothing
     try:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment_name(site))
