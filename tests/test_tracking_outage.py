@@ -299,8 +299,6 @@ def test_nightly_logging_finishes_with_the_server_down(
 ) -> None:
     """The nightly's own calls (`start_nightly`, `track_family`, `finish_nightly`) complete
     with no server; after sync the family run, its model and the champion are there."""
-    from vadflow.tasks.detectors.base import FitReport
-    from vadflow.tasks.records import EpochLoss, Evaluated, TrainedModel
     from vadflow.tasks.site import TilingConfig
     from vadflow.tasks.tracking.nightly import (
         PromotionPolicy,
@@ -310,25 +308,7 @@ def test_nightly_logging_finishes_with_the_server_down(
     )
 
     spool, dead, site = tmp_path / "spool", _dead_uri(), "down-site"
-    fit = TrainedModel(
-        family="ae_l2",
-        model_dir=str(tiny_detector.directory),
-        supervision="none",
-        train_tiles=16,
-        val_tiles=8,
-        config={"tile_size": 32},
-        report=FitReport(1, 1, [0.5], [0.6], seconds=1.0, device="cpu"),
-        curves=(EpochLoss(1, 0.5, 0.6),),
-    )
-    evaluation = Evaluated(
-        name="ae_l2",
-        metrics={"slide_auroc": 0.9},
-        froc_points={},
-        threshold=0.5,
-        value_range=(0.0, 1.0),
-        table=(),
-        report_dir="",
-    )
+    fit, evaluation = _tiny_night(tiny_detector)
     with TrackingSession(dead, spool) as session:
         parent = start_nightly(session, site, "v1", tags={}, params={"site": site})
     with TrackingSession(dead, spool) as session:
@@ -379,8 +359,6 @@ def test_a_family_run_opened_while_down_is_created_at_sync_with_its_start(
 
     import polars as pl
 
-    from vadflow.tasks.detectors.base import FitReport
-    from vadflow.tasks.records import EpochLoss, Evaluated, TrainedModel
     from vadflow.tasks.site import TilingConfig
     from vadflow.tasks.tracking.nightly import (
         PromotionPolicy,
@@ -401,25 +379,7 @@ def test_a_family_run_opened_while_down_is_created_at_sync_with_its_start(
             "status": ["ok", "ok"],
         }
     ).write_parquet(slides)
-    fit = TrainedModel(
-        family="ae_l2",
-        model_dir=str(tiny_detector.directory),
-        supervision="none",
-        train_tiles=16,
-        val_tiles=8,
-        config={"tile_size": 32},
-        report=FitReport(1, 1, [0.5], [0.6], seconds=1.0, device="cpu"),
-        curves=(EpochLoss(1, 0.5, 0.6),),
-    )
-    evaluation = Evaluated(
-        name="ae_l2",
-        metrics={"slide_auroc": 0.9},
-        froc_points={},
-        threshold=0.5,
-        value_range=(0.0, 1.0),
-        table=(),
-        report_dir="",
-    )
+    fit, evaluation = _tiny_night(tiny_detector)
     tags = {"prefect_flow_run_id": "flow-early"}
     with TrackingSession(dead, spool) as session:
         parent = start_nightly(session, site, "v1", tags=tags, params={"site": site})
@@ -459,3 +419,30 @@ def test_a_family_run_opened_while_down_is_created_at_sync_with_its_start(
     for context, (name, digest) in expected.items():
         assert version.tags[f"dataset.{context}.name"] == name
         assert version.tags[f"dataset.{context}.digest"] == digest
+
+
+def _tiny_night(tiny_detector):
+    """A trained tiny model and its evaluation, as the nightly hands them to tracking."""
+    from vadflow.tasks.detectors.base import FitReport
+    from vadflow.tasks.records import EpochLoss, Evaluated, TrainedModel
+
+    fit = TrainedModel(
+        family="ae_l2",
+        model_dir=str(tiny_detector.directory),
+        supervision="none",
+        train_tiles=16,
+        val_tiles=8,
+        config={"tile_size": 32},
+        report=FitReport(1, 1, [0.5], [0.6], seconds=1.0, device="cpu"),
+        curves=(EpochLoss(1, 0.5, 0.6),),
+    )
+    evaluation = Evaluated(
+        name="ae_l2",
+        metrics={"slide_auroc": 0.9},
+        froc_points={},
+        threshold=0.5,
+        value_range=(0.0, 1.0),
+        table=(),
+        report_dir="",
+    )
+    return fit, evaluation
