@@ -79,7 +79,7 @@ def _score(
         calibration = read_calibration(model_dir)
         threshold = calibration.threshold if calibration and calibration.calibrated else None
         evaluated = evaluate_task(
-            site, run, data.slides_path, scores, layout, model_threshold=threshold
+            site, run, data.slides_path, scores, layout, model_threshold=threshold, family=family
         )
     exported = export_task(
         run,

@@ -191,7 +191,9 @@ def _night(
                 name, scores, data.slides_path, list(group.tile_paths), site, layout, version
             )
             scores = [s for s in scores if s.slide_id not in set(checked.quarantined_ids)]
-            evaluated = evaluate_task(site, name, data.slides_path, scores, layout, model_dir)
+            evaluated = evaluate_task(
+                site, name, data.slides_path, scores, layout, model_dir, family=family
+            )
             validate_metrics_task(name, evaluated, site, layout, version)
             passed = not (data.contracts_quarantined or checked.quarantined)
             scored.append(_Scored(family, group, trained, scores, evaluated, passed, child))

@@ -224,3 +224,8 @@ def test_evaluation_thresholds_and_ranks_on_the_chosen_slide_score(tmp_path: Pat
     fewer = {s: v for s, v in scores.items() if s not in ("v1", "v2")}
     auto = evaluate_site(one_normal, fewer, **common, slide_score="auto", tile_scores=tiles)
     assert auto.slide_score == "max"
+    # A model that learned from lesion labels: `auto` is its maximum.
+    labelled = evaluate_site(
+        slides, scores, **common, slide_score="auto", tile_scores=tiles, labelled=True
+    )
+    assert labelled.slide_score == "max"

@@ -45,9 +45,9 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
     """Score every val and test slide into heatmaps and evaluate them as a nightly run does.
 
     Returns the pipeline's metrics (slide_auroc, froc, pixel_auroc, ...) plus tile_auroc from
-    the same tile scores. The slide AUC is the `tail` slide score's (`tasks/scoring/tail.py`,
-    the site's alpha), whatever the site's default, since the hard site is where the two are
-    compared; `slide_auroc_max` is the heatmap maximum's beside it.
+    the same tile scores. The slide AUC is on the site's slide score (`auto`: the tail score
+    of `tasks/scoring/tail.py` for the unsupervised families, the heatmap maximum for the
+    labelled ones); `slide_auroc_max` is the maximum's beside it.
     """
     import polars as pl
 
@@ -77,6 +77,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         site.domain,
         itc_um=FROC_ITC_UM,
         slide_score=site.aggregation.slide_score,
+        labelled=getattr(detector, "supervision", "none") != "none",
         tile_scores=tile_files,
         tail=TailSettings(site.aggregation.alpha, site.qc.keep_artefacts),
         candidate_rule=CandidateRule(keep_artefacts=site.qc.keep_artefacts),

@@ -121,12 +121,15 @@ def evaluate_site(
     slide_score: str = "max",
     tile_scores: Mapping[str, str | Path | pl.DataFrame] | None = None,
     tail: TailSettings | None = None,
+    labelled: bool = False,
 ) -> Evaluation:
     """Metrics over the test slides of one model.
 
     `scores` maps slide_id -> (slide score, heatmap file: `load_heatmap`), for val and test slides.
     `slide_score` picks what the threshold and the slide metrics are on: `auto` (`tail` from
-    two held-out normal slides up, else `max`), `max` (the heatmap
+    two held-out normal slides up, else `max`; `max` for a `labelled` model, one that learned
+    from lesion labels: its tile scores are a classifier's, with no outliers on normal tissue
+    to count past), `max` (the heatmap
     maximum in `scores`), `tail` (`tasks.scoring.tail`: needs `tile_scores`, slide_id -> its
     `<slide>.tiles.parquet` or frame, and `tail` settings) or `forest` (the cross-validated
     forest, where labels allow; else `max`). Whenever it is not `max`, `slide_auroc_max`
@@ -147,6 +150,8 @@ def evaluate_site(
     value_range = heatmap_value_range([load_heatmap(scores[s][1]) for s in val_ids])
     test = rows.filter(pl.col("split") == "test").sort("slide_id")
     maxima = {s: float(scores[s][0]) for s in rows["slide_id"]}
+    if slide_score == "auto" and labelled:
+        slide_score = "max"
     chosen, used, reference = _chosen_slide_scores(
         slide_score, rows, scores, maxima, tile_scores, tail, value_range
     )

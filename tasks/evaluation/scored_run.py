@@ -35,13 +35,15 @@ def evaluate_scored_run(
     model_dir: str | None = None,
     model_threshold: float | None = None,
     masks_dir: str | None = None,
+    labelled: bool = False,
 ) -> Evaluated:
     """Metrics, plots and the slide table of run `name` under `reports_dir/name`.
 
     `model_dir` (a model trained on this site) gets this evaluation's calibration written beside
     it; `model_threshold` (a model calibrated before, perhaps at another site) adds the calls
     made at that threshold to the metrics. `masks_dir` holds the tissue masks the scored
-    share of a pathology site is measured against.
+    share of a pathology site is measured against. `labelled`: the model learned from lesion
+    labels (the `auto` slide score is then the maximum).
     """
     slides = pl.read_parquet(slides_path)
     aggregation = site.aggregation
@@ -59,6 +61,7 @@ def evaluate_scored_run(
         ),
         masks_dir=masks_dir,
         slide_score=aggregation.slide_score,
+        labelled=labelled,
         tile_scores={s.slide_id: s.tile_scores for s in scores},
         tail=tail,
     )

@@ -18,12 +18,15 @@ def evaluate_task(
     layout: SiteLayout,
     model_dir: str | None = None,
     model_threshold: float | None = None,
+    family: str | None = None,
 ) -> Evaluated:
     """Metrics, plots and slide table under reports/<name>/; calibration beside `model_dir`
     (a model trained on this site); `model_threshold` adds the calls a model calibrated
-    before would make here."""
+    before would make here. `family` tells whether the model learned from lesion labels
+    (the `auto` slide score is then the maximum)."""
     # Imported here: evaluation pulls in sklearn, matplotlib and torch, which the flow module
     # (and the command line that imports it) should not pay for before the first task runs.
+    from vadflow.tasks.detectors.registry import detector_class
     from vadflow.tasks.evaluation.scored_run import evaluate_scored_run
 
     stage = f"evaluate {name}"
@@ -37,6 +40,7 @@ def evaluate_task(
         model_dir,
         model_threshold,
         masks_dir=str(layout.masks),
+        labelled=family is not None and detector_class(family).supervision != "none",
     )
     report(stage, 1, 1, _headline(evaluated.metrics))
     return evaluated
