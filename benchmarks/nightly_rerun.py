@@ -40,6 +40,8 @@ def make_site(root: Path, n_slides: int, size: int) -> Path:
     import numpy as np
     import pyvips
 
+    from vadflow.tasks.synth.pathology import save_slide_tiff
+
     site = root / SITE
     if (site / "site.yaml").exists():
         return site
@@ -62,17 +64,7 @@ def make_site(root: Path, n_slides: int, size: int) -> Path:
             path = site / "testing" / "images" / f"test_{i - n_train:03d}.tif"
             tests.append(path.stem)
         image = pyvips.Image.new_from_array(pixels).copy(interpretation="srgb")
-        image.tiffsave(
-            str(path),
-            tile=True,
-            tile_width=256,
-            tile_height=256,
-            pyramid=True,
-            compression="jpeg",
-            Q=90,
-            xres=4000.0,  # px per mm: 0.25 um/px
-            yres=4000.0,
-        )
+        save_slide_tiff(image, path, mpp=0.25)
     (site / "testing" / "reference.csv").write_text("".join(f"{t},Normal\n" for t in tests))
     return site
 

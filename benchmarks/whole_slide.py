@@ -76,6 +76,8 @@ def make_slide(path: Path, width: int, height: int, seed: int = 0) -> np.ndarray
     tissue mask (upsampled from 1/1024, nearest) strip by strip while it encodes."""
     import pyvips
 
+    from vadflow.tasks.synth.pathology import save_slide_tiff
+
     rng = np.random.default_rng(seed)
     # A 1024 px tissue texture: pink stroma with dark nuclei-like specks.
     noise = ndimage.gaussian_filter(rng.random((1024, 1024)), 2.0)
@@ -94,18 +96,7 @@ def make_slide(path: Path, width: int, height: int, seed: int = 0) -> np.ndarray
     big_mask = small.resize(1024, kernel="nearest").crop(0, 0, width, height)
     tissue = texture.replicate(-(-width // 1024), -(-height // 1024)).crop(0, 0, width, height)
     slide = big_mask.ifthenelse(tissue, [243, 243, 243])
-    slide = slide.copy(xres=1e3 / 0.25, yres=1e3 / 0.25)  # 0.25 um/px, in px per mm
-    slide.tiffsave(
-        str(path),
-        tile=True,
-        tile_width=256,
-        tile_height=256,
-        pyramid=True,
-        compression="jpeg",
-        Q=80,
-        bigtiff=True,
-        resunit="cm",
-    )
+    save_slide_tiff(slide, path, mpp=0.25, quality=80, bigtiff=True)
     return mask
 
 

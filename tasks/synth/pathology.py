@@ -134,6 +134,28 @@ class _HardLook:
 _HARD = _HardLook()
 
 
+def save_slide_tiff(
+    image: pyvips.Image, path: str | Path, mpp: float, *, quality: int = 90, bigtiff: bool = False
+) -> Path:
+    """Write `image` as a scanner would: a tiled (256 px) JPEG pyramidal TIFF with its level-0
+    resolution `mpp` (um/px) in the resolution tags. Lazy images stream through libvips."""
+    xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
+    image.tiffsave(
+        str(path),
+        tile=True,
+        tile_width=256,
+        tile_height=256,
+        pyramid=True,
+        compression="jpeg",
+        Q=quality,
+        bigtiff=bigtiff,
+        xres=xres,
+        yres=xres,
+        resunit="cm",
+    )
+    return Path(path)
+
+
 def make_pathology_site(
     out_dir: Path,
     name: str = "site-a",
@@ -310,18 +332,7 @@ def write_synthetic_slide(
                 _write_artefact_masks(Path(artefact_dir), path.stem, masks)
         xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
         image = pyvips.Image.rawload(str(raw_rgb), width, height, 3).copy(interpretation="srgb")
-        image.tiffsave(
-            str(path),
-            tile=True,
-            tile_width=256,
-            tile_height=256,
-            pyramid=True,
-            compression="jpeg",
-            Q=90,
-            xres=xres,
-            yres=xres,
-            resunit="cm",
-        )
+        save_slide_tiff(image, path, mpp)
         if raw_mask is not None and mask_path is not None:
             Path(mask_path).parent.mkdir(parents=True, exist_ok=True)
             mask = pyvips.Image.rawload(str(raw_mask), width, height, 1).copy(interpretation="b-w")
