@@ -187,11 +187,11 @@ class AggregationConfig(BaseModel):
 
     slide_score: Literal["auto", "tail", "max", "forest"] = "auto"
     alpha: float = Field(
-        0.2,
+        0.05,
         gt=0,
         lt=1,
-        description="a tile is unlikely when its tail p-value is below this (0.2 measured best "
-        "on the medium synthetic site's ~160-tile slides; large real slides may want 0.01)",
+        description="a tile is unlikely when its tail p-value is below this (0.05 measured best "
+        "on the medium synthetic site's ~130-tile slides; large real slides may want 0.01)",
     )
 
 

@@ -356,9 +356,9 @@ OWN_FIELDS = {
     ),
     "padim": (
         "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
-        "contamination feature_pool features filter_window imagenet_upsample "
+        "contamination feature_pool features filter_window gaussian imagenet_upsample "
         "map_smoothing_sigma n_features pretext ridge robust score_top_fraction shrinkage "
-        "temperature tile_size"
+        "temperature tile_size window"
     ),
     "patch_knn": (
         "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "

@@ -39,15 +39,17 @@ class BenchmarkRow:
     direction: str  # "ok", "inverted", "failed" (error says why) or "skipped" (needs labels)
     error: str = ""
     slide_auc_max: float = float("nan")  # slide AUC of the heatmap maximum, for comparison
+    tile_auroc_qc: float = float("nan")  # tile AUROC over the tiles that passed artefact QC
 
 
 def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dict[str, float]:
     """Score every val and test slide into heatmaps and evaluate them as a nightly run does.
 
     Returns the pipeline's metrics (slide_auroc, froc, pixel_auroc, ...) plus tile_auroc from
-    the same tile scores. The slide AUC is on the site's slide score (`auto`: the tail score
-    of `tasks/scoring/tail.py` for the unsupervised families, the heatmap maximum for the
-    labelled ones); `slide_auroc_max` is the maximum's beside it.
+    the same tile scores, and tile_auroc_qc over the tiles that passed artefact QC. The slide
+    AUC is on the site's slide score (`auto`: the tail score of `tasks/scoring/tail.py` for the
+    unsupervised families, the heatmap maximum for the labelled ones); `slide_auroc_max` is the
+    maximum's beside it.
     """
     import polars as pl
 
@@ -90,7 +92,11 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
     ordered = np.array([by_tile[t] for t in test_ids], dtype=np.float64)
     if not np.isfinite(ordered).all():
         raise FloatingPointError(f"{int((~np.isfinite(ordered)).sum())} NaN tile scores")
-    return {**metrics, "tile_auroc": tile_auroc(data.test, ordered)}
+    return {
+        **metrics,
+        "tile_auroc": tile_auroc(data.test, ordered),
+        "tile_auroc_qc": tile_auroc(data.test, ordered, qc_passed=True),
+    }
 
 
 def benchmark_families() -> list[str]:
@@ -221,6 +227,7 @@ def run_family(
         time.perf_counter() - started,
         "inverted" if tile < 0.5 else "ok",
         slide_auc_max=metrics.get("slide_auroc_max", nan),
+        tile_auroc_qc=metrics.get("tile_auroc_qc", nan),
     )
 
 

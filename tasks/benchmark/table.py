@@ -17,14 +17,15 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
         return "n/a" if math.isnan(value) else f"{value:.3f}"
 
     lines = [
-        "| family | tile AUROC | slide AUC | slide AUC (max) | FROC | pixel AUROC | seconds "
-        "| direction |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| family | tile AUROC | tile AUROC (QC passed) | slide AUC | slide AUC (max) | FROC "
+        "| pixel AUROC | seconds | direction |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         direction = f"{row.direction}: {row.error}" if row.error else row.direction
         lines.append(
-            f"| {row.family} | {num(row.tile_auroc)} | {num(row.slide_auc)} | "
+            f"| {row.family} | {num(row.tile_auroc)} | {num(row.tile_auroc_qc)} | "
+            f"{num(row.slide_auc)} | "
             f"{num(row.slide_auc_max)} | {num(row.froc)} | "
             f"{num(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
         )
@@ -55,6 +56,7 @@ def print_table(
     columns = (
         "family",
         "tile AUROC",
+        "tile AUROC (QC passed)",
         "slide AUC",
         "slide AUC (max)",
         "FROC",
@@ -72,7 +74,14 @@ def print_table(
     for row in rows:
         cells = [
             "n/a" if math.isnan(v) else f"{v:.3f}"
-            for v in (row.tile_auroc, row.slide_auc, row.slide_auc_max, row.froc, row.pixel_auroc)
+            for v in (
+                row.tile_auroc,
+                row.tile_auroc_qc,
+                row.slide_auc,
+                row.slide_auc_max,
+                row.froc,
+                row.pixel_auroc,
+            )
         ]
         if row.direction == "inverted":
             direction = "[red]inverted[/]"

@@ -20,6 +20,7 @@ class TileSet:
     label_fraction: np.ndarray  # (N,) float, share of the tile inside a lesion
     slide: np.ndarray  # (N,) int, index into `slide_names`
     slide_names: list[str]
+    artefact: np.ndarray | None = None  # (N,) bool, under the artefact QC mask (None: no QC)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def load_benchmark_tiles(
         label_fraction=test_rows["label_fraction"].to_numpy(),
         slide=np.array([names.index(s) for s in test_rows["slide_id"]]),
         slide_names=names,
+        artefact=test_rows["artefact"].to_numpy() if "artefact" in test_rows.columns else None,
     )
     return BenchmarkData(
         train=load_tiles(pl.concat([manifests[i] for i in train_ids]), uris),
@@ -152,12 +154,20 @@ def load_benchmark_tiles(
     )
 
 
-def tile_auroc(test: TileSet, tile_scores: np.ndarray) -> float:
-    """Tiles at least TILE_POSITIVE lesion against lesion-free tiles; NaN if undefined."""
+def tile_auroc(test: TileSet, tile_scores: np.ndarray, *, qc_passed: bool = False) -> float:
+    """Tiles at least TILE_POSITIVE lesion against lesion-free tiles; NaN if undefined.
+
+    `qc_passed` leaves out the tiles under the artefact QC mask: the tiles the pipeline calls
+    (their candidates and slide scores leave the QC'd ones out); NaN when the site has no QC.
+    """
     from vadflow.tasks.evaluation.metrics import image_auroc
 
     scores = np.asarray(tile_scores, dtype=np.float64)
     keep = (test.label_fraction >= TILE_POSITIVE) | (test.label_fraction == 0)
+    if qc_passed:
+        if test.artefact is None:
+            return float("nan")
+        keep &= ~test.artefact
     labels = test.label_fraction[keep] >= TILE_POSITIVE
     if labels.all() or not labels.any():
         return float("nan")

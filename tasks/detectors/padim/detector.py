@@ -1,20 +1,39 @@
-"""padim: PaDiM-style Gaussian per patch position, Mahalanobis distance as the anomaly map.
+"""padim: a Gaussian of normal patch features, Mahalanobis distance as the anomaly map.
 
 Fit: get the patch features ready and standardise them (backbones.py, as for patch_knn: the
-fixed texture filter bank by default, or a CNN), keep a seeded random subset of `n_features`
-feature channels, and fit one Gaussian per position of the feature grid over the normal
-training tiles. Each position's covariance is shrunk towards the covariance pooled over all
-positions (`shrinkage`), then a small ridge is added, so it stays well conditioned with few
-tiles: tiles of a texture are close to stationary, so the pooled estimate is a good target,
-while positions at the border (padding) keep their own character. Score: Mahalanobis distance
-of each patch to its position's Gaussian, upsampled to the tile and lightly smoothed; the tile
-score is its maximum (on the hard synthetic site the maximum measured 0.83 tile AUROC, the
-top 10 % 0.81, so padim keeps PaDiM's maximum).
+fixed texture filter bank by default, or a CNN or pretrained network), keep a seeded random
+subset of `n_features` feature channels, average each patch's features over a `window` x
+`window` neighbourhood of patches, and fit a Gaussian to the normal training tiles' patches.
+Score: Mahalanobis distance of each (window-averaged) patch to the Gaussian, upsampled to the
+tile and lightly smoothed; the tile score is the map's mean (`score_top_fraction` 1.0).
+
+Two layouts (`gaussian`):
+- "shared" (the default): one Gaussian for every position. Tissue and surface textures are
+  stationary, so every position's patches are samples of the same distribution, and the
+  Gaussian is fitted on P times as many patches as a per-position one;
+- "position": PaDiM's (Defard et al. 2020) one Gaussian per position of the feature grid, for
+  aligned objects. Each position's covariance is shrunk towards the covariance pooled over all
+  positions (`shrinkage`).
+A small ridge (`ridge`, relative to the mean variance) keeps the covariance invertible.
+
+Why these defaults, measured on the medium hard synthetic pathology site (seed 0, filter-bank
+features, tile AUROC): PaDiM as published here (per position, no window, ridge 0.01, tile
+score the map's maximum) 0.870; ridge 1e-4 0.938 (the larger ridge drowned the low-variance
+directions in which lesions differ); one shared Gaussian 0.924 -> 0.971 with a 4 x 4 window
+(a lesion is a region's make-up: denser, larger nuclei and no stroma, which one 4 px patch
+cannot show); 0.974 with whole windows only (`window_average`); 0.981 with 8 x 8 and 0.985
+with 12 x 12 (seeds 0-4 at 12 x 12: 0.985 / 0.979 / 0.985 / 0.979 / 0.970, against 0.974 /
+0.966 / 0.978 / 0.966 / 0.952 at 4 x 4; the whole 16 x 16 tile: 0.982 and 0.973 at seeds 1
+and 4). The larger window also localised better there (pixel AUROC 0.961 against 0.945,
+FROC 0.65 against 0.61 at 4 x 4): at 64 px tiles a 12 x 12 window is 48 px. A window is
+capped at the tile's patch grid, so on 32 px industrial tiles it is the whole tile; give
+`window` a smaller value where maps must localise within a tile.
 
 Robust mode (`robust`, for training tiles that may hold anomalies): a trimmed Gaussian. After
-the first fit, at each position the `contamination` fraction of training patches farthest from
-it (Mahalanobis) is left out and the mean and covariance are fitted again on the rest, one
-concentration step of the minimum covariance determinant estimator (Rousseeuw 1999).
+the first fit, the `contamination` fraction of training patches farthest from it (at each
+position, in the "position" layout) is left out and the mean and covariance are fitted again
+on the rest, one concentration step of the minimum covariance determinant estimator
+(Rousseeuw 1999).
 """
 
 from __future__ import annotations
@@ -31,22 +50,31 @@ from vadflow.tasks.detectors.components.backbones import (
     PatchScoreConfig,
     new_features,
 )
-from vadflow.tasks.detectors.padim.torch_model import PadimModel
+from vadflow.tasks.detectors.padim.torch_model import PadimModel, window_average
 from vadflow.tasks.detectors.registry import register
+
+GAUSSIANS = ("position", "shared")
 
 
 @dataclass(frozen=True)
 class PadimConfig(PatchScoreConfig):
     """Hyperparameters of padim (backbone, pretext and map fields from PatchScoreConfig)."""
 
-    tile_size: int = 64  # the Gaussians are per position, so tiles of another size are refused
+    tile_size: int = 64  # tiles of another size are refused
     n_features: int = 64  # random subset of the feature channels (all when there are fewer)
-    shrinkage: float = 0.5  # weight of the pooled covariance in each position's covariance
-    ridge: float = 0.01  # added to the diagonal, relative to the mean variance
-    score_top_fraction: float = 0.0  # tile score = mean of this top fraction; 0 = max
+    gaussian: str = "shared"  # "shared": one Gaussian for every position; "position": PaDiM's
+    window: int = 12  # patch features averaged over window x window patches (the tile's grid
+    # at most) before the Gaussian
+    shrinkage: float = 0.5  # "position": weight of the pooled covariance in each position's
+    ridge: float = 1e-4  # added to the diagonal, relative to the mean variance
+    score_top_fraction: float = 1.0  # tile score = mean of this top fraction of the map; 0 = max
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.gaussian not in GAUSSIANS:
+            raise ValueError(f"gaussian must be one of {GAUSSIANS}, got {self.gaussian!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
         if self.tile_size < 8 or self.tile_size % 4:
             raise ValueError(f"tile_size must be a multiple of 4 and >= 8, got {self.tile_size}")
         if self.n_features < 1:
@@ -59,7 +87,8 @@ class PadimConfig(PatchScoreConfig):
 
 @register("padim")
 class PadimDetector(PatchFeatureDetector):
-    """One Gaussian per patch position over random feature channels; Mahalanobis anomaly map."""
+    """A Gaussian (shared, or one per patch position) of window-averaged patch features over
+    random feature channels; Mahalanobis anomaly map."""
 
     config_cls = PadimConfig
     config: PadimConfig
@@ -69,7 +98,13 @@ class PadimDetector(PatchFeatureDetector):
         super().__init__(config)
         cfg = self.config
         grid = math.ceil(cfg.tile_size / 4)  # patch features are on a 1/4 grid
-        self.model = PadimModel(new_features(cfg), grid, cfg.n_features)
+        self.model = PadimModel(
+            new_features(cfg),
+            grid,
+            cfg.n_features,
+            shared=cfg.gaussian == "shared",
+            window=cfg.window,
+        )
         self.model.to(self.device)
 
     def fit(
@@ -79,20 +114,23 @@ class PadimDetector(PatchFeatureDetector):
         *,
         on_epoch: EpochCallback | None = None,
     ) -> FitReport:
-        """Pretext-train (or load) the backbone, then fit the per-position Gaussians."""
+        """Pretext-train (or load) the backbone, then fit the Gaussian(s)."""
         check_tile_size(self.family, self.config.tile_size, train=train, val=val)
         if len(train) < 2:
             raise ValueError(f"padim needs at least 2 training tiles, got {len(train)}")
         return super().fit(train, val, on_epoch=on_epoch)
 
     def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
-        """Fit one Gaussian per feature-grid position; returns the mean Mahalanobis distance of
-        (up to 256) training tiles' patches to their positions' Gaussians."""
+        """Fit the shared Gaussian, or one per feature-grid position; returns the mean
+        Mahalanobis distance of (up to 256) training tiles' patches to it."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         d = self.model.channels.numel()
         channels = torch.randperm(features.shape[1], generator=generator)[:d].sort().values
-        x = features[:, channels].flatten(2).permute(2, 0, 1).double()  # (P, N, d)
+        chosen = window_average(features[:, channels], cfg.window)  # (N, d, h, w)
+        x = chosen.flatten(2).permute(2, 0, 1).double()  # (P, N, d)
+        if cfg.gaussian == "shared":  # every position's patches are samples of one Gaussian
+            x = x.reshape(1, -1, d)  # (1, P * N, d)
         mean, precision = self._gaussians(x)
         keep = x.shape[1] - int(cfg.contamination * x.shape[1])
         if cfg.robust and 2 <= keep < x.shape[1]:

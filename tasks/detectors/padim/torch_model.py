@@ -5,40 +5,55 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vadflow.tasks.detectors.components.backbones import PatchFeatures
 
 
 class PadimModel(nn.Module):
-    """Patch features + per-position Gaussians over a fixed random subset of their channels.
+    """Patch features + Gaussians over a fixed random subset of their channels.
 
     Buffers (all in `state_dict()`): `channels` (d,) the channel subset, `mean` (P, d) and
-    `precision` (P, d, d) per patch position P = h * w of the feature grid.
+    `precision` (P, d, d) per patch position P = h * w of the feature grid, or P = 1 when one
+    Gaussian is `shared` by every position. `window` > 1 averages the features over a window x
+    window neighbourhood of patches (stride 1) before they are compared.
     """
 
     channels: torch.Tensor
     mean: torch.Tensor
     precision: torch.Tensor
 
-    def __init__(self, features: PatchFeatures, grid: int, n_features: int) -> None:
+    def __init__(
+        self,
+        features: PatchFeatures,
+        grid: int,
+        n_features: int,
+        *,
+        shared: bool = False,
+        window: int = 1,
+    ) -> None:
         super().__init__()
         self.features = features
         self.grid = grid
+        self.shared = shared
+        self.window = window
         d = min(n_features, features.channels)
+        positions = 1 if shared else grid * grid
         self.register_buffer("channels", torch.arange(d))
-        self.register_buffer("mean", torch.zeros(grid * grid, d))
-        self.register_buffer("precision", torch.eye(d).repeat(grid * grid, 1, 1))
+        self.register_buffer("mean", torch.zeros(positions, d))
+        self.register_buffer("precision", torch.eye(d).repeat(positions, 1, 1))
 
     def selected_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, P, d) float32 features of the chosen channels per position."""
+        """(B, 3, H, W) -> (B, P, d) float32 features of the chosen channels per position,
+        window-averaged."""
         features = self.features(x).float()  # (B, C, h, w)
-        if features.shape[-2:] != (self.grid, self.grid):
+        if not self.shared and features.shape[-2:] != (self.grid, self.grid):
             raise ValueError(
                 f"padim was fitted on a {self.grid}x{self.grid} feature grid (tiles of "
                 f"{4 * self.grid} px) but got tiles of {tuple(x.shape[-2:])} px"
             )
-        features = features[:, self.channels]  # (B, d, h, w)
+        features = window_average(features[:, self.channels], self.window)  # (B, d, h, w)
         return features.flatten(2).transpose(1, 2)  # (B, P, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,4 +69,25 @@ class PadimModel(nn.Module):
             diff = features - self.mean  # (B, P, d)
             squared = torch.einsum("bpd,pde,bpe->bp", diff, self.precision, diff)  # (B, P)
         distance = squared.clamp_min(0).sqrt()
-        return distance.view(len(x), 1, self.grid, self.grid)
+        height, width = -(-x.shape[-2] // 4), -(-x.shape[-1] // 4)  # the 1/4 patch grid
+        return distance.view(len(x), 1, height, width)
+
+
+def window_average(features: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h, w): each patch's features averaged with its neighbours' over a
+    window x window square, so a position describes a region's make-up (how dense its nuclei,
+    whether it has stroma) rather than one patch.
+
+    Only whole windows inside the tile are averaged (stride 1); the positions within half a
+    window of the border take their nearest whole window's value. A window cut by the border
+    would weigh the border patches, whose features see the tile's zero padding, more than any
+    other: on the hard synthetic site that cost 0.5 points of tile AUROC.
+    """
+    height, width = features.shape[-2:]
+    window = min(window, height, width)
+    if window <= 1:
+        return features
+    pooled = F.avg_pool2d(features, window, stride=1)  # (B, C, h - window + 1, w - window + 1)
+    before = (window - 1) // 2
+    after = window - 1 - before
+    return F.pad(pooled, (before, after, before, after), mode="replicate")
