@@ -82,12 +82,14 @@ def build_hard_line(
     name: str = "hard-line",
     tile_size: int | None = None,
     detectors: Mapping[str, Mapping[str, Any]] | None = None,
+    defects: Sequence[str] | None = None,
 ) -> Path:
     """Write a hard-mode MVTec AD-shaped line with every category and return its folder.
 
     Its `site.yaml` gets the benchmark's tiling (`LINE_TILING`, `tile_size` overriding the tile
     edge and the stride at half of it) and `detectors` (default `LINE_DETECTORS`) as its
-    `detectors:` block, so the families train as a site file configures them.
+    `detectors:` block, so the families train as a site file configures them. `defects` (None:
+    every hard defect, smudge and scratch) picks the defect kinds drawn.
     """
     from vadflow.tasks.synth.industrial import CATEGORIES, make_industrial_site
 
@@ -105,6 +107,7 @@ def build_hard_line(
             image_size=geometry.image_size,
             seed=seed,
             mode="hard",
+            defects=defects,
         )
     tiling = dict(LINE_TILING)
     if tile_size is not None:
@@ -134,6 +137,7 @@ def benchmark_industrial(
     features: str | None = None,
     tile_size: int | None = None,
     detectors: Mapping[str, Mapping[str, Any]] | None = None,
+    defects: Sequence[str] | None = None,
     out_dir: Path | None = None,
     show: bool = True,
 ) -> list[BenchmarkRow]:
@@ -141,9 +145,10 @@ def benchmark_industrial(
 
     Same budget conventions as `benchmark_detectors` (`epochs_budget` None: each family's own
     epochs; `score`, `features` as there). `tile_size` None keeps `LINE_TILING`'s; `detectors`
-    None the line's `LINE_DETECTORS` block. Returns a row per family and category (category
-    by category), printing each as it lands and the table at the end when `show`. The line is
-    written under `out_dir` (a temporary folder, removed afterwards, when None).
+    None the line's `LINE_DETECTORS` block; `defects` None every hard defect. Returns a row per
+    family and category (category by category), printing each as it lands and the table at the
+    end when `show`. The line is written under `out_dir` (a temporary folder, removed
+    afterwards, when None).
     """
     from vadflow.tasks.benchmark.families import SCORES
     from vadflow.tasks.benchmark.table import format_industrial_table, print_industrial_table
@@ -158,7 +163,9 @@ def benchmark_industrial(
     rows: list[BenchmarkRow] = []
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-line-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
-        site_dir = build_hard_line(root, size, seed, tile_size=tile_size, detectors=detectors)
+        site_dir = build_hard_line(
+            root, size, seed, tile_size=tile_size, detectors=detectors, defects=defects
+        )
         edge = load_site(site_dir).tiling.tile_size
         categories = line_categories(site_dir)
         for category in categories:
