@@ -9,6 +9,7 @@ import typer
 
 from vadflow.flows.cli.options import (
     Device,
+    Domain,
     FamiliesOption,
     Features,
     Score,
@@ -21,6 +22,13 @@ from vadflow.flows.cli.startup import fail
 
 def benchmark_detectors_command(
     family: FamiliesOption = None,
+    domain: Annotated[
+        Domain,
+        typer.Option(
+            help="pathology: a hard Camelyon16-shaped site; industrial: a hard MVTec AD-shaped "
+            "line (fabric, wood), one model per family and category"
+        ),
+    ] = "pathology",
     size: Annotated[Size, typer.Option(help="size of the hard synthetic site")] = "small",
     epochs: Annotated[
         int, typer.Option(min=1, help="training epochs, the same for every family")
@@ -54,22 +62,44 @@ def benchmark_detectors_command(
     ] = None,
 ) -> None:
     """Train every family on one hard synthetic site, same budget; print the honest table."""
-    from vadflow.tasks.benchmark import benchmark_detectors, format_table
+    from vadflow.tasks.benchmark import (
+        benchmark_detectors,
+        benchmark_industrial,
+        format_industrial_table,
+        format_table,
+    )
 
-    try:
-        rows = benchmark_detectors(
-            family_values(family),
-            size,
-            None if own_budget else epochs,
-            seed,
-            device=device,
-            score=score,
-            features=features,
-            contamination=contamination,
-            robust=robust,
+    if domain == "industrial" and (contamination > 0 or robust):
+        raise fail(
+            "--contamination and --robust are measured on the pathology site only; "
+            "leave them out with --domain industrial"
         )
+    try:
+        if domain == "industrial":
+            rows = benchmark_industrial(
+                family_values(family),
+                size,
+                None if own_budget else epochs,
+                seed,
+                device=device,
+                score=score,
+                features=features,
+            )
+        else:
+            rows = benchmark_detectors(
+                family_values(family),
+                size,
+                None if own_budget else epochs,
+                seed,
+                device=device,
+                score=score,
+                features=features,
+                contamination=contamination,
+                robust=robust,
+            )
     except (KeyError, ValueError) as exc:
         raise fail(str(exc)) from None
     if markdown is not None:
-        markdown.write_text(format_table(rows) + "\n")
+        table = format_industrial_table(rows) if domain == "industrial" else format_table(rows)
+        markdown.write_text(table + "\n")
         console.print(f"wrote {markdown}", soft_wrap=True)

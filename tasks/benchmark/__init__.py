@@ -22,7 +22,8 @@ labels, mil from slide labels) train on it the way the nightly flow trains them 
 same table as what labels buy; the unsupervised families never see those slides.
 
 Modules: `hard_site` (the site and its sizes), `tiles` (tiling it as the pipeline does),
-`families` (configuring, fitting, scoring one family; the whole run), `table` (printing).
+`families` (configuring, fitting, scoring one family; the whole run), `table` (printing),
+`industrial` (the same on a hard industrial line: a row per family and category).
 """
 
 from vadflow.tasks.benchmark.families import (
@@ -38,7 +39,23 @@ from vadflow.tasks.benchmark.families import (
     score_and_evaluate,
 )
 from vadflow.tasks.benchmark.hard_site import SIZES, SiteSize, build_hard_site, site_size
-from vadflow.tasks.benchmark.table import format_table, print_table
+from vadflow.tasks.benchmark.industrial import (
+    LINE_DETECTORS,
+    LINE_SIZES,
+    LINE_TILING,
+    LineSize,
+    benchmark_industrial,
+    build_hard_line,
+    industrial_row,
+    line_categories,
+    line_size,
+)
+from vadflow.tasks.benchmark.table import (
+    format_industrial_table,
+    format_table,
+    print_industrial_table,
+    print_table,
+)
 from vadflow.tasks.benchmark.tiles import (
     TILE_POSITIVE,
     BenchmarkData,
@@ -50,22 +67,33 @@ from vadflow.tasks.benchmark.tiles import (
 
 __all__ = [
     "FROC_ITC_UM",
+    "LINE_DETECTORS",
+    "LINE_SIZES",
+    "LINE_TILING",
     "SCORES",
     "SIZES",
     "TILE_POSITIVE",
     "BenchmarkData",
     "BenchmarkRow",
+    "LineSize",
     "SiteSize",
     "TileSet",
     "benchmark_detectors",
     "benchmark_families",
+    "benchmark_industrial",
     "benchmark_settings",
+    "build_hard_line",
     "build_hard_site",
     "configured_detector",
     "fit_family",
+    "format_industrial_table",
     "format_table",
+    "industrial_row",
+    "line_categories",
+    "line_size",
     "contaminated_training",
     "load_benchmark_tiles",
+    "print_industrial_table",
     "print_table",
     "run_family",
     "score_and_evaluate",

@@ -40,6 +40,8 @@ class BenchmarkRow:
     error: str = ""
     slide_auc_max: float = float("nan")  # slide AUC of the heatmap maximum, for comparison
     tile_auroc_qc: float = float("nan")  # tile AUROC over the tiles that passed artefact QC
+    pro: float = float("nan")  # MVTec AU-PRO to FPR 0.3 (industrial sites)
+    category: str = ""  # an industrial site's category the row's model is trained on
 
 
 def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dict[str, float]:
@@ -119,6 +121,7 @@ def benchmark_settings(
     score: str = "residual",
     features: str | None = None,
     robust: bool = False,
+    site: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
@@ -126,7 +129,8 @@ def benchmark_settings(
     command's flags. `epochs` None keeps each family's own default epochs. `score` reaches the
     families with a latent space (their `score` field: residual, latent or combined); the others
     have no such field and ignore it; so does `features` (None: each family's default) reach
-    the feature families only (patch_knn, padim: filters, cnn, both or imagenet).
+    the feature families only (patch_knn, padim: filters, cnn, both or imagenet). `site` is the
+    benchmark site's `detectors.<family>` entry, between the two as in a nightly run.
     """
     from vadflow.tasks.detectors.settings import family_settings
 
@@ -134,6 +138,7 @@ def benchmark_settings(
     return family_settings(
         family,
         shared={"tile_size": tile_size},
+        site=site,
         flags={**flags, "features": features, "robust": True if robust else None},
     )
 
@@ -186,6 +191,7 @@ def run_family(
         score=score,
         features=features,
         robust=robust,
+        site=data.site.detectors.get(family) if data.site is not None else None,
     )
     # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
     asked = {"score": None if score == "residual" else score, "features": features}
@@ -228,6 +234,7 @@ def run_family(
         "inverted" if tile < 0.5 else "ok",
         slide_auc_max=metrics.get("slide_auroc_max", nan),
         tile_auroc_qc=metrics.get("tile_auroc_qc", nan),
+        pro=metrics.get("pro", nan),
     )
 
 

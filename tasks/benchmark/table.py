@@ -93,3 +93,69 @@ def print_table(
             direction = "ok"
         table.add_row(row.family, *cells, f"{row.seconds:.1f}", direction)
     Console().print(table)
+
+
+def _cell(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def _industrial_cells(row: BenchmarkRow) -> list[str]:
+    """family, category, image AUROC (max), image AUROC (site score), pixel AUROC, AU-PRO,
+    seconds: an industrial row's cells before its direction."""
+    metrics = (row.slide_auc_max, row.slide_auc, row.pixel_auroc, row.pro)
+    return [row.family, row.category, *map(_cell, metrics), f"{row.seconds:.1f}"]
+
+
+INDUSTRIAL_COLUMNS = (
+    "family",
+    "category",
+    "image AUROC",
+    "image AUROC (site score)",
+    "pixel AUROC",
+    "AU-PRO",
+    "seconds",
+    "direction",
+)
+
+
+def format_industrial_table(rows: Sequence[BenchmarkRow]) -> str:
+    """An industrial benchmark's rows (one per family and category) as a Markdown table; image
+    AUROC is on the anomaly map's maximum (MVTec AD), the site score's beside it."""
+    lines = [
+        "| " + " | ".join(INDUSTRIAL_COLUMNS) + " |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        direction = f"{row.direction}: {row.error}" if row.error else row.direction
+        lines.append("| " + " | ".join([*_industrial_cells(row), direction]) + " |")
+    return "\n".join(lines)
+
+
+def print_industrial_table(
+    rows: Sequence[BenchmarkRow], *, size: str | object, epochs: int | None
+) -> None:
+    """The industrial table on the terminal, titled with the line's size and the budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"hard industrial line ({size if isinstance(size, str) else 'custom'}), one model per "
+        "family and category; "
+        + (f"{epochs} epochs each" if epochs is not None else "each family's own epochs")
+    )
+    table = Table(title=title)
+    for column in INDUSTRIAL_COLUMNS:
+        table.add_column(
+            column,
+            justify="left" if column in ("family", "category", "direction") else "right",
+            no_wrap=column == "family",
+        )
+    for row in rows:
+        if row.direction in ("inverted", "failed"):
+            direction = f"[red]{row.direction}[/] {row.error}".rstrip()
+        elif row.direction == "skipped":
+            direction = f"skipped: {row.error}"
+        else:
+            direction = "ok"
+        table.add_row(*_industrial_cells(row), direction)
+    Console().print(table)

@@ -72,6 +72,7 @@ def load_benchmark_tiles(
     tile_size: int = 64,
     work_dir: Path | None = None,
     contamination: float = 0.0,
+    category: str | None = None,
 ) -> BenchmarkData:
     """Tile the site as the pipeline does and read train, val and test tiles.
 
@@ -79,12 +80,14 @@ def load_benchmark_tiles(
     so the benchmark sees exactly the tiles a nightly run trains and scores on.
     `contamination` > 0 trains the unsupervised families on a set where that share of the normal
     training slides is replaced by the site's (annotated) tumour training slides, unlabelled
-    (`contaminated_training`); validation slides stay normal.
+    (`contaminated_training`); validation slides stay normal. `category` keeps only that
+    category's images of an industrial site (`<category>/<split>/...`), as the nightly flow
+    trains one model per category.
     """
     import polars as pl
 
     from vadflow.tasks.site import load_site
-    from vadflow.tasks.slides.discover import discover
+    from vadflow.tasks.slides.discover import discover, industrial_category
     from vadflow.tasks.slides.register import register_slide, slide_frame
     from vadflow.tasks.slides.tiles import load_tiles
     from vadflow.tasks.tiling.grid import tile_slide
@@ -96,6 +99,8 @@ def load_benchmark_tiles(
     work = Path(work_dir) if work_dir is not None else Path(site_dir) / "_benchmark"
     rows, manifests, tile_paths = [], {}, []
     for source in discover(site.source, site.domain, site.val_fraction):
+        if category is not None and industrial_category(source.uri) != category:
+            continue
         row = register_slide(source, site.name, site.domain, site.mpp_override)
         if row["status"] != "ok":
             raise ValueError(f"benchmark site slide {row['slide_id']}: {row['reason']}")
