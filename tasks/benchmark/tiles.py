@@ -138,11 +138,15 @@ def load_benchmark_tiles(
 
     test_rows = tiles_of("test")
     names = sorted(set(test_rows["slide_id"]))
+    # Industrial images and sites without QC have no artefact flags (the column null).
+    flags = test_rows["artefact"] if "artefact" in test_rows.columns else None
+    if flags is not None and flags.null_count() == len(flags):
+        flags = None
     test = TileSet(
         label_fraction=test_rows["label_fraction"].to_numpy(),
         slide=np.array([names.index(s) for s in test_rows["slide_id"]]),
         slide_names=names,
-        artefact=test_rows["artefact"].to_numpy() if "artefact" in test_rows.columns else None,
+        artefact=None if flags is None else flags.fill_null(False).to_numpy().astype(bool),
     )
     return BenchmarkData(
         train=load_tiles(pl.concat([manifests[i] for i in train_ids]), uris),
