@@ -364,7 +364,7 @@ OWN_FIELDS = {
         "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
         "contamination coreset_size feature_pool features filter_window imagenet_upsample knn "
         "map_smoothing_sigma max_bank_patches pretext projection_dim robust score_top_fraction "
-        "temperature"
+        "temperature whiten window"
     ),
     "spatial_vae": (
         "base_channels beta bottleneck kl_warmup_epochs latent_channels latent_top_fraction "

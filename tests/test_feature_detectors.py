@@ -33,9 +33,10 @@ from vadflow.tasks.detectors.components.backbones import (
     make_contrastive_loss,
     rotation_loss,
     save_backbone_weights,
+    window_average,
 )
-from vadflow.tasks.detectors.padim.torch_model import window_average
 from vadflow.tasks.detectors.patch_knn import k_center_greedy, nearest_distances
+from vadflow.tasks.detectors.patch_knn.detector import whitening_transform
 from vadflow.tasks.detectors.registry import create_detector, load_detector
 from vadflow.tasks.slides.tiles import load_tiles
 from vadflow.tasks.synth.industrial import make_industrial_site
@@ -193,6 +194,40 @@ def test_padim_layouts_fit_their_gaussians_and_rank_defects(gaussian: str):
         create_detector("padim", gaussian="pooled")
     with pytest.raises(ValueError, match="window must be >= 1"):
         create_detector("padim", window=0)
+
+
+def test_whitening_makes_euclidean_distance_mahalanobis():
+    rng = np.random.default_rng(3)
+    # Correlated channels of variances 1-9, well conditioned (the ridge is 1e-4 of the mean).
+    mixing = np.linalg.qr(rng.normal(size=(5, 5)))[0] @ np.diag([1.0, 1.5, 2.0, 2.5, 3.0])
+    rows = torch.from_numpy(rng.normal(size=(4000, 5)) @ mixing.T + 3.0).float()
+    centre, whitening = whitening_transform(rows)
+    white = (rows - centre) @ whitening.T
+    torch.testing.assert_close(white.mean(dim=0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(5), atol=1e-3, rtol=0)
+    precision = torch.linalg.inv(torch.cov(rows.double().T))
+    diff = (rows[:3] - rows.mean(dim=0)).double()
+    mahalanobis = torch.einsum("nd,de,ne->n", diff, precision, diff).sqrt()
+    torch.testing.assert_close(white[:3].double().norm(dim=1), mahalanobis, rtol=1e-3, atol=0)
+
+
+def test_patch_knn_window_and_whitening_rank_defects_and_reload(tmp_path: Path):
+    rng = np.random.default_rng(9)
+    train, val = _textures(rng, 40), _textures(rng, 6)
+    good, defect = _textures(rng, 12), _with_defect(_textures(rng, 12))
+    detector = create_detector(
+        "patch_knn", window=4, whiten=True, coreset_size=256, score_top_fraction=1.0, **SMALL
+    )
+    detector.fit(train, val)
+    scores = np.r_[detector.score(good).tile_score, detector.score(defect).tile_score]
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], scores) >= 0.95
+    # The bank is stored whitened: its rows have about unit variance per direction.
+    assert 0.3 < float(detector.model.memory_bank.var(dim=0).mean()) < 3.0
+    loaded = load_detector(detector.save(tmp_path / "model"))
+    assert torch.equal(loaded.model.whitening, detector.model.whitening)
+    torch.testing.assert_close(
+        loaded.score(defect[:3]).tile_score, detector.score(defect[:3]).tile_score
+    )
 
 
 def test_padim_refuses_tiles_of_another_size():

@@ -157,11 +157,14 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     # memory bank before the coreset, as SoftPatch does; padim: of each position's Gaussian).
     robust: bool = False
     contamination: float = 0.1
+    window: int = 1  # patch features averaged over window x window patches (`window_average`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.contamination < 0.5:
             raise ValueError(f"contamination must be in (0, 0.5), got {self.contamination}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -424,6 +427,26 @@ class PatchFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalise(self.raw(x))
+
+
+def window_average(features: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, h, w): each patch's features averaged with its neighbours' over a
+    window x window square, so a position describes a region's make-up (how dense its nuclei,
+    whether it has stroma) rather than one patch.
+
+    Only whole windows inside the tile are averaged (stride 1); the positions within half a
+    window of the border take their nearest whole window's value. A window cut by the border
+    would weigh the border patches, whose features see the tile's zero padding, more than any
+    other: on the hard synthetic site that cost 0.5 points of tile AUROC.
+    """
+    height, width = features.shape[-2:]
+    window = min(window, height, width)
+    if window <= 1:
+        return features
+    pooled = F.avg_pool2d(features, window, stride=1)  # (B, C, h - window + 1, w - window + 1)
+    before = (window - 1) // 2
+    after = window - 1 - before
+    return F.pad(pooled, (before, after, before, after), mode="replicate")
 
 
 class FeatureMoments:
@@ -755,7 +778,8 @@ def fit_patch_features(
     features, which the family then models: all of them (N, C, h, w) (padim's Gaussians need
     every tile at every position), or with `max_patches` a uniform sample of at most that many
     patch rows (M, C) (patch_knn's memory bank), drawn while streaming so that peak memory
-    does not grow with the number of training tiles."""
+    does not grow with the number of training tiles; those rows are averaged over the
+    config's `window` (the family averages its query patches the same way)."""
     if features.pretrained is not None:  # loaded by the caller: nothing to train, 0 epochs
         pretext = FitReport(0, 0, [], [], 0.0, str(device))
     else:
@@ -771,7 +795,9 @@ def fit_patch_features(
     for raw in stream:  # (b, C, h, w)
         check_finite(raw, family)
         moments.add(raw)
-        reservoir.add(raw.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]))  # (b*h*w, C)
+        # Averaging commutes with the per-channel standardisation, so raw rows can be averaged.
+        rows = window_average(raw, getattr(config, "window", 1))
+        reservoir.add(rows.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]))  # (b*h*w, C)
     features.calibrate_from(moments)
     sample = reservoir.sample()  # (M, C) raw
     return pretext, features.normalise(sample[:, :, None, None])[:, :, 0, 0]  # (M, C)

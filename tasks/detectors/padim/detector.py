@@ -49,8 +49,9 @@ from vadflow.tasks.detectors.components.backbones import (
     PatchFeatureDetector,
     PatchScoreConfig,
     new_features,
+    window_average,
 )
-from vadflow.tasks.detectors.padim.torch_model import PadimModel, window_average
+from vadflow.tasks.detectors.padim.torch_model import PadimModel
 from vadflow.tasks.detectors.registry import register
 
 GAUSSIANS = ("position", "shared")
@@ -73,8 +74,6 @@ class PadimConfig(PatchScoreConfig):
         super().__post_init__()
         if self.gaussian not in GAUSSIANS:
             raise ValueError(f"gaussian must be one of {GAUSSIANS}, got {self.gaussian!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
         if self.tile_size < 8 or self.tile_size % 4:
             raise ValueError(f"tile_size must be a multiple of 4 and >= 8, got {self.tile_size}")
         if self.n_features < 1:

@@ -51,6 +51,7 @@ class PatchKNNConfig(PatchScoreConfig):
     max_bank_patches: int = 65536  # random patches the coreset is chosen from (bounds memory)
     projection_dim: int = 64  # random projection for the coreset distances; 0 = none
     knn: int = 1  # patch score = mean distance to the k nearest bank entries
+    whiten: bool = False  # distances in the normal patches' whitened (Mahalanobis) space
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +60,28 @@ class PatchKNNConfig(PatchScoreConfig):
                 "coreset_size, max_bank_patches and knn must be >= 1, got "
                 f"{self.coreset_size}, {self.max_bank_patches}, {self.knn}"
             )
+
+
+WHITEN_RIDGE = 1e-4  # added to the covariance's diagonal, relative to its mean variance
+
+
+def whitening_transform(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (C,) and matrix W (C, C) with W @ cov @ W.T = I for patch rows (M, C): Euclidean
+    distance after `(x - centre) @ W.T` is the Mahalanobis distance under the rows' Gaussian.
+
+    The covariance gets a small ridge (WHITEN_RIDGE) so it is invertible; W is the inverse of
+    its Cholesky factor. Computed in float64: feature channels can be near collinear.
+    """
+    x = rows.double()
+    centre = x.mean(dim=0)
+    covariance = torch.cov(x.T)  # (C, C)
+    ridge = WHITEN_RIDGE * covariance.diagonal().mean().clamp_min(1e-12)
+    covariance = covariance + ridge * torch.eye(len(covariance), dtype=x.dtype)
+    factor = torch.linalg.cholesky(covariance)
+    whitening = torch.linalg.solve_triangular(
+        factor, torch.eye(len(covariance), dtype=x.dtype), upper=False
+    )
+    return centre.float(), whitening.float()
 
 
 @register("patch_knn")
@@ -72,7 +95,7 @@ class PatchKNNDetector(PatchFeatureDetector):
     def __init__(self, config: PatchKNNConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
-        self.model = PatchKNNModel(new_features(cfg), cfg.knn)
+        self.model = PatchKNNModel(new_features(cfg), cfg.knn, window=cfg.window, whiten=cfg.whiten)
         self.model.to(self.device)
 
     def bank_patches(self) -> int:
@@ -84,6 +107,11 @@ class PatchKNNDetector(PatchFeatureDetector):
         cfg = self.config
         patches = features  # (M, C), M <= max_bank_patches
         generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.whiten:
+            centre, whitening = whitening_transform(patches)
+            self.model.centre.copy_(centre)
+            self.model.whitening.copy_(whitening)
+            patches = self.model.whitened(patches.float())
         if cfg.robust:
             keep = drop_outliers(patches.to(self.device), cfg.contamination, seed=cfg.seed)
             patches = patches[keep.cpu()]
