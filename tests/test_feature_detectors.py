@@ -516,7 +516,10 @@ def test_robust_mode_ranks_defects_above_normal_when_training_tiles_hold_them(fa
     val = _textures(rng, 6)
     good, defect = _textures(rng, 20), _with_defect(_textures(rng, 20))
     labels = np.r_[np.zeros(20), np.ones(20)]
-    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 512}
+    # patch_knn on plain patches (PatchCore's settings): averaged over its default window a 32 px
+    # tile is one patch, and the bank's outliers are whole tiles.
+    plain = {"window": 1, "whiten": False, "score_top_fraction": 0.1}
+    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 512, **plain}
     aurocs, margins = {}, {}
     for robust in (False, True):
         detector = create_detector(family, robust=robust, contamination=0.1, **SMALL, **extra)
