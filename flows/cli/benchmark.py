@@ -74,28 +74,20 @@ def benchmark_detectors_command(
             "--contamination and --robust are measured on the pathology site only; "
             "leave them out with --domain industrial"
         )
+    budget = None if own_budget else epochs
+    shared = {"device": device, "score": score, "features": features}
     try:
         if domain == "industrial":
-            rows = benchmark_industrial(
-                family_values(family),
-                size,
-                None if own_budget else epochs,
-                seed,
-                device=device,
-                score=score,
-                features=features,
-            )
+            rows = benchmark_industrial(family_values(family), size, budget, seed, **shared)
         else:
             rows = benchmark_detectors(
                 family_values(family),
                 size,
-                None if own_budget else epochs,
+                budget,
                 seed,
-                device=device,
-                score=score,
-                features=features,
                 contamination=contamination,
                 robust=robust,
+                **shared,
             )
     except (KeyError, ValueError) as exc:
         raise fail(str(exc)) from None
