@@ -230,6 +230,33 @@ def test_patch_knn_window_and_whitening_rank_defects_and_reload(tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize(
+    "family, before",
+    [
+        ("patch_knn", {"window": 1, "whiten": False}),
+        ("padim", {"gaussian": "position", "window": 1}),
+    ],
+)
+def test_a_model_saved_before_the_window_fields_loads_as_it_scored(
+    family: str, before: dict, tmp_path: Path
+):
+    """config.json of a model saved before `window` / `whiten` / `gaussian` existed lacks
+    them: loading must rebuild it as it was, not under today's defaults."""
+    rng = np.random.default_rng(11)
+    train, tiles = _textures(rng, 20), _with_defect(_textures(rng, 4))
+    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 128}
+    old = create_detector(family, **before, **extra, **SMALL)
+    old.fit(train, train[:4])
+    folder = old.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    for field in before:
+        del config[field]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_detector(folder)
+    assert {k: getattr(loaded.config, k) for k in before} == before
+    torch.testing.assert_close(loaded.score(tiles).tile_score, old.score(tiles).tile_score)
+
+
 def test_padim_refuses_tiles_of_another_size():
     detector = create_detector("padim", tile_size=32, **SMALL)
     tiles = _textures(np.random.default_rng(4), 6, size=48)

@@ -183,6 +183,10 @@ class Detector(ABC):
     # The tile scores a family can give, [low, high]; the tile-score data contract holds each
     # family to its own (distances and residuals are >= 0, classifier logits are any real).
     score_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
+    # Config fields added after a family was first saved, with the value that reproduces what a
+    # model saved before them did: `load` fills them in where config.json lacks them, so an old
+    # model scores as it did rather than under today's defaults.
+    fields_before: ClassVar[dict[str, Any]] = {}
     config: Any
     model: nn.Module
 
@@ -271,6 +275,7 @@ class Detector(ABC):
             )
         if device is not None:
             fields["device"] = device
+        fields = {**cls.fields_before, **fields}
         detector = cls(make_config(cls.config_cls, family, fields))
         state = load_tensors(directory / WEIGHTS_FILE)
         detector.load_state_dict(state)

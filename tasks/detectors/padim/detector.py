@@ -90,6 +90,7 @@ class PadimDetector(PatchFeatureDetector):
     random feature channels; Mahalanobis anomaly map."""
 
     config_cls = PadimConfig
+    fields_before = {"gaussian": "position", "window": 1}  # PaDiM's layout, as saved then
     config: PadimConfig
     model: PadimModel
 

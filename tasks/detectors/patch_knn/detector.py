@@ -102,6 +102,7 @@ class PatchKNNDetector(PatchFeatureDetector):
     """Memory bank of normal patch features; anomaly = distance to the nearest normal patch."""
 
     config_cls = PatchKNNConfig
+    fields_before = {"window": 1, "whiten": False}  # PatchCore's plain patches, as saved then
     config: PatchKNNConfig
     model: PatchKNNModel
 
