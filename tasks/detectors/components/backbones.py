@@ -764,7 +764,7 @@ def load_pretrained_weights(
 
 def fit_patch_features(
     features: PatchFeatures,
-    config: BackboneConfig,
+    config: PatchScoreConfig,
     train: np.ndarray,
     val: np.ndarray,
     device: torch.device,
@@ -778,8 +778,8 @@ def fit_patch_features(
     features, which the family then models: all of them (N, C, h, w) (padim's Gaussians need
     every tile at every position), or with `max_patches` a uniform sample of at most that many
     patch rows (M, C) (patch_knn's memory bank), drawn while streaming so that peak memory
-    does not grow with the number of training tiles; those rows are averaged over the
-    config's `window` (the family averages its query patches the same way)."""
+    does not grow with the number of training tiles. Either way the features are averaged
+    over the config's `window` (`window_average`), as the family averages its query patches."""
     if features.pretrained is not None:  # loaded by the caller: nothing to train, 0 epochs
         pretext = FitReport(0, 0, [], [], 0.0, str(device))
     else:
@@ -789,14 +789,14 @@ def fit_patch_features(
         raw = torch.cat(list(stream))  # (N, C, h, w)
         check_finite(raw, family)
         features.calibrate(raw)
-        return pretext, features.normalise(raw)
+        return pretext, window_average(features.normalise(raw), config.window)
     moments = FeatureMoments(features.filter_mean.numel())
     reservoir = PatchReservoir(max_patches, seed=config.seed)
     for raw in stream:  # (b, C, h, w)
         check_finite(raw, family)
         moments.add(raw)
         # Averaging commutes with the per-channel standardisation, so raw rows can be averaged.
-        rows = window_average(raw, getattr(config, "window", 1))
+        rows = window_average(raw, config.window)
         reservoir.add(rows.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]))  # (b*h*w, C)
     features.calibrate_from(moments)
     sample = reservoir.sample()  # (M, C) raw

@@ -49,7 +49,6 @@ from vadflow.tasks.detectors.components.backbones import (
     PatchFeatureDetector,
     PatchScoreConfig,
     new_features,
-    window_average,
 )
 from vadflow.tasks.detectors.padim.torch_model import PadimModel
 from vadflow.tasks.detectors.registry import register
@@ -127,8 +126,8 @@ class PadimDetector(PatchFeatureDetector):
         generator = torch.Generator().manual_seed(cfg.seed)
         d = self.model.channels.numel()
         channels = torch.randperm(features.shape[1], generator=generator)[:d].sort().values
-        chosen = window_average(features[:, channels], cfg.window)  # (N, d, h, w)
-        x = chosen.flatten(2).permute(2, 0, 1).double()  # (P, N, d)
+        # `features` come window-averaged (`fit_patch_features`).
+        x = features[:, channels].flatten(2).permute(2, 0, 1).double()  # (P, N, d)
         if cfg.gaussian == "shared":  # every position's patches are samples of one Gaussian
             x = x.reshape(1, -1, d)  # (1, P * N, d)
         mean, precision = self._gaussians(x)

@@ -125,7 +125,8 @@ class PatchKNNDetector(PatchFeatureDetector):
             centre, whitening = whitening_transform(patches)
             self.model.centre.copy_(centre)
             self.model.whitening.copy_(whitening)
-            patches = self.model.whitened(patches.float())
+            # On the model's device (its buffers are there), back to the CPU like `features`.
+            patches = self.model.whitened(patches.to(self.device).float()).cpu()
         if cfg.robust:
             keep = drop_outliers(patches.to(self.device), cfg.contamination, seed=cfg.seed)
             patches = patches[keep.cpu()]
