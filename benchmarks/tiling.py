@@ -83,6 +83,8 @@ def make_slide(path: Path, size: int, seed: int = 1) -> Path:
     """Write a size x size pyramidal JPEG TIFF, streamed by libvips (memory ~ a strip)."""
     from scipy import ndimage
 
+    from vadflow.tasks.synth.pathology import save_slide_tiff
+
     tissue = pyvips.Image.new_from_array(texture())
     tissue = tissue.replicate(math.ceil(size / 1024), math.ceil(size / 1024)).crop(0, 0, size, size)
     # Blobs: a smooth random field on a 512 px grid, refined to 64 px cells, thresholded.
@@ -96,18 +98,7 @@ def make_slide(path: Path, size: int, seed: int = 1) -> Path:
     mask = mask.zoom(fine, fine).crop(0, 0, size, size)
     slide = mask.ifthenelse(tissue, [240, 240, 240])
     tmp = path.with_suffix(".part.tif")
-    slide.tiffsave(
-        str(tmp),
-        tile=True,
-        tile_width=256,
-        tile_height=256,
-        pyramid=True,
-        compression="jpeg",
-        Q=JPEG_Q,
-        bigtiff=True,
-        xres=1000.0 / MPP0,  # px per mm
-        yres=1000.0 / MPP0,
-    )
+    save_slide_tiff(slide, tmp, mpp=MPP0, quality=JPEG_Q, bigtiff=True)
     tmp.replace(path)
     return path
 

@@ -135,23 +135,37 @@ _HARD = _HardLook()
 
 
 def save_slide_tiff(
-    image: pyvips.Image, path: str | Path, mpp: float, *, quality: int = 90, bigtiff: bool = False
+    image: pyvips.Image,
+    path: str | Path,
+    mpp: float,
+    *,
+    quality: int = 90,
+    bigtiff: bool = False,
+    mask: bool = False,
 ) -> Path:
     """Write `image` as a scanner would: a tiled (256 px) JPEG pyramidal TIFF with its level-0
-    resolution `mpp` (um/px) in the resolution tags. Lazy images stream through libvips."""
+    resolution `mpp` (um/px) in the resolution tags. Lazy images stream through libvips.
+
+    `mask`: a binary label image (a ground-truth mask beside its slide), written lossless
+    (deflate) with each lower level the mode of the one above, so every level stays binary.
+    """
     xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
+    encoding = (
+        {"compression": "deflate", "region_shrink": "mode"}
+        if mask
+        else {"compression": "jpeg", "Q": quality}
+    )
     image.tiffsave(
         str(path),
         tile=True,
         tile_width=256,
         tile_height=256,
         pyramid=True,
-        compression="jpeg",
-        Q=quality,
         bigtiff=bigtiff,
         xres=xres,
         yres=xres,
         resunit="cm",
+        **encoding,
     )
     return Path(path)
 
@@ -330,24 +344,12 @@ def write_synthetic_slide(
             masks = _draw_artefacts(raw_rgb, plan, planted, width, height, mpp)
             if artefact_dir is not None:
                 _write_artefact_masks(Path(artefact_dir), path.stem, masks)
-        xres = 1000.0 / mpp  # libvips takes pixels per millimetre; resunit only names the tag
         image = pyvips.Image.rawload(str(raw_rgb), width, height, 3).copy(interpretation="srgb")
         save_slide_tiff(image, path, mpp)
         if raw_mask is not None and mask_path is not None:
             Path(mask_path).parent.mkdir(parents=True, exist_ok=True)
             mask = pyvips.Image.rawload(str(raw_mask), width, height, 1).copy(interpretation="b-w")
-            mask.tiffsave(
-                str(mask_path),
-                tile=True,
-                tile_width=256,
-                tile_height=256,
-                pyramid=True,
-                region_shrink="mode",  # keep lower levels binary
-                compression="deflate",
-                xres=xres,
-                yres=xres,
-                resunit="cm",
-            )
+            save_slide_tiff(mask, mask_path, mpp, mask=True)
     finally:
         raw_rgb.unlink(missing_ok=True)
         if raw_mask is not None:
