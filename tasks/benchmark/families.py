@@ -111,6 +111,22 @@ def benchmark_families() -> list[str]:
     return sorted(available_families(), key=labelled)
 
 
+def checked_families(
+    families: Sequence[str] | None, epochs_budget: int | None, score: str
+) -> list[str]:
+    """The families a benchmark runs (all registered ones when None), its budget and score
+    checked before anything is built: UnknownFamilyError (a KeyError) names the valid families,
+    ValueError a bad budget or score."""
+    from vadflow.tasks.detectors.registry import check_family
+
+    chosen = [check_family(f) for f in families] if families else benchmark_families()
+    if epochs_budget is not None and epochs_budget < 1:
+        raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    return chosen
+
+
 def benchmark_settings(
     family: str,
     *,
@@ -268,14 +284,8 @@ def benchmark_detectors(
     temporary folder, removed afterwards, when None).
     """
     from vadflow.tasks.benchmark.table import format_table, print_table
-    from vadflow.tasks.detectors.registry import check_family
 
-    # UnknownFamilyError (a KeyError) names the valid families; checked before torch loads.
-    chosen = [check_family(f) for f in families] if families else benchmark_families()
-    if epochs_budget is not None and epochs_budget < 1:
-        raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    chosen = checked_families(families, epochs_budget, score)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from vadflow.tasks.benchmark.families import BenchmarkRow, benchmark_families, run_family
+from vadflow.tasks.benchmark.families import BenchmarkRow, checked_families, run_family
 from vadflow.tasks.benchmark.tiles import load_benchmark_tiles
 
 
@@ -150,16 +150,10 @@ def benchmark_industrial(
     end when `show`. The line is written under `out_dir` (a temporary folder, removed
     afterwards, when None).
     """
-    from vadflow.tasks.benchmark.families import SCORES
     from vadflow.tasks.benchmark.table import format_industrial_table, print_industrial_table
-    from vadflow.tasks.detectors.registry import check_family
     from vadflow.tasks.site import load_site
 
-    chosen = [check_family(f) for f in families] if families else benchmark_families()
-    if epochs_budget is not None and epochs_budget < 1:
-        raise ValueError(f"epochs_budget must be >= 1, got {epochs_budget}")
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    chosen = checked_families(families, epochs_budget, score)
     rows: list[BenchmarkRow] = []
     with tempfile.TemporaryDirectory(prefix="vadflow-benchmark-line-") as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)

@@ -10,12 +10,13 @@ from vadflow.tasks.benchmark.hard_site import SiteSize
 from vadflow.tasks.benchmark.tiles import TILE_POSITIVE, BenchmarkData
 
 
+def _cell(value: float) -> str:
+    """A metric as the tables print it: three decimals, or n/a when undefined."""
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
 def format_table(rows: Sequence[BenchmarkRow]) -> str:
     """The results as a Markdown table (for the README and issue notes)."""
-
-    def num(value: float) -> str:
-        return "n/a" if math.isnan(value) else f"{value:.3f}"
-
     lines = [
         "| family | tile AUROC | tile AUROC (QC passed) | slide AUC | slide AUC (max) | FROC "
         "| pixel AUROC | seconds | direction |",
@@ -24,10 +25,10 @@ def format_table(rows: Sequence[BenchmarkRow]) -> str:
     for row in rows:
         direction = f"{row.direction}: {row.error}" if row.error else row.direction
         lines.append(
-            f"| {row.family} | {num(row.tile_auroc)} | {num(row.tile_auroc_qc)} | "
-            f"{num(row.slide_auc)} | "
-            f"{num(row.slide_auc_max)} | {num(row.froc)} | "
-            f"{num(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
+            f"| {row.family} | {_cell(row.tile_auroc)} | {_cell(row.tile_auroc_qc)} | "
+            f"{_cell(row.slide_auc)} | "
+            f"{_cell(row.slide_auc_max)} | {_cell(row.froc)} | "
+            f"{_cell(row.pixel_auroc)} | {row.seconds:.1f} | {direction} |"
         )
     return "\n".join(lines)
 
@@ -72,17 +73,15 @@ def print_table(
             no_wrap=column == "family",
         )
     for row in rows:
-        cells = [
-            "n/a" if math.isnan(v) else f"{v:.3f}"
-            for v in (
-                row.tile_auroc,
-                row.tile_auroc_qc,
-                row.slide_auc,
-                row.slide_auc_max,
-                row.froc,
-                row.pixel_auroc,
-            )
-        ]
+        metrics = (
+            row.tile_auroc,
+            row.tile_auroc_qc,
+            row.slide_auc,
+            row.slide_auc_max,
+            row.froc,
+            row.pixel_auroc,
+        )
+        cells = [_cell(v) for v in metrics]
         if row.direction == "inverted":
             direction = "[red]inverted[/]"
         elif row.direction == "failed":
@@ -93,10 +92,6 @@ def print_table(
             direction = "ok"
         table.add_row(row.family, *cells, f"{row.seconds:.1f}", direction)
     Console().print(table)
-
-
-def _cell(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def _industrial_cells(row: BenchmarkRow) -> list[str]:
