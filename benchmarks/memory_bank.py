@@ -81,7 +81,7 @@ def fit_bank(mode: str, tiles: np.ndarray, config: PatchKNNConfig) -> int:
             keep = torch.randperm(len(patches), generator=generator)[: config.max_bank_patches]
             patches = patches[keep]
     else:
-        _, patches = fit_patch_features(
+        _, patches, _ = fit_patch_features(
             features, config, tiles, tiles[:1], device, "patch_knn",
             max_patches=config.max_bank_patches,
         )  # fmt: skip

@@ -35,8 +35,8 @@ from vadflow.tasks.detectors.components.backbones import (
     save_backbone_weights,
     window_average,
 )
+from vadflow.tasks.detectors.components.memory_bank import whitening_transform
 from vadflow.tasks.detectors.patch_knn import k_center_greedy, nearest_distances
-from vadflow.tasks.detectors.patch_knn.detector import whitening_transform
 from vadflow.tasks.detectors.registry import create_detector, load_detector
 from vadflow.tasks.slides.tiles import load_tiles
 from vadflow.tasks.synth.industrial import make_industrial_site
@@ -560,3 +560,56 @@ def test_robust_mode_ranks_defects_above_normal_when_training_tiles_hold_them(fa
         assert aurocs[True] > aurocs[False] + 0.05
     else:
         assert margins[True] > 1.2 * margins[False]
+
+
+def test_cross_slide_trimming_drops_a_cluster_on_one_slide_that_density_keeps():
+    """A tight cluster of 600 rows on one of four slides (13 % of all rows): dense, so the
+    SoftPatch-style density rule keeps it; absent from the other slides, so rows held out
+    slide by slide find no neighbour and cross-slide trimming drops it."""
+    from vadflow.tasks.detectors.components.memory_bank import cross_slide_inliers, drop_outliers
+
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(4000, 4, generator=generator)  # 1,000 rows on each of 4 slides
+    direction = torch.nn.functional.normalize(torch.randn(4, generator=generator), dim=0)
+    cluster = direction * 5 + 0.5 * torch.randn(600, 4, generator=generator)  # all on slide 3
+    rows = torch.cat([normal, cluster])
+    slides = torch.cat([torch.arange(4).repeat_interleave(1000), torch.full((600,), 3)])
+    planted = torch.arange(len(rows)) >= 4000
+    dense = torch.zeros(len(rows), dtype=torch.bool)
+    dense[drop_outliers(rows, 0.15, seed=0)] = True
+    held_out = cross_slide_inliers(rows, slides, 0.15, coreset_size=512, projection_dim=0)
+    print(
+        f"cluster rows kept: density {int(dense[planted].sum())}, cross-slide "
+        f"{int(held_out[planted].sum())} of 600; normal rows dropped: cross-slide "
+        f"{int((~held_out[~planted]).sum())} of 4000"
+    )
+    assert int(dense[planted].sum()) > 400
+    assert int(held_out[planted].sum()) < 30 and int((~held_out[~planted]).sum()) < 150
+    with pytest.raises(ValueError, match="at least two slides"):
+        cross_slide_inliers(rows, torch.zeros(len(rows)), 0.15)
+
+
+@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+def test_robust_mode_with_slides_drops_an_unlabelled_defective_slides_defects(family: str):
+    """One of four training slides holds the defect on 9 of its 15 tiles (15 % of the tiles,
+    all on one slide, as an unlabelled tumour slide holds its lesions). Told each tile's
+    slide, robust mode finds them as patches no other slide has, and the defect's margin over
+    normal tiles is many times the one the slide-blind rule leaves (default settings)."""
+    rng = np.random.default_rng(5)
+    train = np.concatenate([_textures(rng, 45), _textures(rng, 6), _with_defect(_textures(rng, 9))])
+    slides = np.repeat(["normal_a", "normal_b", "normal_c", "tumour_d"], 15)
+    val = _textures(rng, 6)
+    good, defect = _textures(rng, 20), _with_defect(_textures(rng, 20))
+    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 512}
+    margins, aurocs = {}, {}
+    for told in (False, True):
+        detector = create_detector(family, robust=True, contamination=0.2, **SMALL, **extra)
+        detector.fit(train, val, slides=slides if told else None)
+        normal, lesion = detector.score(good).tile_score, detector.score(defect).tile_score
+        aurocs[told] = roc_auc_score(np.r_[np.zeros(20), np.ones(20)], np.r_[normal, lesion])
+        margins[told] = float(lesion.median() / normal.median())
+    print(f"{family}, one defective slide: AUROC {aurocs}, margin {margins}")
+    assert aurocs[True] >= 0.99
+    assert margins[True] > 5 * margins[False]
+    with pytest.raises(ValueError, match="slide of each"):
+        create_detector(family, robust=True, **SMALL, **extra).fit(train, val, slides=slides[:3])

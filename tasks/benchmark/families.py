@@ -175,7 +175,7 @@ def fit_family(detector: Any, supervision: str, data: BenchmarkData) -> None:
     from vadflow.tasks.training.train import training_set
 
     if supervision == "none":
-        detector.fit(data.train, data.val)
+        detector.fit(data.train, data.val, slides=data.train_tile_slides)
     else:
         training_set(supervision, data.site, data.slides_path, data.tile_paths).fit(detector, None)
 

@@ -37,6 +37,7 @@ class BenchmarkData:
     tile_paths: list[str] = field(default_factory=list)  # train and val slides' tile manifests
     contaminated: tuple[str, ...] = ()  # tumour slides trained on as if normal (`contamination`)
     train_slides: tuple[str, ...] = ()  # the slides whose tiles are `train`
+    train_tile_slides: np.ndarray | None = None  # (N,) the slide of each `train` tile
     masks_dir: str = ""  # tissue masks and, under qc/, the artefact QC masks
 
 
@@ -159,6 +160,7 @@ def load_benchmark_tiles(
         tile_paths=tile_paths,
         contaminated=tuple(contaminated),
         train_slides=tuple(train_ids),
+        train_tile_slides=np.repeat(np.array(train_ids), [manifests[i].height for i in train_ids]),
         masks_dir=str(work / "masks"),
     )
 

@@ -207,8 +207,12 @@ class Detector(ABC):
         val: np.ndarray,
         *,
         on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,
     ) -> FitReport:
-        """Train on normal tiles only; `val` (normal too) drives early stopping."""
+        """Train on normal tiles only; `val` (normal too) drives early stopping. `slides`
+        (N,), when known, names the slide each training tile comes from: the feature families'
+        robust mode then holds each slide out in turn to find lesions on an unlabelled tumour
+        slide; the other families do not use it."""
 
     @abstractmethod
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

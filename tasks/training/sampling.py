@@ -26,8 +26,9 @@ def read_tile_manifests(paths: list[str]) -> pl.DataFrame:
 
 def training_tiles(
     site: SiteConfig, slides_path: str, tile_paths: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of a bounded sample of normal train tiles, and of held-out normal val tiles."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of a bounded sample of normal train tiles, of held-out normal val tiles, and the
+    slide id of each train tile (the robust modes hold each slide out in turn)."""
     slides = pl.read_parquet(slides_path)
     uris = dict(zip(slides["slide_id"], slides["uri"], strict=True))
     tiles = read_tile_manifests(tile_paths)
@@ -48,7 +49,7 @@ def training_tiles(
     val = load_tiles(val_rows, uris, options)
     if len(val) == 0:  # no held-out slide: validate on a slice of the training tiles
         val = train[: max(1, len(train) // 10)]
-    return train, val
+    return train, val, train_rows["slide_id"].to_numpy()
 
 
 LESION_TILE_FRACTION = 0.5  # a tile is "tumour" for supervised_cnn when half of it is lesion

@@ -56,6 +56,7 @@ class TrainingSet:
     val: np.ndarray | None = None
     labels: np.ndarray | None = None  # (B,) bool, True: tumour (tile supervision)
     val_labels: np.ndarray | None = None
+    slides: np.ndarray | None = None  # (B,) slide id of each `train` tile (no supervision)
     bags: tuple[np.ndarray, ...] = ()  # one per training slide (slide supervision)
     bag_labels: tuple[bool, ...] = ()
 
@@ -89,7 +90,7 @@ class TrainingSet:
             return detector.fit_labelled(
                 self.train, self.labels, self.val, self.val_labels, on_epoch=on_epoch
             )
-        return detector.fit(self.train, self.val, on_epoch=on_epoch)
+        return detector.fit(self.train, self.val, on_epoch=on_epoch, slides=self.slides)
 
 
 def training_set(
@@ -114,8 +115,8 @@ def training_set(
         bags, bag_labels = bagged
         normal = np.concatenate([b for b, t in zip(bags, bag_labels, strict=True) if not t])
         return TrainingSet("slide", normal, bags=tuple(bags), bag_labels=tuple(bag_labels))
-    train, val = training_tiles(site, slides_path, tile_paths)
-    return TrainingSet("none", train, train, val)
+    train, val, slides = training_tiles(site, slides_path, tile_paths)
+    return TrainingSet("none", train, train, val, slides=slides)
 
 
 def detector_settings(

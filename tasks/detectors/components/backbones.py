@@ -154,7 +154,10 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
     # Robust mode, for training tiles that may hold anomalies: the `contamination` fraction of
     # most outlying training patches is left out of the family's model (patch_knn: of the
-    # memory bank before the coreset, as SoftPatch does; padim: of each position's Gaussian).
+    # memory bank before the coreset; padim: of each position's Gaussian). Outlying: far from
+    # every other training slide's patches when `fit` is told the tiles' slides (two or more;
+    # `cross_slide_inliers`), else far from their own neighbours (patch_knn, as SoftPatch
+    # does) or from the Gaussian (padim).
     robust: bool = False
     contamination: float = 0.1
     window: int = 1  # patch features averaged over window x window patches (`window_average`)
@@ -772,14 +775,16 @@ def fit_patch_features(
     *,
     on_epoch: EpochCallback | None = None,
     max_patches: int | None = None,
-) -> tuple[FitReport, torch.Tensor]:
+) -> tuple[FitReport, torch.Tensor, torch.Tensor | None]:
     """Get `features` ready on normal tiles: the backbone (pretext or weights), then the
-    standardisation. Returns the pretext's report and the training tiles' standardised
-    features, which the family then models: all of them (N, C, h, w) (padim's Gaussians need
-    every tile at every position), or with `max_patches` a uniform sample of at most that many
-    patch rows (M, C) (patch_knn's memory bank), drawn while streaming so that peak memory
-    does not grow with the number of training tiles. Either way the features are averaged
-    over the config's `window` (`window_average`), as the family averages its query patches."""
+    standardisation. Returns the pretext's report, the training tiles' standardised features,
+    which the family then models, and which tile each feature row is from: all of them
+    (N, C, h, w) (padim's Gaussians need every tile at every position; None, the first axis
+    is the tile), or with `max_patches` a uniform sample of at most that many patch rows
+    (M, C) (patch_knn's memory bank), drawn while streaming so that peak memory does not grow
+    with the number of training tiles, and their tiles (M,). Either way the features are
+    averaged over the config's `window` (`window_average`), as the family averages its query
+    patches."""
     if features.pretrained is not None:  # loaded by the caller: nothing to train, 0 epochs
         pretext = FitReport(0, 0, [], [], 0.0, str(device))
     else:
@@ -789,18 +794,21 @@ def fit_patch_features(
         raw = torch.cat(list(stream))  # (N, C, h, w)
         check_finite(raw, family)
         features.calibrate(raw)
-        return pretext, window_average(features.normalise(raw), config.window)
+        return pretext, window_average(features.normalise(raw), config.window), None
     moments = FeatureMoments(features.filter_mean.numel())
     reservoir = PatchReservoir(max_patches, seed=config.seed)
+    per_tile = 1
     for raw in stream:  # (b, C, h, w)
         check_finite(raw, family)
         moments.add(raw)
+        per_tile = raw.shape[2] * raw.shape[3]
         # Averaging commutes with the per-channel standardisation, so raw rows can be averaged.
         rows = window_average(raw, config.window)
         reservoir.add(rows.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]))  # (b*h*w, C)
     features.calibrate_from(moments)
     sample = reservoir.sample()  # (M, C) raw
-    return pretext, features.normalise(sample[:, :, None, None])[:, :, 0, 0]  # (M, C)
+    tiles = reservoir.positions() // per_tile  # (M,): rows arrive tile by tile
+    return pretext, features.normalise(sample[:, :, None, None])[:, :, 0, 0], tiles
 
 
 def patch_scores(
@@ -831,11 +839,15 @@ class PatchFeatureDetector(Detector):
         return None
 
     @abstractmethod
-    def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
+    def fit_normal_patches(
+        self, features: torch.Tensor, train: np.ndarray, slides: torch.Tensor | None
+    ) -> float:
         """Fit the family's model of normal patches on the standardised features of the
         `train` tiles ((N, C, h, w), or (M, C) sampled rows when `bank_patches` is set);
-        returns a training statistic for the report (e.g. the mean distance of training
-        patches to the fitted model)."""
+        `slides` numbers the training slide of each tile (N,) or row (M,), None when unknown
+        (robust mode holds each slide out in turn when there are two or more). Returns a
+        training statistic for the report (e.g. the mean distance of training patches to the
+        fitted model)."""
 
     def fit(
         self,
@@ -843,10 +855,13 @@ class PatchFeatureDetector(Detector):
         val: np.ndarray,
         *,
         on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,
     ) -> FitReport:
         """Pretext-train (or load) the backbone, standardise the features, fit the normal-patch
         model. With no pretext, the report has one epoch: the training statistic and the mean
-        anomaly map of the validation tiles."""
+        anomaly map of the validation tiles. `slides` (N,) names each training tile's slide
+        (`Detector.fit`)."""
+        slide_index = training_slide_index(slides, len(train))
         started = time.perf_counter()
         if self.model.features.pretrained is not None:
             weights = load_pretrained_weights(
@@ -859,7 +874,7 @@ class PatchFeatureDetector(Detector):
                 backbone_sha256=weights.sha256,
                 backbone_architecture=weights.architecture,
             )
-        pretext, features = fit_patch_features(
+        pretext, features, row_tiles = fit_patch_features(
             self.model.features,
             self.config,
             train,
@@ -869,7 +884,9 @@ class PatchFeatureDetector(Detector):
             on_epoch=on_epoch,
             max_patches=self.bank_patches(),
         )  # (N, C, h, w), or (M, C)
-        train_stat = self.fit_normal_patches(features, train)
+        if slide_index is not None and row_tiles is not None:
+            slide_index = slide_index[row_tiles]  # (M,): the slide of each sampled row
+        train_stat = self.fit_normal_patches(features, train, slide_index)
         self.model.eval()
         val_stat = float(self.score(val).anomaly_map.mean())
         return combine_reports(
@@ -882,6 +899,19 @@ class PatchFeatureDetector(Detector):
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return patch_scores(self.model, batch, self.device, self.config)
+
+
+def training_slide_index(slides: np.ndarray | None, tiles: int) -> torch.Tensor | None:
+    """The training slides (any labels, one per tile) as numbers 0..S-1: (N,) long, or None."""
+    if slides is None:
+        return None
+    slides = np.asarray(slides)
+    if slides.shape != (tiles,):
+        raise ValueError(
+            f"slides must name the slide of each of the {tiles} training tiles, got shape "
+            f"{slides.shape}"
+        )
+    return torch.from_numpy(np.unique(slides, return_inverse=True)[1].reshape(-1)).long()
 
 
 def check_finite(features: torch.Tensor, family: str) -> None:

@@ -455,6 +455,7 @@ class TrainedDetector(Detector):
         val: np.ndarray,
         *,
         on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,  # unused: the trimmed loss needs no slides
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 1,
         resume_from: Path | None = None,

@@ -229,6 +229,7 @@ class FAnoGANDetector(LatentScoredDetector):
         val: np.ndarray,
         *,
         on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,  # unused: the trimmed loss needs no slides
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 1,
         resume_from: Path | None = None,

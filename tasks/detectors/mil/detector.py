@@ -201,7 +201,12 @@ class MILDetector(PatchClassifierDetector):
     config: MILConfig
 
     def fit(
-        self, train: np.ndarray, val: np.ndarray, *, on_epoch: EpochCallback | None = None
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,
     ) -> FitReport:
         raise LabelsRequiredError(
             "mil learns from slide labels (supervision='slide'): normal tiles alone cannot "

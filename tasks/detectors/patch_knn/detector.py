@@ -5,11 +5,13 @@ CNN with random, pretext-trained or user-supplied weights, or a pretrained netwo
 them on the normal training tiles, keep a uniform random `max_bank_patches` of the training
 patches (sampled while the tiles' features stream, so peak memory stays bounded however many
 tiles there are), in robust mode drop the `contamination` fraction of them that lie farthest
-from their neighbours (SoftPatch, Jiang et al. 2022: anomalies among the training tiles must not
-enter the bank), and reduce the rest to `coreset_size` by k-center greedy on a random
-projection. By default each patch's features are first averaged over a `window` x `window`
-neighbourhood of patches and every comparison is made in the normal patches' whitened space
-(`whiten`: Euclidean distance there is the Mahalanobis distance under their Gaussian). Score:
+from the other training slides' patches (`cross_slide_inliers`; with one slide, or slides
+unknown, from their own neighbours, as SoftPatch, Jiang et al. 2022, does: anomalies among the
+training tiles must not enter the bank), and reduce the rest to `coreset_size` by k-center
+greedy on a random projection. By default each patch's features are first averaged over a
+`window` x `window` neighbourhood of patches and every comparison is made in the normal
+patches' whitened space (`whiten`: Euclidean distance there is the Mahalanobis distance under
+their Gaussian). Score:
 each (averaged, whitened) patch's distance to its nearest bank entry is the anomaly map
 (upsampled to the tile, lightly smoothed); the tile score is the mean of its top
 `score_top_fraction` (all of it by default; 0 gives PatchCore's plain maximum).
@@ -45,9 +47,11 @@ from vadflow.tasks.detectors.components.backbones import (
     new_features,
 )
 from vadflow.tasks.detectors.components.memory_bank import (
+    cross_slide_inliers,
     drop_outliers,
     k_center_greedy,
     nearest_distances,
+    whitening_transform,
 )
 from vadflow.tasks.detectors.patch_knn.torch_model import PatchKNNModel
 from vadflow.tasks.detectors.registry import register
@@ -75,28 +79,6 @@ class PatchKNNConfig(PatchScoreConfig):
             )
 
 
-WHITEN_RIDGE = 1e-4  # added to the covariance's diagonal, relative to its mean variance
-
-
-def whitening_transform(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre (C,) and matrix W (C, C) with W @ cov @ W.T = I for patch rows (M, C): Euclidean
-    distance after `(x - centre) @ W.T` is the Mahalanobis distance under the rows' Gaussian.
-
-    The covariance gets a small ridge (WHITEN_RIDGE) so it is invertible; W is the inverse of
-    its Cholesky factor. Computed in float64: feature channels can be near collinear.
-    """
-    x = rows.double()
-    centre = x.mean(dim=0)
-    covariance = torch.cov(x.T)  # (C, C)
-    ridge = WHITEN_RIDGE * covariance.diagonal().mean().clamp_min(1e-12)
-    covariance = covariance + ridge * torch.eye(len(covariance), dtype=x.dtype)
-    factor = torch.linalg.cholesky(covariance)
-    whitening = torch.linalg.solve_triangular(
-        factor, torch.eye(len(covariance), dtype=x.dtype), upper=False
-    )
-    return centre.float(), whitening.float()
-
-
 @register("patch_knn")
 class PatchKNNDetector(PatchFeatureDetector):
     """Memory bank of normal patch features; anomaly = distance to the nearest normal patch."""
@@ -115,19 +97,32 @@ class PatchKNNDetector(PatchFeatureDetector):
     def bank_patches(self) -> int:
         return self.config.max_bank_patches
 
-    def fit_normal_patches(self, features: torch.Tensor, train: np.ndarray) -> float:
+    def fit_normal_patches(
+        self, features: torch.Tensor, train: np.ndarray, slides: torch.Tensor | None
+    ) -> float:
         """Build the coreset memory bank from the sampled training patches (M, C); returns how
         far normal patches the coreset left out lie from it."""
         cfg = self.config
         patches = features  # (M, C), M <= max_bank_patches
         generator = torch.Generator().manual_seed(cfg.seed)
+        across_slides = cfg.robust and slides is not None and len(slides.unique()) >= 2
+        if across_slides:  # before the whitening: it must not be fitted on lesion patches
+            keep = cross_slide_inliers(
+                patches.to(self.device),
+                slides,
+                cfg.contamination,
+                coreset_size=cfg.coreset_size,
+                projection_dim=cfg.projection_dim,
+                seed=cfg.seed,
+            )
+            patches = patches[keep]
         if cfg.whiten:
             centre, whitening = whitening_transform(patches)
             self.model.centre.copy_(centre)
             self.model.whitening.copy_(whitening)
             # On the model's device (its buffers are there), back to the CPU like `features`.
             patches = self.model.whitened(patches.to(self.device).float()).cpu()
-        if cfg.robust:
+        if cfg.robust and not across_slides:  # one slide (or unknown): isolated patches
             keep = drop_outliers(patches.to(self.device), cfg.contamination, seed=cfg.seed)
             patches = patches[keep.cpu()]
         # The coreset search runs where the model does: on a GPU its passes are near free.

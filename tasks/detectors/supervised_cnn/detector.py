@@ -200,7 +200,12 @@ class SupervisedCNNDetector(PatchClassifierDetector):
         self.hard_negatives: HardNegativeRound | None = None
 
     def fit(
-        self, train: np.ndarray, val: np.ndarray, *, on_epoch: EpochCallback | None = None
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        on_epoch: EpochCallback | None = None,
+        slides: np.ndarray | None = None,
     ) -> FitReport:
         raise LabelsRequiredError(
             "supervised_cnn learns tumour vs normal from labelled tiles (supervision='tile'), so "
