@@ -394,11 +394,13 @@ def test_the_shared_budget_or_each_familys_own():
     assert knn["features"] == "imagenet"
     ae = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu", features="cnn")
     assert "features" not in ae
-    # --robust too: the feature families' robust mode, nothing for the others.
+    # --robust too: the feature families' robust mode, the trained families' trimmed loss.
     knn = benchmark_settings("padim", epochs=3, tile_size=64, seed=1, device="cpu", robust=True)
-    assert knn["robust"] is True
+    assert knn["robust"] is True and "robust_trim_fraction" not in knn
     ae = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu", robust=True)
-    assert "robust" not in ae
+    assert "robust" not in ae and ae["robust_trim_fraction"] == 0.1
+    plain = benchmark_settings("ae_l2", epochs=3, tile_size=64, seed=1, device="cpu")
+    assert "robust_trim_fraction" not in plain
 
 
 def test_benchmark_refuses_unknown_families_and_sizes():

@@ -55,7 +55,10 @@ def benchmark_detectors_command(
     ] = 0.0,
     robust: Annotated[
         bool,
-        typer.Option(help="robust mode of the feature families (outlier patches left out)"),
+        typer.Option(
+            help="robust modes: the feature families leave out the patches farthest from every "
+            "other training slide's; the trained families trim their highest-loss tiles"
+        ),
     ] = False,
     markdown: Annotated[
         Path | None, typer.Option(help="also write the table as Markdown here")

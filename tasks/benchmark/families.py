@@ -127,6 +127,12 @@ def checked_families(
     return chosen
 
 
+# `--robust` for the trained families: the trimmed loss leaves out this share of each batch's
+# highest-loss tiles (`TrainingConfig.robust_trim_fraction`), the share robust mode drops in
+# the feature families (their `contamination` default).
+ROBUST_TRIM_FRACTION = 0.1
+
+
 def benchmark_settings(
     family: str,
     *,
@@ -155,7 +161,12 @@ def benchmark_settings(
         family,
         shared={"tile_size": tile_size},
         site=site,
-        flags={**flags, "features": features, "robust": True if robust else None},
+        flags={
+            **flags,
+            "features": features,
+            "robust": True if robust else None,
+            "robust_trim_fraction": ROBUST_TRIM_FRACTION if robust else None,
+        },
     )
 
 
@@ -212,7 +223,7 @@ def run_family(
     # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
     asked = {"score": None if score == "residual" else score, "features": features}
     variant = [v for k, v in asked.items() if v is not None and budget.get(k) == v]
-    if robust and budget.get("robust"):
+    if robust and (budget.get("robust") or budget.get("robust_trim_fraction")):
         variant.append("robust")
     family_label = f"{family} ({', '.join(variant)})" if variant else family
     try:
@@ -276,8 +287,9 @@ def benchmark_detectors(
     (residual, latent, combined); `features` which patch features the feature families compare
     (filters, cnn, both, imagenet; None: their default). `contamination` replaces that share of
     the normal training slides by unlabelled tumour slides (`contaminated_training`); `robust`
-    turns on the robust mode of the families that have one (patch_knn, padim: outlier patches
-    left out of the memory bank or the Gaussians).
+    turns on the robust modes: patch_knn's and padim's (the patches farthest from every other
+    training slide's left out of the memory bank or the Gaussian) and the trained families'
+    trimmed loss (ROBUST_TRIM_FRACTION).
 
     Returns one row per family and, with `show`, prints the table. A labelled family on a site
     without the labels it needs gets a "skipped" row. The site is written under `out_dir` (a
