@@ -242,7 +242,7 @@ class SiteConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     domain: Literal["pathology", "industrial"]
     source: str = Field(description="folder (or URI) holding the site's slides or images")
-    families: list[str] = Field(default_factory=lambda: ["ae_l2"])
+    families: list[str] = Field(default_factory=lambda: ["padim"])
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     qc: QcConfig = Field(default_factory=QcConfig)
     detectors: dict[str, dict[str, Any]] = Field(
