@@ -84,3 +84,27 @@ def test_a_labelled_family_without_labels_is_skipped_not_failed(tiled_site, fami
     assert isinstance(skipped, SkippedFamily) and skipped.family == family
     assert "tumour" in skipped.reason
     assert not model_dir.exists()  # nothing half-written
+
+
+def test_the_unsupervised_training_set_names_each_tiles_slide(tiled_site) -> None:
+    """Robust mode holds each training slide out, so the training set says which slide every
+    training tile comes from, in the tiles' order; a robust padim trains on it."""
+    import polars as pl
+
+    from vadflow.tasks.training.train import training_set
+
+    data = training_set("none", tiled_site["site"], tiled_site["slides"], tiled_site["tiles"])
+    slides = pl.read_parquet(tiled_site["slides"])
+    train_ids = set(slides.filter(pl.col("split") == "train")["slide_id"])
+    assert data.slides is not None and len(data.slides) == len(data.train) > 0
+    assert set(data.slides) == train_ids
+    model_dir = tiled_site["root"] / "models" / "padim-robust"
+    trained = train_family(
+        "padim",
+        tiled_site["site"],
+        tiled_site["slides"],
+        tiled_site["tiles"],
+        model_dir,
+        flags={"robust": True},
+    )
+    assert isinstance(trained, TrainedModel) and trained.config["robust"] is True
