@@ -467,6 +467,17 @@ def test_contaminated_benchmark_trains_on_a_tumour_slide(tmp_path: Path):
     assert (lesion >= TILE_POSITIVE).any()  # the unlabelled slide brings lesion tiles in
     assert len(dirty.train) == sum(manifests[s].height for s in dirty.train_slides)
     assert np.array_equal(clean.val, dirty.val)  # validation stays normal
+    # Each training tile's slide, in the tiles' order: robust mode holds each slide out.
+    named = dirty.train_tile_slides
+    assert named is not None and len(named) == len(dirty.train)
+    assert list(dict.fromkeys(named)) == list(dirty.train_slides)
+    import polars as pl
+
+    from vadflow.tasks.slides.tiles import load_tiles
+
+    registered = pl.read_parquet(dirty.slides_path)
+    uris = dict(zip(registered["slide_id"], registered["uri"], strict=True))
+    assert np.array_equal(dirty.train[named == tumour], load_tiles(manifests[tumour], uris))
 
 
 @pytest.mark.slow
