@@ -6,10 +6,12 @@ model was calibrated with). The model is a detector folder or an MLflow model UR
 the site's registered champion. Each run's heatmaps folder holds `scored.json`, from which
 `vadflow export` redraws the exports without rescoring.
 
-discover -> register -> mask + tile -> validate -> resolve model -> score -> [evaluate] -> export
+resolve model -> discover -> register -> mask + tile -> validate -> score -> [evaluate] -> export
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 
@@ -41,31 +43,38 @@ def batch_score(
     without, nothing is evaluated and predictions use the model's own calibrated threshold.
     """
     site = resolve_site(site, site_dir)
-    family = family or site.families[0]
     layout = SiteLayout(output_root or state_home() / "outputs", site.name)
     tracking_uri = resolve_tracking_uri(tracking_uri, state_home())
-    run = f"{'batch' if metrics else 'score'}-{family}"
+    kind = "batch" if metrics else "score"
     version = run_version()
     # It writes the site's manifests as a nightly does: one run of a site at a time.
-    with site_lock(state_home(), site.name, f"{run}-{version}"):
-        return _score(site, family, layout, model, tracking_uri, run, version, splits, metrics)
+    with site_lock(state_home(), site.name, f"{kind}-{version}"):
+        return _score(site, family, layout, model, tracking_uri, kind, version, splits, metrics)
 
 
 def _score(
     site: SiteConfig,
-    family: str,
+    family: str | None,
     layout: SiteLayout,
     model: str,
     tracking_uri: str,
-    run: str,
+    kind: str,
     version: str,
     splits: list[str] | None,
     metrics: bool,
 ) -> BatchScoreSummary:
     """The scoring stages, run under the site's lock."""
+    from vadflow.tasks.detectors.base import read_config  # here: a flow's import loads no torch
+
     logger = get_run_logger()
+    # Only a champion is looked up by family (`family`, else the site's first); a folder or
+    # a models:/ URI is whatever family it was trained as, and the run is named after that.
+    model_dir = resolve_model_task(
+        model, site.name, family or site.families[0], tracking_uri, str(layout.root)
+    )
+    family = read_config(Path(model_dir))["family"]
+    run = f"{kind}-{family}"
     data = ingest(site, layout, f"{run}-{version}")
-    model_dir = resolve_model_task(model, site.name, family, tracking_uri, str(layout.root))
     to_score = data.scorable(tuple(splits or ["val", "test"]))
     scores = score_slides(
         site,

@@ -375,6 +375,7 @@ def corpus_run(prefect_harness, state_dir: Path) -> dict:
             output_root=str(output_root),
             tracking_uri=tracking,
             flags={"epochs": 2, "base_channels": 8},
+            families=["ae_l2"],
         )
         ran = time.perf_counter() - started
     return {

@@ -73,7 +73,10 @@ def test_metric_drops_pair_home_with_away_and_leave_counts_and_threshold_alone()
     assert rows["threshold"].drop is None
 
 
-SITE_YAML = "parallel:\n  backend: serial\naugmentation: {rot90: true, hed_jitter: 0.03}\n"
+SITE_YAML = (
+    "parallel:\n  backend: serial\naugmentation: {rot90: true, hed_jitter: 0.03}\n"
+    "families: [ae_l2]\n"
+)
 
 
 @pytest.mark.slow

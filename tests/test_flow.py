@@ -36,7 +36,9 @@ def pathology_run(prefect_harness, state_dir: Path) -> dict:
     # One slide that cannot be opened: it must be quarantined and the run must go on.
     (site / "testing" / "images" / "corrupt_999.tif").write_bytes(b"II*\x00garbage")
     tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'flow-test.db'}"
-    summary = nightly(str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking)
+    summary = nightly(
+        str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking, families=["ae_l2"]
+    )
     return {"summary": summary, "site": site, "tracking": tracking}
 
 
@@ -174,7 +176,9 @@ def industrial_run(prefect_harness, state_dir: Path) -> NightlySummary:
         state_dir / "data", "tiny-line", n_train=24, n_test_good=8, n_test_per_defect=4, seed=3
     )
     tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'flow-test.db'}"
-    return nightly(str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking)
+    return nightly(
+        str(site), output_root=str(state_dir / "outputs"), tracking_uri=tracking, families=["ae_l2"]
+    )
 
 
 def test_same_flow_runs_on_an_mvtec_folder(industrial_run) -> None:

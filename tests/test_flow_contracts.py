@@ -119,6 +119,7 @@ def strict_run(prefect_harness, state_dir: Path) -> dict:
         output_root=str(tiled["output_root"]),
         tracking_uri=f"sqlite:///{tracking_db}",
         return_state=True,
+        families=["ae_l2"],
     )
     return {**tiled, "bad": bad, "state": state, "tracking_db": tracking_db}
 
@@ -177,7 +178,10 @@ def quarantine_run(prefect_harness, state_dir: Path) -> dict:
     bad = _corrupt_a_train_slide(tiled["layout"])
     tracking = f"sqlite:///{state_dir / 'home' / 'mlflow' / 'contracts-quarantine.db'}"
     summary = nightly(
-        str(tiled["site_dir"]), output_root=str(tiled["output_root"]), tracking_uri=tracking
+        str(tiled["site_dir"]),
+        output_root=str(tiled["output_root"]),
+        tracking_uri=tracking,
+        families=["ae_l2"],
     )
     return {**tiled, "bad": bad, "summary": summary, "tracking": tracking}
 

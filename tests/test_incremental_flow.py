@@ -59,6 +59,7 @@ def nights(prefect_harness, state_dir: Path) -> dict:
                     flags={"epochs": 1},
                     export=False,
                     force=force,
+                    families=["ae_l2"],
                 )
             nights[night] = {
                 "summary": summary,

@@ -32,6 +32,7 @@ def _nightly(site: Path, state_dir: Path, tracking: str, **options) -> NightlySu
         output_root=str(state_dir / "outputs"),
         tracking_uri=tracking,
         flags={"epochs": 1},
+        families=["ae_l2"],
         **options,
     )
 

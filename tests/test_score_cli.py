@@ -94,7 +94,7 @@ def trained(prefect_harness, state_dir: Path):
         data, SITE, n_train_normal=2, n_test_normal=1, n_test_tumor=1, width=1536, height=1024
     )
     with (site / "site.yaml").open("a") as handle:
-        handle.write("parallel:\n  backend: serial\n")
+        handle.write("parallel:\n  backend: serial\nfamilies: [ae_l2]\n")
     new = data / "new-slides"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
@@ -111,13 +111,13 @@ def trained(prefect_harness, state_dir: Path):
         yield {"site": site, "new": new, "home": home, "summary": summary}
 
 
-def _score(trained: dict, model: str):
+def _score(trained: dict, model: str, *options: str):
     from vadflow.tasks.exports.render import load_scored_run
 
     home = trained["home"]
     result = CliRunner().invoke(
         _cli(),
-        ["score", str(trained["new"]), "--model", model, "--home", str(home)],
+        ["score", str(trained["new"]), "--model", model, "--home", str(home), *options],
     )
     assert result.exit_code == 0, result.output
     runs = sorted((home / "outputs" / "new-slides" / "heatmaps").glob("score-ae_l2-*"))
@@ -171,7 +171,8 @@ def test_score_calls_new_slides_at_the_models_calibrated_threshold(trained, scor
 @pytest.mark.slow
 @pytest.mark.flow
 def test_score_resolves_the_champion_to_the_same_model(trained, scored) -> None:
-    _, run = _score(trained, f"champion@{SITE}")
+    # A champion is per family: the new slides' folder has no site file naming one.
+    _, run = _score(trained, f"champion@{SITE}", "--family", "ae_l2")
     assert run.model == f"champion@{SITE}"
     assert run.calibrated_threshold == scored["run"].calibrated_threshold
     first = {s.slide_id: s.score for s in scored["run"].exported}
