@@ -42,6 +42,18 @@ def tiled_site(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"site": site, "slides": str(slides_path), "tiles": tile_paths, "root": root}
 
 
+def _train(tiled_site: dict, family: str, model_dir: Path, flags: dict | None = None):
+    """`train_family` on the tiny site's slides and tiles."""
+    return train_family(
+        family,
+        tiled_site["site"],
+        tiled_site["slides"],
+        tiled_site["tiles"],
+        model_dir,
+        flags=flags,
+    )
+
+
 def test_settings_layer_site_defaults_then_site_file_then_flags(tiled_site) -> None:
     site = tiled_site["site"]
     settings = detector_settings("ae_l2", site, flags={"epochs": 1, "ridge": 0.5})
@@ -55,14 +67,7 @@ def test_settings_layer_site_defaults_then_site_file_then_flags(tiled_site) -> N
 
 def test_train_family_fits_saves_and_reports(tiled_site) -> None:
     model_dir = tiled_site["root"] / "models" / "ae_l2"
-    trained = train_family(
-        "ae_l2",
-        tiled_site["site"],
-        tiled_site["slides"],
-        tiled_site["tiles"],
-        model_dir,
-        flags={"epochs": 1},
-    )
+    trained = _train(tiled_site, "ae_l2", model_dir, {"epochs": 1})
     assert isinstance(trained, TrainedModel)
     assert trained.supervision == "none" and not trained.diverged
     assert trained.config["epochs"] == 1 and trained.config["base_channels"] == 8
@@ -78,9 +83,7 @@ def test_train_family_fits_saves_and_reports(tiled_site) -> None:
 @pytest.mark.parametrize("family", ["supervised_cnn", "mil"])
 def test_a_labelled_family_without_labels_is_skipped_not_failed(tiled_site, family) -> None:
     model_dir = tiled_site["root"] / "models" / family
-    skipped = train_family(
-        family, tiled_site["site"], tiled_site["slides"], tiled_site["tiles"], model_dir
-    )
+    skipped = _train(tiled_site, family, model_dir)
     assert isinstance(skipped, SkippedFamily) and skipped.family == family
     assert "tumour" in skipped.reason
     assert not model_dir.exists()  # nothing half-written
@@ -98,13 +101,7 @@ def test_the_unsupervised_training_set_names_each_tiles_slide(tiled_site) -> Non
     train_ids = set(slides.filter(pl.col("split") == "train")["slide_id"])
     assert data.slides is not None and len(data.slides) == len(data.train) > 0
     assert set(data.slides) == train_ids
-    model_dir = tiled_site["root"] / "models" / "padim-robust"
-    trained = train_family(
-        "padim",
-        tiled_site["site"],
-        tiled_site["slides"],
-        tiled_site["tiles"],
-        model_dir,
-        flags={"robust": True},
+    trained = _train(
+        tiled_site, "padim", tiled_site["root"] / "models" / "robust", {"robust": True}
     )
     assert isinstance(trained, TrainedModel) and trained.config["robust"] is True
