@@ -302,6 +302,22 @@ def test_score_and_export_refuse_bad_input_clearly(trained, scored, tmp_path: Pa
     scored_dir = next((trained["home"] / "outputs" / "new-slides" / "heatmaps").glob("score-*"))
     bad_map = runner.invoke(_cli(), ["export", str(scored_dir), "--colour-map", "nope"])
     assert bad_map.exit_code == 2 and "unknown colour map 'nope'" in _words(bad_map.output)
+    # The new slides' folder names no family, so the default's (padim) champion is looked
+    # for; the error names the champions the site does have.
+    other = runner.invoke(
+        _cli(),
+        [
+            "score",
+            str(trained["new"]),
+            "--model",
+            f"champion@{SITE}",
+            "--home",
+            str(trained["home"]),
+        ],
+    )
+    words = _words(other.output)
+    assert other.exit_code != 0 and f"{SITE}-padim has no champion" in words, words
+    assert f"{SITE}'s champions: {SITE}-ae_l2" in words and "give --family" in words
 
 
 def _words(text: str) -> str:

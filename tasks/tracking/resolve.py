@@ -54,17 +54,36 @@ def resolve_model(model: str, site: str, family: str, tracking_uri: str, cache_r
         try:
             return str(download_model(uri, tracking_uri, cache / f"{owner}-{family}-champion"))
         except LookupError as exc:
+            others = champions_of(owner, tracking_uri)
             raise LookupError(
                 f"{registered_model_name(owner, family)} has no champion at {tracking_uri} "
                 f"({exc}): run the nightly flow first; a version below the promotion floor "
                 "is registered but not champion (its `promotion` tag says why), so name it "
                 "as models:/<name>/<version> to use it anyway"
+                + (
+                    f". {owner}'s champions: {', '.join(others)} (a champion is per family: "
+                    "give --family)"
+                    if others
+                    else ""
+                )
             ) from exc
     if not model.startswith(("models:/", "runs:/")):
         raise ValueError(
             f"model {model!r} is neither a folder nor an MLflow model URI; give one of: {FORMS}"
         )
     return str(download_model(model, tracking_uri, cache / _safe_name(model)))
+
+
+def champions_of(site: str, tracking_uri: str) -> list[str]:
+    """The registered models of `site` (`<site>-<family>[-<category>]`) that have a champion;
+    empty when the store cannot say."""
+    try:
+        models = MlflowClient(tracking_uri).search_registered_models(
+            filter_string=f"name LIKE '{site}-%'"
+        )
+    except MlflowException:
+        return []
+    return sorted(m.name for m in models if CHAMPION in (m.aliases or {}))
 
 
 def local_detector(folder: Path) -> Path:
