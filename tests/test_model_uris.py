@@ -170,6 +170,22 @@ def test_what_does_not_resolve_says_what_is_missing(embedded: Logged, tmp_path: 
         resolve_model("s3://bucket/model", site, FAMILY, uri, str(tmp_path))
 
 
+def test_a_missing_champion_names_the_sites_own_champions(embedded: Logged, tmp_path) -> None:
+    """Asked for another family's champion, the error lists the ones the site has; a site whose
+    name merely starts with this one's (`<site>-b`) is not counted as this site's."""
+    from vadflow.tasks.tracking.resolve import champions_of
+
+    client = MlflowClient(embedded.tracking_uri, registry_uri=embedded.tracking_uri)
+    version = register_model(client, embedded.run_id, f"{embedded.site}-b", FAMILY)
+    other = registered_model_name(f"{embedded.site}-b", FAMILY)
+    client.set_registered_model_alias(other, CHAMPION, str(version))
+    assert champions_of(embedded.site, embedded.tracking_uri) == [embedded.name]
+    with pytest.raises(LookupError) as missing:
+        resolve_model("champion", embedded.site, "padim", embedded.tracking_uri, str(tmp_path))
+    assert f"{embedded.site}'s champions: {embedded.name} (" in str(missing.value)
+    assert "give --family" in str(missing.value)
+
+
 def test_a_dead_process_partial_download_is_removed(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -76,14 +76,26 @@ def resolve_model(model: str, site: str, family: str, tracking_uri: str, cache_r
 
 def champions_of(site: str, tracking_uri: str) -> list[str]:
     """The registered models of `site` (`<site>-<family>[-<category>]`) that have a champion;
-    empty when the store cannot say."""
+    empty when the store cannot say. The LIKE filter only narrows the search (`_` is its
+    wildcard, and site "a" would match site "a-b"'s models): a name counts when what follows
+    `<site>-` starts with a known family."""
+    from vadflow.tasks.detectors.registry import available_families
+
     try:
         models = MlflowClient(tracking_uri).search_registered_models(
             filter_string=f"name LIKE '{site}-%'"
         )
     except MlflowException:
         return []
-    return sorted(m.name for m in models if CHAMPION in (m.aliases or {}))
+    families = set(available_families())
+    prefix = f"{site}-"
+    return sorted(
+        m.name
+        for m in models
+        if CHAMPION in (m.aliases or {})
+        and m.name.startswith(prefix)
+        and m.name[len(prefix) :].partition("-")[0] in families
+    )
 
 
 def local_detector(folder: Path) -> Path:

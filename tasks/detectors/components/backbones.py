@@ -845,7 +845,7 @@ class PatchFeatureDetector(Detector):
         """Fit the family's model of normal patches on the standardised features of the
         `train` tiles ((N, C, h, w), or (M, C) sampled rows when `bank_patches` is set);
         `slides` numbers the training slide of each tile (N,) or row (M,), None when unknown
-        (robust mode holds each slide out in turn when there are two or more). Returns a
+        or all from one slide (robust mode holds each slide out in turn). Returns a
         training statistic for the report (e.g. the mean distance of training patches to the
         fitted model)."""
 
@@ -886,6 +886,8 @@ class PatchFeatureDetector(Detector):
         )  # (N, C, h, w), or (M, C)
         if slide_index is not None and row_tiles is not None:
             slide_index = slide_index[row_tiles]  # (M,): the slide of each sampled row
+        if slide_index is not None and len(slide_index.unique()) < 2:
+            slide_index = None  # one slide: no other slide to hold its patches against
         train_stat = self.fit_normal_patches(features, train, slide_index)
         self.model.eval()
         val_stat = float(self.score(val).anomaly_map.mean())

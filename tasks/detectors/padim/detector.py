@@ -142,7 +142,7 @@ class PadimDetector(PatchFeatureDetector):
         mean, precision = self._gaussians(x)
         keep = x.shape[1] - int(cfg.contamination * x.shape[1])
         if cfg.robust and 2 <= keep < x.shape[1]:
-            if slides is not None and len(slides.unique()) >= 2:
+            if slides is not None:
                 # How far each patch lies from the other training slides' patches.
                 row_slides = slides[None, :].expand(features.shape[2] * features.shape[3], -1)
                 outlying = held_out_distances(

@@ -105,7 +105,7 @@ class PatchKNNDetector(PatchFeatureDetector):
         cfg = self.config
         patches = features  # (M, C), M <= max_bank_patches
         generator = torch.Generator().manual_seed(cfg.seed)
-        across_slides = cfg.robust and slides is not None and len(slides.unique()) >= 2
+        across_slides = cfg.robust and slides is not None
         if across_slides:  # before the whitening: it must not be fitted on lesion patches
             keep = cross_slide_inliers(
                 patches.to(self.device),
