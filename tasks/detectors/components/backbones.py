@@ -152,11 +152,12 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     (`patch_scores`; the fields and their checks are ScoreMapConfig's)."""
 
     map_smoothing_sigma: float = 2.0  # Gaussian sigma in tile px on the upsampled map
-    # Robust mode, for training tiles that may hold anomalies: the `contamination` fraction of
-    # most outlying training patches is left out of the family's model (patch_knn: of the
-    # memory bank before the coreset; padim: of each position's Gaussian). Outlying: far from
-    # every other training slide's patches when `fit` is told the tiles' slides (two or more;
-    # `cross_slide_inliers`), else far from their own neighbours (patch_knn, as SoftPatch
+    # Robust mode, for training tiles that may hold anomalies: outlying training patches are
+    # left out of the family's model (patch_knn: of the memory bank before the coreset; padim:
+    # of each position's Gaussian). When `fit` is told the tiles' slides (two or more): those
+    # far from every other training slide's patches, as outliers of that distance, at most the
+    # `contamination` fraction (`cross_slide_inliers`, `held_out_outliers`). Else the
+    # `contamination` fraction farthest from their own neighbours (patch_knn, as SoftPatch
     # does) or from the Gaussian (padim).
     robust: bool = False
     contamination: float = 0.1

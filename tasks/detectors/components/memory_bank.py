@@ -208,19 +208,40 @@ def held_out_distances(
     return out
 
 
+OUTLIER_Z = 3.0  # cross-slide trimming drops rows this many robust SDs above the median
+
+
+def held_out_outliers(excess: torch.Tensor, contamination: float) -> torch.Tensor:
+    """Boolean mask (..., M), True where a row is dropped: its `held_out_distances` excess
+    (..., M) lies more than OUTLIER_Z robust standard deviations (1.4826 x the median absolute
+    deviation) above the median along the last axis, and among the `contamination` fraction
+    largest (a cap).
+
+    Normal rows' excess sits near 0 on every slide, so only what no other slide has is cut,
+    and a clean training set loses little. Measured on the medium hard site at seed 4: the
+    clean set lost 4.4 % of its rows (the fixed 10 % before), the set with an unlabelled tumour
+    slide 10.4 % before the cap, with 91 % of the lesion rows.
+    """
+    if not 0.0 < contamination < 1.0:
+        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
+    median = excess.median(dim=-1, keepdim=True).values
+    spread = 1.4826 * (excess - median).abs().median(dim=-1, keepdim=True).values
+    beyond = excess > median + OUTLIER_Z * spread.clamp_min(1e-12)
+    cap = int(contamination * excess.shape[-1])
+    if cap < 1:
+        return torch.zeros_like(beyond)
+    largest = excess.topk(cap, dim=-1).indices
+    capped = torch.zeros_like(beyond).scatter_(-1, largest, True)
+    return beyond & capped
+
+
 def cross_slide_inliers(
     rows: torch.Tensor, slides: torch.Tensor, contamination: float, **settings: int
 ) -> torch.Tensor:
-    """Boolean mask (M,): the rows kept when the `contamination` fraction farthest from the
-    other slides' patches, beyond their own slide's typical row (`held_out_distances`,
-    `settings` passed on), is dropped."""
-    if not 0.0 < contamination < 1.0:
-        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
-    distances = held_out_distances(rows, slides, **settings)
-    keep = torch.zeros(len(distances), dtype=torch.bool)
-    kept = max(1, len(distances) - int(contamination * len(distances)))
-    keep[distances.topk(kept, largest=False).indices] = True
-    return keep
+    """Boolean mask (M,): the rows kept when those far from the other slides' patches, beyond
+    their own slide's typical row (`held_out_distances`, `settings` passed on), are dropped:
+    the outliers of `held_out_outliers`, at most the `contamination` fraction."""
+    return ~held_out_outliers(held_out_distances(rows, slides, **settings), contamination)
 
 
 def knn_outlier_scores(

@@ -30,11 +30,12 @@ capped at the tile's patch grid, so on 32 px industrial tiles it is the whole ti
 `window` a smaller value where maps must localise within a tile.
 
 Robust mode (`robust`, for training tiles that may hold anomalies): a trimmed Gaussian. The
-`contamination` fraction of training patches (at each position, in the "position" layout)
-that lie farthest from the other training slides' patches is left out and the mean and
-covariance are fitted on the rest (`held_out_distances`: a lesion on an unlabelled tumour
-slide is on that slide alone, however densely its patches cluster). When `fit` is not told
-the tiles' slides, or they are all from one, the patches left out are those farthest from the
+training patches (at each position, in the "position" layout) that lie far from the other
+training slides' patches, as outliers of that distance and at most the `contamination`
+fraction, are left out and the mean and covariance are fitted on the rest
+(`held_out_distances`, `held_out_outliers`: a lesion on an unlabelled tumour slide is on that
+slide alone, however densely its patches cluster). When `fit` is not told the tiles' slides,
+or they are all from one, the `contamination` fraction left out is the one farthest from the
 first fit's Gaussian, one concentration step of the minimum covariance determinant estimator
 (Rousseeuw 1999), which a lesion cluster large enough to pull the Gaussian towards itself
 escapes. Measured with one of four training slides an unlabelled tumour slide (medium hard
@@ -55,7 +56,10 @@ from vadflow.tasks.detectors.components.backbones import (
     PatchScoreConfig,
     new_features,
 )
-from vadflow.tasks.detectors.components.memory_bank import held_out_distances
+from vadflow.tasks.detectors.components.memory_bank import (
+    held_out_distances,
+    held_out_outliers,
+)
 from vadflow.tasks.detectors.padim.torch_model import PadimModel
 from vadflow.tasks.detectors.registry import register
 
@@ -140,35 +144,47 @@ class PadimDetector(PatchFeatureDetector):
         if cfg.gaussian == "shared":  # every position's patches are samples of one Gaussian
             x = x.reshape(1, -1, d)  # (1, P * N, d)
         mean, precision = self._gaussians(x)
-        keep = x.shape[1] - int(cfg.contamination * x.shape[1])
-        if cfg.robust and 2 <= keep < x.shape[1]:
+        if cfg.robust and x.shape[1] >= 2:
             if slides is not None:
-                # How far each patch lies from the other training slides' patches.
+                # How far each patch lies from the other training slides' patches; the
+                # outliers among them (at most the contamination fraction) are left out.
                 row_slides = slides[None, :].expand(features.shape[2] * features.shape[3], -1)
                 outlying = held_out_distances(
                     x.reshape(-1, d).float().to(self.device),
                     row_slides.reshape(-1),
                     seed=cfg.seed,
                 ).view(x.shape[0], x.shape[1])  # (P, N)
-            else:  # one slide (or unknown): how far from the Gaussian itself
+                kept = ~held_out_outliers(outlying, cfg.contamination)
+            else:  # one slide (or unknown): the contamination fraction farthest from the Gaussian
                 diff = x - mean[:, None]  # (P, N, d)
                 outlying = torch.einsum("pnd,pde,pne->pn", diff, precision, diff)  # (P, N)
-            inliers = outlying.topk(keep, dim=1, largest=False).indices  # (P, keep)
-            x = torch.gather(x, 1, inliers[..., None].expand(-1, -1, d))  # (P, keep, d)
-            mean, precision = self._gaussians(x)
+                keep = max(2, x.shape[1] - int(cfg.contamination * x.shape[1]))
+                kept = torch.zeros_like(outlying, dtype=torch.bool)
+                kept.scatter_(1, outlying.topk(keep, dim=1, largest=False).indices, True)
+            mean, precision = self._gaussians(x, kept)
         self.model.channels.copy_(channels)
         self.model.mean.copy_(mean.float())
         self.model.precision.copy_(precision.float())
         return float(self.score(train[:256]).anomaly_map.mean())
 
-    def _gaussians(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position mean (P, d) and precision (P, d, d) of patches x (P, N, d), each
-        covariance shrunk towards the pooled one and ridged."""
+    def _gaussians(
+        self, x: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position mean (P, d) and precision (P, d, d) of patches x (P, N, d), or of those
+        `kept` (P, N) at each position (at least two), each covariance shrunk towards the
+        pooled one and ridged."""
         cfg = self.config
         d = x.shape[2]
-        mean = x.mean(dim=1)  # (P, d)
-        centred = x - mean[:, None]
-        covariance = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)  # (P, d, d)
+        if kept is None:
+            count = torch.full((x.shape[0],), float(x.shape[1]), dtype=x.dtype)
+            mean = x.mean(dim=1)  # (P, d)
+            centred = x - mean[:, None]
+        else:
+            weight = kept.to(x.dtype)[..., None]  # (P, N, 1)
+            count = weight.sum(dim=1)[:, 0].clamp_min(2)  # (P,)
+            mean = (weight * x).sum(dim=1) / count[:, None]
+            centred = (x - mean[:, None]) * weight  # the rows left out become zeros
+        covariance = centred.transpose(1, 2) @ centred / (count - 1)[:, None, None]  # (P, d, d)
         pooled = covariance.mean(dim=0, keepdim=True)  # (1, d, d)
         covariance = (1 - cfg.shrinkage) * covariance + cfg.shrinkage * pooled
         scale = pooled.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
