@@ -589,22 +589,25 @@ def test_cross_slide_trimming_drops_a_cluster_on_one_slide_that_density_keeps():
         cross_slide_inliers(rows, torch.zeros(len(rows)), 0.15)
 
 
-def test_cross_slide_trimming_cuts_outliers_only_so_a_clean_set_keeps_almost_everything():
-    """The contamination fraction is a cap, not a quota: on four clean slides of the same
-    Gaussian, only rows beyond OUTLIER_Z robust deviations of the held-out excess go (the
-    fixed-fraction rule before dropped the whole 15 %); with a cluster on one slide the cap
-    binds, and the cluster goes first."""
+def test_held_out_outliers_cut_only_outliers_so_a_clean_set_keeps_almost_everything():
+    """padim's cross-slide rule: the contamination fraction is a cap, not a quota. On four
+    clean slides of the same Gaussian only rows beyond OUTLIER_Z robust deviations of the
+    held-out excess go (patch_knn's quota, `cross_slide_inliers`, drops the whole 15 %); where
+    more rows than the cap lie beyond, the farthest go."""
     from vadflow.tasks.detectors.components.memory_bank import (
         cross_slide_inliers,
+        held_out_distances,
         held_out_outliers,
     )
 
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(4000, 4, generator=generator)
     slides = torch.arange(4).repeat_interleave(1000)
-    kept = cross_slide_inliers(rows, slides, 0.15, coreset_size=512, projection_dim=0)
-    print(f"clean: {int((~kept).sum())} of 4000 rows dropped")
-    assert int((~kept).sum()) < 80  # 2 %
+    settings = {"coreset_size": 512, "projection_dim": 0}
+    dropped = held_out_outliers(held_out_distances(rows, slides, **settings), 0.15)
+    quota = ~cross_slide_inliers(rows, slides, 0.15, **settings)
+    print(f"clean: outliers {int(dropped.sum())}, quota {int(quota.sum())} of 4000 rows dropped")
+    assert int(dropped.sum()) < 80 and int(quota.sum()) == 600  # 2 %, 15 %
     excess = torch.cat([torch.zeros(90), torch.linspace(10, 20, 10)])  # 10 far rows of 100
     assert held_out_outliers(excess, 0.05).nonzero().flatten().tolist() == [95, 96, 97, 98, 99]
     assert int(held_out_outliers(excess, 0.2).sum()) == 10

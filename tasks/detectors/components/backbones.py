@@ -155,10 +155,11 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     # Robust mode, for training tiles that may hold anomalies: outlying training patches are
     # left out of the family's model (patch_knn: of the memory bank before the coreset; padim:
     # of each position's Gaussian). When `fit` is told the tiles' slides (two or more): those
-    # far from every other training slide's patches, as outliers of that distance, at most the
-    # `contamination` fraction (`cross_slide_inliers`, `held_out_outliers`). Else the
-    # `contamination` fraction farthest from their own neighbours (patch_knn, as SoftPatch
-    # does) or from the Gaussian (padim).
+    # far from every other training slide's patches (patch_knn: the `contamination` fraction
+    # farthest, `cross_slide_inliers`; padim: the outliers of that distance, at most the
+    # `contamination` fraction, `held_out_outliers`). Else the `contamination` fraction
+    # farthest from their own neighbours (patch_knn, as SoftPatch does) or from the Gaussian
+    # (padim).
     robust: bool = False
     contamination: float = 0.1
     window: int = 1  # patch features averaged over window x window patches (`window_average`)

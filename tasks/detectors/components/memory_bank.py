@@ -208,19 +208,22 @@ def held_out_distances(
     return out
 
 
-OUTLIER_Z = 3.0  # cross-slide trimming drops rows this many robust SDs above the median
+OUTLIER_Z = 3.0  # padim's cross-slide trimming: rows this many robust SDs above the median
 
 
 def held_out_outliers(excess: torch.Tensor, contamination: float) -> torch.Tensor:
     """Boolean mask (..., M), True where a row is dropped: its `held_out_distances` excess
     (..., M) lies more than OUTLIER_Z robust standard deviations (1.4826 x the median absolute
     deviation) above the median along the last axis, and among the `contamination` fraction
-    largest (a cap).
+    largest (a cap, not a quota).
 
-    Normal rows' excess sits near 0 on every slide, so only what no other slide has is cut,
-    and a clean training set loses little. Measured on the medium hard site at seed 4: the
-    clean set lost 4.4 % of its rows (the fixed 10 % before), the set with an unlabelled tumour
-    slide 10.4 % before the cap, with 91 % of the lesion rows.
+    padim's rule. Normal rows' excess sits near 0 on every slide, so only what no other slide
+    has is cut, and a clean training set loses little. Measured on the medium hard site at
+    seed 4: the clean set lost 4.4 % of its rows (the quota 10 %), the set with an unlabelled
+    tumour slide 10.4 % before the cap, with 91 % of the lesion rows; padim's slide AUC on the
+    clean site, seeds 0-4, went from the quota's 0.88 / 0.80 / 1.00 / 0.80 / 0.92 to 0.96 /
+    0.80 / 1.00 / 0.76 / 0.92 (plain 0.96 / 0.80 / 1.00 / 0.76 / 0.96), and with the tumour
+    slide it stayed as with the quota (0.92 / 0.76 / 1.00 / 0.84 / 0.84).
     """
     if not 0.0 < contamination < 1.0:
         raise ValueError(f"contamination must be in (0, 1), got {contamination}")
@@ -238,10 +241,20 @@ def held_out_outliers(excess: torch.Tensor, contamination: float) -> torch.Tenso
 def cross_slide_inliers(
     rows: torch.Tensor, slides: torch.Tensor, contamination: float, **settings: int
 ) -> torch.Tensor:
-    """Boolean mask (M,): the rows kept when those far from the other slides' patches, beyond
-    their own slide's typical row (`held_out_distances`, `settings` passed on), are dropped:
-    the outliers of `held_out_outliers`, at most the `contamination` fraction."""
-    return ~held_out_outliers(held_out_distances(rows, slides, **settings), contamination)
+    """Boolean mask (M,): the rows kept when the `contamination` fraction farthest from the
+    other slides' patches, beyond their own slide's typical row (`held_out_distances`,
+    `settings` passed on), is dropped: a quota, patch_knn's rule. A memory bank answers with
+    its nearest entry, so the few lesion rows an outlier cut leaves in call a lesion normal:
+    with `held_out_outliers` instead, patch_knn's tile AUROC with an unlabelled tumour slide
+    fell 0.962 / 0.881 / 0.950 / 0.864 -> 0.938 / 0.841 / 0.945 / 0.819 (medium hard site,
+    seeds 0-3)."""
+    if not 0.0 < contamination < 1.0:
+        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
+    distances = held_out_distances(rows, slides, **settings)
+    keep = torch.zeros(len(distances), dtype=torch.bool)
+    kept = max(1, len(distances) - int(contamination * len(distances)))
+    keep[distances.topk(kept, largest=False).indices] = True
+    return keep
 
 
 def knn_outlier_scores(

@@ -4,11 +4,10 @@ Fit: get the patch features ready (backbones.py: the fixed texture filter bank b
 CNN with random, pretext-trained or user-supplied weights, or a pretrained network), standardise
 them on the normal training tiles, keep a uniform random `max_bank_patches` of the training
 patches (sampled while the tiles' features stream, so peak memory stays bounded however many
-tiles there are), in robust mode drop those that lie far from the other training slides'
-patches (`cross_slide_inliers`: the outliers of that distance, at most the `contamination`
-fraction; with one slide, or slides unknown, the `contamination` fraction farthest from their
-own neighbours, as SoftPatch, Jiang et al. 2022, does: anomalies among the training tiles must
-not enter the bank), and reduce the rest to `coreset_size` by k-center
+tiles there are), in robust mode drop the `contamination` fraction of them that lie farthest
+from the other training slides' patches (`cross_slide_inliers`; with one slide, or slides
+unknown, from their own neighbours, as SoftPatch, Jiang et al. 2022, does: anomalies among the
+training tiles must not enter the bank), and reduce the rest to `coreset_size` by k-center
 greedy on a random projection. By default each patch's features are first averaged over a
 `window` x `window` neighbourhood of patches and every comparison is made in the normal
 patches' whitened space (`whiten`: Euclidean distance there is the Mahalanobis distance under
