@@ -143,7 +143,7 @@ class PadimDetector(PatchFeatureDetector):
         x = features[:, channels].flatten(2).permute(2, 0, 1).double()  # (P, N, d)
         if cfg.gaussian == "shared":  # every position's patches are samples of one Gaussian
             x = x.reshape(1, -1, d)  # (1, P * N, d)
-        mean, precision = self._gaussians(x)
+        kept = None  # every patch, unless robust mode leaves some out
         if cfg.robust and x.shape[1] >= 2:
             if slides is not None:
                 # How far each patch lies from the other training slides' patches; the
@@ -155,13 +155,14 @@ class PadimDetector(PatchFeatureDetector):
                     seed=cfg.seed,
                 ).view(x.shape[0], x.shape[1])  # (P, N)
                 kept = ~held_out_outliers(outlying, cfg.contamination)
-            else:  # one slide (or unknown): the contamination fraction farthest from the Gaussian
+            else:  # one slide (or unknown): the contamination fraction farthest from a first fit
+                mean, precision = self._gaussians(x)
                 diff = x - mean[:, None]  # (P, N, d)
                 outlying = torch.einsum("pnd,pde,pne->pn", diff, precision, diff)  # (P, N)
                 keep = max(2, x.shape[1] - int(cfg.contamination * x.shape[1]))
                 kept = torch.zeros_like(outlying, dtype=torch.bool)
                 kept.scatter_(1, outlying.topk(keep, dim=1, largest=False).indices, True)
-            mean, precision = self._gaussians(x, kept)
+        mean, precision = self._gaussians(x, kept)
         self.model.channels.copy_(channels)
         self.model.mean.copy_(mean.float())
         self.model.precision.copy_(precision.float())
