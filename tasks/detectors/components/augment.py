@@ -154,15 +154,23 @@ def random_dihedral(
 def rgb_to_hed(batch: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB in [0, 1] -> stain amounts (B, 3, H, W): haematoxylin, eosin, DAB."""
     od = -torch.log(batch.clamp(_OD_FLOOR, 1.0))  # Beer-Lambert optical density
-    matrix = _HED_FROM_RGB.to(device=batch.device, dtype=batch.dtype)
-    return torch.einsum("bchw,cd->bdhw", od, matrix)
+    return _mix_channels(od, _HED_FROM_RGB)
 
 
 def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     """Inverse of `rgb_to_hed`, clamped to [0, 1]."""
-    matrix = _RGB_FROM_HED.to(device=hed.device, dtype=hed.dtype)
-    od = torch.einsum("bdhw,dc->bchw", hed, matrix)
-    return torch.exp(-od).clamp(0.0, 1.0)
+    return torch.exp(-_mix_channels(hed, _RGB_FROM_HED)).clamp(0.0, 1.0)
+
+
+def _mix_channels(batch: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """out[:, d] = sum_c batch[:, c] * matrix[c, d] for (B, 3, H, W), as plain elementwise sums.
+
+    Not einsum: that goes through BLAS, whose kernels can depend on how the buffers happen to be
+    aligned, so the same seed gave results differing in the last bit (a CI run caught it).
+    """
+    m = matrix.to(device=batch.device, dtype=batch.dtype)
+    x0, x1, x2 = batch.unbind(1)  # each (B, H, W)
+    return torch.stack([x0 * m[0, d] + x1 * m[1, d] + x2 * m[2, d] for d in range(3)], dim=1)
 
 
 def hed_jitter(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
