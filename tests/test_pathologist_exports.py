@@ -67,6 +67,25 @@ def test_probability_is_monotone_in_unit_range_and_inverts() -> None:
     assert math.isnan(prediction_cut("forest", 0.7, None, 0.2))
 
 
+def test_a_slide_baseline_moves_a_slides_probabilities_and_tail_cut_with_it() -> None:
+    """With a reference fitted on aligned slides, a slide whose tissue all scores 3 higher
+    reads its raw scores 3 lower: the export shows the tiles its slide call counted."""
+    slides = [RNG.gamma(2.0, 1.5, size=600) + offset for offset in (-0.5, 0.0, 0.5)]
+    reference = TailReference.fit_slides(slides, baseline=0.1)
+    tail_cut = prediction_cut("tail", 3.1, reference, 0.05)
+    scale = ProbabilityScale(reference, tail_cut)
+    slide = slides[1] + 3.0
+    moved = scale.for_slide(slide, cut_is_tail=True)
+    offset = reference.slide_offset(slide)
+    assert offset == pytest.approx(3.0, abs=0.6)
+    assert moved.cut == pytest.approx(tail_cut + offset)
+    raw = np.array([2.0, 6.0, 12.0])
+    assert np.allclose(moved.probability(raw + offset), scale.probability(raw))
+    assert np.allclose(moved.probability(slide), 1.0 - reference.slide_p_values(slide))
+    assert scale.for_slide(slide, cut_is_tail=False).cut == tail_cut  # a `max` cut stays
+    assert _scale(1.0).for_slide(slide, cut_is_tail=True) == _scale(1.0)  # no baseline
+
+
 def test_camelyon_csv_probabilities_keep_froc_and_auroc(tmp_path: Path) -> None:
     scale = _scale()
     lesions = np.zeros((12, 16), np.int32)

@@ -5,6 +5,7 @@ evaluation that uses them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,21 +102,58 @@ def test_tail_score_ranks_a_lesion_cluster_above_isolated_extremes() -> None:
     assert scores["tumour"] > max(scores[f"val{i}"] for i in range(3))
 
 
-def test_normal_slides_are_scored_leave_one_slide_out() -> None:
+@pytest.mark.parametrize("baseline", [None, 0.1])
+def test_normal_slides_are_scored_leave_one_slide_out(baseline: float | None) -> None:
     """A val slide's own tiles never judge it: its score uses the other val slides only."""
     rng = np.random.default_rng(2)
-    shifted = rng.normal(0.8, 1.0, GRID * GRID)  # a val slide unlike the others
+    unlike = rng.normal(0.8, 1.6, GRID * GRID)  # a val slide unlike the others
     others = [rng.normal(size=GRID * GRID) for _ in range(2)]
-    tiles = {"a": _slide("a", shifted), "b": _slide("b", others[0]), "c": _slide("c", others[1])}
-    scores, _ = slide_tail_scores(tiles, ["a", "b", "c"], TailSettings(alpha=0.2))
-    held_out = TailReference.fit(np.concatenate(others)).p_value(shifted)
+    tiles = {"a": _slide("a", unlike), "b": _slide("b", others[0]), "c": _slide("c", others[1])}
+    settings = TailSettings(alpha=0.2, baseline=baseline)
+    scores, _ = slide_tail_scores(tiles, ["a", "b", "c"], settings)
+    held_out = TailReference.fit_slides(others, baseline).slide_p_values(unlike)
     assert scores["a"] == pytest.approx(tail_slide_score(held_out, 0.2))
-    in_sample = TailReference.fit(np.concatenate([shifted, *others])).p_value(shifted)
+    in_sample = TailReference.fit_slides([unlike, *others], baseline).slide_p_values(unlike)
     assert scores["a"] > tail_slide_score(in_sample, 0.2)  # in-sample would bias it low
     # One val slide only: its halves are scored against each other, never against themselves.
-    alone, reference = slide_tail_scores({"a": _slide("a", shifted)}, ["a"], TailSettings())
+    alone, reference = slide_tail_scores({"a": _slide("a", unlike)}, ["a"], settings)
     assert reference is not None and np.isfinite(alone["a"])
-    assert slide_tail_scores({"t": _slide("t", shifted)}, [], TailSettings())[1] is None
+    assert slide_tail_scores({"t": _slide("t", unlike)}, [], settings)[1] is None
+
+
+def test_slide_baseline_ignores_a_whole_slide_shift_but_not_a_lesion() -> None:
+    """A normal slide whose tissue all scores a little high (stain, thickness) against a
+    tumour slide with a 30-tile lesion: raw counts call the shifted normal, the baseline
+    (each slide aligned on its own 10th percentile) calls the tumour."""
+    rng = np.random.default_rng(7)
+    val = [rng.normal(size=GRID * GRID) + offset for offset in (-0.3, 0.0, 0.3)]
+    shifted = rng.normal(size=GRID * GRID) + 1.0
+    tumour = rng.normal(size=GRID * GRID) - 0.2
+    block = (np.arange(GRID * GRID) // GRID < 5) & (np.arange(GRID * GRID) % GRID < 6)
+    tumour[block] = rng.uniform(2.5, 3.5, int(block.sum()))
+    tiles = {f"v{i}": _slide(f"v{i}", s) for i, s in enumerate(val)}
+    tiles |= {"shifted": _slide("shifted", shifted), "tumour": _slide("tumour", tumour)}
+    normals = ["v0", "v1", "v2"]
+    raw, _ = slide_tail_scores(tiles, normals, TailSettings(baseline=None))
+    aligned, reference = slide_tail_scores(tiles, normals, TailSettings(baseline=0.1))
+    assert raw["shifted"] > raw["tumour"]
+    assert aligned["tumour"] > aligned["shifted"]
+    assert aligned["tumour"] > max(aligned[v] for v in normals)
+    # Shifting a slide as a whole changes nothing; the reference stays on the raw scale.
+    assert reference is not None and reference.baseline == 0.1
+    again = reference.slide_p_values(tumour + 5.0)
+    assert np.allclose(again, reference.slide_p_values(tumour))
+    assert reference.anchor == pytest.approx(np.quantile(val[1], 0.1), abs=0.3)
+    assert reference.probability([np.median(val[1])])[0] == pytest.approx(0.5, abs=0.1)
+    # It travels in calibration.json; a reference written before it reads as raw.
+    record = json.loads(json.dumps(reference.to_dict()))
+    assert TailReference.from_dict(record) == reference
+    old = {k: v for k, v in record.items() if k not in ("baseline", "anchor")}
+    assert TailReference.from_dict(old).baseline is None
+    with pytest.raises(ValueError, match="baseline quantile"):
+        TailReference.from_dict({**record, "baseline": 0.7})
+    with pytest.raises(ValueError, match="baseline quantile"):
+        TailReference.fit_slides(val, baseline=-0.1)
 
 
 def test_artefact_tiles_are_left_out_unless_kept() -> None:
@@ -161,6 +199,13 @@ def test_a_tail_calibrated_model_scores_new_slides_on_its_own_reference(tmp_path
     tail = Calibration(1.0, 0.05, (0.0, 1.0), "tail", reference, 0.2)
     rescored = calibrated_slide_score(score, tail)
     assert rescored.slide_score == pytest.approx(tail_slide_score(reference.p_value(scores), 0.2))
+    # A reference fitted with a slide baseline aligns the new slide the same way first.
+    aligned = TailReference.fit_slides([rng.normal(size=500) for _ in range(4)], baseline=0.1)
+    _slide("s", scores + 3.0).write_parquet(path)  # the whole slide scores higher
+    rescored = calibrated_slide_score(score, replace(tail, tail_reference=aligned))
+    expected = tail_slide_score(aligned.slide_p_values(scores), 0.2)
+    assert rescored.slide_score == pytest.approx(expected)
+    assert expected < tail_slide_score(aligned.p_value(scores + 3.0), 0.2)
 
 
 def test_evaluation_thresholds_and_ranks_on_the_chosen_slide_score(tmp_path: Path) -> None:

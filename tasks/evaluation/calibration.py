@@ -109,5 +109,5 @@ def calibrated_slide_score(score: SlideScore, calibration: Calibration | None) -
         return score
     assert calibration.tail_reference is not None  # read_calibration refuses tail without one
     tiles = scored_tiles(pl.read_parquet(score.tile_scores), calibration.keep_artefacts)
-    p_values = calibration.tail_reference.p_value(tiles["score"].to_numpy())
+    p_values = calibration.tail_reference.slide_p_values(tiles["score"].to_numpy())
     return replace(score, slide_score=tail_slide_score(p_values, calibration.alpha))

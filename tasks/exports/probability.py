@@ -102,6 +102,17 @@ class ProbabilityScale:
         """The prediction level as a probability (None without a reference or a cut)."""
         return self.probability_of(self.cut) if self.has_cut else None
 
+    def for_slide(self, tile_scores: ArrayLike, cut_is_tail: bool) -> ProbabilityScale:
+        """This scale as one slide reads it. A reference fitted with a slide baseline compares
+        each slide after aligning it (`TailReference.slide_offset`), so its probabilities and
+        a tail prediction level move with the slide: an export shows the tiles the slide call
+        counted. Unchanged without a baseline."""
+        if self.reference is None or self.reference.baseline is None:
+            return self
+        offset = self.reference.slide_offset(tile_scores)
+        cut = self.cut + offset if cut_is_tail else self.cut
+        return ProbabilityScale(self.reference.shifted(offset), cut)
+
     def is_prediction(self, raw: float) -> bool:
         """Whether a raw score is above the prediction level; every score is, without one."""
         return not self.has_cut or raw > self.cut

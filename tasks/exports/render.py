@@ -49,7 +49,7 @@ from vadflow.tasks.scoring.heatmap import (
     load_heatmap,
     read_heatmap_tiff,
 )
-from vadflow.tasks.scoring.tail import DEFAULT_ALPHA
+from vadflow.tasks.scoring.tail import DEFAULT_ALPHA, scored_tiles
 from vadflow.tasks.slides.ground_truth import ground_truth_mask
 
 SCORED_RUN_FILE = "scored.json"  # beside the heatmaps of the run it describes
@@ -230,13 +230,14 @@ def render_exports(
             "was the site re-ingested since scoring? Re-run `vadflow score`"
         )
     vmin, vmax = colour_scale(run.value_range, used)
-    scale = probability_scale(run, threshold)
-    cut = scale.cut if scale.has_cut else vmax  # regions: above the prediction level
+    run_scale = probability_scale(run, threshold)
     out = Path(run.exports_dir)
     given = candidates or {}
 
     def render(score: SlideScore) -> SlideExport:
         row = rows[score.slide_id]
+        scale = _slide_scale(run, score, run_scale)
+        cut = scale.cut if scale.has_cut else vmax  # regions: above the prediction level
         return _render_slide(
             run, score, row, out, style, used, (vmin, vmax), cut, scale, given.get(score.slide_id)
         )
@@ -244,7 +245,7 @@ def render_exports(
     with ThreadPoolExecutor(max_workers=export_workers(len(run.scores), workers)) as pool:
         exported = list(pool.map(render, run.scores))  # in the run's slide order
     rendered = replace(run, threshold=used, style=style, exported=tuple(exported))
-    _write_report(rendered, scale, notes)
+    _write_report(rendered, run_scale, notes)
     save_scored_run(rendered)
     return rendered
 
@@ -257,6 +258,16 @@ def probability_scale(run: ScoredRun, threshold: float | None = None) -> Probabi
     if run.slide_score == "max" and (threshold is not None or not math.isfinite(level)):
         level = run.calibrated_threshold if threshold is None else float(threshold)
     return ProbabilityScale.from_record(run.tail_reference, level)
+
+
+def _slide_scale(run: ScoredRun, score: SlideScore, scale: ProbabilityScale) -> ProbabilityScale:
+    """The run's scale as this slide reads it: with a slide baseline, aligned on the slide's
+    own tile scores (the tiles its slide call counted: QC'd ones left out unless kept)."""
+    reference = scale.reference
+    if reference is None or reference.baseline is None or not Path(score.tile_scores).is_file():
+        return scale
+    tiles = scored_tiles(pl.read_parquet(score.tile_scores), keep_artefacts=not run.qc_dir)
+    return scale.for_slide(tiles["score"].to_numpy(), cut_is_tail=run.slide_score == "tail")
 
 
 def predicted_candidates(

@@ -17,6 +17,10 @@ and asks whether they cluster:
 3. ``slide_tail_scores``: every slide of a run at once; the normal validation slides are scored
    leave-one-slide-out (each against a reference without its own tiles), else the threshold
    set from their scores is biased low.
+4. The slide baseline (``TailSettings.baseline``, on by default): before any of this, each
+   slide's scores are aligned on their own 10th percentile (``TailReference.fit_slides``,
+   ``slide_p_values``), so the count sees tiles that stand out from their own slide's tissue,
+   not a whole slide that scores a little high. See ``slide_tail_scores`` for the figures.
 
 Tiles flagged ``artefact == True`` (the QC stage's column, where present) are left out of a
 slide's score unless ``keep_artefacts``; the reference leaves them out the same way.
@@ -25,8 +29,8 @@ slide's score unless ``keep_artefacts``; the reference leaves them out the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +44,7 @@ SLIDE_SCORES = ("auto", "tail", "max", "forest")  # the site's `aggregation.slid
 # 1.00 for `max`).
 MIN_TAIL_NORMAL_SLIDES = 2
 DEFAULT_ALPHA = 0.05  # measured on the medium hard site: see `tail_slide_score`
+DEFAULT_BASELINE = 0.1  # each slide aligned on its own 10th percentile: see `slide_tail_scores`
 MAX_QUANTILES = 2048  # knots a reference keeps: ~40 KB of JSON, tail resolution 1/2048
 TAIL_SHARE = 0.1  # the top (and bottom) tenth of normal tiles sets the scale of each tail
 
@@ -60,6 +65,11 @@ class TailReference:
     n_tiles: int  # normal tiles summarised
     low_scale: float
     high_scale: float
+    # Slide alignment (`fit_slides`): each slide's scores are moved so that their `baseline`
+    # quantile sits at `anchor` (the median of the normal slides' own) before `slide_p_values`
+    # compares them. None: raw scores, as references written before alignment existed.
+    baseline: float | None = None
+    anchor: float = 0.0
 
     @classmethod
     def fit(cls, scores: ArrayLike, max_quantiles: int = MAX_QUANTILES) -> TailReference:
@@ -94,6 +104,49 @@ class TailReference:
             n_tiles=int(n),
             low_scale=low,
             high_scale=high,
+        )
+
+    @classmethod
+    def fit_slides(
+        cls, slides: Sequence[ArrayLike], baseline: float | None = None
+    ) -> TailReference:
+        """A reference from the raw tile scores of normal slides, one array per slide.
+
+        With a `baseline` quantile each slide is first moved so that its own baseline quantile
+        sits at the median of theirs (`anchor`): what is left is how a tile stands out from its
+        slide's background, not how the slide as a whole sits (stain, section thickness, scan).
+        The reference stays on the raw scale of a typical normal slide, so `probability` of a
+        raw heatmap value still reads as before.
+        """
+        arrays = [_finite(s) for s in slides]
+        if baseline is None:
+            return cls.fit(np.concatenate(arrays) if arrays else np.zeros(0))
+        _check_baseline(baseline)
+        levels = [float(np.quantile(a, baseline)) for a in arrays if a.size]
+        anchor = float(np.median(levels)) if levels else 0.0
+        moved = [a - float(np.quantile(a, baseline)) + anchor for a in arrays if a.size]
+        fitted = cls.fit(np.concatenate(moved) if moved else np.zeros(0))
+        return replace(fitted, baseline=float(baseline), anchor=anchor)
+
+    def slide_offset(self, scores: ArrayLike) -> float:
+        """How far one slide's tile scores sit from the normal slides': its baseline quantile
+        minus `anchor` (0 for a reference without a baseline, or a slide without scores)."""
+        finite = _finite(scores)
+        if self.baseline is None or not finite.size:
+            return 0.0
+        return float(np.quantile(finite, self.baseline)) - self.anchor
+
+    def slide_p_values(self, scores: ArrayLike) -> np.ndarray:
+        """`p_value` of one slide's tile scores, moved first as the normal slides were (its
+        baseline quantile onto `anchor`) when the reference was fitted with a baseline."""
+        s = np.array(scores, dtype=np.float64, ndmin=1)
+        return self.p_value(s - self.slide_offset(s))
+
+    def shifted(self, offset: float) -> TailReference:
+        """This reference moved by `offset` on the raw scale: what it reads as on a slide
+        `slide_offset` places there (the exports' per-slide probabilities)."""
+        return replace(
+            self, knots=tuple(k + offset for k in self.knots), anchor=self.anchor + offset
         )
 
     def probability(self, scores: ArrayLike) -> np.ndarray:
@@ -137,6 +190,8 @@ class TailReference:
             "n_tiles": self.n_tiles,
             "low_scale": self.low_scale,
             "high_scale": self.high_scale,
+            "baseline": self.baseline,
+            "anchor": self.anchor,
         }
 
     @classmethod
@@ -157,10 +212,27 @@ class TailReference:
             n_tiles=int(record["n_tiles"]),
             low_scale=float(record["low_scale"]),
             high_scale=float(record["high_scale"]),
+            baseline=None if record.get("baseline") is None else float(record["baseline"]),
+            anchor=float(record.get("anchor", 0.0)),
         )
         if not (reference.low_scale > 0 and reference.high_scale > 0):
             raise ValueError("tail reference: low_scale and high_scale must be > 0")
+        if reference.baseline is not None:
+            _check_baseline(reference.baseline)
         return reference
+
+
+def _finite(scores: ArrayLike) -> np.ndarray:
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+def _check_baseline(baseline: float) -> None:
+    if not 0.0 <= baseline <= 0.5:
+        raise ValueError(
+            f"slide baseline quantile must be in [0, 0.5], got {baseline}: a slide is aligned "
+            "on its lesion-free tissue, so take a low quantile (0.1 is the default)"
+        )
 
 
 @dataclass(frozen=True)
@@ -169,6 +241,7 @@ class TailSettings:
 
     alpha: float = DEFAULT_ALPHA
     keep_artefacts: bool = False  # count tiles the QC stage flagged (`artefact == True`)
+    baseline: float | None = DEFAULT_BASELINE  # align slides on this quantile (None: raw)
 
 
 def scored_tiles(frame: pl.DataFrame, keep_artefacts: bool = False) -> pl.DataFrame:
@@ -243,7 +316,9 @@ def tail_slide_score(p_values: ArrayLike, alpha: float = DEFAULT_ALPHA) -> float
     return float(-binom.logsf(unlikely - 1, p.size, alpha) / math.log(10))
 
 
-def _held_out_p_values(frames: Mapping[str, pl.DataFrame], normal_ids: list[str]) -> dict:
+def _held_out_p_values(
+    frames: Mapping[str, pl.DataFrame], normal_ids: list[str], baseline: float | None
+) -> dict:
     """Each normal slide's tile p-values against the other normal slides' tiles only.
 
     With a single normal slide there is no other slide: its tiles are split at the median x
@@ -253,8 +328,8 @@ def _held_out_p_values(frames: Mapping[str, pl.DataFrame], normal_ids: list[str]
     if len(normal_ids) >= 2:
         for slide_id in normal_ids:
             others = [frames[s]["score"].to_numpy() for s in normal_ids if s != slide_id]
-            reference = TailReference.fit(np.concatenate(others))
-            out[slide_id] = reference.p_value(frames[slide_id]["score"].to_numpy())
+            reference = TailReference.fit_slides(others, baseline)
+            out[slide_id] = reference.slide_p_values(frames[slide_id]["score"].to_numpy())
         return out
     for slide_id in normal_ids:  # at most one
         scores = frames[slide_id]["score"].to_numpy()
@@ -263,7 +338,8 @@ def _held_out_p_values(frames: Mapping[str, pl.DataFrame], normal_ids: list[str]
         p = np.full(scores.size, np.nan)
         for half in (left, ~left):
             if half.any() and (~half).any():
-                p[half] = TailReference.fit(scores[~half]).p_value(scores[half])
+                reference = TailReference.fit_slides([scores[~half]], baseline)
+                p[half] = reference.slide_p_values(scores[half])
         out[slide_id] = p
     return out
 
@@ -281,18 +357,35 @@ def slide_tail_scores(
     near alpha * N by construction, and a threshold set from those scores biased low. Every
     other slide is scored against the full reference. Without normal tiles there is no
     reference: (every score NaN, None).
+
+    With `settings.baseline` (default 0.1) every slide, normal or not, is aligned on that
+    quantile of its own counted tiles first. Why: with tile scores that rank lesion tiles at
+    0.97-0.99 AUROC, whole slides still shift (stain, thickness; a normal slide's tissue all a
+    little above the reference's), and the raw count called those normal slides. A low
+    quantile sits on lesion-free tissue unless a lesion covers nearly all of a slide (the
+    median already moves on a slide a third lesion, as the medium site's largest are): a
+    slide nine-tenths lesion would be aligned on its lesion and could escape this count,
+    though not its heatmap. Measured on the medium hard synthetic site (seeds 0-9, the same
+    tile scores both ways, alpha 0.05): slide AUC for patch_knn 1.00 / 0.92 / 1.00 / 0.84 /
+    0.96 / 1.00 / 1.00 / 1.00 / 0.80 / 1.00 (mean 0.952) against raw scores' 1.00 / 0.80 /
+    1.00 / 0.76 / 0.96 / 0.88 / 1.00 / 1.00 / 0.80 / 0.88 (0.908), padim 0.940 against 0.908,
+    never lower at any seed. Seeds 5-9 were not looked at when it was chosen; on seeds 0-4 the
+    10th, 25th and 50th percentiles gave slide AUC within 0.02 of each other, and the 10th is
+    the one a large lesion moves least.
     """
     settings = settings or TailSettings()
     frames = {s: scored_tiles(f, settings.keep_artefacts) for s, f in tiles.items()}
     normals = [s for s in normal_ids if s in frames and frames[s].height]
     if not normals:
         return {s: float("nan") for s in frames}, None
-    reference = TailReference.fit(np.concatenate([frames[s]["score"].to_numpy() for s in normals]))
-    held_out = _held_out_p_values(frames, normals)
+    reference = TailReference.fit_slides(
+        [frames[s]["score"].to_numpy() for s in normals], settings.baseline
+    )
+    held_out = _held_out_p_values(frames, normals, settings.baseline)
     scores = {}
     for slide_id, frame in frames.items():
         p = held_out.get(slide_id)
         if p is None:
-            p = reference.p_value(frame["score"].to_numpy())
+            p = reference.slide_p_values(frame["score"].to_numpy())
         scores[slide_id] = tail_slide_score(p, settings.alpha)
     return scores, reference
