@@ -4,8 +4,10 @@ starts at.
 Heatmaps keep raw scores (a padim map runs to 150, a patch_knn one to 4); what an export shows
 beside each raw score is the model's calibrated anomaly probability: the share of its normal
 validation tiles scoring below it (``TailReference.probability``, saved in the model's
-``calibration.json``), strictly increasing in the raw score, so any ranking (FROC, AUROC) is
-the same on either.
+``calibration.json``), strictly increasing in the raw score, so any ranking within a slide is
+the same on either. A reference fitted with a slide baseline reads each slide after aligning
+it (``ProbabilityScale.for_slide``), so across slides probabilities order as the aligned
+scores the slide calls count, not as raw scores.
 
 The *prediction cut* is the raw heatmap level above which a location is a prediction (a
 QuPath detection, a coloured overlay pixel, a lesion region). It comes from the slide call the
