@@ -84,7 +84,9 @@ def test_jitter_keeps_range_shape_and_changes_each_tile_differently(jitter) -> N
     change = (out - batch)[:30].abs().flatten(1).mean(1)  # (30,)
     assert (change > 1e-3).all()  # every tile was changed ...
     assert change.std() > 1e-4  # ... each by its own draw
-    assert torch.equal(jitter(batch, _gen(5)), out)  # seeded
+    # Seeded: the same draws. Not bitwise: CI twice saw the HED round trip (log, mix, exp)
+    # differ in the last bits between two identical calls, with einsum and with plain sums.
+    torch.testing.assert_close(jitter(batch, _gen(5)), out, rtol=1e-5, atol=1e-6)
     assert not torch.equal(jitter(batch, _gen(6)), out)
 
 

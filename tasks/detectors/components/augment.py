@@ -163,11 +163,8 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_channels(batch: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """out[:, d] = sum_c batch[:, c] * matrix[c, d] for (B, 3, H, W), as plain elementwise sums.
-
-    Not einsum: that goes through BLAS, whose kernels can depend on how the buffers happen to be
-    aligned, so the same seed gave results differing in the last bit (a CI run caught it).
-    """
+    """out[:, d] = sum_c batch[:, c] * matrix[c, d] for (B, 3, H, W), as plain elementwise sums
+    (three channels need no BLAS call)."""
     m = matrix.to(device=batch.device, dtype=batch.dtype)
     x0, x1, x2 = batch.unbind(1)  # each (B, H, W)
     return torch.stack([x0 * m[0, d] + x1 * m[1, d] + x2 * m[2, d] for d in range(3)], dim=1)
