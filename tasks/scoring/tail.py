@@ -122,9 +122,10 @@ class TailReference:
         if baseline is None:
             return cls.fit(np.concatenate(arrays) if arrays else np.zeros(0))
         _check_baseline(baseline)
-        levels = [float(np.quantile(a, baseline)) for a in arrays if a.size]
+        arrays = [a for a in arrays if a.size]
+        levels = [float(np.quantile(a, baseline)) for a in arrays]
         anchor = float(np.median(levels)) if levels else 0.0
-        moved = [a - float(np.quantile(a, baseline)) + anchor for a in arrays if a.size]
+        moved = [a - level + anchor for a, level in zip(arrays, levels, strict=True)]
         fitted = cls.fit(np.concatenate(moved) if moved else np.zeros(0))
         return replace(fitted, baseline=float(baseline), anchor=anchor)
 
