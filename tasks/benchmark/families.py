@@ -83,9 +83,7 @@ def score_and_evaluate(detector: Any, data: BenchmarkData, out_dir: Path) -> dic
         slide_score=site.aggregation.slide_score,
         labelled=getattr(detector, "supervision", "none") != "none",
         tile_scores=tile_files,
-        tail=TailSettings(
-            site.aggregation.alpha, site.qc.keep_artefacts, site.aggregation.baseline
-        ),
+        tail=TailSettings.of_site(site),
         candidate_rule=CandidateRule(keep_artefacts=site.qc.keep_artefacts),
         masks_dir=data.masks_dir or None,
     )

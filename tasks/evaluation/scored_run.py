@@ -47,7 +47,7 @@ def evaluate_scored_run(
     """
     slides = pl.read_parquet(slides_path)
     aggregation = site.aggregation
-    tail = TailSettings(aggregation.alpha, site.qc.keep_artefacts, aggregation.baseline)
+    tail = TailSettings.of_site(site)
     evaluation = evaluate_site(
         slides,
         {s.slide_id: (s.slide_score, s.heatmap) for s in scores},

@@ -31,11 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from vadflow.tasks.site import SiteConfig
 
 SLIDE_SCORES = ("auto", "tail", "max", "forest")  # the site's `aggregation.slide_score` choices
 # `auto` takes `tail` from this many held-out normal slides up, else `max`: with a single one the
@@ -243,6 +246,12 @@ class TailSettings:
     alpha: float = DEFAULT_ALPHA
     keep_artefacts: bool = False  # count tiles the QC stage flagged (`artefact == True`)
     baseline: float | None = DEFAULT_BASELINE  # align slides on this quantile (None: raw)
+
+    @classmethod
+    def of_site(cls, site: SiteConfig) -> TailSettings:
+        """The site file's settings: its `aggregation:` block and `qc.keep_artefacts`."""
+        aggregation = site.aggregation
+        return cls(aggregation.alpha, site.qc.keep_artefacts, aggregation.baseline)
 
 
 def scored_tiles(frame: pl.DataFrame, keep_artefacts: bool = False) -> pl.DataFrame:
