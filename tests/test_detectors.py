@@ -357,14 +357,14 @@ OWN_FIELDS = {
     "padim": (
         "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
         "contamination feature_pool features filter_window gaussian imagenet_upsample "
-        "map_smoothing_sigma n_features pretext ridge robust score_top_fraction shrinkage "
-        "temperature tile_size window"
+        "map_norm map_smoothing_sigma n_features pretext ridge robust score_top_fraction "
+        "shrinkage temperature tile_size window"
     ),
     "patch_knn": (
         "backbone backbone_architecture backbone_sha256 backbone_weights base_channels "
         "contamination coreset_size feature_pool features filter_window imagenet_upsample knn "
-        "map_smoothing_sigma max_bank_patches pretext projection_dim robust score_top_fraction "
-        "temperature whiten window"
+        "map_norm map_smoothing_sigma max_bank_patches pretext projection_dim robust "
+        "score_top_fraction temperature whiten window"
     ),
     "spatial_vae": (
         "base_channels beta bottleneck kl_warmup_epochs latent_channels latent_top_fraction "

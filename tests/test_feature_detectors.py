@@ -28,6 +28,7 @@ from vadflow.tasks.benchmark import (
 from vadflow.tasks.detectors.components.backbones import (
     FilterBank,
     PatchFeatures,
+    PositionNorm,
     SmallCNN,
     _PretextNet,
     make_contrastive_loss,
@@ -255,6 +256,72 @@ def test_a_model_saved_before_the_window_fields_loads_as_it_scored(
     loaded = load_detector(folder)
     assert {k: getattr(loaded.config, k) for k in before} == before
     torch.testing.assert_close(loaded.score(tiles).tile_score, old.score(tiles).tile_score)
+
+
+def _border_biased_maps(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """(n, 1, 16, 16) normal maps whose two-pixel border ring is higher and noisier than the
+    centre, as a tile's border is where the network's padding shows."""
+    maps = rng.normal(5.0, 1.0, (n, 1, 16, 16))
+    ring = np.ones((16, 16), bool)
+    ring[2:-2, 2:-2] = False
+    maps[:, :, ring] = rng.normal(8.0, 2.0, (n, 1, int(ring.sum())))
+    return torch.from_numpy(maps).float()
+
+
+def test_position_norm_stops_a_tile_border_outscoring_a_defect_in_the_centre():
+    rng = np.random.default_rng(3)
+    normal = _border_biased_maps(rng, 600)
+    norm = PositionNorm.fit(iter(normal.split(128)))
+    fresh = _border_biased_maps(rng, 200)
+    defect = _border_biased_maps(rng, 200)
+    defect[:, :, 6:10, 6:10] += 5.0  # a bright 4 x 4 spot in the centre, 5 centre sigmas
+
+    def border_share(maps: torch.Tensor) -> float:
+        rows, cols = np.unravel_index(maps.flatten(1).argmax(1).numpy(), (16, 16))
+        return float(np.mean((rows < 2) | (rows > 13) | (cols < 2) | (cols > 13)))
+
+    def auroc(transform) -> float:
+        peaks = [transform(m).flatten(1).amax(1).numpy() for m in (fresh, defect)]
+        return roc_auc_score(np.r_[np.zeros(200), np.ones(200)], np.r_[peaks[0], peaks[1]])
+
+    # The ring is 112 of 256 pixels (44 %); before, almost every normal map peaks on it.
+    assert border_share(fresh) > 0.95
+    assert border_share(norm(fresh)) < 0.75
+    assert auroc(lambda m: m) < 0.75
+    assert auroc(norm) > 0.97
+    # On the raw map's scale (a normal pixel's mean and spread), never below 0.
+    out = norm(fresh)
+    assert float(out.min()) >= 0.0
+    assert abs(float(out.mean()) - float(fresh.mean())) < 0.1
+    with pytest.raises(ValueError, match="fitted on"):
+        norm(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="at least 2"):
+        PositionNorm.fit(iter([normal[:1]]))
+
+
+@pytest.mark.parametrize("family", ["patch_knn", "padim"])
+def test_map_norm_position_ranks_defects_and_is_saved_with_the_model(family: str, tmp_path: Path):
+    rng = np.random.default_rng(5)
+    train, val = _textures(rng, 40), _textures(rng, 12)
+    good, defect = _textures(rng, 12), _with_defect(_textures(rng, 12))
+    extra = {"tile_size": 32} if family == "padim" else {"coreset_size": 256}
+    detector = create_detector(family, map_norm="position", **extra, **SMALL)
+    detector.fit(train, val)
+    scored = [detector.score(tiles) for tiles in (good, defect)]
+    scores = np.r_[scored[0].tile_score, scored[1].tile_score]
+    assert roc_auc_score(np.r_[np.zeros(12), np.ones(12)], scores) >= 0.95
+    assert float(scored[0].anomaly_map.min()) >= 0.0
+    folder = detector.save(tmp_path / "model")
+    loaded = load_detector(folder)
+    torch.testing.assert_close(loaded.score(defect[:3]).anomaly_map, scored[1].anomaly_map[:3])
+    # Weights without the map statistics do not belong to a map_norm="position" config.
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    del state["map_norm.mean"], state["map_norm.std"]
+    torch.save(state, folder / "weights.pt")
+    with pytest.raises(ValueError, match="map statistics"):
+        load_detector(folder)
+    with pytest.raises(ValueError, match="map_norm must be one of"):
+        create_detector(family, map_norm="tile", **SMALL)
 
 
 def test_padim_refuses_tiles_of_another_size():

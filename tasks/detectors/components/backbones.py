@@ -65,8 +65,9 @@ from vadflow.tasks.detectors.base import (
     build_seeded,
     load_tensors,
     to_tensor,
+    top_fraction_mean,
 )
-from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, map_and_score
+from vadflow.tasks.detectors.components.anomaly_maps import ScoreMapConfig, residual_map
 from vadflow.tasks.detectors.components.backbone_registry import (
     DEFAULT_BACKBONE,
     BackboneWeights,
@@ -81,6 +82,7 @@ from vadflow.tasks.detectors.components.training import Trainer, TrainingConfig,
 
 PRETEXTS = ("none", "rotation", "contrastive")
 FEATURE_SOURCES = ("filters", "cnn", "both", "imagenet")
+MAP_NORMS = ("none", "position")  # PatchScoreConfig.map_norm
 
 
 # Tissue is told apart by how many nuclei there are and how they sit over tens of um, not by
@@ -163,11 +165,17 @@ class PatchScoreConfig(BackboneConfig, ScoreMapConfig):
     robust: bool = False
     contamination: float = 0.1
     window: int = 1  # patch features averaged over window x window patches (`window_average`)
+    # "position": each pixel of a tile's map is read against the normal validation tiles' maps
+    # at the same pixel (`PositionNorm`), so a tile's border, where the network's padding and
+    # the window reach outside the tile, calls no more often than its centre. "none": as is.
+    map_norm: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.contamination < 0.5:
             raise ValueError(f"contamination must be in (0, 0.5), got {self.contamination}")
+        if self.map_norm not in MAP_NORMS:
+            raise ValueError(f"map_norm must be one of {MAP_NORMS}, got {self.map_norm!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
 
@@ -814,14 +822,78 @@ def fit_patch_features(
 
 
 def patch_scores(
-    model: nn.Module, batch: torch.Tensor, device: torch.device, config: PatchScoreConfig
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    config: PatchScoreConfig,
+    norm: PositionNorm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly map (b, 1, H, W) and tile score (b,) from a model giving patch scores
-    (b, 1, h, w): upsampled to the tile, smoothed, tile score = mean of the top fraction."""
+    (b, 1, h, w): upsampled to the tile, smoothed, read per pixel against the normal tiles'
+    maps when `norm` is given, tile score = mean of the top fraction."""
     with autocast_for(device):
         patch_map = model(batch)
-    anomaly_map = upsample_map(patch_map.float(), batch.shape[-2:])  # (b, 1, H, W)
-    return map_and_score(anomaly_map, config.map_smoothing_sigma, config.score_top_fraction)
+    anomaly_map = residual_map(
+        upsample_map(patch_map.float(), batch.shape[-2:]), config.map_smoothing_sigma
+    )  # (b, 1, H, W)
+    if norm is not None:
+        anomaly_map = norm(anomaly_map)
+    return anomaly_map, top_fraction_mean(anomaly_map, config.score_top_fraction)
+
+
+class PositionNorm:
+    """Each pixel of a tile's anomaly map moved onto the scale of the whole map: where the
+    normal validation tiles' maps have mean m_p and spread s_p at pixel p, and m and s over
+    every pixel, a value v at p becomes m + s (v - m_p) / s_p (at least 0, the families' score
+    range). Pixels near a tile's border, whose patches see the network's padding and a window
+    cut off by the edge, stop outscoring the centre; a value keeps the raw map's units.
+
+    On the hard industrial line every tile border on an image's edge is a border in every tile
+    that covers it (inside the image, overlapping tiles average it with another's centre):
+    without it most good fabric images had their highest value on the image's edge.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        if mean.shape != std.shape or mean.ndim != 4 or mean.shape[:2] != (1, 1):
+            raise ValueError(f"expected (1, 1, H, W) moments, got {mean.shape} and {std.shape}")
+        self.mean = mean.float()  # (1, 1, H, W)
+        self.std = std.float().clamp_min(1e-6)  # (1, 1, H, W)
+        self.overall_mean = float(self.mean.mean())
+        # The spread of every pixel's value about the overall mean: within and between pixels.
+        variance = (self.std.square() + (self.mean - self.overall_mean).square()).mean()
+        self.overall_std = float(variance.sqrt())
+
+    @classmethod
+    def fit(cls, maps: Iterator[torch.Tensor]) -> PositionNorm:
+        """From the normal tiles' maps, (b, 1, H, W) batches, accumulated in float64."""
+        total = squares = None
+        count = 0
+        for batch in maps:
+            batch = batch.double()
+            total = batch.sum(0, keepdim=True) + (0 if total is None else total)
+            squares = batch.square().sum(0, keepdim=True) + (0 if squares is None else squares)
+            count += len(batch)
+        if total is None or squares is None or count < 2:
+            raise ValueError("map_norm='position' needs at least 2 validation tiles")
+        mean = total / count
+        std = ((squares / count - mean.square()).clamp_min(0) * count / (count - 1)).sqrt()
+        return cls(mean, std)
+
+    def __call__(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(anomaly_map.device), self.std.to(anomaly_map.device)
+        if anomaly_map.shape[-2:] != mean.shape[-2:]:
+            raise ValueError(
+                f"map_norm was fitted on {tuple(mean.shape[-2:])} tiles, got "
+                f"{tuple(anomaly_map.shape[-2:])}"
+            )
+        z = (anomaly_map - mean) / std
+        return (self.overall_mean + self.overall_std * z).clamp_min(0.0)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {MAP_MEAN_KEY: self.mean, MAP_STD_KEY: self.std}
+
+
+MAP_MEAN_KEY, MAP_STD_KEY = "map_norm.mean", "map_norm.std"  # in the detector's state_dict
 
 
 class PatchFeatureDetector(Detector):
@@ -833,6 +905,7 @@ class PatchFeatureDetector(Detector):
     """
 
     config: PatchScoreConfig
+    map_norm: PositionNorm | None = None  # fitted with config.map_norm="position"
 
     def bank_patches(self) -> int | None:
         """At most how many training patches the family models (a uniform sample, drawn while
@@ -892,6 +965,9 @@ class PatchFeatureDetector(Detector):
             slide_index = None  # one slide: no other slide to hold its patches against
         train_stat = self.fit_normal_patches(features, train, slide_index)
         self.model.eval()
+        self.map_norm = None
+        if self.config.map_norm == "position":
+            self.map_norm = PositionNorm.fit(self._val_maps(val))
         val_stat = float(self.score(val).anomaly_map.mean())
         return combine_reports(
             pretext,
@@ -901,8 +977,31 @@ class PatchFeatureDetector(Detector):
             on_epoch if pretext.epochs == 0 else None,
         )
 
+    def _val_maps(self, val: np.ndarray) -> Iterator[torch.Tensor]:
+        """The validation tiles' maps, (b, 1, H, W) batch by batch (a few batches' worth of
+        maps in memory, however many tiles)."""
+        step = 8 * self.config.batch_size
+        for start in range(0, len(val), step):
+            yield self.score(val[start : start + step]).anomaly_map
+
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return patch_scores(self.model, batch, self.device, self.config)
+        return patch_scores(self.model, batch, self.device, self.config, self.map_norm)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        return {**state, **self.map_norm.state()} if self.map_norm is not None else state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        mean, std = state.pop(MAP_MEAN_KEY, None), state.pop(MAP_STD_KEY, None)
+        if (mean is None) != (self.config.map_norm == "none"):
+            raise ValueError(
+                f"{self.family}: config map_norm={self.config.map_norm!r} but the weights "
+                f"{'lack' if mean is None else 'hold'} the map statistics; the model files "
+                "do not belong together"
+            )
+        self.map_norm = PositionNorm(mean, std) if mean is not None and std is not None else None
+        super().load_state_dict(state)
 
 
 def training_slide_index(slides: np.ndarray | None, tiles: int) -> torch.Tensor | None:
