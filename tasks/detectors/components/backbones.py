@@ -841,6 +841,9 @@ def patch_scores(
     return anomaly_map, top_fraction_mean(anomaly_map, config.score_top_fraction)
 
 
+MAP_MEAN_KEY, MAP_STD_KEY = "map_norm.mean", "map_norm.std"  # in the detector's state_dict
+
+
 class PositionNorm:
     """Each pixel of a tile's anomaly map moved onto the scale of the whole map: where the
     normal validation tiles' maps have mean m_p and spread s_p at pixel p, and m and s over
@@ -891,9 +894,6 @@ class PositionNorm:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {MAP_MEAN_KEY: self.mean, MAP_STD_KEY: self.std}
-
-
-MAP_MEAN_KEY, MAP_STD_KEY = "map_norm.mean", "map_norm.std"  # in the detector's state_dict
 
 
 class PatchFeatureDetector(Detector):
@@ -968,7 +968,9 @@ class PatchFeatureDetector(Detector):
         self.map_norm = None
         if self.config.map_norm == "position":
             self.map_norm = PositionNorm.fit(self._val_maps(val))
-        val_stat = float(self.score(val).anomaly_map.mean())
+            val_stat = self.map_norm.overall_mean  # the read maps keep the raw maps' mean
+        else:
+            val_stat = float(self.score(val).anomaly_map.mean())
         return combine_reports(
             pretext,
             time.perf_counter() - started,
