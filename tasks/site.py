@@ -17,6 +17,14 @@ from vadflow.tasks.slides.storage import StorageOptions, is_remote, join
 
 SITE_FILE = "site.yaml"
 
+# The families a site trains when its file names none, per domain: the best unsupervised family
+# of each domain's honest table (README): padim on the hard synthetic tissue, patch_knn with the
+# industrial defaults (`tasks/detectors/settings.py: DOMAIN_DEFAULTS`) on the hard line.
+DOMAIN_FAMILIES: dict[str, tuple[str, ...]] = {
+    "pathology": ("padim",),
+    "industrial": ("patch_knn",),
+}
+
 
 class TilingConfig(BaseModel):
     """How tiles are cut and how coarse the slide heatmap is."""
@@ -252,7 +260,10 @@ class SiteConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     domain: Literal["pathology", "industrial"]
     source: str = Field(description="folder (or URI) holding the site's slides or images")
-    families: list[str] = Field(default_factory=lambda: ["padim"])
+    families: list[str] = Field(
+        default_factory=lambda: list(DOMAIN_FAMILIES["pathology"]),
+        description="families trained each night; default per domain (DOMAIN_FAMILIES)",
+    )
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     qc: QcConfig = Field(default_factory=QcConfig)
     detectors: dict[str, dict[str, Any]] = Field(
@@ -303,6 +314,18 @@ class SiteConfig(BaseModel):
         description="Camelyon16 ignores lesions with a shorter major axis (isolated tumour cells)",
     )
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domain_families(cls, data: Any) -> Any:
+        # A site file that names no families trains its domain's (DOMAIN_FAMILIES).
+        if (
+            isinstance(data, dict)
+            and "families" not in data
+            and data.get("domain") in DOMAIN_FAMILIES
+        ):
+            return {**data, "families": list(DOMAIN_FAMILIES[data["domain"]])}
+        return data
 
     @model_validator(mode="after")
     def _known_families(self) -> SiteConfig:

@@ -45,13 +45,10 @@ def test_hard_line_has_every_category_and_is_tiled_whole(tmp_path: Path):
 
 
 def test_industrial_benchmark_ranks_planted_defects_per_category(tmp_path: Path, capsys):
-    # Smudges only, and the filter bank at an 8 px window through the line's `detectors:`
-    # block (its 48 px default, set for tissue, blurs a 96 px texture's threads away), and plain
-    # Euclidean patches (PatchCore's): the default 12 x 12 window, set for tissue too, is a whole
-    # 32 px tile, and whitened distances from this tiny line's 9 wood images rank wood's
-    # smudges at 0.62-0.92 image AUROC (window 1-4). Then every planted smudge outranks every
-    # good image. Scratches, the hard half of the line,
-    # are what the measured table in the README is about.
+    # Smudges only, at the industrial domain's defaults for patch_knn (no `detectors:` block:
+    # ImageNet features, 2 x 2 windows, whitened, each map read per pixel). Then every planted
+    # smudge outranks every good image. Scratches, the hard half of the line, are what the
+    # measured table in the README is about.
     rows = benchmark_industrial(
         ["patch_knn"],
         LINE,
@@ -59,7 +56,6 @@ def test_industrial_benchmark_ranks_planted_defects_per_category(tmp_path: Path,
         seed=0,
         device="cpu",
         tile_size=32,
-        detectors={"patch_knn": {"filter_window": 8, "window": 1, "whiten": False}},
         defects=["smudge"],
         out_dir=tmp_path,
     )
@@ -91,12 +87,17 @@ def test_the_line_detectors_block_reaches_the_families(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(registry, "create_detector", recording)
     tiny = LineSize(n_train=4, n_test_good=2, n_test_per_defect=1, image_size=32)
-    block = {"patch_knn": {"filter_window": 8, "coreset_size": 64}}
+    # The block overrides the industrial domain's defaults key by key: the rest stay.
+    block = {"patch_knn": {"coreset_size": 64, "window": 1, "map_norm": "none"}}
     rows = benchmark_industrial(
         ["patch_knn"], tiny, None, device="cpu", tile_size=32, detectors=block, show=False
     )
     assert all(not r.error for r in rows), rows
-    assert [(d.config.filter_window, d.config.coreset_size) for d in built] == [(8, 64)] * 2
+    chosen = [
+        (d.config.coreset_size, d.config.window, d.config.map_norm, d.config.features)
+        for d in built
+    ]
+    assert chosen == [(64, 1, "none", "imagenet")] * 2
 
 
 def test_industrial_benchmark_gives_a_failing_family_its_row(tmp_path: Path, monkeypatch):

@@ -322,6 +322,42 @@ def test_family_settings_layers_site_file_then_flags() -> None:
         family_settings("ae_l2", site={"epoch": 5})
 
 
+def test_a_domain_gives_its_defaults_under_the_site_file_and_the_flags(tmp_path: Path) -> None:
+    from vadflow.tasks.detectors.settings import DOMAIN_DEFAULTS, family_settings
+    from vadflow.tasks.site import SiteConfig
+    from vadflow.tasks.training.train import detector_settings
+
+    knn = DOMAIN_DEFAULTS["industrial"]["patch_knn"]
+    assert family_settings("patch_knn", domain="industrial") == knn
+    # The site file overrides the domain key by key, the flags override both.
+    settings = family_settings(
+        "patch_knn", domain="industrial", site={"window": 4}, flags={"features": "filters"}
+    )
+    assert settings == {**knn, "window": 4, "features": "filters"}
+    assert family_settings("patch_knn", domain="pathology") == {}
+    assert family_settings("ae_l2", domain="industrial") == {}  # no defaults for that family
+    with pytest.raises(ValueError, match="unknown domain 'x-ray'; choose one of pathology"):
+        family_settings("patch_knn", domain="x-ray")
+    # Every domain default is a field of its family's config (a renamed field fails here).
+    for families in DOMAIN_DEFAULTS.values():
+        for family, defaults in families.items():
+            create_detector(family, **defaults)
+
+    # A site trains its domain's best family unless its file names others, and the nightly
+    # flow's settings carry the domain's defaults.
+    line = {"domain": "industrial", "source": str(tmp_path), "tiling": {"target_mpp": None}}
+    line_site = SiteConfig(name="l", **line)
+    tissue = SiteConfig(name="h", domain="pathology", source=str(tmp_path))
+    named = SiteConfig(name="n", families=["padim"], **line)
+    assert (line_site.families, tissue.families, named.families) == (
+        ["patch_knn"],
+        ["padim"],
+        ["padim"],
+    )
+    assert detector_settings("patch_knn", line_site).items() >= knn.items()
+    assert "features" not in detector_settings("patch_knn", tissue)
+
+
 # -- one settings model ------------------------------------------------------------------------
 
 # The fields each family's config.json holds besides TrainingConfig's, as before the configs

@@ -144,6 +144,7 @@ def benchmark_settings(
     features: str | None = None,
     robust: bool = False,
     site: dict[str, Any] | None = None,
+    domain: str | None = None,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
@@ -152,7 +153,8 @@ def benchmark_settings(
     families with a latent space (their `score` field: residual, latent or combined); the others
     have no such field and ignore it; so does `features` (None: each family's default) reach
     the feature families only (patch_knn, padim: filters, cnn, both or imagenet). `site` is the
-    benchmark site's `detectors.<family>` entry, between the two as in a nightly run.
+    benchmark site's `detectors.<family>` entry and `domain` its domain (whose defaults the entry
+    overrides), between the two as in a nightly run.
     """
     from vadflow.tasks.detectors.settings import family_settings
 
@@ -160,6 +162,7 @@ def benchmark_settings(
     return family_settings(
         family,
         shared={"tile_size": tile_size},
+        domain=domain,
         site=site,
         flags={
             **flags,
@@ -219,6 +222,7 @@ def run_family(
         features=features,
         robust=robust,
         site=data.site.detectors.get(family) if data.site is not None else None,
+        domain=data.site.domain if data.site is not None else None,
     )
     # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
     asked = {"score": None if score == "residual" else score, "features": features}

@@ -60,7 +60,8 @@ LINE_TILING = {
 }
 
 # The line's `detectors:` block: per-family settings the benchmark trains with, as a site file
-# would give them. Empty: every family at its defaults.
+# would give them. Empty: every family at the industrial domain's defaults
+# (`tasks/detectors/settings.py: DOMAIN_DEFAULTS`), as on an industrial site.
 LINE_DETECTORS: dict[str, dict[str, Any]] = {}
 
 

@@ -123,10 +123,13 @@ def detector_settings(
     family: str, site: SiteConfig, flags: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The config overrides of `family` on `site`: the site's tile size and augmentation (for
-    the families that have those fields), then the site file's `detectors:` entry, then the
-    command line's `flags` (each applied to the families that have the field)."""
+    the families that have those fields), then its domain's defaults, then the site file's
+    `detectors:` entry, then the command line's `flags` (each applied to the families that
+    have the field)."""
     shared = {"tile_size": site.tiling.tile_size, "augment": site.augmentation.model_dump()}
-    return family_settings(family, shared=shared, site=site.detectors.get(family), flags=flags)
+    return family_settings(
+        family, shared=shared, domain=site.domain, site=site.detectors.get(family), flags=flags
+    )
 
 
 def train_family(
