@@ -17,9 +17,10 @@ from vadflow.tasks.slides.storage import StorageOptions, is_remote, join
 
 SITE_FILE = "site.yaml"
 
-# The families a site trains when its file names none, per domain: the best unsupervised family
-# of each domain's honest table (README): padim on the hard synthetic tissue, patch_knn with the
-# industrial defaults (`tasks/detectors/settings.py: DOMAIN_DEFAULTS`) on the hard line.
+# The families a site trains when its file names none, per domain (README, the site settings
+# table, says why): padim on tissue (it ranks lesions, holds up best with an unlabelled tumour
+# slide in training and trains nothing); patch_knn on a line, at the industrial defaults
+# (`tasks/detectors/settings.py: DOMAIN_DEFAULTS`), the best row of the hard industrial line.
 DOMAIN_FAMILIES: dict[str, tuple[str, ...]] = {
     "pathology": ("padim",),
     "industrial": ("patch_knn",),
