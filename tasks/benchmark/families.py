@@ -143,8 +143,7 @@ def benchmark_settings(
     score: str = "residual",
     features: str | None = None,
     robust: bool = False,
-    site: dict[str, Any] | None = None,
-    domain: str | None = None,
+    site: Any = None,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
@@ -153,8 +152,8 @@ def benchmark_settings(
     families with a latent space (their `score` field: residual, latent or combined); the others
     have no such field and ignore it; so does `features` (None: each family's default) reach
     the feature families only (patch_knn, padim: filters, cnn, both or imagenet). `site` is the
-    benchmark site's `detectors.<family>` entry and `domain` its domain (whose defaults the entry
-    overrides), between the two as in a nightly run.
+    benchmark site (SiteConfig, None: none): its domain's defaults and its `detectors.<family>`
+    entry sit between the two, as in a nightly run.
     """
     from vadflow.tasks.detectors.settings import family_settings
 
@@ -162,8 +161,8 @@ def benchmark_settings(
     return family_settings(
         family,
         shared={"tile_size": tile_size},
-        domain=domain,
-        site=site,
+        domain=site.domain if site is not None else None,
+        site=site.detectors.get(family) if site is not None else None,
         flags={
             **flags,
             "features": features,
@@ -221,8 +220,7 @@ def run_family(
         score=score,
         features=features,
         robust=robust,
-        site=data.site.detectors.get(family) if data.site is not None else None,
-        domain=data.site.domain if data.site is not None else None,
+        site=data.site,
     )
     # A row names the variant the family took: "fanogan (latent)", "patch_knn (imagenet)".
     asked = {"score": None if score == "residual" else score, "features": features}
