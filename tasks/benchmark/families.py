@@ -13,12 +13,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vadflow.tasks.benchmark.hard_site import SiteSize, build_hard_site
 from vadflow.tasks.benchmark.tiles import BenchmarkData, load_benchmark_tiles, tile_auroc
+
+if TYPE_CHECKING:
+    from vadflow.tasks.site import SiteConfig
 
 # Synthetic lesions are at most ~1 mm across on these small slides; Camelyon16's 275 um ITC rule
 # would ignore most of them, so FROC here counts lesions from 10 um up (as the demo site does).
@@ -143,7 +146,7 @@ def benchmark_settings(
     score: str = "residual",
     features: str | None = None,
     robust: bool = False,
-    site: Any = None,
+    site: SiteConfig | None = None,
 ) -> dict[str, Any]:
     """The same budget for every family, as `family_settings` builds it: the fields it has.
 
@@ -152,7 +155,7 @@ def benchmark_settings(
     families with a latent space (their `score` field: residual, latent or combined); the others
     have no such field and ignore it; so does `features` (None: each family's default) reach
     the feature families only (patch_knn, padim: filters, cnn, both or imagenet). `site` is the
-    benchmark site (SiteConfig, None: none): its domain's defaults and its `detectors.<family>`
+    benchmark site (None: none): its domain's defaults and its `detectors.<family>`
     entry sit between the two, as in a nightly run.
     """
     from vadflow.tasks.detectors.settings import family_settings
